@@ -1,0 +1,80 @@
+//! Broker configuration, with RabbitMQ 3.10's defaults.
+
+use std::time::Duration;
+
+/// A user allowed to log in (PLAIN or AMQPLAIN).
+///
+/// ```
+/// let user = warren_broker::User::new("guest", "guest");
+/// assert_eq!(user.name, "guest");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// Password, compared as given. Never logged.
+    pub password: String,
+}
+
+impl User {
+    /// A user with this name and password.
+    pub fn new(name: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            password: password.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// How a broker listens and what it allows. `Default` is RabbitMQ 3.10's defaults, except the
+/// listen address, which is 127.0.0.1 on a free port so that tests can run side by side.
+///
+/// ```
+/// use warren_broker::BrokerConfig;
+/// let config = BrokerConfig { frame_max: 8192, ..BrokerConfig::default() };
+/// assert_eq!(config.channel_max, 2047);
+/// ```
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Host and port to listen on, e.g. `127.0.0.1:0` (a free port) or `localhost:5672`
+    /// (every address the name resolves to).
+    pub listen: String,
+    /// Users allowed to connect to vhost `/`.
+    pub users: Vec<User>,
+    /// Largest frame the broker accepts or sends, in bytes (offered in connection.tune).
+    pub frame_max: u32,
+    /// Highest channel number a client may open (offered in connection.tune).
+    pub channel_max: u16,
+    /// Heartbeat interval offered in connection.tune; zero disables heartbeats.
+    pub heartbeat: Duration,
+    /// Time a client has to complete the handshake (header to connection.open).
+    pub handshake_timeout: Duration,
+    /// Largest message body accepted, in bytes.
+    pub max_message_size: u64,
+    /// Most client connections open at once; `None` is unlimited (RabbitMQ's default).
+    pub max_connections: Option<usize>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:0".to_owned(),
+            users: vec![User::new("guest", "guest")],
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            max_message_size: 128 * 1024 * 1024,
+            max_connections: None,
+        }
+    }
+}
