@@ -1,23 +1,47 @@
 //! Warren's embedded AMQP 0-9-1 broker: starts in a millisecond inside a test process and
-//! speaks the real wire protocol to real clients (lapin, pika, ...), behaving like RabbitMQ.
+//! speaks the real wire protocol to real clients (lapin, pika, ...), behaving like RabbitMQ
+//! down to its error codes.
 //!
 //! # Layout
 //! - [`config`]: [`BrokerConfig`] and [`User`], with RabbitMQ 3.10's defaults.
-//! - `server`: the accept loop, connection limit and shutdown fan-out; [`Broker`] and
-//!   [`BrokerHandle`].
+//! - `server`: the accept loop, connection limit and shutdown; [`Broker`], [`BrokerHandle`].
+//! - `codec`: frames in and out through amq-protocol, sizes checked before buffering.
+//! - `connection`: handshake, the connection task (owns its channels), teardown.
+//! - `channel`: per-channel state: content assembly, unacked deliveries, consumers, qos.
+//! - `methods`: one file of handlers per AMQP class.
+//! - `vhost`: queues and exchanges under one briefly held std mutex.
+//! - `queue`: ready messages, consumers and dispatch.
+//! - `exchange`: exchanges and routing.
+//! - `mailbox`: what other tasks hand a connection (deliveries, cancels, forced close).
+//! - `message`: a published message as kept: raw property bytes and body.
+//! - [`error`]: the protocol error type (scope, code, text, class/method).
+//! - [`inspect`]: read-only snapshots for tests.
 //!
 //! # Example
-//! ```no_run
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use warren_broker::{Broker, BrokerConfig};
 //! let broker = Broker::start(BrokerConfig::default()).await?;
-//! println!("connect to {}", broker.url());
+//! let url = broker.url(); // amqp://guest:guest@127.0.0.1:PORT/%2F, for any AMQP client
+//! # let _ = url;
 //! broker.shutdown().await;
 //! # Ok(()) }
 //! ```
 
+mod channel;
+mod codec;
 pub mod config;
+mod connection;
+pub mod error;
+mod exchange;
+pub mod inspect;
+mod mailbox;
+mod message;
+mod methods;
+mod queue;
 mod server;
+mod vhost;
 
 pub use config::{BrokerConfig, User};
-pub use server::{Broker, BrokerHandle, StartError};
+pub use inspect::{ConnectionInfo, ConsumerInfo, QueueInfo};
+pub use server::{Broker, BrokerHandle, StartError, ThreadedBroker};

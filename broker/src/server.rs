@@ -1,12 +1,25 @@
-//! Accept loop and broker lifecycle (stub: filled in by the broker-core work).
+//! The accept loop, the connection limit and shutdown fan-out; [`Broker`] and
+//! [`BrokerHandle`].
 
 use crate::BrokerConfig;
-use std::net::SocketAddr;
+use crate::connection;
+use crate::error::AmqpError;
+use crate::inspect::{ConnectionInfo, QueueInfo};
+use crate::mailbox::{Mailbox, Outbound};
+use crate::queue::ConnId;
+use crate::vhost::Vhost;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Why a broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The listen address could not be bound.
+    /// The listen address could not be resolved or bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address as configured.
@@ -14,44 +27,376 @@ pub enum StartError {
         /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The configuration names no user: nobody could log in.
+    #[error("no users configured")]
+    NoUsers,
 }
 
-/// Entry point: [`Broker::start`].
+/// A connection as the broker lists it.
+#[derive(Debug)]
+pub(crate) struct ConnectionEntry {
+    pub(crate) peer: String,
+    pub(crate) user: String,
+    pub(crate) client: String,
+    pub(crate) mailbox: Mailbox,
+}
+
+/// State shared by the accept loop and every connection of one broker.
+#[derive(Debug)]
+pub(crate) struct BrokerShared {
+    /// The configuration it started with.
+    pub(crate) config: BrokerConfig,
+    /// The one vhost, `/`.
+    pub(crate) vhost: Arc<Vhost>,
+    /// Cancelled when the broker shuts down.
+    pub(crate) shutdown: CancellationToken,
+    next_conn_id: AtomicU64,
+    /// Connection tasks alive (handshaking or open), for the connection limit.
+    live: AtomicUsize,
+    /// Open connections, for inspection and forced closes. A std mutex: held only to insert,
+    /// remove or copy entries, never across an `.await`.
+    connections: Mutex<HashMap<ConnId, ConnectionEntry>>,
+}
+
+impl BrokerShared {
+    pub(crate) fn register_connection(&self, entry: ConnectionEntry) -> ConnId {
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.connections_lock().insert(id, entry);
+        id
+    }
+
+    pub(crate) fn unregister_connection(&self, id: ConnId) {
+        self.connections_lock().remove(&id);
+    }
+
+    fn connections_lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, ConnectionEntry>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Counts a live connection task while it exists.
+struct LiveGuard(Arc<BrokerShared>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Entry point: [`Broker::start`] (on the caller's runtime) or [`Broker::start_on_thread`].
 #[derive(Debug)]
 pub struct Broker;
 
-/// A running broker. Dropping it stops the broker.
+/// A running broker. Dropping it stops the broker (connections are closed with 320 in the
+/// background); [`BrokerHandle::shutdown`] also waits for every task to end.
 #[derive(Debug)]
 pub struct BrokerHandle {
-    local_addr: SocketAddr,
+    local_addrs: Vec<SocketAddr>,
+    shared: Arc<BrokerShared>,
+    tracker: TaskTracker,
 }
 
 impl Broker {
-    /// Binds the configured address and starts serving on the caller's tokio runtime.
+    /// Binds the configured address and starts serving on the caller's tokio runtime: the
+    /// broker has no threads of its own, so in a `current_thread` test a message between
+    /// client and broker never crosses threads.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use warren_broker::{Broker, BrokerConfig};
+    /// let broker = Broker::start(BrokerConfig::default()).await.unwrap();
+    /// assert!(broker.url().starts_with("amqp://guest:guest@127.0.0.1:"));
+    /// broker.shutdown().await;
+    /// # }
+    /// ```
     pub async fn start(config: BrokerConfig) -> Result<BrokerHandle, StartError> {
-        let listener = tokio::net::TcpListener::bind(&config.listen)
-            .await
+        if config.users.is_empty() {
+            return Err(StartError::NoUsers);
+        }
+        let listeners = bind(&config.listen).await?;
+        let local_addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let shared = Arc::new(BrokerShared {
+            config,
+            vhost: Arc::new(Vhost::new("/")),
+            shutdown: CancellationToken::new(),
+            next_conn_id: AtomicU64::new(0),
+            live: AtomicUsize::new(0),
+            connections: Mutex::new(HashMap::new()),
+        });
+        let tracker = TaskTracker::new();
+        for listener in listeners {
+            tracker.spawn(accept_loop(listener, shared.clone(), tracker.clone()));
+        }
+        Ok(BrokerHandle {
+            local_addrs,
+            shared,
+            tracker,
+        })
+    }
+
+    /// Starts a broker on a thread of its own (with a `current_thread` runtime), for tests
+    /// that block their own runtime or have none. Stop it with
+    /// [`ThreadedBroker::shutdown`] or by dropping it.
+    ///
+    /// ```
+    /// let broker = warren_broker::Broker::start_on_thread(Default::default()).unwrap();
+    /// assert!(broker.url().starts_with("amqp://"));
+    /// broker.shutdown();
+    /// ```
+    pub fn start_on_thread(config: BrokerConfig) -> Result<ThreadedBroker, StartError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("warren-broker".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(source) => {
+                        let _ = ready_tx.send(Err(StartError::Bind {
+                            addr: config.listen.clone(),
+                            source,
+                        }));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match Broker::start(config).await {
+                        Ok(handle) => {
+                            let _ = ready_tx.send(Ok((handle.local_addrs.clone(), handle.url())));
+                            let _ = stop_rx.await;
+                            handle.shutdown().await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
             .map_err(|source| StartError::Bind {
-                addr: config.listen.clone(),
+                addr: "thread".into(),
                 source,
             })?;
-        Ok(BrokerHandle {
-            local_addr: listener.local_addr().expect("bound"),
-        })
+        match ready_rx.recv() {
+            Ok(Ok((local_addrs, url))) => Ok(ThreadedBroker {
+                local_addrs,
+                url,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StartError::Bind {
+                addr: "thread".into(),
+                source: std::io::Error::other("broker thread ended before starting"),
+            }),
+        }
+    }
+}
+
+/// Binds every address `listen` resolves to (`localhost` gives IPv4 and IPv6). With port 0,
+/// all listeners share the port the first one got.
+async fn bind(listen: &str) -> Result<Vec<TcpListener>, StartError> {
+    let err = |source| StartError::Bind {
+        addr: listen.to_owned(),
+        source,
+    };
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(listen)
+        .await
+        .map_err(err)?
+        .collect();
+    addrs.dedup();
+    let mut listeners: Vec<TcpListener> = Vec::new();
+    for mut addr in addrs {
+        if let Some(first) = listeners.first() {
+            addr.set_port(first.local_addr().map_err(err)?.port());
+        }
+        match TcpListener::bind(addr).await {
+            Ok(l) => listeners.push(l),
+            // An address family the machine lacks (no IPv6) is skipped if another bound.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    if listeners.is_empty() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "the address resolves to nothing that can be bound",
+        )));
+    }
+    Ok(listeners)
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<BrokerShared>, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a moment rather than spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let live = shared.live.fetch_add(1, Ordering::Relaxed) + 1;
+        let guard = LiveGuard(shared.clone());
+        if let Some(max) = shared.config.max_connections
+            && live > max
+        {
+            tracing::warn!(%peer, "refusing connection: connection limit of {max} reached");
+            drop(stream);
+            drop(guard);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            let _guard = guard;
+            serve_tcp(stream, peer, shared).await;
+        });
+    }
+}
+
+async fn serve_tcp(stream: TcpStream, peer: SocketAddr, shared: Arc<BrokerShared>) {
+    connection::serve(stream, shared, peer.to_string()).await;
+}
+
+/// The address a local client can reach for a listening address (unspecified addresses
+/// become loopback).
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
     }
 }
 
 impl BrokerHandle {
-    /// The address the broker listens on.
+    /// The (first) address the broker listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.local_addrs[0]
     }
 
-    /// `amqp://guest:guest@127.0.0.1:PORT/%2F`
+    /// Every address the broker listens on.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// A URL a local client can connect with: `amqp://guest:guest@127.0.0.1:PORT/%2F`. When
+    /// guest is not a configured user, the first user appears without a password.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2F", self.local_addr)
+        let addr = reachable(self.local_addr());
+        let users = &self.shared.config.users;
+        let credentials = match users
+            .iter()
+            .find(|u| u.name == "guest" && u.password == "guest")
+        {
+            Some(_) => "guest:guest".to_owned(),
+            None => users.first().map(|u| u.name.clone()).unwrap_or_default(),
+        };
+        format!("amqp://{credentials}@{addr}/%2F")
     }
 
-    /// Closes every connection with 320 CONNECTION_FORCED and waits for all tasks to end.
-    pub async fn shutdown(self) {}
+    /// Snapshots of every queue.
+    pub fn queues(&self) -> Vec<QueueInfo> {
+        crate::inspect::queues(&self.shared.vhost)
+    }
+
+    /// A snapshot of one queue, if it exists.
+    pub fn queue(&self, name: &str) -> Option<QueueInfo> {
+        self.queues().into_iter().find(|q| q.name == name)
+    }
+
+    /// The open connections.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        let map = self.shared.connections_lock();
+        let mut list: Vec<ConnectionInfo> = map
+            .iter()
+            .map(|(id, e)| ConnectionInfo {
+                id: *id,
+                peer: e.peer.clone(),
+                user: e.user.clone(),
+                client: e.client.clone(),
+            })
+            .collect();
+        list.sort_by_key(|c| c.id);
+        list
+    }
+
+    /// Closes a connection with connection.close (code and text), as an operator would with
+    /// `rabbitmqctl close_connection`. Returns false if there is no such connection.
+    pub fn close_connection(&self, id: u64, code: u16, text: &str) -> bool {
+        let map = self.shared.connections_lock();
+        let Some(entry) = map.get(&id) else {
+            return false;
+        };
+        let error = AmqpError::new(crate::error::Scope::Connection, code, text);
+        entry.mailbox.send(Outbound::Close(error)).is_ok()
+    }
+
+    /// Closes every connection with 320 CONNECTION_FORCED, stops listening, and returns when
+    /// every task of the broker has ended.
+    pub async fn shutdown(self) {
+        self.shared.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+        self.tracker.close();
+    }
+}
+
+/// A broker running on a thread of its own; see [`Broker::start_on_thread`].
+#[derive(Debug)]
+pub struct ThreadedBroker {
+    local_addrs: Vec<SocketAddr>,
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ThreadedBroker {
+    /// The (first) address the broker listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addrs[0]
+    }
+
+    /// A URL a local client can connect with.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Stops the broker and waits for its thread (blocking: call it outside async code).
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ThreadedBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }

@@ -1,0 +1,168 @@
+//! Per-channel state, owned by its connection task: content assembly, unacknowledged
+//! deliveries (ordered by delivery tag), consumers, prefetch and confirm mode.
+
+use crate::message::QueuedMessage;
+use crate::queue::ChannelCredit;
+use amq_protocol::protocol::{BasicProperties, basic};
+use amq_protocol::types::ShortString;
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Whether a channel is usable or closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChannelState {
+    /// Open for business.
+    Open,
+    /// The server sent channel.close and waits for close-ok; other frames are dropped.
+    Closing,
+}
+
+/// Where content assembly is: a publish is a method, a header, then bodies up to its size.
+#[derive(Debug, Default)]
+pub(crate) enum Assembly {
+    /// Expecting a method.
+    #[default]
+    Idle,
+    /// basic.publish seen, expecting its content header.
+    Header(basic::Publish),
+    /// Header seen, expecting body frames until `remaining` is zero.
+    Body(Box<PendingContent>),
+}
+
+/// A publish whose body is arriving.
+#[derive(Debug)]
+pub(crate) struct PendingContent {
+    /// The method.
+    pub(crate) publish: basic::Publish,
+    /// Decoded properties (expiration, later headers and reply-to).
+    pub(crate) properties: Box<BasicProperties>,
+    /// Properties as received.
+    pub(crate) raw_properties: Bytes,
+    /// Declared body size.
+    pub(crate) body_size: u64,
+    /// Body so far; a body in one frame is kept as that frame's bytes.
+    pub(crate) body: BodyBuffer,
+}
+
+/// A body arriving in one or more frames.
+#[derive(Debug)]
+pub(crate) enum BodyBuffer {
+    /// Nothing yet.
+    Empty,
+    /// One frame's bytes (no copy).
+    One(Bytes),
+    /// Several frames, concatenated.
+    Many(BytesMut),
+}
+
+impl BodyBuffer {
+    /// Appends a frame's payload.
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::replace(self, BodyBuffer::Empty) {
+            BodyBuffer::Empty => BodyBuffer::One(chunk),
+            BodyBuffer::One(first) => {
+                let mut all = BytesMut::with_capacity(first.len() + chunk.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&chunk);
+                BodyBuffer::Many(all)
+            }
+            BodyBuffer::Many(mut all) => {
+                all.extend_from_slice(&chunk);
+                BodyBuffer::Many(all)
+            }
+        }
+    }
+
+    /// Bytes so far.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            BodyBuffer::Empty => 0,
+            BodyBuffer::One(b) => b.len(),
+            BodyBuffer::Many(b) => b.len(),
+        }
+    }
+
+    /// The whole body.
+    pub(crate) fn finish(self) -> Bytes {
+        match self {
+            BodyBuffer::Empty => Bytes::new(),
+            BodyBuffer::One(b) => b,
+            BodyBuffer::Many(b) => b.freeze(),
+        }
+    }
+}
+
+/// A delivery awaiting ack, nack or reject.
+#[derive(Debug)]
+pub(crate) struct Unacked {
+    /// The queue it came from.
+    pub(crate) queue: Arc<str>,
+    /// The consumer it went to (`None` for basic.get).
+    pub(crate) consumer_tag: Option<ShortString>,
+    /// The message, to requeue.
+    pub(crate) message: QueuedMessage,
+}
+
+/// A consumer as its channel knows it.
+#[derive(Debug)]
+pub(crate) struct ChannelConsumer {
+    /// The queue consumed.
+    pub(crate) queue: Arc<str>,
+}
+
+/// One open channel.
+#[derive(Debug)]
+pub(crate) struct Channel {
+    /// Open or closing.
+    pub(crate) state: ChannelState,
+    /// Content assembly.
+    pub(crate) assembly: Assembly,
+    /// Next delivery tag (tags start at 1).
+    pub(crate) next_delivery_tag: u64,
+    /// Unacknowledged deliveries by tag, in order.
+    pub(crate) unacked: BTreeMap<u64, Unacked>,
+    /// Consumers by tag.
+    pub(crate) consumers: HashMap<ShortString, ChannelConsumer>,
+    /// Prefetch for consumers created from now on (basic.qos global=false).
+    pub(crate) consumer_prefetch: u32,
+    /// The channel-wide prefetch window (basic.qos global=true).
+    pub(crate) credit: Arc<ChannelCredit>,
+    /// Publisher confirms: the sequence number of the next publish, once confirm.select.
+    pub(crate) next_confirm: Option<u64>,
+    /// The last queue declared on this channel, for the empty-name shortcut.
+    pub(crate) last_queue: Option<ShortString>,
+}
+
+impl Channel {
+    /// A new open channel.
+    pub(crate) fn new() -> Self {
+        Self {
+            state: ChannelState::Open,
+            assembly: Assembly::Idle,
+            next_delivery_tag: 1,
+            unacked: BTreeMap::new(),
+            consumers: HashMap::new(),
+            consumer_prefetch: 0,
+            credit: Arc::default(),
+            next_confirm: None,
+            last_queue: None,
+        }
+    }
+
+    /// Takes the unacked deliveries selected by an ack/nack: one tag, every tag up to it
+    /// (`multiple`), or all of them (tag 0 with `multiple`). `None` if a named tag is unknown.
+    pub(crate) fn take_unacked(&mut self, tag: u64, multiple: bool) -> Option<Vec<Unacked>> {
+        if multiple {
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            if tag != 0 && !self.unacked.contains_key(&tag) {
+                return None;
+            }
+            let rest = self.unacked.split_off(&upto.saturating_add(1));
+            let taken = std::mem::replace(&mut self.unacked, rest);
+            Some(taken.into_values().collect())
+        } else {
+            self.unacked.remove(&tag).map(|u| vec![u])
+        }
+    }
+}

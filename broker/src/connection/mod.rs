@@ -1,0 +1,419 @@
+//! A client connection: the handshake, then one task that owns the connection's channels and
+//! multiplexes the socket (read and write halves), its mailbox and the heartbeat timer. No
+//! lock is held across an `.await`; the vhost lock is taken briefly inside handlers.
+
+mod handshake;
+pub(crate) mod teardown;
+
+use crate::channel::{Channel, ChannelState};
+use crate::codec::{self, Frame};
+use crate::error::AmqpError;
+use crate::mailbox::{Mailbox, MailboxReceiver, Outbound, mailbox};
+use crate::queue::ConnId;
+use crate::server::{BrokerShared, ConnectionEntry};
+use crate::vhost::Vhost;
+use amq_protocol::protocol::{AMQPClass, channel, connection};
+use bytes::BytesMut;
+pub(crate) use handshake::method_name;
+use handshake::{HandshakeError, Tuning, handshake};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+/// Stop reading from a client while this much output waits to be written (backpressure), and
+/// stop taking deliveries from the mailbox.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// How long to wait for connection.close-ok after sending connection.close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where a connection is in its life after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnState {
+    /// Normal operation.
+    Open,
+    /// The server sent connection.close and waits for close-ok until the deadline.
+    Closing(Instant),
+    /// Done: flush what is pending and end.
+    Closed,
+}
+
+/// A connection's state, apart from its socket: everything the handlers touch.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    /// Its id within the broker.
+    pub(crate) id: ConnId,
+    /// The broker.
+    pub(crate) shared: Arc<BrokerShared>,
+    /// Its vhost.
+    pub(crate) vhost: Arc<Vhost>,
+    /// Frames waiting to be written.
+    pub(crate) out: Vec<u8>,
+    /// Open (or closing) channels.
+    pub(crate) channels: HashMap<u16, Channel>,
+    /// Negotiated limits.
+    pub(crate) tuning: Tuning,
+    /// The sending side of its own mailbox, given to its consumers.
+    pub(crate) mailbox: Mailbox,
+    /// Life cycle.
+    pub(crate) state: ConnState,
+}
+
+/// Serves one client connection over any byte stream until it ends, then returns its
+/// unacknowledged and undelivered messages to their queues.
+pub(crate) async fn serve<S>(stream: S, shared: Arc<BrokerShared>, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let shutdown = shared.shutdown.clone();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let handshake_timeout = shared.config.handshake_timeout;
+    let tuning = tokio::select! {
+        result = tokio::time::timeout(handshake_timeout, handshake(&mut rd, &mut wr, &mut rbuf, &shared)) => match result {
+            Ok(Ok(tuning)) => tuning,
+            Ok(Err(e)) => {
+                refuse(&mut rd, &mut wr, &mut rbuf, &peer, e).await;
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "closing connection: handshake timeout ({:?})", handshake_timeout);
+                return;
+            }
+        },
+        _ = shutdown.cancelled() => return,
+    };
+    let (mailbox, mut inbox) = mailbox();
+    let id = shared.register_connection(ConnectionEntry {
+        peer: peer.clone(),
+        user: tuning.user.clone(),
+        client: tuning.client.clone(),
+        mailbox: mailbox.clone(),
+    });
+    tracing::info!(%peer, conn = id, user = %tuning.user, client = %tuning.client, "accepting AMQP connection");
+    let vhost = shared.vhost.clone();
+    let mut conn = Connection {
+        id,
+        shared: shared.clone(),
+        vhost,
+        out: Vec::with_capacity(16 * 1024),
+        channels: HashMap::new(),
+        tuning,
+        mailbox,
+        state: ConnState::Open,
+    };
+    let end = conn
+        .run(&mut rd, &mut wr, &mut rbuf, &mut inbox, &shutdown)
+        .await;
+    let _ = wr.shutdown().await;
+    conn.teardown(&mut inbox);
+    shared.unregister_connection(id);
+    tracing::info!(%peer, conn = id, "closing AMQP connection ({end})");
+}
+
+/// Answers a failed handshake as RabbitMQ does, then lets the socket close.
+async fn refuse<R, W>(rd: &mut R, wr: &mut W, rbuf: &mut BytesMut, peer: &str, e: HandshakeError)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match e {
+        HandshakeError::Io => tracing::debug!(%peer, "connection closed during handshake"),
+        HandshakeError::BadHeader => {
+            tracing::warn!(%peer, "bad protocol header: answered with AMQP 0-9-1's")
+        }
+        HandshakeError::Silent(e) => tracing::warn!(%peer, "handshake failed: {}", e.text),
+        HandshakeError::Protocol(e) => {
+            tracing::warn!(%peer, "handshake failed: {}", e.text);
+            let mut out = Vec::new();
+            codec::write_method(&mut out, 0, close_method(&e));
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            // Wait (briefly) for close-ok, so the client reads the close before the socket goes.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                loop {
+                    match codec::decode(rbuf, 0) {
+                        Ok(Some(Frame::Method(
+                            0,
+                            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)),
+                        ))) => return,
+                        Ok(Some(_)) => continue,
+                        Ok(None) => {}
+                        Err(_) => return,
+                    }
+                    match rd.read_buf(rbuf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// connection.close for an error.
+fn close_method(e: &AmqpError) -> AMQPClass {
+    AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+        reply_code: e.code,
+        reply_text: e.reply_text(),
+        class_id: e.class_id,
+        method_id: e.method_id,
+    }))
+}
+
+impl Connection {
+    /// The main loop: returns why the connection ended.
+    async fn run<R, W>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        rbuf: &mut BytesMut,
+        inbox: &mut MailboxReceiver,
+        shutdown: &CancellationToken,
+    ) -> &'static str
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let heartbeat = Duration::from_secs(self.tuning.heartbeat as u64);
+        let mut ticker = tokio::time::interval(if heartbeat.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            heartbeat
+        });
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_read = Instant::now();
+        let mut wrote_since_tick = false;
+        let mut shutting_down = false;
+        loop {
+            if self.state == ConnState::Closed && self.out.is_empty() {
+                return "closed";
+            }
+            let closing_deadline = match self.state {
+                ConnState::Closing(at) => Some(at),
+                _ => None,
+            };
+            let reading = self.state != ConnState::Closed && self.out.len() < OUT_HIGH_WATER;
+            let taking = self.state == ConnState::Open && self.out.len() < OUT_HIGH_WATER;
+            tokio::select! {
+                read = rd.read_buf(rbuf), if reading => match read {
+                    Ok(0) => return "client closed the socket",
+                    Err(_) => return "socket error",
+                    Ok(_) => {
+                        last_read = Instant::now();
+                        self.process_input(rbuf);
+                    }
+                },
+                written = wr.write(&self.out), if !self.out.is_empty() => match written {
+                    Ok(0) | Err(_) => return "socket error while writing",
+                    Ok(n) => {
+                        self.out.drain(..n);
+                        wrote_since_tick = true;
+                    }
+                },
+                item = inbox.recv(), if taking => {
+                    if let Some(item) = item {
+                        self.handle_outbound(item);
+                        while self.out.len() < OUT_HIGH_WATER
+                            && let Some(item) = inbox.try_recv()
+                        {
+                            self.handle_outbound(item);
+                        }
+                    }
+                    if inbox.take_starved() {
+                        self.redispatch();
+                    }
+                },
+                _ = ticker.tick(), if !heartbeat.is_zero() => {
+                    if last_read.elapsed() >= heartbeat * 2 {
+                        tracing::warn!(conn = self.id, "missed heartbeats from client, timeout: {}s", heartbeat.as_secs());
+                        return "missed heartbeats";
+                    }
+                    if !wrote_since_tick && self.out.is_empty() {
+                        codec::write_heartbeat(&mut self.out);
+                    }
+                    wrote_since_tick = false;
+                },
+                _ = shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    self.close_connection(AmqpError::connection_forced(
+                        "broker forced connection closure with reason 'shutdown'",
+                    ));
+                },
+                _ = sleep_until(closing_deadline.unwrap_or_else(Instant::now)), if closing_deadline.is_some() => {
+                    return "no close-ok in time";
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every complete frame in `rbuf`.
+    fn process_input(&mut self, rbuf: &mut BytesMut) {
+        loop {
+            if self.state == ConnState::Closed {
+                rbuf.clear();
+                return;
+            }
+            match codec::decode(rbuf, self.tuning.frame_max) {
+                Ok(Some(frame)) => self.handle_frame(frame),
+                Ok(None) => return,
+                Err(e) => {
+                    // The stream cannot be resynchronised after a framing error.
+                    rbuf.clear();
+                    self.close_connection(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Appends a method frame to the output.
+    pub(crate) fn send(&mut self, channel: u16, method: AMQPClass) {
+        codec::write_method(&mut self.out, channel, method);
+    }
+
+    fn handle_frame(&mut self, frame: Frame) {
+        if let ConnState::Closing(_) | ConnState::Closed = self.state {
+            // Once a close is sent, only the close handshake counts.
+            match frame {
+                Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(_))) => {
+                    self.send(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                            connection::CloseOk {},
+                        )),
+                    );
+                    self.state = ConnState::Closed;
+                }
+                Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) => {
+                    self.state = ConnState::Closed;
+                }
+                _ => {}
+            }
+            return;
+        }
+        let result = match frame {
+            Frame::Heartbeat => Ok(()),
+            Frame::Method(0, method) => self.connection_method(method),
+            Frame::Method(channel, method) => self.channel_method(channel, method),
+            Frame::Header {
+                channel,
+                class_id,
+                body_size,
+                properties,
+                raw_properties,
+            } => self.content_header(channel, class_id, body_size, properties, raw_properties),
+            Frame::Body(channel, body) => self.content_body(channel, body),
+        };
+        if let Err((channel, e)) = result {
+            self.fail(channel, e);
+        }
+    }
+
+    /// Reports an error in its scope: channel.close, or connection.close.
+    fn fail(&mut self, channel: u16, e: AmqpError) {
+        if e.is_connection_error() || channel == 0 {
+            self.close_connection(e);
+        } else {
+            tracing::warn!(conn = self.id, channel, "channel error: {}", e.text);
+            self.send(
+                channel,
+                AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                    reply_code: e.code,
+                    reply_text: e.reply_text(),
+                    class_id: e.class_id,
+                    method_id: e.method_id,
+                })),
+            );
+            self.release_channel(channel);
+            if let Some(ch) = self.channels.get_mut(&channel) {
+                ch.state = ChannelState::Closing;
+            }
+        }
+    }
+
+    /// Sends connection.close and waits for close-ok.
+    pub(crate) fn close_connection(&mut self, e: AmqpError) {
+        if self.state != ConnState::Open {
+            return;
+        }
+        if e.code == 320 {
+            tracing::info!(conn = self.id, "closing connection: {}", e.text);
+        } else {
+            tracing::warn!(conn = self.id, "connection error: {}", e.text);
+        }
+        self.send(0, close_method(&e));
+        self.state = ConnState::Closing(Instant::now() + CLOSE_TIMEOUT);
+    }
+
+    /// Methods on channel 0.
+    fn connection_method(&mut self, method: AMQPClass) -> Result<(), (u16, AmqpError)> {
+        match method {
+            AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
+                self.send(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                );
+                self.state = ConnState::Closed;
+                Ok(())
+            }
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => {
+                self.state = ConnState::Closed;
+                Ok(())
+            }
+            AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => Err((
+                0,
+                AmqpError::not_implemented("connection.update_secret").during(&method),
+            )),
+            AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
+            | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(()),
+            other => Err((
+                0,
+                AmqpError::command_invalid(format!(
+                    "unexpected {} on channel 0",
+                    method_name(&other)
+                ))
+                .during(&other),
+            )),
+        }
+    }
+
+    /// Asks every queue this connection consumes from to dispatch again (its mailbox has room
+    /// after being full).
+    fn redispatch(&mut self) {
+        let queues: Vec<Arc<str>> = self
+            .channels
+            .values()
+            .flat_map(|ch| ch.consumers.values().map(|c| c.queue.clone()))
+            .collect();
+        let now = Instant::now();
+        let mut state = self.vhost.lock();
+        for name in queues {
+            if let Some(queue) = state.queues.get_mut(&name) {
+                queue.dispatch(now);
+            }
+        }
+    }
+
+    /// Acts on an item from the mailbox.
+    fn handle_outbound(&mut self, item: Outbound) {
+        match item {
+            Outbound::Deliver {
+                channel,
+                consumer_tag,
+                no_ack,
+                queue,
+                message,
+            } => self.deliver(channel, consumer_tag, no_ack, queue, message),
+            Outbound::Cancel {
+                channel,
+                consumer_tag,
+            } => self.server_cancel(channel, consumer_tag),
+            Outbound::Close(e) => self.close_connection(e),
+        }
+    }
+}

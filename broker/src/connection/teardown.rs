@@ -1,0 +1,137 @@
+//! Ending channels and connections: nothing is lost. Unacknowledged deliveries and deliveries
+//! still in the mailbox go back to their queues flagged redelivered, consumers are removed
+//! (auto-delete queues go with their last one) and exclusive queues of the connection are
+//! deleted.
+
+use super::Connection;
+use crate::channel::Channel;
+use crate::mailbox::{MailboxReceiver, Outbound};
+use crate::message::QueuedMessage;
+use crate::vhost::VhostState;
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+impl Connection {
+    /// Releases what a channel holds (it stays in the map if it is closing).
+    pub(crate) fn release_channel(&mut self, channel: u16) {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let consumers = std::mem::take(&mut ch.consumers);
+        let unacked = std::mem::take(&mut ch.unacked);
+        ch.assembly = Default::default();
+        let mut state = self.vhost.lock();
+        let mut touched = HashSet::new();
+        for (tag, consumer) in consumers {
+            if let Some(queue) = state.queues.get_mut(&consumer.queue) {
+                queue.remove_consumer(self.id, channel, tag.as_str());
+            }
+            state.auto_delete(&consumer.queue);
+        }
+        for (_, u) in unacked {
+            requeue(&mut state, &u.queue, self.id, channel, None, u.message);
+            touched.insert(u.queue);
+        }
+        dispatch_all(&mut state, touched);
+    }
+
+    /// Ends the connection: requeues everything it held and deletes its exclusive queues.
+    pub(crate) fn teardown(&mut self, inbox: &mut MailboxReceiver) {
+        let pending = inbox.close_and_drain();
+        let channels: Vec<u16> = self.channels.keys().copied().collect();
+        for channel in channels {
+            self.release_channel(channel);
+        }
+        self.channels.clear();
+        let mut state = self.vhost.lock();
+        let mut touched = HashSet::new();
+        for item in pending {
+            if let Outbound::Deliver {
+                channel,
+                consumer_tag,
+                no_ack,
+                queue,
+                message,
+            } = item
+            {
+                let tag = (!no_ack).then_some(consumer_tag.as_str());
+                requeue_undelivered(&mut state, &queue, self.id, channel, tag, no_ack, message);
+                touched.insert(queue);
+            }
+        }
+        state.delete_exclusive_queues(self.id);
+        dispatch_all(&mut state, touched);
+    }
+
+    /// A delivery whose consumer or channel is gone by the time it leaves the mailbox: back
+    /// to its queue.
+    pub(crate) fn return_undelivered(
+        &mut self,
+        channel: u16,
+        consumer_tag: &str,
+        no_ack: bool,
+        queue: Arc<str>,
+        message: QueuedMessage,
+    ) {
+        if !no_ack && let Some(ch) = self.channels.get(&channel) {
+            ch.credit.release();
+        }
+        let mut state = self.vhost.lock();
+        let tag = (!no_ack).then_some(consumer_tag);
+        requeue_undelivered(&mut state, &queue, self.id, channel, tag, no_ack, message);
+        if let Some(q) = state.queues.get_mut(&queue) {
+            q.dispatch(Instant::now());
+        }
+    }
+
+    /// The channel, if open.
+    pub(crate) fn open_channel(&mut self, channel: u16) -> Option<&mut Channel> {
+        self.channels
+            .get_mut(&channel)
+            .filter(|ch| ch.state == crate::channel::ChannelState::Open)
+    }
+}
+
+fn requeue_undelivered(
+    state: &mut VhostState,
+    queue: &str,
+    conn: u64,
+    channel: u16,
+    consumer_tag: Option<&str>,
+    no_ack: bool,
+    message: QueuedMessage,
+) {
+    if no_ack {
+        if let Some(q) = state.queues.get_mut(queue) {
+            q.requeue(message);
+        }
+    } else {
+        requeue(state, queue, conn, channel, consumer_tag, message);
+    }
+}
+
+/// Settles a delivery and puts its message back (if the queue still exists).
+pub(crate) fn requeue(
+    state: &mut VhostState,
+    queue: &str,
+    conn: u64,
+    channel: u16,
+    consumer_tag: Option<&str>,
+    message: QueuedMessage,
+) {
+    if let Some(q) = state.queues.get_mut(queue) {
+        q.settle(conn, channel, consumer_tag);
+        q.requeue(message);
+    }
+}
+
+/// Dispatches every named queue.
+pub(crate) fn dispatch_all(state: &mut VhostState, queues: HashSet<Arc<str>>) {
+    let now = Instant::now();
+    for name in queues {
+        if let Some(q) = state.queues.get_mut(&name) {
+            q.dispatch(now);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Read-only snapshots of a running broker, for tests.
+
+use crate::vhost::Vhost;
+
+/// A queue's state at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// Its name.
+    pub name: String,
+    /// Messages ready for delivery (expired ones not yet dropped may be counted).
+    pub ready: usize,
+    /// Messages delivered and not yet acknowledged.
+    pub unacked: usize,
+    /// Consumers attached.
+    pub consumers: Vec<ConsumerInfo>,
+    /// Declared durable.
+    pub durable: bool,
+    /// Exclusive to a connection.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+}
+
+/// A consumer's state at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerInfo {
+    /// Its tag.
+    pub tag: String,
+    /// Its connection's id.
+    pub connection: u64,
+    /// Its channel.
+    pub channel: u16,
+    /// Whether it acknowledges.
+    pub no_ack: bool,
+    /// Its prefetch limit (0: none).
+    pub prefetch: u32,
+    /// Deliveries not yet acknowledged.
+    pub in_flight: u32,
+}
+
+/// An open connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// Its id (for [`crate::BrokerHandle::close_connection`]).
+    pub id: u64,
+    /// The client's address.
+    pub peer: String,
+    /// The user it logged in as.
+    pub user: String,
+    /// The client's product name.
+    pub client: String,
+}
+
+pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {
+    let state = vhost.lock();
+    let mut list: Vec<QueueInfo> = state
+        .queues
+        .values()
+        .map(|q| QueueInfo {
+            name: q.name.to_string(),
+            ready: q.ready_len(),
+            unacked: q.unacked,
+            consumers: q
+                .consumers()
+                .iter()
+                .map(|c| ConsumerInfo {
+                    tag: c.tag.to_string(),
+                    connection: c.conn,
+                    channel: c.channel,
+                    no_ack: c.no_ack,
+                    prefetch: c.prefetch,
+                    in_flight: c.in_flight,
+                })
+                .collect(),
+            durable: q.options.durable,
+            exclusive: q.options.exclusive.is_some(),
+            auto_delete: q.options.auto_delete,
+        })
+        .collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    list
+}

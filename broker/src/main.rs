@@ -1,0 +1,121 @@
+//! The standalone Warren broker, for clients in any language.
+//!
+//! ```text
+//! warren-broker --listen 127.0.0.1:5673
+//! ```
+//! prints `warren listening on amqp://guest:guest@127.0.0.1:5673/%2F` once ready; logs go to
+//! stderr (`RUST_LOG`); SIGINT or SIGTERM shut it down cleanly.
+
+use clap::Parser;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+use warren_broker::{Broker, BrokerConfig, User};
+
+/// An AMQP 0-9-1 broker that behaves like RabbitMQ, for tests.
+#[derive(Debug, Parser)]
+#[command(name = "warren-broker", version)]
+struct Args {
+    /// Address to listen on. `localhost` binds every address it resolves to (IPv4 and IPv6);
+    /// port 0 picks a free port. Defaults to loopback only.
+    #[arg(long, default_value = "127.0.0.1:5672", value_name = "ADDR")]
+    listen: String,
+    /// A user allowed to log in, as NAME:PASSWORD. Repeatable. Default: guest:guest.
+    #[arg(long = "user", value_name = "NAME:PASSWORD", value_parser = parse_user)]
+    users: Vec<User>,
+    /// Largest frame in bytes, offered in connection.tune (RabbitMQ's default).
+    #[arg(long, default_value_t = 131_072)]
+    frame_max: u32,
+    /// Highest channel number, offered in connection.tune.
+    #[arg(long, default_value_t = 2047)]
+    channel_max: u16,
+    /// Heartbeat interval in seconds offered in connection.tune (0 disables).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    heartbeat: u64,
+    /// Most client connections at once; further ones are closed at once. Default: unlimited.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Largest message body accepted, in bytes.
+    #[arg(long, default_value_t = 128 * 1024 * 1024, value_name = "BYTES")]
+    max_message_size: u64,
+    /// Seconds a client has to complete the AMQP handshake.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    handshake_timeout: u64,
+}
+
+fn parse_user(text: &str) -> Result<User, String> {
+    match text.split_once(':') {
+        Some((name, password)) if !name.is_empty() => Ok(User::new(name, password)),
+        _ => Err("expected NAME:PASSWORD".to_owned()),
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let users = if args.users.is_empty() {
+        vec![User::new("guest", "guest")]
+    } else {
+        args.users
+    };
+    let config = BrokerConfig {
+        listen: args.listen,
+        users,
+        frame_max: args.frame_max,
+        channel_max: args.channel_max,
+        heartbeat: Duration::from_secs(args.heartbeat),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        max_message_size: args.max_message_size,
+        max_connections: args.max_connections,
+    };
+    let broker = match Broker::start(config).await {
+        Ok(broker) => broker,
+        Err(e) => {
+            eprintln!("warren-broker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for addr in broker.local_addrs() {
+        if addr.ip().is_loopback() {
+            tracing::info!("listening on {addr} (loopback only)");
+        } else {
+            tracing::warn!("listening on {addr}: reachable from other machines");
+        }
+    }
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "warren listening on {}", broker.url());
+    let _ = stdout.flush();
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    broker.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

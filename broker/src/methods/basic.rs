@@ -1,0 +1,428 @@
+//! The basic class: qos, consume, cancel, publish, get, ack, nack, reject, recover; and the
+//! two directions of content: completing a publish and writing a delivery.
+
+use super::queue::{generated_tag, usable_queue};
+use crate::channel::{Assembly, ChannelConsumer, PendingContent, Unacked};
+use crate::codec;
+use crate::connection::Connection;
+use crate::connection::teardown::{dispatch_all, requeue};
+use crate::error::{AmqpError, AmqpResult};
+use crate::exchange::is_default;
+use crate::message::{Message, QueuedMessage, parse_expiration};
+use crate::queue::Consumer;
+use crate::vhost::Routed;
+use amq_protocol::protocol::{AMQPClass, basic};
+use amq_protocol::types::ShortString;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::time::Instant;
+
+fn send_basic(conn: &mut Connection, ch: u16, method: basic::AMQPMethod) {
+    conn.send(ch, AMQPClass::Basic(method));
+}
+
+impl Connection {
+    pub(crate) fn basic_class(&mut self, ch: u16, method: basic::AMQPMethod) -> AmqpResult {
+        match method {
+            basic::AMQPMethod::Qos(m) => self.basic_qos(ch, m),
+            basic::AMQPMethod::Consume(m) => self.basic_consume(ch, m),
+            basic::AMQPMethod::Cancel(m) => self.basic_cancel(ch, m),
+            basic::AMQPMethod::Publish(m) => {
+                if m.immediate {
+                    return Err(AmqpError::not_implemented("immediate=true"));
+                }
+                self.channel_mut(ch).assembly = Assembly::Header(m);
+                Ok(())
+            }
+            basic::AMQPMethod::Get(m) => self.basic_get(ch, m),
+            basic::AMQPMethod::Ack(m) => self.settle(ch, m.delivery_tag, m.multiple, Settle::Ack),
+            basic::AMQPMethod::Nack(m) => self.settle(
+                ch,
+                m.delivery_tag,
+                m.multiple,
+                Settle::Reject { requeue: m.requeue },
+            ),
+            basic::AMQPMethod::Reject(m) => self.settle(
+                ch,
+                m.delivery_tag,
+                false,
+                Settle::Reject { requeue: m.requeue },
+            ),
+            basic::AMQPMethod::Recover(m) => {
+                self.basic_recover(ch, m.requeue)?;
+                send_basic(self, ch, basic::AMQPMethod::RecoverOk(basic::RecoverOk {}));
+                Ok(())
+            }
+            basic::AMQPMethod::RecoverAsync(m) => self.basic_recover(ch, m.requeue),
+            other => Err(AmqpError::command_invalid(format!(
+                "{} is a server method",
+                crate::connection::method_name(&AMQPClass::Basic(other))
+            ))),
+        }
+    }
+
+    fn basic_qos(&mut self, ch: u16, m: basic::Qos) -> AmqpResult {
+        let channel = self.channel_mut(ch);
+        if m.global {
+            channel
+                .credit
+                .limit
+                .store(m.prefetch_count as u32, Ordering::Relaxed);
+        } else {
+            channel.consumer_prefetch = m.prefetch_count as u32;
+        }
+        send_basic(self, ch, basic::AMQPMethod::QosOk(basic::QosOk {}));
+        if m.global {
+            // A larger window may let waiting messages through.
+            let queues: HashSet<Arc<str>> = self
+                .channel_mut(ch)
+                .consumers
+                .values()
+                .map(|c| c.queue.clone())
+                .collect();
+            dispatch_all(&mut self.vhost.lock(), queues);
+        }
+        Ok(())
+    }
+
+    fn basic_consume(&mut self, ch: u16, m: basic::Consume) -> AmqpResult {
+        let queue_name = self.expand_queue_name(ch, m.queue)?;
+        let tag: ShortString = if m.consumer_tag.as_str().is_empty() {
+            ShortString::try_new(generated_tag()).expect("short")
+        } else {
+            m.consumer_tag
+        };
+        let (prefetch, credit) = {
+            let channel = self.channel_mut(ch);
+            if channel.consumers.contains_key(&tag) {
+                return Err(AmqpError::not_allowed(format!(
+                    "attempt to reuse consumer tag '{tag}'"
+                )));
+            }
+            (channel.consumer_prefetch, channel.credit.clone())
+        };
+        let vhost_name = self.vhost.name.clone();
+        let mailbox = self.mailbox.clone();
+        let vhost = self.vhost.clone();
+        let mut state = vhost.lock();
+        let queue = usable_queue(&mut state, queue_name.as_str(), self.id, &vhost_name)?;
+        if queue.has_exclusive_consumer() || (m.exclusive && queue.consumer_count() > 0) {
+            return Err(AmqpError::access_refused(format!(
+                "queue '{queue_name}' in vhost '{vhost_name}' in exclusive use"
+            )));
+        }
+        // consume-ok goes out before any delivery: deliveries reach the output only through
+        // the mailbox, which is read after this handler returns.
+        if !m.nowait {
+            send_basic(
+                self,
+                ch,
+                basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.clone(),
+                }),
+            );
+        }
+        let queue = state
+            .queues
+            .get_mut(queue_name.as_str())
+            .expect("found above");
+        queue.add_consumer(Consumer {
+            tag: tag.clone(),
+            conn: self.id,
+            channel: ch,
+            no_ack: m.no_ack,
+            exclusive: m.exclusive,
+            prefetch,
+            in_flight: 0,
+            channel_credit: credit,
+            mailbox,
+        });
+        let queue_arc = queue.name.clone();
+        queue.dispatch(Instant::now());
+        drop(state);
+        self.channel_mut(ch)
+            .consumers
+            .insert(tag, ChannelConsumer { queue: queue_arc });
+        Ok(())
+    }
+
+    fn basic_cancel(&mut self, ch: u16, m: basic::Cancel) -> AmqpResult {
+        if let Some(consumer) = self.channel_mut(ch).consumers.remove(&m.consumer_tag) {
+            let mut state = self.vhost.lock();
+            if let Some(queue) = state.queues.get_mut(&consumer.queue) {
+                queue.remove_consumer(self.id, ch, m.consumer_tag.as_str());
+            }
+            state.auto_delete(&consumer.queue);
+        }
+        if !m.nowait {
+            send_basic(
+                self,
+                ch,
+                basic::AMQPMethod::CancelOk(basic::CancelOk {
+                    consumer_tag: m.consumer_tag,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    fn basic_get(&mut self, ch: u16, m: basic::Get) -> AmqpResult {
+        let queue_name = self.expand_queue_name(ch, m.queue)?;
+        let vhost_name = self.vhost.name.clone();
+        let mut state = self.vhost.lock();
+        let queue = usable_queue(&mut state, queue_name.as_str(), self.id, &vhost_name)?;
+        let now = Instant::now();
+        let taken = queue.get(now, m.no_ack);
+        let remaining = queue.message_count(now);
+        let queue_arc = queue.name.clone();
+        drop(state);
+        let Some(message) = taken else {
+            send_basic(self, ch, basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
+            return Ok(());
+        };
+        let channel = self.channel_mut(ch);
+        let delivery_tag = channel.next_delivery_tag;
+        channel.next_delivery_tag += 1;
+        if !m.no_ack {
+            channel.unacked.insert(
+                delivery_tag,
+                Unacked {
+                    queue: queue_arc,
+                    consumer_tag: None,
+                    message: message.clone(),
+                },
+            );
+        }
+        send_basic(
+            self,
+            ch,
+            basic::AMQPMethod::GetOk(basic::GetOk {
+                delivery_tag,
+                redelivered: message.redelivered,
+                exchange: message.message.exchange.clone(),
+                routing_key: message.message.routing_key.clone(),
+                message_count: remaining,
+            }),
+        );
+        self.write_content(ch, &message.message);
+        Ok(())
+    }
+
+    fn settle(&mut self, ch: u16, tag: u64, multiple: bool, how: Settle) -> AmqpResult {
+        let channel = self.channel_mut(ch);
+        let Some(settled) = channel.take_unacked(tag, multiple) else {
+            return Err(AmqpError::precondition_failed(format!(
+                "unknown delivery tag {tag}"
+            )));
+        };
+        let credit = channel.credit.clone();
+        let mut state = self.vhost.lock();
+        let mut touched = HashSet::new();
+        for u in settled {
+            if u.consumer_tag.is_some() {
+                credit.release();
+            }
+            match how {
+                Settle::Reject { requeue: true } => {
+                    requeue(
+                        &mut state,
+                        &u.queue,
+                        self.id,
+                        ch,
+                        u.consumer_tag.as_ref().map(|t| t.as_str()),
+                        u.message,
+                    );
+                }
+                _ => {
+                    if let Some(queue) = state.queues.get_mut(&u.queue) {
+                        queue.settle(self.id, ch, u.consumer_tag.as_ref().map(|t| t.as_str()));
+                    }
+                }
+            }
+            touched.insert(u.queue);
+        }
+        dispatch_all(&mut state, touched);
+        Ok(())
+    }
+
+    fn basic_recover(&mut self, ch: u16, requeue_them: bool) -> AmqpResult {
+        if !requeue_them {
+            return Err(AmqpError::not_implemented("requeue=false"));
+        }
+        let channel = self.channel_mut(ch);
+        let unacked = std::mem::take(&mut channel.unacked);
+        let credit = channel.credit.clone();
+        let mut state = self.vhost.lock();
+        let mut touched = HashSet::new();
+        for (_, u) in unacked {
+            if u.consumer_tag.is_some() {
+                credit.release();
+            }
+            requeue(
+                &mut state,
+                &u.queue,
+                self.id,
+                ch,
+                u.consumer_tag.as_ref().map(|t| t.as_str()),
+                u.message,
+            );
+            touched.insert(u.queue);
+        }
+        dispatch_all(&mut state, touched);
+        Ok(())
+    }
+
+    /// Routes a fully assembled publish, then answers it (basic.return, confirm).
+    pub(crate) fn publish(&mut self, ch: u16, content: PendingContent) -> AmqpResult {
+        let PendingContent {
+            publish,
+            properties,
+            raw_properties,
+            body,
+            ..
+        } = content;
+        let now = Instant::now();
+        let expires_at = match properties.expiration() {
+            Some(expiration) => {
+                let ms = parse_expiration(expiration.as_str())
+                    .map_err(AmqpError::precondition_failed)?;
+                Some(now + Duration::from_millis(ms))
+            }
+            None => None,
+        };
+        let message = Arc::new(Message {
+            exchange: publish.exchange.clone(),
+            routing_key: publish.routing_key.clone(),
+            properties: raw_properties,
+            body: body.finish(),
+            expires_at,
+        });
+        let vhost_name = &self.vhost.name;
+        let mut state = self.vhost.lock();
+        let exchange = publish.exchange.as_str();
+        match state.exchanges.get(exchange) {
+            None => {
+                return Err(AmqpError::not_found(format!(
+                    "no exchange '{exchange}' in vhost '{vhost_name}'"
+                )));
+            }
+            Some(e) if e.internal => {
+                return Err(AmqpError::access_refused(format!(
+                    "cannot publish to internal exchange '{exchange}' in vhost '{vhost_name}'"
+                )));
+            }
+            Some(_) => {}
+        }
+        debug_assert!(is_default(exchange) || !exchange.is_empty());
+        let routed = state.publish(exchange, message.clone());
+        drop(state);
+        if routed == Routed::Unroutable && publish.mandatory {
+            send_basic(
+                self,
+                ch,
+                basic::AMQPMethod::Return(basic::Return {
+                    reply_code: 312,
+                    reply_text: "NO_ROUTE".into(),
+                    exchange: publish.exchange,
+                    routing_key: publish.routing_key,
+                }),
+            );
+            self.write_content(ch, &message);
+        }
+        let channel = self.channel_mut(ch);
+        if let Some(seq) = channel.next_confirm {
+            channel.next_confirm = Some(seq + 1);
+            send_basic(
+                self,
+                ch,
+                basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: seq,
+                    multiple: false,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes a delivery from the mailbox, or requeues it if its consumer is gone.
+    pub(crate) fn deliver(
+        &mut self,
+        ch: u16,
+        consumer_tag: ShortString,
+        no_ack: bool,
+        queue: Arc<str>,
+        message: QueuedMessage,
+    ) {
+        let Some(channel) = self
+            .open_channel(ch)
+            .filter(|c| c.consumers.contains_key(&consumer_tag))
+        else {
+            self.return_undelivered(ch, consumer_tag.as_str(), no_ack, queue, message);
+            return;
+        };
+        let delivery_tag = channel.next_delivery_tag;
+        channel.next_delivery_tag += 1;
+        let redelivered = message.redelivered;
+        let content = message.message.clone();
+        if !no_ack {
+            channel.unacked.insert(
+                delivery_tag,
+                Unacked {
+                    queue,
+                    consumer_tag: Some(consumer_tag.clone()),
+                    message,
+                },
+            );
+        }
+        send_basic(
+            self,
+            ch,
+            basic::AMQPMethod::Deliver(basic::Deliver {
+                consumer_tag,
+                delivery_tag,
+                redelivered,
+                exchange: content.exchange.clone(),
+                routing_key: content.routing_key.clone(),
+            }),
+        );
+        self.write_content(ch, &content);
+    }
+
+    /// The server cancels a consumer (its queue was deleted): tell the client.
+    pub(crate) fn server_cancel(&mut self, ch: u16, consumer_tag: ShortString) {
+        let Some(channel) = self.open_channel(ch) else {
+            return;
+        };
+        if channel.consumers.remove(&consumer_tag).is_some() {
+            send_basic(
+                self,
+                ch,
+                basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag,
+                    nowait: true,
+                }),
+            );
+        }
+    }
+
+    fn write_content(&mut self, ch: u16, message: &Message) {
+        codec::write_content(
+            &mut self.out,
+            ch,
+            &message.properties,
+            &message.body,
+            self.tuning.frame_max,
+        );
+    }
+}
+
+/// What an ack, nack or reject does.
+#[derive(Clone, Copy, Debug)]
+enum Settle {
+    /// Done with it.
+    Ack,
+    /// Rejected: back to the queue or dropped.
+    Reject { requeue: bool },
+}

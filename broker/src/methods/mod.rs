@@ -1,0 +1,225 @@
+//! Method handlers, one file per AMQP class; this file routes a channel's frames to them and
+//! assembles content (method, header, bodies).
+
+mod basic;
+mod channel;
+mod queue;
+
+use crate::channel::{Assembly, BodyBuffer, Channel, ChannelState, PendingContent};
+use crate::connection::{Connection, method_name};
+use crate::error::AmqpError;
+use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
+use bytes::Bytes;
+
+/// A handler's failure with the channel it concerns.
+pub(crate) type Failed = (u16, AmqpError);
+
+impl Connection {
+    /// A method on a non-zero channel.
+    pub(crate) fn channel_method(&mut self, ch: u16, method: AMQPClass) -> Result<(), Failed> {
+        let (class_id, method_id) = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        let state = self.channels.get(&ch).map(|c| c.state);
+        match state {
+            None => match method {
+                AMQPClass::Channel(channel_class::AMQPMethod::Open(_)) => self.channel_open(ch),
+                AMQPClass::Channel(channel_class::AMQPMethod::CloseOk(_)) => Ok(()),
+                other => Err((
+                    ch,
+                    AmqpError::channel_error(format!(
+                        "expected 'channel.open' on channel {ch}, got {}",
+                        method_name(&other)
+                    ))
+                    .during(&other),
+                )),
+            },
+            Some(ChannelState::Closing) => {
+                match method {
+                    AMQPClass::Channel(channel_class::AMQPMethod::CloseOk(_)) => {
+                        self.channels.remove(&ch);
+                    }
+                    AMQPClass::Channel(channel_class::AMQPMethod::Close(_)) => {
+                        self.send(
+                            ch,
+                            AMQPClass::Channel(channel_class::AMQPMethod::CloseOk(
+                                channel_class::CloseOk {},
+                            )),
+                        );
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+            Some(ChannelState::Open) => {
+                let channel = self.channels.get(&ch).expect("open");
+                if !matches!(channel.assembly, Assembly::Idle) {
+                    return Err((
+                        ch,
+                        AmqpError::unexpected_frame(format!(
+                            "expected content header for class 60, got non content header frame instead ({})",
+                            method_name(&method)
+                        ))
+                        .during_ids(class_id, method_id),
+                    ));
+                }
+                let result = match method {
+                    AMQPClass::Channel(m) => self.channel_class(ch, m),
+                    AMQPClass::Queue(m) => self.queue_class(ch, m),
+                    AMQPClass::Basic(m) => self.basic_class(ch, m),
+                    AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(m)) => {
+                        self.confirm_select(ch, m.nowait)
+                    }
+                    AMQPClass::Connection(_) => Err(AmqpError::command_invalid(format!(
+                        "connection method {class_id}.{method_id} on channel {ch}"
+                    ))),
+                    other => Err(AmqpError::not_implemented(format!(
+                        "{} is not implemented by Warren",
+                        method_name(&other)
+                    ))),
+                };
+                result.map_err(|e| (ch, e.during_ids(class_id, method_id)))
+            }
+        }
+    }
+
+    fn channel_open(&mut self, ch: u16) -> Result<(), Failed> {
+        if ch > self.tuning.channel_max {
+            return Err((
+                0,
+                AmqpError::not_allowed(format!(
+                    "channel_max = {} exceeded: channel {ch}",
+                    self.tuning.channel_max
+                ))
+                .during_ids(20, 10),
+            ));
+        }
+        self.channels.insert(ch, Channel::new());
+        self.send(
+            ch,
+            AMQPClass::Channel(channel_class::AMQPMethod::OpenOk(channel_class::OpenOk {})),
+        );
+        Ok(())
+    }
+
+    /// A content header: must follow basic.publish on its channel.
+    pub(crate) fn content_header(
+        &mut self,
+        ch: u16,
+        class_id: u16,
+        body_size: u64,
+        properties: Box<BasicProperties>,
+        raw_properties: Bytes,
+    ) -> Result<(), Failed> {
+        let max_size = self.shared.config.max_message_size;
+        let channel = match self.channels.get_mut(&ch) {
+            None => {
+                return Err((
+                    ch,
+                    AmqpError::channel_error(format!(
+                        "expected 'channel.open' on channel {ch}, got a content header"
+                    )),
+                ));
+            }
+            Some(c) if c.state == ChannelState::Closing => return Ok(()),
+            Some(c) => c,
+        };
+        let publish = match std::mem::take(&mut channel.assembly) {
+            Assembly::Header(publish) => publish,
+            _ => {
+                return Err((
+                    ch,
+                    AmqpError::unexpected_frame(
+                        "expected method frame, got non method frame instead",
+                    ),
+                ));
+            }
+        };
+        if class_id != 60 {
+            return Err((
+                ch,
+                AmqpError::unexpected_frame(format!(
+                    "content header for class {class_id} does not match method class 60"
+                ))
+                .during_ids(60, 40),
+            ));
+        }
+        if body_size > max_size {
+            return Err((
+                ch,
+                AmqpError::precondition_failed(format!(
+                    "message size {body_size} is larger than configured max size {max_size}"
+                ))
+                .during_ids(60, 40),
+            ));
+        }
+        let pending = PendingContent {
+            publish,
+            properties,
+            raw_properties,
+            body_size,
+            body: BodyBuffer::Empty,
+        };
+        if body_size == 0 {
+            self.publish(ch, pending)
+                .map_err(|e| (ch, e.during_ids(60, 40)))
+        } else {
+            channel.assembly = Assembly::Body(Box::new(pending));
+            Ok(())
+        }
+    }
+
+    /// A content body frame: part of the body announced by the header.
+    pub(crate) fn content_body(&mut self, ch: u16, chunk: Bytes) -> Result<(), Failed> {
+        let channel = match self.channels.get_mut(&ch) {
+            None => {
+                return Err((
+                    ch,
+                    AmqpError::channel_error(format!(
+                        "expected 'channel.open' on channel {ch}, got a content body"
+                    )),
+                ));
+            }
+            Some(c) if c.state == ChannelState::Closing => return Ok(()),
+            Some(c) => c,
+        };
+        if !matches!(channel.assembly, Assembly::Body(_)) {
+            let expected = match channel.assembly {
+                Assembly::Header(_) => {
+                    "expected content header for class 60, got non content header frame instead"
+                }
+                _ => "expected method frame, got non method frame instead",
+            };
+            channel.assembly = Assembly::Idle;
+            return Err((ch, AmqpError::unexpected_frame(expected)));
+        }
+        let Assembly::Body(pending) = &mut channel.assembly else {
+            unreachable!("checked above")
+        };
+        let size = pending.body.len() as u64 + chunk.len() as u64;
+        let declared = pending.body_size;
+        if size <= declared {
+            pending.body.push(chunk);
+        }
+        if size < declared {
+            return Ok(());
+        }
+        let Assembly::Body(pending) = std::mem::take(&mut channel.assembly) else {
+            unreachable!("checked above")
+        };
+        if size > declared {
+            return Err((
+                ch,
+                AmqpError::unexpected_frame(format!(
+                    "content body of {size} bytes exceeds the {declared} bytes its header declared"
+                ))
+                .during_ids(60, 40),
+            ));
+        }
+        self.publish(ch, *pending)
+            .map_err(|e| (ch, e.during_ids(60, 40)))
+    }
+
+    /// The channel, which the caller knows is open.
+    pub(crate) fn channel_mut(&mut self, ch: u16) -> &mut Channel {
+        self.channels.get_mut(&ch).expect("channel is open")
+    }
+}

@@ -1,0 +1,302 @@
+//! The queue class: declare, delete, purge (bind and unbind arrive with exchanges).
+
+use crate::connection::Connection;
+use crate::error::{AmqpError, AmqpResult};
+use crate::queue::{ConnId, Queue, QueueOptions};
+use crate::vhost::VhostState;
+use amq_protocol::protocol::{AMQPClass, queue};
+use amq_protocol::types::{AMQPValue, ShortString};
+use tokio::time::Instant;
+
+/// Arguments RabbitMQ compares when a queue is redeclared; others may differ freely.
+const EQUIVALENCE_ARGS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-type",
+    "x-single-active-consumer",
+    "x-queue-master-locator",
+    "x-quorum-initial-group-size",
+    "x-delivery-limit",
+];
+
+/// `queue 'name' in vhost '/'`, as RabbitMQ names a queue in reply texts.
+pub(crate) fn queue_resource(name: &str, vhost: &str) -> String {
+    format!("queue '{name}' in vhost '{vhost}'")
+}
+
+/// RabbitMQ's 405 for someone else's exclusive queue.
+pub(crate) fn locked(name: &str, vhost: &str) -> AmqpError {
+    AmqpError::resource_locked(format!(
+        "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+        queue_resource(name, vhost)
+    ))
+}
+
+/// Finds a queue this connection may use: 404 if missing, 405 if another connection's
+/// exclusive queue.
+pub(crate) fn usable_queue<'a>(
+    state: &'a mut VhostState,
+    name: &str,
+    conn: ConnId,
+    vhost: &str,
+) -> AmqpResult<&'a mut Queue> {
+    let queue = state
+        .queues
+        .get_mut(name)
+        .ok_or_else(|| AmqpError::not_found(format!("no {}", queue_resource(name, vhost))))?;
+    match queue.options.exclusive {
+        Some(owner) if owner != conn => Err(locked(name, vhost)),
+        _ => Ok(queue),
+    }
+}
+
+fn type_name(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::LongLongInt(_) => "long",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::Void => "void",
+    }
+}
+
+fn value_text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(v) => v.to_string(),
+        AMQPValue::ShortShortUInt(v) => v.to_string(),
+        AMQPValue::ShortInt(v) => v.to_string(),
+        AMQPValue::ShortUInt(v) => v.to_string(),
+        AMQPValue::LongInt(v) => v.to_string(),
+        AMQPValue::LongUInt(v) => v.to_string(),
+        AMQPValue::LongLongInt(v) => v.to_string(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::LongString(s) => s.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn describe(value: Option<&AMQPValue>) -> String {
+    match value {
+        Some(v) => format!("the value '{}' of type '{}'", value_text(v), type_name(v)),
+        None => "none".to_owned(),
+    }
+}
+
+/// RabbitMQ's equivalence check of a redeclare (after the exclusivity check).
+fn check_equivalence(queue: &Queue, declare: &queue::Declare, vhost: &str) -> AmqpResult {
+    let resource = queue_resource(&queue.name, vhost);
+    for (field, current, received) in [
+        ("durable", queue.options.durable, declare.durable),
+        (
+            "auto_delete",
+            queue.options.auto_delete,
+            declare.auto_delete,
+        ),
+    ] {
+        if current != received {
+            return Err(AmqpError::precondition_failed(format!(
+                "inequivalent arg '{field}' for {resource}: received '{received}' but current is '{current}'"
+            )));
+        }
+    }
+    for key in EQUIVALENCE_ARGS {
+        let current = queue.options.arguments.inner().get(*key);
+        let received = declare.arguments.inner().get(*key);
+        if current != received {
+            return Err(AmqpError::precondition_failed(format!(
+                "inequivalent arg '{key}' for {resource}: received {} but current is {}",
+                describe(received),
+                describe(current)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A server-generated queue name, like RabbitMQ's `amq.gen-` names.
+fn generated_name(prefix: &str) -> String {
+    use std::fmt::Write;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bits = uuid::Uuid::new_v4().as_u128();
+    let mut name = String::with_capacity(prefix.len() + 22);
+    name.push_str(prefix);
+    for i in 0..22 {
+        let index = ((bits >> (i * 6)) & 63) as usize;
+        let _ = write!(name, "{}", ALPHABET[index] as char);
+    }
+    name
+}
+
+/// A server-generated consumer tag.
+pub(crate) fn generated_tag() -> String {
+    generated_name("amq.ctag-")
+}
+
+impl Connection {
+    pub(crate) fn queue_class(&mut self, ch: u16, method: queue::AMQPMethod) -> AmqpResult {
+        match method {
+            queue::AMQPMethod::Declare(m) => self.queue_declare(ch, m),
+            queue::AMQPMethod::Delete(m) => self.queue_delete(ch, m),
+            queue::AMQPMethod::Purge(m) => self.queue_purge(ch, m),
+            queue::AMQPMethod::Bind(_) | queue::AMQPMethod::Unbind(_) => Err(
+                AmqpError::not_implemented("queue bindings are not implemented by Warren yet"),
+            ),
+            other => Err(AmqpError::command_invalid(format!(
+                "{} is a server method",
+                crate::connection::method_name(&AMQPClass::Queue(other))
+            ))),
+        }
+    }
+
+    /// The queue a method names: the empty name means the channel's last declared queue.
+    pub(crate) fn expand_queue_name(
+        &mut self,
+        ch: u16,
+        name: ShortString,
+    ) -> AmqpResult<ShortString> {
+        if !name.as_str().is_empty() {
+            return Ok(name);
+        }
+        self.channel_mut(ch)
+            .last_queue
+            .clone()
+            .ok_or_else(|| AmqpError::not_found("no previously declared queue"))
+    }
+
+    fn queue_declare(&mut self, ch: u16, m: queue::Declare) -> AmqpResult {
+        let vhost_name = self.vhost.name.clone();
+        let name: ShortString = if m.passive {
+            self.expand_queue_name(ch, m.queue.clone())?
+        } else if m.queue.as_str().is_empty() {
+            ShortString::try_new(generated_name("amq.gen-")).expect("short")
+        } else if m.queue.as_str().starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{}' contains reserved prefix 'amq.*'",
+                m.queue
+            )));
+        } else {
+            m.queue.clone()
+        };
+        let now = Instant::now();
+        let mut state = self.vhost.lock();
+        let (message_count, consumer_count) = match state.queues.get_mut(name.as_str()) {
+            Some(queue) => {
+                let owner = queue.options.exclusive;
+                if owner.is_some_and(|o| o != self.id) {
+                    return Err(locked(name.as_str(), &vhost_name));
+                }
+                if !m.passive {
+                    if m.exclusive != owner.is_some() {
+                        return Err(locked(name.as_str(), &vhost_name));
+                    }
+                    check_equivalence(queue, &m, &vhost_name)?;
+                }
+                (queue.message_count(now), queue.consumer_count())
+            }
+            None if m.passive => {
+                return Err(AmqpError::not_found(format!(
+                    "no {}",
+                    queue_resource(name.as_str(), &vhost_name)
+                )));
+            }
+            None => {
+                let options = QueueOptions {
+                    durable: m.durable,
+                    exclusive: m.exclusive.then_some(self.id),
+                    auto_delete: m.auto_delete,
+                    arguments: m.arguments.clone(),
+                };
+                state
+                    .queues
+                    .insert(name.as_str().into(), Queue::new(name.as_str(), options));
+                (0, 0)
+            }
+        };
+        drop(state);
+        self.channel_mut(ch).last_queue = Some(name.clone());
+        if !m.nowait {
+            self.send(
+                ch,
+                AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                    queue: name,
+                    message_count,
+                    consumer_count,
+                })),
+            );
+        }
+        Ok(())
+    }
+
+    fn queue_delete(&mut self, ch: u16, m: queue::Delete) -> AmqpResult {
+        let name = self.expand_queue_name(ch, m.queue)?;
+        let vhost_name = self.vhost.name.clone();
+        let mut state = self.vhost.lock();
+        let message_count = match usable_queue(&mut state, name.as_str(), self.id, &vhost_name) {
+            // Deleting a queue that does not exist succeeds, as in RabbitMQ.
+            Err(e) if e.code == 404 => 0,
+            Err(e) => return Err(e),
+            Ok(queue) => {
+                if m.if_unused && queue.consumer_count() > 0 {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "{} in use",
+                        queue_resource(name.as_str(), &vhost_name)
+                    )));
+                }
+                if m.if_empty && queue.message_count(Instant::now()) > 0 {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "{} not empty",
+                        queue_resource(name.as_str(), &vhost_name)
+                    )));
+                }
+                state.delete_queue(name.as_str()).unwrap_or(0)
+            }
+        };
+        drop(state);
+        if !m.nowait {
+            self.send(
+                ch,
+                AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                    message_count,
+                })),
+            );
+        }
+        Ok(())
+    }
+
+    fn queue_purge(&mut self, ch: u16, m: queue::Purge) -> AmqpResult {
+        let name = self.expand_queue_name(ch, m.queue)?;
+        let vhost_name = self.vhost.name.clone();
+        let mut state = self.vhost.lock();
+        let message_count = usable_queue(&mut state, name.as_str(), self.id, &vhost_name)?.purge();
+        drop(state);
+        if !m.nowait {
+            self.send(
+                ch,
+                AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count })),
+            );
+        }
+        Ok(())
+    }
+}

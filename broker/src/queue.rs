@@ -1,0 +1,293 @@
+//! A queue: ready messages in order, its consumers, and dispatch, the single place that takes
+//! messages off a queue for consumers.
+
+use crate::mailbox::{Mailbox, Outbound};
+use crate::message::{Message, QueuedMessage};
+use amq_protocol::types::{FieldTable, ShortString};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use tokio::time::Instant;
+
+/// Identifies a client connection within a broker.
+pub(crate) type ConnId = u64;
+
+/// A channel's shared prefetch window (`basic.qos` with `global=true`): every consumer of the
+/// channel draws on it.
+#[derive(Debug, Default)]
+pub(crate) struct ChannelCredit {
+    /// Most unacknowledged deliveries on the channel; 0 is unlimited.
+    pub(crate) limit: AtomicU32,
+    /// Unacknowledged deliveries counted against `limit`.
+    pub(crate) in_flight: AtomicU32,
+}
+
+impl ChannelCredit {
+    fn has_room(&self) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        limit == 0 || self.in_flight.load(Ordering::Relaxed) < limit
+    }
+
+    /// Gives back one unit of credit.
+    pub(crate) fn release(&self) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+}
+
+/// A consumer attached to a queue.
+#[derive(Debug)]
+pub(crate) struct Consumer {
+    /// Its tag, unique within its channel.
+    pub(crate) tag: ShortString,
+    /// Its connection.
+    pub(crate) conn: ConnId,
+    /// Its channel.
+    pub(crate) channel: u16,
+    /// Deliveries need no acknowledgement.
+    pub(crate) no_ack: bool,
+    /// Consuming exclusively.
+    pub(crate) exclusive: bool,
+    /// Most unacknowledged deliveries (`basic.qos` with `global=false`); 0 is unlimited.
+    pub(crate) prefetch: u32,
+    /// Unacknowledged deliveries to this consumer.
+    pub(crate) in_flight: u32,
+    /// The channel's shared prefetch window.
+    pub(crate) channel_credit: Arc<ChannelCredit>,
+    /// Where its deliveries go.
+    pub(crate) mailbox: Mailbox,
+}
+
+impl Consumer {
+    fn can_take(&self) -> bool {
+        if !self.no_ack {
+            if self.prefetch != 0 && self.in_flight >= self.prefetch {
+                return false;
+            }
+            if !self.channel_credit.has_room() {
+                return false;
+            }
+        }
+        self.mailbox.has_room()
+    }
+}
+
+/// How a queue was declared.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct QueueOptions {
+    /// Declared durable (kept in memory all the same).
+    pub(crate) durable: bool,
+    /// Owned by this connection, if exclusive.
+    pub(crate) exclusive: Option<ConnId>,
+    /// Deleted when its last consumer goes.
+    pub(crate) auto_delete: bool,
+    /// Declaration arguments, as given.
+    pub(crate) arguments: FieldTable,
+}
+
+/// A queue and its consumers.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    /// Its name.
+    pub(crate) name: Arc<str>,
+    /// How it was declared.
+    pub(crate) options: QueueOptions,
+    ready: VecDeque<QueuedMessage>,
+    next_seq: u64,
+    consumers: Vec<Consumer>,
+    next_consumer: usize,
+    /// Whether it ever had a consumer (auto-delete applies only after the first).
+    had_consumer: bool,
+    /// Messages delivered and not yet settled, for inspection.
+    pub(crate) unacked: usize,
+}
+
+impl Queue {
+    /// An empty queue.
+    pub(crate) fn new(name: &str, options: QueueOptions) -> Self {
+        Self {
+            name: name.into(),
+            options,
+            ready: VecDeque::new(),
+            next_seq: 0,
+            consumers: Vec::new(),
+            next_consumer: 0,
+            had_consumer: false,
+            unacked: 0,
+        }
+    }
+
+    /// Appends a published message, then dispatches. A message that a consumer can take at
+    /// once is delivered even with a TTL of 0, as RabbitMQ does.
+    pub(crate) fn publish(&mut self, message: Arc<Message>, now: Instant) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.ready.push_back(QueuedMessage {
+            seq,
+            redelivered: false,
+            message,
+        });
+        self.dispatch_inner(now, Some(seq));
+    }
+
+    /// Puts a delivered message back at its original position, flagged redelivered.
+    pub(crate) fn requeue(&mut self, mut message: QueuedMessage) {
+        message.redelivered = true;
+        let at = self.ready.partition_point(|m| m.seq < message.seq);
+        self.ready.insert(at, message);
+    }
+
+    /// Hands ready messages to consumers with credit, round-robin.
+    pub(crate) fn dispatch(&mut self, now: Instant) {
+        self.dispatch_inner(now, None);
+    }
+
+    fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>) {
+        while !self.consumers.is_empty() {
+            self.drop_expired_head(now, fresh);
+            if self.ready.is_empty() {
+                return;
+            }
+            let n = self.consumers.len();
+            let Some(index) = (0..n)
+                .map(|i| (self.next_consumer + i) % n)
+                .find(|&i| self.consumers[i].can_take())
+            else {
+                return;
+            };
+            let message = self.ready.pop_front().expect("not empty");
+            let consumer = &mut self.consumers[index];
+            let item = Outbound::Deliver {
+                channel: consumer.channel,
+                consumer_tag: consumer.tag.clone(),
+                no_ack: consumer.no_ack,
+                queue: self.name.clone(),
+                message,
+            };
+            match consumer.mailbox.send(item) {
+                Ok(()) => {
+                    if !consumer.no_ack {
+                        consumer.in_flight += 1;
+                        consumer
+                            .channel_credit
+                            .in_flight
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.unacked += 1;
+                    }
+                    self.next_consumer = (index + 1) % n;
+                }
+                Err(Outbound::Deliver { message, .. }) => {
+                    // The connection is gone; its teardown removes the consumer.
+                    self.ready.push_front(message);
+                    return;
+                }
+                Err(_) => unreachable!("sent a delivery"),
+            }
+        }
+    }
+
+    fn drop_expired_head(&mut self, now: Instant, keep: Option<u64>) {
+        while let Some(head) = self.ready.front() {
+            if Some(head.seq) != keep && head.is_expired(now) {
+                self.ready.pop_front();
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Takes the head message for basic.get.
+    pub(crate) fn get(&mut self, now: Instant, no_ack: bool) -> Option<QueuedMessage> {
+        self.drop_expired_head(now, None);
+        let message = self.ready.pop_front()?;
+        if !no_ack {
+            self.unacked += 1;
+        }
+        Some(message)
+    }
+
+    /// Ready messages (expired ones at the head are dropped first).
+    pub(crate) fn message_count(&mut self, now: Instant) -> u32 {
+        self.drop_expired_head(now, None);
+        self.ready.len() as u32
+    }
+
+    /// Drops every ready message; returns how many.
+    pub(crate) fn purge(&mut self) -> u32 {
+        let n = self.ready.len() as u32;
+        self.ready.clear();
+        n
+    }
+
+    /// Number of consumers.
+    pub(crate) fn consumer_count(&self) -> u32 {
+        self.consumers.len() as u32
+    }
+
+    /// The consumers.
+    pub(crate) fn consumers(&self) -> &[Consumer] {
+        &self.consumers
+    }
+
+    /// Whether some consumer consumes exclusively.
+    pub(crate) fn has_exclusive_consumer(&self) -> bool {
+        self.consumers.iter().any(|c| c.exclusive)
+    }
+
+    /// Adds a consumer (dispatch is the caller's next step).
+    pub(crate) fn add_consumer(&mut self, consumer: Consumer) {
+        self.had_consumer = true;
+        self.consumers.push(consumer);
+    }
+
+    /// Removes a consumer; returns it if it was there.
+    pub(crate) fn remove_consumer(
+        &mut self,
+        conn: ConnId,
+        channel: u16,
+        tag: &str,
+    ) -> Option<Consumer> {
+        let index = self
+            .consumers
+            .iter()
+            .position(|c| c.conn == conn && c.channel == channel && c.tag.as_str() == tag)?;
+        let consumer = self.consumers.remove(index);
+        if self.next_consumer > index {
+            self.next_consumer -= 1;
+        }
+        if self.next_consumer >= self.consumers.len() {
+            self.next_consumer = 0;
+        }
+        Some(consumer)
+    }
+
+    /// Whether an auto-delete queue has lost its last consumer.
+    pub(crate) fn should_auto_delete(&self) -> bool {
+        self.options.auto_delete && self.had_consumer && self.consumers.is_empty()
+    }
+
+    /// Settles one delivery to `consumer_tag` (acked, rejected or requeued): frees its
+    /// prefetch credit.
+    pub(crate) fn settle(&mut self, conn: ConnId, channel: u16, consumer_tag: Option<&str>) {
+        self.unacked = self.unacked.saturating_sub(1);
+        if let Some(tag) = consumer_tag
+            && let Some(c) = self
+                .consumers
+                .iter_mut()
+                .find(|c| c.conn == conn && c.channel == channel && c.tag.as_str() == tag)
+        {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Ready messages, for inspection.
+    pub(crate) fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Takes every consumer (the queue is being deleted).
+    pub(crate) fn take_consumers(&mut self) -> Vec<Consumer> {
+        std::mem::take(&mut self.consumers)
+    }
+}
