@@ -58,14 +58,15 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
         FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
     ) {
         return Err(AmqpError::frame_error(format!(
-            "type {kind}, first 16 octets = {:?}: {{invalid_frame_type, {kind}}}",
-            &buf[..buf.len().min(16)]
+            "type {kind}, all octets = <<>>: unknown_frame"
         )));
     }
-    if frame_max != 0 && size + FRAME_OVERHEAD > frame_max as usize {
+    // RabbitMQ refuses a payload larger than frame_max (so 8 bytes of slack over the frame
+    // size), and reports the limit as frame_max - 8.
+    if frame_max != 0 && size > frame_max as usize {
         return Err(AmqpError::frame_error(format!(
             "type {kind}, all octets = <<>>: {{frame_too_large,{size},{}}}",
-            frame_max as usize - FRAME_OVERHEAD
+            (frame_max as usize).saturating_sub(FRAME_OVERHEAD)
         )));
     }
     if buf.len() < size + FRAME_OVERHEAD {
@@ -74,7 +75,8 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
     }
     if buf[size + 7] != FRAME_END {
         return Err(AmqpError::frame_error(format!(
-            "type {kind}, channel {channel}: {{invalid_frame_end_marker, {}}}",
+            "type {kind}, all octets = {}: {{invalid_frame_end_marker,{}}}",
+            erlang_binary(&buf[7..7 + size.min(64)]),
             buf[size + 7]
         )));
     }
@@ -89,11 +91,11 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
     buf.advance(1);
     match kind {
         FRAME_METHOD => match parse_class(&payload[..]) {
-            Ok((rest, method)) if rest.is_empty() => Ok(Some(Frame::Method(channel, method))),
+            Ok(([], method)) => Ok(Some(Frame::Method(channel, method))),
             _ => Err(malformed_method(&payload)),
         },
         FRAME_HEADER => match parse_content_header(&payload[..]) {
-            Ok((rest, header)) if rest.is_empty() => Ok(Some(Frame::Header {
+            Ok(([], header)) => Ok(Some(Frame::Header {
                 channel,
                 class_id: header.class_id,
                 body_size: header.body_size,
@@ -101,23 +103,42 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
                 raw_properties: payload.slice(12..),
             })),
             _ => Err(AmqpError::frame_error(format!(
-                "type {kind}, channel {channel}: malformed content header"
-            ))),
+                "cannot decode {}",
+                erlang_binary(&payload[..payload.len().min(64)])
+            ))
+            .during_ids(60, 40)),
         },
         FRAME_BODY => Ok(Some(Frame::Body(channel, payload))),
-        _ if channel != 0 => Err(AmqpError::frame_error(format!(
-            "type {kind}, channel {channel}: heartbeat on a non-zero channel"
+        _ if channel != 0 || size != 0 => Err(AmqpError::unexpected_frame(format!(
+            "type {kind}, all octets = {}",
+            erlang_binary(&payload[..payload.len().min(64)])
         ))),
-        _ if size != 0 => Err(AmqpError::frame_error("heartbeat frame with a payload")),
         _ => Ok(Some(Frame::Heartbeat)),
     }
 }
 
-/// The error for a method payload amq-protocol cannot parse: an unknown class or method is
-/// 540 NOT_IMPLEMENTED (as RabbitMQ answers it), a known one with bad arguments 502.
+/// Bytes as Erlang prints a binary in RabbitMQ's reply texts: `<<"text">>` when printable,
+/// else `<<1,2,3>>`.
+pub(crate) fn erlang_binary(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return "<<>>".to_owned();
+    }
+    if bytes
+        .iter()
+        .all(|b| (0x20..0x7f).contains(b) && *b != b'"' && *b != b'\\')
+    {
+        return format!("<<\"{}\">>", String::from_utf8_lossy(bytes));
+    }
+    let list: Vec<String> = bytes.iter().map(|b| b.to_string()).collect();
+    format!("<<{}>>", list.join(","))
+}
+
+/// The error for a method payload amq-protocol cannot parse: arguments that cannot be decoded
+/// are 501 FRAME_ERROR, as RabbitMQ answers them; an unknown class or method (on which
+/// RabbitMQ's reader crashes) is 540 NOT_IMPLEMENTED.
 fn malformed_method(payload: &[u8]) -> AmqpError {
     if payload.len() < 4 {
-        return AmqpError::syntax_error("truncated method frame");
+        return AmqpError::frame_error(format!("cannot decode {}", erlang_binary(payload)));
     }
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
     let method_id = u16::from_be_bytes([payload[2], payload[3]]);
@@ -133,8 +154,9 @@ fn malformed_method(payload: &[u8]) -> AmqpError {
             | (90, 10..=31)
     );
     if known {
-        AmqpError::syntax_error(format!(
-            "cannot decode arguments of method {class_id}.{method_id}"
+        AmqpError::frame_error(format!(
+            "cannot decode {}",
+            erlang_binary(&payload[4..payload.len().min(68)])
         ))
         .during_ids(class_id, method_id)
     } else {
@@ -267,9 +289,15 @@ mod tests {
 
     #[test]
     fn oversize_frame_is_refused_from_its_header() {
-        let mut buf = BytesMut::from(&[1u8, 0, 1, 0, 1, 0, 0][..]);
+        let mut buf = BytesMut::from(&[1u8, 0, 1, 0, 0, 16, 1][..]);
         let err = decode(&mut buf, 4096).unwrap_err();
-        assert_eq!(err.code, 501);
+        assert_eq!(
+            err.text,
+            "FRAME_ERROR - type 1, all octets = <<>>: {frame_too_large,4097,4088}"
+        );
+        // A payload of exactly frame_max is accepted, as RabbitMQ does.
+        let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 16, 0][..]);
+        assert!(decode(&mut buf, 4096).unwrap().is_none());
     }
 
     #[test]
@@ -292,7 +320,10 @@ mod tests {
     #[test]
     fn bad_frame_end_and_type() {
         let mut buf = BytesMut::from(&[8u8, 0, 0, 0, 0, 0, 0, 0][..]);
-        assert_eq!(decode(&mut buf, 0).unwrap_err().code, 501);
+        assert_eq!(
+            decode(&mut buf, 0).unwrap_err().text,
+            "FRAME_ERROR - type 8, all octets = <<>>: {invalid_frame_end_marker,0}"
+        );
         let mut buf = BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, 0xCE][..]);
         assert_eq!(decode(&mut buf, 0).unwrap_err().code, 501);
     }

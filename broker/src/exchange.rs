@@ -1,7 +1,8 @@
 //! Exchanges and routing. The default exchange (`""`, alias `amq.default`) routes to the queue
 //! named by the routing key; the `amq.*` exchanges RabbitMQ predeclares exist too.
 
-use amq_protocol::types::FieldTable;
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+use std::sync::Arc;
 
 /// An exchange type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +53,8 @@ pub(crate) struct Exchange {
     pub(crate) internal: bool,
     /// Declaration arguments.
     pub(crate) arguments: FieldTable,
+    /// Bindings to queues.
+    pub(crate) bindings: Vec<Binding>,
 }
 
 impl Exchange {
@@ -63,6 +66,7 @@ impl Exchange {
             auto_delete: false,
             internal: false,
             arguments: FieldTable::default(),
+            bindings: Vec::new(),
         }
     }
 }
@@ -83,4 +87,155 @@ pub(crate) fn builtin_exchanges() -> Vec<(&'static str, Exchange)> {
 /// Whether this name is the default exchange.
 pub(crate) fn is_default(name: &str) -> bool {
     name.is_empty() || name == "amq.default"
+}
+
+/// A binding from an exchange to a queue.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Binding {
+    /// The destination queue.
+    pub(crate) queue: Arc<str>,
+    /// The binding key.
+    pub(crate) routing_key: String,
+    /// Binding arguments (headers exchanges match on them).
+    pub(crate) arguments: FieldTable,
+}
+
+impl Exchange {
+    /// A new exchange as declared.
+    pub(crate) fn declared(
+        kind: ExchangeKind,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: FieldTable,
+    ) -> Self {
+        Self {
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            arguments,
+            bindings: Vec::new(),
+        }
+    }
+
+    /// Adds a binding unless the same one exists.
+    pub(crate) fn bind(&mut self, binding: Binding) {
+        if !self.bindings.contains(&binding) {
+            self.bindings.push(binding);
+        }
+    }
+
+    /// Removes a binding; true if it existed.
+    pub(crate) fn unbind(&mut self, binding: &Binding) -> bool {
+        let before = self.bindings.len();
+        self.bindings.retain(|b| b != binding);
+        before != self.bindings.len()
+    }
+
+    /// The queues a message with this routing key and headers goes to (with repeats).
+    pub(crate) fn route<'a>(
+        &'a self,
+        routing_key: &'a str,
+        headers: Option<&'a FieldTable>,
+    ) -> impl Iterator<Item = &'a Arc<str>> + 'a {
+        self.bindings
+            .iter()
+            .filter(move |b| match self.kind {
+                ExchangeKind::Direct => b.routing_key == routing_key,
+                ExchangeKind::Fanout => true,
+                ExchangeKind::Topic => topic_matches(&b.routing_key, routing_key),
+                ExchangeKind::Headers => headers_match(&b.arguments, headers),
+            })
+            .map(|b| &b.queue)
+    }
+}
+
+/// Topic matching: words split on `.`, `*` matches one word, `#` zero or more.
+pub(crate) fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match p.split_first() {
+            None => k.is_empty(),
+            Some((&"#", rest)) => (0..=k.len()).any(|i| go(rest, &k[i..])),
+            Some((&"*", rest)) => !k.is_empty() && go(rest, &k[1..]),
+            Some((word, rest)) => k.first() == Some(word) && go(rest, &k[1..]),
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let k: Vec<&str> = key.split('.').collect();
+    go(&p, &k)
+}
+
+/// Headers matching: `x-match` `all` (default) or `any` over the binding's other arguments;
+/// `all-with-x` and `any-with-x` include `x-` keys too. A void value matches on presence.
+pub(crate) fn headers_match(binding: &FieldTable, headers: Option<&FieldTable>) -> bool {
+    let mode = match binding.inner().get("x-match") {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        Some(AMQPValue::ShortString(s)) => s.to_string(),
+        _ => "all".to_owned(),
+    };
+    let with_x = mode.ends_with("-with-x");
+    let any = mode.starts_with("any");
+    let empty = FieldTable::default();
+    let headers = headers.unwrap_or(&empty);
+    let mut pairs = binding
+        .inner()
+        .iter()
+        .filter(|(k, _)| with_x || !k.as_str().starts_with("x-"))
+        .peekable();
+    if pairs.peek().is_none() {
+        return !any;
+    }
+    let matches = |(k, v): (&ShortString, &AMQPValue)| match (v, headers.inner().get(k.as_str())) {
+        (_, None) => false,
+        (AMQPValue::Void, Some(_)) => true,
+        (expected, Some(actual)) => same_value(expected, actual),
+    };
+    if any {
+        pairs.any(matches)
+    } else {
+        pairs.all(matches)
+    }
+}
+
+/// Values equal across short and long strings, as RabbitMQ compares them.
+fn same_value(a: &AMQPValue, b: &AMQPValue) -> bool {
+    match (a, b) {
+        (AMQPValue::ShortString(x), AMQPValue::LongString(y))
+        | (AMQPValue::LongString(y), AMQPValue::ShortString(x)) => {
+            x.as_str().as_bytes() == y.as_bytes()
+        }
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_patterns() {
+        assert!(topic_matches("a.b.c", "a.b.c"));
+        assert!(topic_matches("a.*.c", "a.b.c"));
+        assert!(!topic_matches("a.*.c", "a.c"));
+        assert!(topic_matches("a.#", "a"));
+        assert!(topic_matches("a.#", "a.b.c"));
+        assert!(topic_matches("#", ""));
+        assert!(topic_matches("#.c", "a.b.c"));
+        assert!(!topic_matches("a.*", "a.b.c"));
+        assert!(topic_matches("*.b.#", "a.b"));
+    }
+
+    #[test]
+    fn headers_all_and_any() {
+        let mut binding = FieldTable::default();
+        binding.insert("format".into(), AMQPValue::LongString("pdf".into()));
+        binding.insert("type".into(), AMQPValue::LongString("report".into()));
+        let mut headers = FieldTable::default();
+        headers.insert("format".into(), AMQPValue::LongString("pdf".into()));
+        assert!(!headers_match(&binding, Some(&headers)));
+        binding.insert("x-match".into(), AMQPValue::LongString("any".into()));
+        assert!(headers_match(&binding, Some(&headers)));
+        assert!(!headers_match(&binding, None));
+    }
 }

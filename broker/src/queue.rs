@@ -101,12 +101,15 @@ pub(crate) struct Queue {
     had_consumer: bool,
     /// Messages delivered and not yet settled, for inspection.
     pub(crate) unacked: usize,
+    /// The queue's message TTL (`x-message-ttl`).
+    message_ttl: Option<std::time::Duration>,
 }
 
 impl Queue {
     /// An empty queue.
-    pub(crate) fn new(name: &str, options: QueueOptions) -> Self {
+    pub(crate) fn new(name: &str, options: QueueOptions, message_ttl: Option<u64>) -> Self {
         Self {
+            message_ttl: message_ttl.map(std::time::Duration::from_millis),
             name: name.into(),
             options,
             ready: VecDeque::new(),
@@ -123,9 +126,15 @@ impl Queue {
     pub(crate) fn publish(&mut self, message: Arc<Message>, now: Instant) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        let queue_expiry = self.message_ttl.map(|ttl| now + ttl);
+        let expires_at = match (message.expires_at, queue_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.ready.push_back(QueuedMessage {
             seq,
             redelivered: false,
+            expires_at,
             message,
         });
         self.dispatch_inner(now, Some(seq));

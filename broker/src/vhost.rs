@@ -6,6 +6,7 @@ use crate::exchange::{Exchange, builtin_exchanges, is_default};
 use crate::mailbox::Outbound;
 use crate::message::Message;
 use crate::queue::{ConnId, Queue};
+use amq_protocol::types::FieldTable;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::time::Instant;
@@ -63,7 +64,12 @@ impl Vhost {
 
 impl VhostState {
     /// Routes a message from `exchange` (which must exist) and enqueues it.
-    pub(crate) fn publish(&mut self, exchange: &str, message: Arc<Message>) -> Routed {
+    pub(crate) fn publish(
+        &mut self,
+        exchange: &str,
+        headers: Option<&FieldTable>,
+        message: Arc<Message>,
+    ) -> Routed {
         let now = Instant::now();
         if is_default(exchange) {
             return match self.queues.get_mut(message.routing_key.as_str()) {
@@ -74,15 +80,31 @@ impl VhostState {
                 None => Routed::Unroutable,
             };
         }
-        // Bindings arrive with exchange.declare and queue.bind: until then named exchanges
-        // route nowhere.
-        Routed::Unroutable
+        let Some(exchange) = self.exchanges.get(exchange) else {
+            return Routed::Unroutable;
+        };
+        let mut targets: Vec<&Arc<str>> = exchange
+            .route(message.routing_key.as_str(), headers)
+            .collect();
+        if targets.len() > 1 {
+            targets.sort();
+            targets.dedup();
+        }
+        let mut routed = Routed::Unroutable;
+        for name in targets {
+            if let Some(queue) = self.queues.get_mut(name) {
+                queue.publish(message.clone(), now);
+                routed = Routed::Queued;
+            }
+        }
+        routed
     }
 
     /// Deletes a queue: its consumers are told (basic.cancel) and its messages dropped.
     /// Returns the number of ready messages it held.
     pub(crate) fn delete_queue(&mut self, name: &str) -> Option<u32> {
         let mut queue = self.queues.remove(name)?;
+        self.remove_bindings_to(name);
         let count = queue.ready_len() as u32;
         for consumer in queue.take_consumers() {
             let _ = consumer.mailbox.send(Outbound::Cancel {
@@ -96,7 +118,23 @@ impl VhostState {
     /// Deletes the queue if it is auto-delete and has lost its last consumer.
     pub(crate) fn auto_delete(&mut self, name: &str) {
         if self.queues.get(name).is_some_and(Queue::should_auto_delete) {
-            self.queues.remove(name);
+            self.delete_queue(name);
+        }
+    }
+
+    /// Removes every binding to a deleted queue; auto-delete exchanges left without bindings
+    /// go too.
+    fn remove_bindings_to(&mut self, queue: &str) {
+        let mut emptied = Vec::new();
+        for (name, exchange) in self.exchanges.iter_mut() {
+            let before = exchange.bindings.len();
+            exchange.bindings.retain(|b| &*b.queue != queue);
+            if exchange.auto_delete && before > 0 && exchange.bindings.is_empty() {
+                emptied.push(name.clone());
+            }
+        }
+        for name in emptied {
+            self.exchanges.remove(&name);
         }
     }
 

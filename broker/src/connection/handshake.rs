@@ -22,6 +22,8 @@ pub(crate) struct Tuning {
     pub(crate) user: String,
     /// The client's product name, for logs.
     pub(crate) client: String,
+    /// The client takes server-sent basic.cancel (capability `consumer_cancel_notify`).
+    pub(crate) cancel_notify: bool,
 }
 
 /// How a handshake failed.
@@ -150,9 +152,14 @@ where
         if rd.read_buf(buf).await? == 0 {
             return Err(HandshakeError::Io);
         }
-        if !PROTOCOL_HEADER.starts_with(&buf[..buf.len().min(8)]) {
+        if !buf.starts_with(b"AMQP"[..buf.len().min(4)].as_ref()) {
             break;
         }
+    }
+    // RabbitMQ also takes the old-style 0-9-1 header (protocol id 1, version 0-9).
+    const OLD_STYLE_HEADER: &[u8; 8] = b"AMQP\x01\x01\x00\x09";
+    if buf.len() >= 8 && &buf[..8] == OLD_STYLE_HEADER {
+        buf[..8].copy_from_slice(PROTOCOL_HEADER);
     }
     if &buf[..8.min(buf.len())] != PROTOCOL_HEADER {
         wr.write_all(PROTOCOL_HEADER).await?;
@@ -182,6 +189,7 @@ where
         other => return Err(unexpected("connection.start_ok", &other)),
     };
     let client = client_product(&start_ok.client_properties);
+    let cancel_notify = client_capability(&start_ok.client_properties, "consumer_cancel_notify");
     let failure_close =
         client_capability(&start_ok.client_properties, "authentication_failure_close");
     let user = authenticate(shared, &start_ok).map_err(|e| {
@@ -254,6 +262,7 @@ where
         heartbeat: tune_ok.heartbeat,
         user,
         client,
+        cancel_notify,
     })
 }
 
@@ -262,15 +271,14 @@ where
 fn check_negotiated(field: &str, min: u64, server: u64, client: u64) -> AmqpResult {
     if client != 0 && client < min {
         return Err(AmqpError::not_allowed(format!(
-            "negotiated {field} = {client} is lower than the minimum allowed value ({min})"
-        ))
-        .during_ids(10, 31));
+            "failed to negotiate connection parameters: negotiated {field} = {client} is lower than the minimum allowed value ({min})"
+        )));
     }
     if server != 0 && (client == 0 || client > server) {
+        let no_limit = if client == 0 { " (no limit)" } else { "" };
         return Err(AmqpError::not_allowed(format!(
-            "negotiated {field} = {client} is higher than the maximum allowed value ({server})"
-        ))
-        .during_ids(10, 31));
+            "failed to negotiate connection parameters: negotiated {field} = {client}{no_limit} is higher than the maximum allowed value ({server})"
+        )));
     }
     Ok(())
 }
@@ -292,7 +300,6 @@ fn authenticate(shared: &BrokerShared, start_ok: &connection::StartOk) -> AmqpRe
         AmqpError::login_refused(format!(
             "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
         ))
-        .during_ids(10, 11)
     };
     let (name, password) = credentials.ok_or_else(refused)?;
     let known = shared

@@ -180,10 +180,12 @@ impl Connection {
         W: AsyncWrite + Unpin,
     {
         let heartbeat = Duration::from_secs(self.tuning.heartbeat as u64);
+        // As RabbitMQ: a heartbeat every half interval when nothing else was written, and the
+        // peer dropped after two intervals of silence.
         let mut ticker = tokio::time::interval(if heartbeat.is_zero() {
             Duration::from_secs(3600)
         } else {
-            heartbeat
+            heartbeat / 2
         });
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_read = Instant::now();
@@ -299,6 +301,24 @@ impl Connection {
         let result = match frame {
             Frame::Heartbeat => Ok(()),
             Frame::Method(0, method) => self.connection_method(method),
+            Frame::Header {
+                channel: 0,
+                raw_properties,
+                ..
+            } => Err((
+                0,
+                AmqpError::unexpected_frame(format!(
+                    "type 2, all octets = {}",
+                    codec::erlang_binary(&raw_properties)
+                )),
+            )),
+            Frame::Body(0, body) => Err((
+                0,
+                AmqpError::unexpected_frame(format!(
+                    "type 3, all octets = {}",
+                    codec::erlang_binary(&body[..body.len().min(64)])
+                )),
+            )),
             Frame::Method(channel, method) => self.channel_method(channel, method),
             Frame::Header {
                 channel,
@@ -373,11 +393,8 @@ impl Connection {
             | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(()),
             other => Err((
                 0,
-                AmqpError::command_invalid(format!(
-                    "unexpected {} on channel 0",
-                    method_name(&other)
-                ))
-                .during(&other),
+                AmqpError::channel_error("unexpected method in connection state running")
+                    .during(&other),
             )),
         }
     }

@@ -7,7 +7,6 @@ use crate::codec;
 use crate::connection::Connection;
 use crate::connection::teardown::{dispatch_all, requeue};
 use crate::error::{AmqpError, AmqpResult};
-use crate::exchange::is_default;
 use crate::message::{Message, QueuedMessage, parse_expiration};
 use crate::queue::Consumer;
 use crate::vhost::Routed;
@@ -315,8 +314,7 @@ impl Connection {
             }
             Some(_) => {}
         }
-        debug_assert!(is_default(exchange) || !exchange.is_empty());
-        let routed = state.publish(exchange, message.clone());
+        let routed = state.publish(exchange, properties.headers().as_ref(), message.clone());
         drop(state);
         if routed == Routed::Unroutable && publish.mandatory {
             send_basic(
@@ -395,7 +393,7 @@ impl Connection {
         let Some(channel) = self.open_channel(ch) else {
             return;
         };
-        if channel.consumers.remove(&consumer_tag).is_some() {
+        if channel.consumers.remove(&consumer_tag).is_some() && self.tuning.cancel_notify {
             send_basic(
                 self,
                 ch,

@@ -7,9 +7,9 @@ use amq_protocol::protocol::{AMQPClass, channel};
 impl Connection {
     pub(crate) fn channel_class(&mut self, ch: u16, method: channel::AMQPMethod) -> AmqpResult {
         match method {
-            channel::AMQPMethod::Open(_) => Err(AmqpError::channel_error(format!(
-                "second 'channel.open' seen on channel {ch}"
-            ))),
+            channel::AMQPMethod::Open(_) => {
+                Err(AmqpError::channel_error("second 'channel.open' seen"))
+            }
             channel::AMQPMethod::Flow(flow) if flow.active => {
                 self.send(
                     ch,

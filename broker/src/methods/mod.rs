@@ -3,6 +3,7 @@
 
 mod basic;
 mod channel;
+mod exchange;
 mod queue;
 
 use crate::channel::{Assembly, BodyBuffer, Channel, ChannelState, PendingContent};
@@ -22,14 +23,9 @@ impl Connection {
         match state {
             None => match method {
                 AMQPClass::Channel(channel_class::AMQPMethod::Open(_)) => self.channel_open(ch),
-                AMQPClass::Channel(channel_class::AMQPMethod::CloseOk(_)) => Ok(()),
                 other => Err((
                     ch,
-                    AmqpError::channel_error(format!(
-                        "expected 'channel.open' on channel {ch}, got {}",
-                        method_name(&other)
-                    ))
-                    .during(&other),
+                    AmqpError::channel_error("expected 'channel.open'").during(&other),
                 )),
             },
             Some(ChannelState::Closing) => {
@@ -51,20 +47,23 @@ impl Connection {
             }
             Some(ChannelState::Open) => {
                 let channel = self.channels.get(&ch).expect("open");
-                if !matches!(channel.assembly, Assembly::Idle) {
-                    return Err((
-                        ch,
-                        AmqpError::unexpected_frame(format!(
-                            "expected content header for class 60, got non content header frame instead ({})",
-                            method_name(&method)
-                        ))
-                        .during_ids(class_id, method_id),
-                    ));
+                let expected = match channel.assembly {
+                    Assembly::Idle => None,
+                    Assembly::Header(_) => Some(
+                        "expected content header for class 60, got non content header frame instead",
+                    ),
+                    Assembly::Body(_) => {
+                        Some("expected content body, got non content body frame instead")
+                    }
+                };
+                if let Some(expected) = expected {
+                    return Err((ch, AmqpError::unexpected_frame(expected).during_ids(60, 40)));
                 }
                 let result = match method {
                     AMQPClass::Channel(m) => self.channel_class(ch, m),
                     AMQPClass::Queue(m) => self.queue_class(ch, m),
                     AMQPClass::Basic(m) => self.basic_class(ch, m),
+                    AMQPClass::Exchange(m) => self.exchange_class(ch, m),
                     AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(m)) => {
                         self.confirm_select(ch, m.nowait)
                     }
@@ -82,14 +81,15 @@ impl Connection {
     }
 
     fn channel_open(&mut self, ch: u16) -> Result<(), Failed> {
-        if ch > self.tuning.channel_max {
+        // RabbitMQ counts open channels; it does not check channel numbers.
+        let max = self.tuning.channel_max as usize;
+        if max != 0 && self.channels.len() >= max {
             return Err((
                 0,
                 AmqpError::not_allowed(format!(
-                    "channel_max = {} exceeded: channel {ch}",
-                    self.tuning.channel_max
-                ))
-                .during_ids(20, 10),
+                    "number of channels opened ({}) has reached the negotiated channel_max ({max})",
+                    self.channels.len()
+                )),
             ));
         }
         self.channels.insert(ch, Channel::new());
@@ -114,9 +114,9 @@ impl Connection {
             None => {
                 return Err((
                     ch,
-                    AmqpError::channel_error(format!(
-                        "expected 'channel.open' on channel {ch}, got a content header"
-                    )),
+                    AmqpError::unexpected_frame(
+                        "expected method frame, got non method frame instead",
+                    ),
                 ));
             }
             Some(c) if c.state == ChannelState::Closing => return Ok(()),
@@ -173,9 +173,9 @@ impl Connection {
             None => {
                 return Err((
                     ch,
-                    AmqpError::channel_error(format!(
-                        "expected 'channel.open' on channel {ch}, got a content body"
-                    )),
+                    AmqpError::unexpected_frame(
+                        "expected method frame, got non method frame instead",
+                    ),
                 ));
             }
             Some(c) if c.state == ChannelState::Closing => return Ok(()),
@@ -188,8 +188,16 @@ impl Connection {
                 }
                 _ => "expected method frame, got non method frame instead",
             };
+            let ids = if matches!(channel.assembly, Assembly::Header(_)) {
+                (60, 40)
+            } else {
+                (0, 0)
+            };
             channel.assembly = Assembly::Idle;
-            return Err((ch, AmqpError::unexpected_frame(expected)));
+            return Err((
+                ch,
+                AmqpError::unexpected_frame(expected).during_ids(ids.0, ids.1),
+            ));
         }
         let Assembly::Body(pending) = &mut channel.assembly else {
             unreachable!("checked above")

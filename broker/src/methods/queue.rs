@@ -1,11 +1,13 @@
 //! The queue class: declare, delete, purge (bind and unbind arrive with exchanges).
 
+use super::exchange::{default_exchange_refused, exchange_resource};
 use crate::connection::Connection;
 use crate::error::{AmqpError, AmqpResult};
+use crate::exchange::{Binding, is_default};
 use crate::queue::{ConnId, Queue, QueueOptions};
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, queue};
-use amq_protocol::types::{AMQPValue, ShortString};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use tokio::time::Instant;
 
 /// Arguments RabbitMQ compares when a queue is redeclared; others may differ freely.
@@ -104,11 +106,53 @@ fn describe(value: Option<&AMQPValue>) -> String {
     }
 }
 
+/// An integer argument's value, if it is of an integer type.
+fn integer_value(value: &AMQPValue) -> Option<i64> {
+    match *value {
+        AMQPValue::ShortShortInt(v) => Some(v.into()),
+        AMQPValue::ShortShortUInt(v) => Some(v.into()),
+        AMQPValue::ShortInt(v) => Some(v.into()),
+        AMQPValue::ShortUInt(v) => Some(v.into()),
+        AMQPValue::LongInt(v) => Some(v.into()),
+        AMQPValue::LongUInt(v) => Some(v.into()),
+        AMQPValue::LongLongInt(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// Validates the declaration arguments Warren acts on; returns the message TTL.
+fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<Option<u64>> {
+    let Some(value) = args.inner().get("x-message-ttl") else {
+        return Ok(None);
+    };
+    let invalid = |detail: String| {
+        AmqpError::precondition_failed(format!(
+            "invalid arg 'x-message-ttl' for {}: {detail}",
+            queue_resource(name, vhost)
+        ))
+    };
+    let ttl = integer_value(value)
+        .ok_or_else(|| invalid(format!("\"expected integer, got {}\"", type_name(value))))?;
+    if ttl < 0 {
+        return Err(invalid(format!("{{value_negative,{ttl}}}")));
+    }
+    if ttl as u64 > crate::message::MAX_TTL_MS {
+        return Err(invalid(format!("{{value_too_large,{ttl}}}")));
+    }
+    Ok(Some(ttl as u64))
+}
+
 /// RabbitMQ's equivalence check of a redeclare (after the exclusivity check).
 fn check_equivalence(queue: &Queue, declare: &queue::Declare, vhost: &str) -> AmqpResult {
     let resource = queue_resource(&queue.name, vhost);
+    // Exclusive queues are never durable: RabbitMQ ignores `durable` for them.
+    let exclusive = queue.options.exclusive.is_some();
     for (field, current, received) in [
-        ("durable", queue.options.durable, declare.durable),
+        (
+            "durable",
+            queue.options.durable || exclusive,
+            declare.durable || exclusive,
+        ),
         (
             "auto_delete",
             queue.options.auto_delete,
@@ -124,13 +168,21 @@ fn check_equivalence(queue: &Queue, declare: &queue::Declare, vhost: &str) -> Am
     for key in EQUIVALENCE_ARGS {
         let current = queue.options.arguments.inner().get(*key);
         let received = declare.arguments.inner().get(*key);
-        if current != received {
-            return Err(AmqpError::precondition_failed(format!(
-                "inequivalent arg '{key}' for {resource}: received {} but current is {}",
-                describe(received),
-                describe(current)
-            )));
-        }
+        let detail = match (received, current) {
+            (Some(r), Some(c)) if r == c => continue,
+            (Some(r), Some(c)) if type_name(r) == type_name(c) => {
+                format!(
+                    "received '{}' but current is '{}'",
+                    value_text(r),
+                    value_text(c)
+                )
+            }
+            (None, None) => continue,
+            (r, c) => format!("received {} but current is {}", describe(r), describe(c)),
+        };
+        return Err(AmqpError::precondition_failed(format!(
+            "inequivalent arg '{key}' for {resource}: {detail}"
+        )));
     }
     Ok(())
 }
@@ -160,9 +212,24 @@ impl Connection {
             queue::AMQPMethod::Declare(m) => self.queue_declare(ch, m),
             queue::AMQPMethod::Delete(m) => self.queue_delete(ch, m),
             queue::AMQPMethod::Purge(m) => self.queue_purge(ch, m),
-            queue::AMQPMethod::Bind(_) | queue::AMQPMethod::Unbind(_) => Err(
-                AmqpError::not_implemented("queue bindings are not implemented by Warren yet"),
-            ),
+            queue::AMQPMethod::Bind(m) => {
+                self.queue_binding(ch, m.queue, m.exchange, m.routing_key, m.arguments, true)?;
+                if !m.nowait {
+                    self.send(
+                        ch,
+                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                    );
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Unbind(m) => {
+                self.queue_binding(ch, m.queue, m.exchange, m.routing_key, m.arguments, false)?;
+                self.send(
+                    ch,
+                    AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
+                );
+                Ok(())
+            }
             other => Err(AmqpError::command_invalid(format!(
                 "{} is a server method",
                 crate::connection::method_name(&AMQPClass::Queue(other))
@@ -187,8 +254,9 @@ impl Connection {
 
     fn queue_declare(&mut self, ch: u16, m: queue::Declare) -> AmqpResult {
         let vhost_name = self.vhost.name.clone();
+        // A passive declare does not use the channel's last-queue shortcut (as in RabbitMQ).
         let name: ShortString = if m.passive {
-            self.expand_queue_name(ch, m.queue.clone())?
+            m.queue.clone()
         } else if m.queue.as_str().is_empty() {
             ShortString::try_new(generated_name("amq.gen-")).expect("short")
         } else if m.queue.as_str().starts_with("amq.") {
@@ -198,6 +266,11 @@ impl Connection {
             )));
         } else {
             m.queue.clone()
+        };
+        let message_ttl = if m.passive {
+            None
+        } else {
+            validate_arguments(&m.arguments, name.as_str(), &vhost_name)?
         };
         let now = Instant::now();
         let mut state = self.vhost.lock();
@@ -228,9 +301,10 @@ impl Connection {
                     auto_delete: m.auto_delete,
                     arguments: m.arguments.clone(),
                 };
-                state
-                    .queues
-                    .insert(name.as_str().into(), Queue::new(name.as_str(), options));
+                state.queues.insert(
+                    name.as_str().into(),
+                    Queue::new(name.as_str(), options, message_ttl),
+                );
                 (0, 0)
             }
         };
@@ -245,6 +319,50 @@ impl Connection {
                     consumer_count,
                 })),
             );
+        }
+        Ok(())
+    }
+
+    /// queue.bind (`bind`) or queue.unbind. An empty queue name means the channel's last
+    /// declared queue, and so does an empty routing key with it, as in RabbitMQ.
+    fn queue_binding(
+        &mut self,
+        ch: u16,
+        queue_name: ShortString,
+        exchange_name: ShortString,
+        routing_key: ShortString,
+        arguments: FieldTable,
+        bind: bool,
+    ) -> AmqpResult {
+        let shortcut = queue_name.as_str().is_empty();
+        let queue_name = self.expand_queue_name(ch, queue_name)?;
+        let routing_key = if shortcut && routing_key.as_str().is_empty() {
+            queue_name.to_string()
+        } else {
+            routing_key.to_string()
+        };
+        if is_default(exchange_name.as_str()) {
+            return Err(default_exchange_refused());
+        }
+        let vhost = self.vhost.clone();
+        let mut state = vhost.lock();
+        let queue = usable_queue(&mut state, queue_name.as_str(), self.id, &vhost.name)?;
+        let binding = Binding {
+            queue: queue.name.clone(),
+            routing_key,
+            arguments,
+        };
+        let Some(exchange) = state.exchanges.get_mut(exchange_name.as_str()) else {
+            return Err(AmqpError::not_found(format!(
+                "no {}",
+                exchange_resource(exchange_name.as_str(), &vhost.name)
+            )));
+        };
+        if bind {
+            exchange.bind(binding);
+        } else if exchange.unbind(&binding) && exchange.auto_delete && exchange.bindings.is_empty()
+        {
+            state.exchanges.remove(exchange_name.as_str());
         }
         Ok(())
     }

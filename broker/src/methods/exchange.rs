@@ -1,0 +1,146 @@
+//! The exchange class: declare and delete. Exchange-to-exchange bindings are not implemented
+//! (and not advertised).
+
+use crate::connection::Connection;
+use crate::error::{AmqpError, AmqpResult};
+use crate::exchange::{Exchange, ExchangeKind, is_default};
+use amq_protocol::protocol::{AMQPClass, exchange};
+
+/// `exchange 'name' in vhost '/'`, as RabbitMQ names an exchange in reply texts.
+pub(crate) fn exchange_resource(name: &str, vhost: &str) -> String {
+    format!("exchange '{name}' in vhost '{vhost}'")
+}
+
+/// RabbitMQ's 403 for touching the default exchange.
+pub(crate) fn default_exchange_refused() -> AmqpError {
+    AmqpError::access_refused("operation not permitted on the default exchange")
+}
+
+fn send_exchange(conn: &mut Connection, ch: u16, method: exchange::AMQPMethod) {
+    conn.send(ch, AMQPClass::Exchange(method));
+}
+
+impl Connection {
+    pub(crate) fn exchange_class(&mut self, ch: u16, method: exchange::AMQPMethod) -> AmqpResult {
+        match method {
+            exchange::AMQPMethod::Declare(m) => self.exchange_declare(ch, m),
+            exchange::AMQPMethod::Delete(m) => self.exchange_delete(ch, m),
+            exchange::AMQPMethod::Bind(_) | exchange::AMQPMethod::Unbind(_) => {
+                Err(AmqpError::not_implemented(
+                    "exchange-to-exchange bindings are not implemented by Warren",
+                ))
+            }
+            other => Err(AmqpError::command_invalid(format!(
+                "{} is a server method",
+                crate::connection::method_name(&AMQPClass::Exchange(other))
+            ))),
+        }
+    }
+
+    fn exchange_declare(&mut self, ch: u16, m: exchange::Declare) -> AmqpResult {
+        let vhost = self.vhost.clone();
+        let name = m.exchange.as_str();
+        if is_default(name) {
+            return Err(default_exchange_refused());
+        }
+        let mut state = vhost.lock();
+        match state.exchanges.get(name) {
+            None if m.passive => {
+                return Err(AmqpError::not_found(format!(
+                    "no {}",
+                    exchange_resource(name, &vhost.name)
+                )));
+            }
+            None => {
+                if name.starts_with("amq.") {
+                    return Err(AmqpError::access_refused(format!(
+                        "exchange name '{name}' contains reserved prefix 'amq.*'"
+                    )));
+                }
+                let kind = ExchangeKind::parse(m.kind.as_str()).ok_or_else(|| {
+                    AmqpError::command_invalid(format!("unknown exchange type '{}'", m.kind))
+                })?;
+                state.exchanges.insert(
+                    name.to_owned(),
+                    Exchange::declared(kind, m.durable, m.auto_delete, m.internal, m.arguments),
+                );
+            }
+            Some(_) if m.passive => {}
+            Some(existing) => {
+                let resource = exchange_resource(name, &vhost.name);
+                if existing.kind.name() != m.kind.as_str() {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "inequivalent arg 'type' for {resource}: received '{}' but current is '{}'",
+                        m.kind,
+                        existing.kind.name()
+                    )));
+                }
+                let alternate = |args: &amq_protocol::types::FieldTable| {
+                    args.inner().get("alternate-exchange").cloned()
+                };
+                if alternate(&existing.arguments) != alternate(&m.arguments) {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "inequivalent arg 'alternate-exchange' for {resource}"
+                    )));
+                }
+                for (field, current, received) in [
+                    ("durable", existing.durable, m.durable),
+                    ("auto_delete", existing.auto_delete, m.auto_delete),
+                    ("internal", existing.internal, m.internal),
+                ] {
+                    if current != received {
+                        return Err(AmqpError::precondition_failed(format!(
+                            "inequivalent arg '{field}' for {resource}: received '{received}' but current is '{current}'"
+                        )));
+                    }
+                }
+            }
+        }
+        drop(state);
+        if !m.nowait {
+            send_exchange(
+                self,
+                ch,
+                exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}),
+            );
+        }
+        Ok(())
+    }
+
+    fn exchange_delete(&mut self, ch: u16, m: exchange::Delete) -> AmqpResult {
+        let vhost = self.vhost.clone();
+        let name = m.exchange.as_str();
+        if is_default(name) {
+            return Err(default_exchange_refused());
+        }
+        if name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "deletion of system {} is not allowed",
+                exchange_resource(name, &vhost.name)
+            )));
+        }
+        let mut state = vhost.lock();
+        match state.exchanges.get(name) {
+            // Deleting an exchange that does not exist succeeds, as in RabbitMQ.
+            None => {}
+            Some(e) if m.if_unused && !e.bindings.is_empty() => {
+                return Err(AmqpError::precondition_failed(format!(
+                    "{} in use",
+                    exchange_resource(name, &vhost.name)
+                )));
+            }
+            Some(_) => {
+                state.exchanges.remove(name);
+            }
+        }
+        drop(state);
+        if !m.nowait {
+            send_exchange(
+                self,
+                ch,
+                exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {}),
+            );
+        }
+        Ok(())
+    }
+}
