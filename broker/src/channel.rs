@@ -104,6 +104,27 @@ pub(crate) struct Unacked {
     pub(crate) message: QueuedMessage,
 }
 
+/// What an ack, nack or reject does.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Settle {
+    /// Done with it.
+    Ack,
+    /// Rejected: back to the queue or dropped.
+    Reject {
+        /// Back to the queue (true) or dropped.
+        requeue: bool,
+    },
+}
+
+/// What a transactional channel holds until tx.commit.
+#[derive(Debug, Default)]
+pub(crate) struct TxBuffer {
+    /// Publishes, in order.
+    pub(crate) publishes: Vec<PendingContent>,
+    /// Acks, nacks and rejects, with the deliveries they took from the unacked map.
+    pub(crate) settles: Vec<(Vec<(u64, Unacked)>, Settle)>,
+}
+
 /// A consumer as its channel knows it.
 #[derive(Debug)]
 pub(crate) struct ChannelConsumer {
@@ -132,6 +153,8 @@ pub(crate) struct Channel {
     pub(crate) next_confirm: Option<u64>,
     /// The last queue declared on this channel, for the empty-name shortcut.
     pub(crate) last_queue: Option<ShortString>,
+    /// Transactional (tx.select): what waits for tx.commit.
+    pub(crate) tx: Option<TxBuffer>,
 }
 
 impl Channel {
@@ -147,12 +170,13 @@ impl Channel {
             credit: Arc::default(),
             next_confirm: None,
             last_queue: None,
+            tx: None,
         }
     }
 
     /// Takes the unacked deliveries selected by an ack/nack: one tag, every tag up to it
     /// (`multiple`), or all of them (tag 0 with `multiple`). `None` if a named tag is unknown.
-    pub(crate) fn take_unacked(&mut self, tag: u64, multiple: bool) -> Option<Vec<Unacked>> {
+    pub(crate) fn take_unacked(&mut self, tag: u64, multiple: bool) -> Option<Vec<(u64, Unacked)>> {
         if multiple {
             let upto = if tag == 0 { u64::MAX } else { tag };
             if tag != 0 && !self.unacked.contains_key(&tag) {
@@ -160,9 +184,9 @@ impl Channel {
             }
             let rest = self.unacked.split_off(&upto.saturating_add(1));
             let taken = std::mem::replace(&mut self.unacked, rest);
-            Some(taken.into_values().collect())
+            Some(taken.into_iter().collect())
         } else {
-            self.unacked.remove(&tag).map(|u| vec![u])
+            self.unacked.remove(&tag).map(|u| vec![(tag, u)])
         }
     }
 }

@@ -19,7 +19,13 @@ impl Connection {
             return;
         };
         let consumers = std::mem::take(&mut ch.consumers);
-        let unacked = std::mem::take(&mut ch.unacked);
+        let mut unacked = std::mem::take(&mut ch.unacked);
+        // Uncommitted acks are void: those deliveries are unacknowledged still.
+        if let Some(tx) = ch.tx.take() {
+            for (settled, _) in tx.settles {
+                unacked.extend(settled);
+            }
+        }
         ch.assembly = Default::default();
         let mut state = self.vhost.lock();
         let mut touched = HashSet::new();

@@ -2,7 +2,7 @@
 //! two directions of content: completing a publish and writing a delivery.
 
 use super::queue::{generated_tag, usable_queue};
-use crate::channel::{Assembly, ChannelConsumer, PendingContent, Unacked};
+use crate::channel::{Assembly, ChannelConsumer, PendingContent, Settle, Unacked};
 use crate::codec;
 use crate::connection::Connection;
 use crate::connection::teardown::{dispatch_all, requeue};
@@ -216,34 +216,37 @@ impl Connection {
                 "unknown delivery tag {tag}"
             )));
         };
-        let credit = channel.credit.clone();
+        if let Some(tx) = &mut channel.tx {
+            tx.settles.push((settled, how));
+            return Ok(());
+        }
+        self.apply_settle(ch, settled, how);
+        Ok(())
+    }
+
+    /// Acks, rejects or requeues deliveries taken from the unacked map.
+    pub(crate) fn apply_settle(&mut self, ch: u16, settled: Vec<(u64, Unacked)>, how: Settle) {
+        let credit = self.channel_mut(ch).credit.clone();
         let mut state = self.vhost.lock();
         let mut touched = HashSet::new();
-        for u in settled {
+        for (_, u) in settled {
             if u.consumer_tag.is_some() {
                 credit.release();
             }
+            let tag = u.consumer_tag.as_ref().map(|t| t.as_str());
             match how {
                 Settle::Reject { requeue: true } => {
-                    requeue(
-                        &mut state,
-                        &u.queue,
-                        self.id,
-                        ch,
-                        u.consumer_tag.as_ref().map(|t| t.as_str()),
-                        u.message,
-                    );
+                    requeue(&mut state, &u.queue, self.id, ch, tag, u.message);
                 }
                 _ => {
                     if let Some(queue) = state.queues.get_mut(&u.queue) {
-                        queue.settle(self.id, ch, u.consumer_tag.as_ref().map(|t| t.as_str()));
+                        queue.settle(self.id, ch, tag);
                     }
                 }
             }
             touched.insert(u.queue);
         }
         dispatch_all(&mut state, touched);
-        Ok(())
     }
 
     fn basic_recover(&mut self, ch: u16, requeue_them: bool) -> AmqpResult {
@@ -273,8 +276,20 @@ impl Connection {
         Ok(())
     }
 
-    /// Routes a fully assembled publish, then answers it (basic.return, confirm).
+    /// Takes a fully assembled publish: routes it, or keeps it for tx.commit.
     pub(crate) fn publish(&mut self, ch: u16, content: PendingContent) -> AmqpResult {
+        if let Some(expiration) = content.properties.expiration() {
+            parse_expiration(expiration.as_str()).map_err(AmqpError::precondition_failed)?;
+        }
+        if let Some(tx) = &mut self.channel_mut(ch).tx {
+            tx.publishes.push(content);
+            return Ok(());
+        }
+        self.route(ch, content)
+    }
+
+    /// Routes a publish (now, or at tx.commit), then answers it (basic.return, confirm).
+    pub(crate) fn route(&mut self, ch: u16, content: PendingContent) -> AmqpResult {
         let PendingContent {
             publish,
             properties,
@@ -414,13 +429,4 @@ impl Connection {
             self.tuning.frame_max,
         );
     }
-}
-
-/// What an ack, nack or reject does.
-#[derive(Clone, Copy, Debug)]
-enum Settle {
-    /// Done with it.
-    Ack,
-    /// Rejected: back to the queue or dropped.
-    Reject { requeue: bool },
 }

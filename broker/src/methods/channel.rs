@@ -1,8 +1,9 @@
 //! The channel class: open (handled before a channel exists), flow, close.
 
+use crate::channel::TxBuffer;
 use crate::connection::Connection;
 use crate::error::{AmqpError, AmqpResult};
-use amq_protocol::protocol::{AMQPClass, channel};
+use amq_protocol::protocol::{AMQPClass, channel, tx};
 
 impl Connection {
     pub(crate) fn channel_class(&mut self, ch: u16, method: channel::AMQPMethod) -> AmqpResult {
@@ -40,6 +41,11 @@ impl Connection {
 
     pub(crate) fn confirm_select(&mut self, ch: u16, nowait: bool) -> AmqpResult {
         let channel = self.channel_mut(ch);
+        if channel.tx.is_some() {
+            return Err(AmqpError::precondition_failed(
+                "cannot switch from tx to confirm mode",
+            ));
+        }
         if channel.next_confirm.is_none() {
             channel.next_confirm = Some(1);
         }
@@ -53,4 +59,56 @@ impl Connection {
         }
         Ok(())
     }
+}
+
+impl Connection {
+    /// The tx class: select, commit, rollback.
+    pub(crate) fn tx_class(&mut self, ch: u16, method: tx::AMQPMethod) -> AmqpResult {
+        let channel = self.channel_mut(ch);
+        let reply = match method {
+            tx::AMQPMethod::Select(_) => {
+                if channel.next_confirm.is_some() {
+                    return Err(AmqpError::precondition_failed(
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                channel.tx.get_or_insert_with(TxBuffer::default);
+                tx::AMQPMethod::SelectOk(tx::SelectOk {})
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(buffer) = channel.tx.replace(TxBuffer::default()) else {
+                    return Err(not_transactional());
+                };
+                for (settled, how) in buffer.settles {
+                    self.apply_settle(ch, settled, how);
+                }
+                for content in buffer.publishes {
+                    self.route(ch, content)?;
+                }
+                tx::AMQPMethod::CommitOk(tx::CommitOk {})
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let Some(buffer) = channel.tx.replace(TxBuffer::default()) else {
+                    return Err(not_transactional());
+                };
+                // Acks taken back: the deliveries are unacknowledged again.
+                for (settled, _) in buffer.settles {
+                    channel.unacked.extend(settled);
+                }
+                tx::AMQPMethod::RollbackOk(tx::RollbackOk {})
+            }
+            other => {
+                return Err(AmqpError::command_invalid(format!(
+                    "{} is a server method",
+                    crate::connection::method_name(&AMQPClass::Tx(other))
+                )));
+            }
+        };
+        self.send(ch, AMQPClass::Tx(reply));
+        Ok(())
+    }
+}
+
+fn not_transactional() -> AmqpError {
+    AmqpError::precondition_failed("channel is not transactional")
 }

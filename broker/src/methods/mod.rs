@@ -64,6 +64,7 @@ impl Connection {
                     AMQPClass::Queue(m) => self.queue_class(ch, m),
                     AMQPClass::Basic(m) => self.basic_class(ch, m),
                     AMQPClass::Exchange(m) => self.exchange_class(ch, m),
+                    AMQPClass::Tx(m) => self.tx_class(ch, m),
                     AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(m)) => {
                         self.confirm_select(ch, m.nowait)
                     }
