@@ -62,6 +62,8 @@ pub struct BrokerConfig {
     pub max_message_size: u64,
     /// Most client connections open at once; `None` is unlimited (RabbitMQ's default).
     pub max_connections: Option<usize>,
+    /// Record every method each connection sends and receives ([`crate::BrokerHandle::trace`]).
+    pub trace: bool,
 }
 
 impl Default for BrokerConfig {
@@ -75,6 +77,7 @@ impl Default for BrokerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_message_size: 128 * 1024 * 1024,
             max_connections: None,
+            trace: false,
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct ConnectionInfo {
     pub user: String,
     /// The client's product name.
     pub client: String,
+    /// Open channels.
+    pub channels: usize,
 }
 
 pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {

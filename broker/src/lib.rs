@@ -16,6 +16,7 @@
 //! - `message`: a published message as kept: raw property bytes and body.
 //! - [`error`]: the protocol error type (scope, code, text, class/method).
 //! - [`inspect`]: read-only snapshots for tests.
+//! - [`trace`]: the optional per-connection method trace.
 //!
 //! # Example
 //! ```
@@ -40,8 +41,10 @@ mod message;
 mod methods;
 mod queue;
 mod server;
+pub mod trace;
 mod vhost;
 
 pub use config::{BrokerConfig, User};
 pub use inspect::{ConnectionInfo, ConsumerInfo, QueueInfo};
 pub use server::{Broker, BrokerHandle, StartError, ThreadedBroker};
+pub use trace::{Direction, TraceEntry};

@@ -74,6 +74,7 @@ async fn main() -> ExitCode {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         max_message_size: args.max_message_size,
         max_connections: args.max_connections,
+        trace: false,
     };
     let broker = match Broker::start(config).await {
         Ok(broker) => broker,

@@ -7,6 +7,7 @@ use crate::error::AmqpError;
 use crate::inspect::{ConnectionInfo, QueueInfo};
 use crate::mailbox::{Mailbox, Outbound};
 use crate::queue::ConnId;
+use crate::trace::{Trace, TraceEntry};
 use crate::vhost::Vhost;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -39,6 +40,7 @@ pub(crate) struct ConnectionEntry {
     pub(crate) user: String,
     pub(crate) client: String,
     pub(crate) mailbox: Mailbox,
+    pub(crate) channels: Arc<AtomicUsize>,
 }
 
 /// State shared by the accept loop and every connection of one broker.
@@ -50,6 +52,8 @@ pub(crate) struct BrokerShared {
     pub(crate) vhost: Arc<Vhost>,
     /// Cancelled when the broker shuts down.
     pub(crate) shutdown: CancellationToken,
+    /// The frame trace, when enabled.
+    pub(crate) trace: Option<Trace>,
     next_conn_id: AtomicU64,
     /// Connection tasks alive (handshaking or open), for the connection limit.
     live: AtomicUsize,
@@ -119,6 +123,7 @@ impl Broker {
             .filter_map(|l| l.local_addr().ok())
             .collect();
         let shared = Arc::new(BrokerShared {
+            trace: config.trace.then(Trace::default),
             config,
             vhost: Arc::new(Vhost::new("/")),
             shutdown: CancellationToken::new(),
@@ -325,10 +330,32 @@ impl BrokerHandle {
                 peer: e.peer.clone(),
                 user: e.user.clone(),
                 client: e.client.clone(),
+                channels: e.channels.load(Ordering::Relaxed),
             })
             .collect();
         list.sort_by_key(|c| c.id);
         list
+    }
+
+    /// Every method each connection sent and received so far, in order, when the broker was
+    /// started with [`BrokerConfig::trace`]; empty otherwise.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use warren_broker::{Broker, BrokerConfig};
+    /// let broker = Broker::start(BrokerConfig { trace: true, ..Default::default() }).await.unwrap();
+    /// // ... a failing test prints it:
+    /// for entry in broker.trace() {
+    ///     eprintln!("{entry}");
+    /// }
+    /// # }
+    /// ```
+    pub fn trace(&self) -> Vec<TraceEntry> {
+        self.shared
+            .trace
+            .as_ref()
+            .map(Trace::entries)
+            .unwrap_or_default()
     }
 
     /// Closes a connection with connection.close (code and text), as an operator would with

@@ -11,6 +11,7 @@ use crate::error::AmqpError;
 use crate::mailbox::{Mailbox, MailboxReceiver, Outbound, mailbox};
 use crate::queue::ConnId;
 use crate::server::{BrokerShared, ConnectionEntry};
+use crate::trace::Direction;
 use crate::vhost::Vhost;
 use amq_protocol::protocol::{AMQPClass, channel, connection};
 use bytes::BytesMut;
@@ -18,6 +19,7 @@ pub(crate) use handshake::method_name;
 use handshake::{HandshakeError, Tuning, handshake};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until};
@@ -59,6 +61,8 @@ pub(crate) struct Connection {
     pub(crate) mailbox: Mailbox,
     /// Life cycle.
     pub(crate) state: ConnState,
+    /// Open channels, published for inspection.
+    pub(crate) channel_count: Arc<AtomicUsize>,
 }
 
 /// Serves one client connection over any byte stream until it ends, then returns its
@@ -86,7 +90,9 @@ where
         _ = shutdown.cancelled() => return,
     };
     let (mailbox, mut inbox) = mailbox();
+    let channel_count = Arc::new(AtomicUsize::new(0));
     let id = shared.register_connection(ConnectionEntry {
+        channels: channel_count.clone(),
         peer: peer.clone(),
         user: tuning.user.clone(),
         client: tuning.client.clone(),
@@ -103,6 +109,7 @@ where
         tuning,
         mailbox,
         state: ConnState::Open,
+        channel_count,
     };
     let end = conn
         .run(&mut rd, &mut wr, &mut rbuf, &mut inbox, &shutdown)
@@ -262,7 +269,11 @@ impl Connection {
             }
             match codec::decode(rbuf, self.tuning.frame_max) {
                 Ok(Some(frame)) => self.handle_frame(frame),
-                Ok(None) => return,
+                Ok(None) => {
+                    self.channel_count
+                        .store(self.channels.len(), Ordering::Relaxed);
+                    return;
+                }
                 Err(e) => {
                     // The stream cannot be resynchronised after a framing error.
                     rbuf.clear();
@@ -275,10 +286,16 @@ impl Connection {
 
     /// Appends a method frame to the output.
     pub(crate) fn send(&mut self, channel: u16, method: AMQPClass) {
+        if let Some(trace) = &self.shared.trace {
+            trace.record(self.id, Direction::Sent, channel, &method);
+        }
         codec::write_method(&mut self.out, channel, method);
     }
 
     fn handle_frame(&mut self, frame: Frame) {
+        if let (Some(trace), Frame::Method(channel, method)) = (&self.shared.trace, &frame) {
+            trace.record(self.id, Direction::Received, *channel, method);
+        }
         if let ConnState::Closing(_) | ConnState::Closed = self.state {
             // Once a close is sent, only the close handshake counts.
             match frame {
