@@ -90,6 +90,14 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
     };
     buf.advance(1);
     match kind {
+        FRAME_METHOD
+            if payload.len() >= 8 && payload[..4] == [0, 60, 0, 10] && payload[4..8] != [0; 4] =>
+        {
+            // basic.qos with a prefetch_size: amq-protocol drops the field while parsing, so it
+            // is read here to answer as RabbitMQ does.
+            let size = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+            Err(AmqpError::not_implemented(format!("prefetch_size!=0 ({size})")).during_ids(60, 10))
+        }
         FRAME_METHOD => match parse_class(&payload[..]) {
             Ok(([], method)) => Ok(Some(Frame::Method(channel, method))),
             _ => Err(malformed_method(&payload)),
@@ -142,17 +150,39 @@ fn malformed_method(payload: &[u8]) -> AmqpError {
     }
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
     let method_id = u16::from_be_bytes([payload[2], payload[3]]);
-    let known = matches!(
-        (class_id, method_id),
-        (10, 10..=61)
-            | (20, 10..=41)
-            | (30, 10..=11)
-            | (40, 10..=51)
-            | (50, 10..=51)
-            | (60, 10..=120)
-            | (85, 10..=11)
-            | (90, 10..=31)
-    );
+    let known = match class_id {
+        10 => matches!(
+            method_id,
+            10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71
+        ),
+        20 => matches!(method_id, 10 | 11 | 20 | 21 | 40 | 41),
+        30 => matches!(method_id, 10 | 11),
+        40 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 51),
+        50 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51),
+        60 => matches!(
+            method_id,
+            10 | 11
+                | 20
+                | 21
+                | 30
+                | 31
+                | 40
+                | 50
+                | 60
+                | 70
+                | 71
+                | 72
+                | 80
+                | 90
+                | 100
+                | 110
+                | 111
+                | 120
+        ),
+        85 => matches!(method_id, 10 | 11),
+        90 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31),
+        _ => false,
+    };
     if known {
         AmqpError::frame_error(format!(
             "cannot decode {}",
