@@ -216,18 +216,21 @@ where
         AMQPClass::Connection(connection::AMQPMethod::TuneOk(m)) => m,
         other => return Err(unexpected("connection.tune_ok", &other)),
     };
+    // RabbitMQ closes the socket without a word when tune-ok breaks a limit.
     check_negotiated(
         "frame_max",
         4096,
         config.frame_max as u64,
         tune_ok.frame_max as u64,
-    )?;
+    )
+    .map_err(HandshakeError::Silent)?;
     check_negotiated(
         "channel_max",
         0,
         config.channel_max as u64,
         tune_ok.channel_max as u64,
-    )?;
+    )
+    .map_err(HandshakeError::Silent)?;
     let frame_max = if tune_ok.frame_max == 0 {
         config.frame_max
     } else {
