@@ -155,6 +155,8 @@ pub(crate) struct Channel {
     pub(crate) last_queue: Option<ShortString>,
     /// Transactional (tx.select): what waits for tx.commit.
     pub(crate) tx: Option<TxBuffer>,
+    /// The reply address of this channel's direct reply-to consumer, if it has one.
+    pub(crate) reply_address: Option<String>,
 }
 
 impl Channel {
@@ -171,6 +173,7 @@ impl Channel {
             next_confirm: None,
             last_queue: None,
             tx: None,
+            reply_address: None,
         }
     }
 

@@ -12,6 +12,7 @@
 //! - `vhost`: queues and exchanges under one briefly held std mutex.
 //! - `queue`: ready messages, consumers and dispatch.
 //! - `exchange`: exchanges and routing.
+//! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - `mailbox`: what other tasks hand a connection (deliveries, cancels, forced close).
 //! - `message`: a published message as kept: raw property bytes and body.
 //! - [`error`]: the protocol error type (scope, code, text, class/method).
@@ -33,6 +34,7 @@ mod channel;
 mod codec;
 pub mod config;
 mod connection;
+mod direct_reply;
 pub mod error;
 mod exchange;
 pub mod inspect;

@@ -2,9 +2,10 @@
 //! across an `.await`. Every operation that touches more than one queue or a queue and its
 //! consumers takes the lock once.
 
+use crate::direct_reply::{ADDRESS_PREFIX, PSEUDO_QUEUE, ReplyConsumer};
 use crate::exchange::{Exchange, builtin_exchanges, is_default};
 use crate::mailbox::Outbound;
-use crate::message::Message;
+use crate::message::{Message, QueuedMessage};
 use crate::queue::{ConnId, Queue};
 use amq_protocol::types::FieldTable;
 use std::collections::HashMap;
@@ -28,6 +29,8 @@ pub(crate) struct VhostState {
     pub(crate) queues: HashMap<Arc<str>, Queue>,
     /// Exchanges by name.
     pub(crate) exchanges: HashMap<String, Exchange>,
+    /// Direct reply-to consumers by reply address.
+    pub(crate) reply_consumers: HashMap<String, ReplyConsumer>,
 }
 
 /// Where a published message went.
@@ -51,6 +54,7 @@ impl Vhost {
             state: Mutex::new(VhostState {
                 queues: HashMap::new(),
                 exchanges,
+                reply_consumers: HashMap::new(),
             }),
         }
     }
@@ -72,6 +76,9 @@ impl VhostState {
     ) -> Routed {
         let now = Instant::now();
         if is_default(exchange) {
+            if message.routing_key.as_str().starts_with(ADDRESS_PREFIX) {
+                return self.reply(message);
+            }
             return match self.queues.get_mut(message.routing_key.as_str()) {
                 Some(queue) => {
                     queue.publish(message, now);
@@ -98,6 +105,29 @@ impl VhostState {
             }
         }
         routed
+    }
+
+    /// Hands a reply straight to the direct reply-to consumer it is addressed to.
+    fn reply(&mut self, message: Arc<Message>) -> Routed {
+        let Some(consumer) = self.reply_consumers.get(message.routing_key.as_str()) else {
+            return Routed::Unroutable;
+        };
+        let delivery = Outbound::Deliver {
+            channel: consumer.channel,
+            consumer_tag: consumer.tag.clone(),
+            no_ack: true,
+            queue: PSEUDO_QUEUE.into(),
+            message: QueuedMessage {
+                seq: 0,
+                redelivered: false,
+                expires_at: None,
+                message,
+            },
+        };
+        match consumer.mailbox.send(delivery) {
+            Ok(()) => Routed::Queued,
+            Err(_) => Routed::Unroutable,
+        }
     }
 
     /// Deletes a queue: its consumers are told (basic.cancel) and its messages dropped.

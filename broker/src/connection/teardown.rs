@@ -4,10 +4,12 @@
 //! deleted.
 
 use super::Connection;
-use crate::channel::Channel;
+use crate::channel::{Channel, ChannelConsumer};
+use crate::direct_reply::PSEUDO_QUEUE;
 use crate::mailbox::{MailboxReceiver, Outbound};
 use crate::message::QueuedMessage;
 use crate::vhost::VhostState;
+use amq_protocol::types::ShortString;
 use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -27,19 +29,42 @@ impl Connection {
             }
         }
         ch.assembly = Default::default();
-        let mut state = self.vhost.lock();
+        let vhost = self.vhost.clone();
+        let mut state = vhost.lock();
         let mut touched = HashSet::new();
         for (tag, consumer) in consumers {
-            if let Some(queue) = state.queues.get_mut(&consumer.queue) {
-                queue.remove_consumer(self.id, channel, tag.as_str());
-            }
-            state.auto_delete(&consumer.queue);
+            self.detach_consumer(&mut state, channel, &tag, &consumer);
         }
         for (_, u) in unacked {
             requeue(&mut state, &u.queue, self.id, channel, None, u.message);
             touched.insert(u.queue);
         }
         dispatch_all(&mut state, touched);
+    }
+
+    /// Detaches a consumer its channel has forgotten: from its queue (which may auto-delete), or
+    /// from direct reply-to.
+    pub(crate) fn detach_consumer(
+        &mut self,
+        state: &mut VhostState,
+        channel: u16,
+        tag: &ShortString,
+        consumer: &ChannelConsumer,
+    ) {
+        if &*consumer.queue == PSEUDO_QUEUE {
+            if let Some(address) = self
+                .channels
+                .get_mut(&channel)
+                .and_then(|c| c.reply_address.take())
+            {
+                state.reply_consumers.remove(&address);
+            }
+            return;
+        }
+        if let Some(queue) = state.queues.get_mut(&consumer.queue) {
+            queue.remove_consumer(self.id, channel, tag.as_str());
+        }
+        state.auto_delete(&consumer.queue);
     }
 
     /// Ends the connection: requeues everything it held and deletes its exclusive queues.

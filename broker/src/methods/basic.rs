@@ -6,6 +6,7 @@ use crate::channel::{Assembly, ChannelConsumer, PendingContent, Settle, Unacked}
 use crate::codec;
 use crate::connection::Connection;
 use crate::connection::teardown::{dispatch_all, requeue};
+use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address, rewrite_reply_to};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
 use crate::queue::Consumer;
@@ -102,6 +103,9 @@ impl Connection {
             }
             (channel.consumer_prefetch, channel.credit.clone())
         };
+        if queue_name.as_str() == PSEUDO_QUEUE {
+            return self.consume_replies(ch, tag, m.no_ack, m.nowait);
+        }
         let vhost_name = self.vhost.name.clone();
         let mailbox = self.mailbox.clone();
         let vhost = self.vhost.clone();
@@ -147,13 +151,53 @@ impl Connection {
         Ok(())
     }
 
+    /// basic.consume on `amq.rabbitmq.reply-to`: direct replies to this channel.
+    fn consume_replies(
+        &mut self,
+        ch: u16,
+        tag: ShortString,
+        no_ack: bool,
+        nowait: bool,
+    ) -> AmqpResult {
+        if !no_ack {
+            return Err(AmqpError::precondition_failed(
+                "reply consumer cannot acknowledge",
+            ));
+        }
+        if self.channel_mut(ch).reply_address.is_some() {
+            return Err(AmqpError::precondition_failed("reply consumer already set"));
+        }
+        let address = new_address();
+        self.vhost.lock().reply_consumers.insert(
+            address.clone(),
+            ReplyConsumer {
+                mailbox: self.mailbox.clone(),
+                channel: ch,
+                tag: tag.clone(),
+            },
+        );
+        let channel = self.channel_mut(ch);
+        channel.reply_address = Some(address);
+        channel.consumers.insert(
+            tag.clone(),
+            ChannelConsumer {
+                queue: PSEUDO_QUEUE.into(),
+            },
+        );
+        if !nowait {
+            send_basic(
+                self,
+                ch,
+                basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: tag }),
+            );
+        }
+        Ok(())
+    }
+
     fn basic_cancel(&mut self, ch: u16, m: basic::Cancel) -> AmqpResult {
         if let Some(consumer) = self.channel_mut(ch).consumers.remove(&m.consumer_tag) {
-            let mut state = self.vhost.lock();
-            if let Some(queue) = state.queues.get_mut(&consumer.queue) {
-                queue.remove_consumer(self.id, ch, m.consumer_tag.as_str());
-            }
-            state.auto_delete(&consumer.queue);
+            let vhost = self.vhost.clone();
+            self.detach_consumer(&mut vhost.lock(), ch, &m.consumer_tag, &consumer);
         }
         if !m.nowait {
             send_basic(
@@ -280,6 +324,20 @@ impl Connection {
     pub(crate) fn publish(&mut self, ch: u16, content: PendingContent) -> AmqpResult {
         if let Some(expiration) = content.properties.expiration() {
             parse_expiration(expiration.as_str()).map_err(AmqpError::precondition_failed)?;
+        }
+        let mut content = content;
+        if content
+            .properties
+            .reply_to()
+            .as_ref()
+            .is_some_and(|r| r.as_str() == PSEUDO_QUEUE)
+        {
+            let Some(address) = self.channel_mut(ch).reply_address.clone() else {
+                return Err(AmqpError::precondition_failed(
+                    "fast reply consumer does not exist",
+                ));
+            };
+            content.raw_properties = rewrite_reply_to(&content.properties, &address);
         }
         if let Some(tx) = &mut self.channel_mut(ch).tx {
             tx.publishes.push(content);

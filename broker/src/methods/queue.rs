@@ -267,6 +267,19 @@ impl Connection {
         } else {
             m.queue.clone()
         };
+        if m.passive && name.as_str() == crate::direct_reply::PSEUDO_QUEUE {
+            if !m.nowait {
+                self.send(
+                    ch,
+                    AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                        queue: name,
+                        message_count: 0,
+                        consumer_count: 0,
+                    })),
+                );
+            }
+            return Ok(());
+        }
         let message_ttl = if m.passive {
             None
         } else {

@@ -1,0 +1,43 @@
+//! Direct reply-to, as RabbitMQ does it: a client consumes (no-ack) from the pseudo-queue
+//! `amq.rabbitmq.reply-to` and publishes requests with that `reply_to`; the broker rewrites it
+//! to an address naming the consuming channel, and replies published to that address go
+//! straight to the consumer, through no queue.
+
+use crate::mailbox::Mailbox;
+use amq_protocol::frame::WriteContext;
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::protocol::basic::gen_properties;
+use amq_protocol::types::ShortString;
+use bytes::Bytes;
+
+/// The pseudo-queue a client consumes from.
+pub(crate) const PSEUDO_QUEUE: &str = "amq.rabbitmq.reply-to";
+/// Prefix of the reply addresses the broker hands out.
+pub(crate) const ADDRESS_PREFIX: &str = "amq.rabbitmq.reply-to.";
+
+/// A channel consuming its direct replies.
+#[derive(Debug)]
+pub(crate) struct ReplyConsumer {
+    /// The consuming connection's mailbox.
+    pub(crate) mailbox: Mailbox,
+    /// Its channel.
+    pub(crate) channel: u16,
+    /// Its consumer tag.
+    pub(crate) tag: ShortString,
+}
+
+/// A fresh reply address.
+pub(crate) fn new_address() -> String {
+    format!("{ADDRESS_PREFIX}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The property bytes with `reply_to` replaced by `address`.
+pub(crate) fn rewrite_reply_to(properties: &BasicProperties, address: &str) -> Bytes {
+    let props = properties
+        .clone()
+        .with_reply_to(ShortString::try_new(address).expect("address is short"));
+    match gen_properties(&props)(WriteContext::from(Vec::new())) {
+        Ok(ctx) => Bytes::from(ctx.into_inner().0),
+        Err(e) => unreachable!("serialising into a Vec cannot fail: {e}"),
+    }
+}
