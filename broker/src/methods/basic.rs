@@ -290,6 +290,12 @@ impl Connection {
             }
             touched.insert(u.queue);
         }
+        // Credit freed in a channel-wide window may serve any queue the channel consumes from.
+        if credit.limit.load(Ordering::Relaxed) != 0
+            && let Some(channel) = self.channels.get(&ch)
+        {
+            touched.extend(channel.consumers.values().map(|c| c.queue.clone()));
+        }
         dispatch_all(&mut state, touched);
     }
 
