@@ -411,9 +411,11 @@ impl RpcClient {
         ));
         let outcome = match tokio::time::timeout(timeout, reply).await {
             Ok(Ok(outcome)) => outcome,
-            // The sender is only dropped without a send when the pending map is dropped, i.e.
-            // with the whole client; report it as closed.
-            Ok(Err(_)) => Err(RpcError::ConnectionLost("the client was dropped".into())),
+            // Every path that removes a pending entry sends on it first, and the map outlives
+            // this call (the guard holds it): a defensive arm, not an expected outcome.
+            Ok(Err(_)) => Err(RpcError::ConnectionLost(
+                "the call was abandoned without an outcome".into(),
+            )),
             Err(_) => Err(RpcError::Timeout(timeout)),
         };
         drop(guard);

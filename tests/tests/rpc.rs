@@ -11,8 +11,8 @@
 use futures_util::future::join_all;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
-    options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions},
-    types::{FieldTable, ShortString},
+    options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions},
+    types::{AMQPValue, FieldTable, ShortString},
 };
 use std::{
     collections::HashMap,
@@ -174,6 +174,28 @@ impl Fixture {
         )
         .await
         .expect("publish");
+    }
+
+    /// Takes the next message of `queue` (no ack), waiting for one to arrive.
+    async fn get(&self, queue: &str) -> lapin::message::BasicGetMessage {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = within(
+                "basic.get",
+                self.admin
+                    .basic_get(queue.into(), BasicGetOptions { no_ack: true }),
+            )
+            .await
+            .expect("basic.get");
+            if let Some(message) = got {
+                return message;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no message in {queue} after {WAIT:?}"
+            );
+            tokio::time::sleep(POLL_EVERY).await;
+        }
     }
 
     async fn delete_queue(&self) {
@@ -955,6 +977,150 @@ async fn graceful_shutdown_stops_consuming_and_finishes_requests_in_flight() {
         .expect("shutdown task")
         .expect("clean shutdown");
     assert_eq!(f.queue_counts().await, (0, 0), "all acked, no consumer");
+    client.close().await;
+    f.delete_queue().await;
+}
+
+#[tokio::test]
+async fn requests_carry_reply_to_correlation_id_and_expiration() {
+    let f = Fixture::new("rpc-wire-request").await;
+    f.declare_queue().await;
+    let client = f.client().await;
+    let timeout = Duration::from_millis(7_500);
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.call_with_timeout("7", timeout).await }
+    });
+    // Play the server by hand.
+    let request = f.get(&f.queue).await;
+    assert_eq!(request.delivery.data, b"7");
+    assert_eq!(
+        request.delivery.exchange.as_str(),
+        "",
+        "the default exchange"
+    );
+    assert_eq!(request.delivery.routing_key.as_str(), f.queue);
+    let properties = &request.delivery.properties;
+    assert_eq!(
+        properties.reply_to().as_ref().map(ShortString::as_str),
+        Some(client.reply_queue())
+    );
+    assert_eq!(
+        properties.expiration().as_ref().map(ShortString::as_str),
+        Some("7500"),
+        "expiration = the call's timeout in ms"
+    );
+    let correlation_id = properties
+        .correlation_id()
+        .clone()
+        .expect("a correlation_id");
+    let reply = BasicProperties::default().with_correlation_id(correlation_id);
+    f.publish_raw(client.reply_queue(), b"13", reply).await;
+    let outcome = within("the call", call).await.expect("call task");
+    assert_eq!(outcome, Ok(b"13".to_vec()));
+    client.close().await;
+    f.delete_queue().await;
+}
+
+#[tokio::test]
+async fn replies_copy_the_correlation_id_and_errors_carry_the_error_header() {
+    let f = Fixture::new("rpc-wire-reply").await;
+    let server = f.server(1, FibHandler).await;
+    // Play the client by hand, with a reply queue of its own.
+    let reply_queue = f.broker.unique_name("rpc-wire-replies");
+    within(
+        "queue.declare",
+        f.admin.queue_declare(
+            reply_queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("declare the reply queue");
+    let request = |correlation_id: &str| {
+        BasicProperties::default()
+            .with_reply_to(reply_queue.as_str().into())
+            .with_correlation_id(correlation_id.into())
+    };
+
+    f.publish_raw(&f.queue, b"10", request("c-1")).await;
+    let reply = f.get(&reply_queue).await;
+    assert_eq!(reply.delivery.data, b"55");
+    assert_eq!(reply.delivery.exchange.as_str(), "", "the default exchange");
+    let properties = &reply.delivery.properties;
+    assert_eq!(
+        properties
+            .correlation_id()
+            .as_ref()
+            .map(ShortString::as_str),
+        Some("c-1")
+    );
+    let has_error_header = properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key(warren_rpc::ERROR_HEADER));
+    assert!(!has_error_header, "a result carries no error header");
+
+    f.publish_raw(&f.queue, b"abc", request("c-2")).await;
+    let reply = f.get(&reply_queue).await;
+    let message = fib::FibError::NotANumber("abc".into()).to_string();
+    assert_eq!(
+        reply.delivery.data,
+        message.as_bytes(),
+        "body = the message"
+    );
+    let properties = &reply.delivery.properties;
+    assert_eq!(
+        properties
+            .correlation_id()
+            .as_ref()
+            .map(ShortString::as_str),
+        Some("c-2")
+    );
+    let header = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(warren_rpc::ERROR_HEADER).cloned());
+    assert_eq!(
+        header,
+        Some(AMQPValue::LongString(message.as_str().into())),
+        "header {} = the message",
+        warren_rpc::ERROR_HEADER
+    );
+    within("shutdown", server.shutdown())
+        .await
+        .expect("clean shutdown");
+    f.delete_queue().await;
+}
+
+#[tokio::test]
+async fn a_dropped_server_leaves_its_request_to_the_next_server() {
+    let f = Fixture::new("rpc-drop-server").await;
+    let (doomed_board, mut doomed_arrivals) = Switchboard::new();
+    let doomed = f.server(1, doomed_board.handler()).await;
+    let client = f.client().await;
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.call("hold-1").await }
+    });
+    assert_eq!(doomed_arrivals.next().await, "hold-1");
+    // Dropping aborts: the request is neither answered nor acked, so it is requeued.
+    drop(doomed);
+    let (board, mut arrivals) = Switchboard::new();
+    let survivor = f.server(1, board.handler()).await;
+    assert_eq!(arrivals.next().await, "hold-1");
+    board.release("hold-1");
+    let reply = within("reply from the survivor", call)
+        .await
+        .expect("call task");
+    assert_eq!(reply, Ok(echo("hold-1")));
+    within("shutdown", survivor.shutdown())
+        .await
+        .expect("clean shutdown");
     client.close().await;
     f.delete_queue().await;
 }

@@ -11,7 +11,7 @@ use warren_rpc::{HandlerError, RpcServer, ServerConfig, fib};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Broker URL [default: $AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/%2F]
+    /// Broker URL (default: $AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/%2F)
     #[arg(long)]
     url: Option<String>,
     /// The request queue to declare and consume.
