@@ -28,6 +28,10 @@ use tokio_util::sync::CancellationToken;
 /// Stop reading from a client while this much output waits to be written (backpressure), and
 /// stop taking deliveries from the mailbox.
 const OUT_HIGH_WATER: usize = 256 * 1024;
+/// How long to wait, after the close handshake, for the client to close its socket.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// Why a connection ended when its close handshake completed.
+const CLOSED_CLEANLY: &str = "closed";
 /// How long to wait for connection.close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -114,10 +118,19 @@ where
     let end = conn
         .run(&mut rd, &mut wr, &mut rbuf, &mut inbox, &shutdown)
         .await;
-    let _ = wr.shutdown().await;
     conn.teardown(&mut inbox);
     shared.unregister_connection(id);
     tracing::info!(%peer, conn = id, "closing AMQP connection ({end})");
+    if end == CLOSED_CLEANLY {
+        // After the close handshake the client closes its socket first (clients such as lapin
+        // report an error when the server's close arrives first): give it a moment.
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            let mut scratch = [0u8; 512];
+            while matches!(rd.read(&mut scratch).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+    let _ = wr.shutdown().await;
 }
 
 /// Answers a failed handshake as RabbitMQ does, then lets the socket close.
@@ -200,7 +213,7 @@ impl Connection {
         let mut shutting_down = false;
         loop {
             if self.state == ConnState::Closed && self.out.is_empty() {
-                return "closed";
+                return CLOSED_CLEANLY;
             }
             let closing_deadline = match self.state {
                 ConnState::Closing(at) => Some(at),
