@@ -37,6 +37,8 @@ mod connection;
 mod direct_reply;
 pub mod error;
 mod exchange;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod inspect;
 mod mailbox;
 mod message;

@@ -337,6 +337,36 @@ impl BrokerHandle {
         list
     }
 
+    /// Serves one client connection over any byte stream (a `tokio::io::duplex` pipe, a Unix
+    /// socket, a test double), exactly as if it had arrived over TCP: the same handshake,
+    /// limits and shutdown. `peer` names it in logs and [`BrokerHandle::connections`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// let broker = warren_broker::Broker::start(Default::default()).await.unwrap();
+    /// let (mut client, server) = tokio::io::duplex(64 * 1024);
+    /// broker.serve_stream(server, "in-memory");
+    /// client.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+    /// let mut frame_type = [0u8; 1];
+    /// client.read_exact(&mut frame_type).await.unwrap();
+    /// assert_eq!(frame_type[0], 1); // a method frame: connection.start
+    /// # }
+    /// ```
+    pub fn serve_stream<S>(&self, stream: S, peer: &str)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        self.shared.live.fetch_add(1, Ordering::Relaxed);
+        let guard = LiveGuard(self.shared.clone());
+        let shared = self.shared.clone();
+        let peer = peer.to_owned();
+        self.tracker.spawn(async move {
+            let _guard = guard;
+            connection::serve(stream, shared, peer).await;
+        });
+    }
+
     /// Every method each connection sent and received so far, in order, when the broker was
     /// started with [`BrokerConfig::trace`]; empty otherwise.
     ///
