@@ -3,13 +3,39 @@
 //! (a real RabbitMQ) instead.
 //!
 //! # Layout
-//! - [`TestBroker`]: the target of a test (embedded or external), its URL, connections and
-//!   unique names.
+//! - [`TestBroker`]: the target of a test (embedded or external), its URL, connections,
+//!   unique names (deleted again at the end on an external broker), queue counts and waits.
+//! - [`proxy`]: [`Proxy`], a TCP proxy for fault injection on either target.
+//! - [`wait`]: [`within`] and [`wait_until`], timeouts with clear failure messages.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() {
+//! use warren_harness::TestBroker;
+//! let broker = TestBroker::start().await; // embedded, or AMQP_URL
+//! let queue = broker.unique_name("jobs");
+//! let conn = broker.connect().await;
+//! // ... declare `queue`, publish 3 messages ...
+//! broker.wait_for_messages(&queue, 3).await;
+//! # let _ = conn;
+//! # }
+//! ```
 
+pub mod proxy;
+pub mod wait;
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+pub use proxy::{Flow, Proxy};
+use std::sync::Mutex;
+use std::time::Duration;
+pub use wait::{DEFAULT_TIMEOUT, wait_until, within};
 use warren_broker::{Broker, BrokerConfig, BrokerHandle};
 
 /// The environment variable that points tests at an external broker.
 pub const AMQP_URL_ENV: &str = "AMQP_URL";
+/// Set to `1` to record every AMQP method on embedded brokers and print them when a test fails.
+pub const TRACE_ENV: &str = "WARREN_TRACE";
 
 /// The broker a test runs against: an embedded Warren broker, or the one named by `AMQP_URL`.
 ///
@@ -25,6 +51,16 @@ pub const AMQP_URL_ENV: &str = "AMQP_URL";
 pub struct TestBroker {
     embedded: Option<BrokerHandle>,
     url: String,
+    /// Names handed out by [`TestBroker::unique_name`], deleted at the end on an external
+    /// broker (as queues and as exchanges), also when the test fails.
+    names: Mutex<Vec<String>>,
+    /// A connection for counts and waits, made on first use.
+    admin: tokio::sync::OnceCell<lapin::Connection>,
+}
+
+/// Whether `AMQP_URL` names an external broker.
+pub fn external_url() -> Option<String> {
+    std::env::var(AMQP_URL_ENV).ok().filter(|u| !u.is_empty())
 }
 
 impl TestBroker {
@@ -33,27 +69,32 @@ impl TestBroker {
     /// # Panics
     /// When the embedded broker cannot start: a test cannot go on without its broker.
     pub async fn start() -> Self {
-        match std::env::var(AMQP_URL_ENV) {
-            Ok(url) if !url.is_empty() => Self {
-                embedded: None,
-                url,
-            },
-            _ => Self::start_embedded(BrokerConfig::default()).await,
+        match external_url() {
+            Some(url) => Self::with_url(None, url),
+            None => Self::start_embedded(BrokerConfig::default()).await,
         }
     }
 
-    /// Starts an embedded broker with this configuration, whatever `AMQP_URL` says.
+    /// Starts an embedded broker with this configuration, whatever `AMQP_URL` says. Tests
+    /// that need it say so in their name (`embedded_only`).
     ///
     /// # Panics
     /// When the broker cannot start.
-    pub async fn start_embedded(config: BrokerConfig) -> Self {
+    pub async fn start_embedded(mut config: BrokerConfig) -> Self {
+        config.trace |= std::env::var(TRACE_ENV).is_ok_and(|v| v == "1");
         let handle = Broker::start(config)
             .await
             .expect("embedded Warren broker failed to start");
         let url = handle.url();
+        Self::with_url(Some(handle), url)
+    }
+
+    fn with_url(embedded: Option<BrokerHandle>, url: String) -> Self {
         Self {
-            embedded: Some(handle),
+            embedded,
             url,
+            names: Mutex::new(Vec::new()),
+            admin: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -62,7 +103,8 @@ impl TestBroker {
         &self.url
     }
 
-    /// The embedded broker, or `None` when the target is external.
+    /// The embedded broker (for inspection, forced closes, traces), or `None` when the target
+    /// is external.
     pub fn embedded(&self) -> Option<&BrokerHandle> {
         self.embedded.as_ref()
     }
@@ -77,16 +119,152 @@ impl TestBroker {
     /// # Panics
     /// When the connection fails within 10 seconds: the test cannot go on.
     pub async fn connect(&self) -> lapin::Connection {
-        let connect = lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default());
-        match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => panic!("cannot connect to {}: {e}", self.url),
-            Err(_) => panic!("connecting to {} timed out after 10 s", self.url),
-        }
+        connect_to(&self.url).await
     }
 
-    /// A name with a random suffix, so tests sharing one external broker never collide.
+    /// A name with a random suffix, so tests sharing one external broker never collide. On an
+    /// external broker, a queue or exchange of that name is deleted when the `TestBroker` is
+    /// dropped, even if the test failed.
     pub fn unique_name(&self, prefix: &str) -> String {
-        format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+        let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.clone());
+        name
+    }
+
+    /// A TCP proxy in front of the target, for fault injection.
+    pub async fn proxy(&self) -> Proxy {
+        Proxy::start(&self.url).await
+    }
+
+    /// Ready messages and consumers of a queue, by passive declare (both targets); `None` if
+    /// the queue does not exist.
+    pub async fn queue_counts(&self, queue: &str) -> Option<(u32, u32)> {
+        let admin = self.admin.get_or_init(|| connect_to(&self.url)).await;
+        let channel = within("an admin channel", admin.create_channel())
+            .await
+            .ok()?;
+        let declared = within(
+            "a passive queue.declare",
+            channel.queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .ok()?;
+        let _ = channel.close(200, "OK".into()).await;
+        Some((declared.message_count(), declared.consumer_count()))
+    }
+
+    /// Waits until `queue` holds exactly `n` ready messages.
+    ///
+    /// # Panics
+    /// After [`DEFAULT_TIMEOUT`], saying what was seen.
+    pub async fn wait_for_messages(&self, queue: &str, n: u32) {
+        self.wait_for_count(queue, "ready messages", n, |(ready, _)| ready)
+            .await;
+    }
+
+    /// Waits until `queue` has exactly `n` consumers.
+    ///
+    /// # Panics
+    /// After [`DEFAULT_TIMEOUT`], saying what was seen.
+    pub async fn wait_for_consumers(&self, queue: &str, n: u32) {
+        self.wait_for_count(queue, "consumers", n, |(_, consumers)| consumers)
+            .await;
+    }
+
+    async fn wait_for_count(&self, queue: &str, what: &str, n: u32, pick: fn((u32, u32)) -> u32) {
+        let goal = format!("queue '{queue}' has {n} {what}");
+        wait_until(&goal, DEFAULT_TIMEOUT, || async {
+            match self.queue_counts(queue).await {
+                Some(counts) if pick(counts) == n => Ok(()),
+                Some(counts) => Err(format!("{} {what}", pick(counts))),
+                None => Err("no such queue".to_owned()),
+            }
+        })
+        .await
+    }
+
+    /// The embedded broker's method trace, one line per method (empty unless `WARREN_TRACE=1`
+    /// or the broker was started with [`BrokerConfig::trace`]).
+    pub fn trace_text(&self) -> String {
+        let Some(handle) = &self.embedded else {
+            return String::new();
+        };
+        handle.trace().iter().map(|e| format!("{e}\n")).collect()
+    }
+}
+
+/// Connects lapin to `url` within 10 seconds.
+///
+/// # Panics
+/// When the connection fails or times out.
+pub async fn connect_to(url: &str) -> lapin::Connection {
+    let connect = lapin::Connection::connect(url, lapin::ConnectionProperties::default());
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => panic!("cannot connect to {url}: {e}"),
+        Err(_) => panic!("connecting to {url} timed out after 10 s"),
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let trace = self.trace_text();
+            if !trace.is_empty() {
+                eprintln!("--- AMQP methods seen by the embedded broker ---\n{trace}---");
+            }
+        }
+        let names = std::mem::take(self.names.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if self.embedded.is_some() || names.is_empty() {
+            return;
+        }
+        // On an external broker, delete what the test named, from a thread of its own (a
+        // test's runtime may be gone or blocked by now).
+        let url = self.url.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let connect = lapin::Connection::connect(&url, Default::default());
+                let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await
+                else {
+                    return;
+                };
+                for name in names {
+                    let deletes = async {
+                        if let Ok(ch) = conn.create_channel().await {
+                            let _ = ch
+                                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                                .await;
+                        }
+                        if let Ok(ch) = conn.create_channel().await {
+                            let _ = ch
+                                .exchange_delete(
+                                    name.as_str().into(),
+                                    ExchangeDeleteOptions::default(),
+                                )
+                                .await;
+                        }
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), deletes).await;
+                }
+                let _ = conn.close(200, "OK".into()).await;
+            });
+        });
+        let _ = cleanup.join();
     }
 }
