@@ -202,11 +202,12 @@ impl Connection {
         let heartbeat = Duration::from_secs(self.tuning.heartbeat as u64);
         // As RabbitMQ: a heartbeat every half interval when nothing else was written, and the
         // peer dropped after two intervals of silence.
-        let mut ticker = tokio::time::interval(if heartbeat.is_zero() {
+        let period = if heartbeat.is_zero() {
             Duration::from_secs(3600)
         } else {
             heartbeat / 2
-        });
+        };
+        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_read = Instant::now();
         let mut wrote_since_tick = false;
