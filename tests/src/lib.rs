@@ -62,7 +62,21 @@ pub fn amqp_error(err: &lapin::Error) -> Option<(u16, String)> {
     }
 }
 
-/// Asserts that `err` is an AMQP error with `code` and, when given, exactly `text`.
+/// A reply text as RabbitMQ sends it: texts over 255 bytes are cut to their first 252 bytes
+/// followed by `...` (a short string holds at most 255 bytes).
+pub fn wire_text(text: &str) -> String {
+    if text.len() <= 255 {
+        return text.to_owned();
+    }
+    let mut end = 252;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// Asserts that `err` is an AMQP error with `code` and, when given, exactly `text` (the full
+/// text; it is cut as RabbitMQ cuts it, see [`wire_text`]).
 ///
 /// # Panics
 /// When it is not.
@@ -72,7 +86,7 @@ pub fn assert_amqp_error(err: &lapin::Error, code: u16, text: Option<&str>) {
         Some((c, t)) => {
             assert_eq!(c, code, "reply code (text {t:?})");
             if let Some(text) = text {
-                assert_eq!(t, text, "reply text");
+                assert_eq!(t, wire_text(text), "reply text");
             }
         }
         None => panic!("expected AMQP error {code}, got {err:?}"),
@@ -287,6 +301,49 @@ pub async fn publish_with(ch: &Channel, queue: &str, body: &[u8], props: BasicPr
     )
     .await
     .unwrap_or_else(|e| panic!("basic.publish to {queue}: {e}"));
+}
+
+/// Opens a channel in confirm mode (confirm.select).
+///
+/// # Panics
+/// When channel.open or confirm.select fails.
+pub async fn confirm_channel(conn: &Connection) -> Channel {
+    let ch = channel(conn).await;
+    within(
+        "confirm.select",
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default()),
+    )
+    .await
+    .expect("confirm.select");
+    ch
+}
+
+/// Publishes on a confirm-mode channel and waits for the broker's ack, so that the message is
+/// in its queue when this returns (RabbitMQ answers a queue.declare's counts ahead of
+/// publishes still on their way, so tests that count messages publish this way).
+///
+/// # Panics
+/// When the publish fails or is not acked.
+pub async fn publish_confirmed(ch: &Channel, queue: &str, body: &[u8]) {
+    let confirm = within(
+        "basic.publish",
+        ch.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.publish to {queue}: {e}"));
+    let confirmation = within("publisher confirm", confirm)
+        .await
+        .unwrap_or_else(|e| panic!("confirm of a publish to {queue}: {e}"));
+    assert!(
+        confirmation.is_ack(),
+        "publish to {queue} not acked: {confirmation:?}"
+    );
 }
 
 /// `basic.get`, within [`TIMEOUT`]; `None` is get-empty.

@@ -450,7 +450,11 @@ impl RawClient {
             close.reply_text
         );
         if let Some(text) = text {
-            assert_eq!(close.reply_text.as_str(), text, "connection.close text");
+            assert_eq!(
+                close.reply_text.as_str(),
+                crate::wire_text(text),
+                "connection.close text"
+            );
         }
         self.send_method(
             0,
@@ -510,7 +514,11 @@ impl RawClient {
             close.reply_text
         );
         if let Some(text) = text {
-            assert_eq!(close.reply_text.as_str(), text, "channel.close text");
+            assert_eq!(
+                close.reply_text.as_str(),
+                crate::wire_text(text),
+                "channel.close text"
+            );
         }
         self.send_method(
             channel,

