@@ -359,6 +359,23 @@ pub async fn get(ch: &Channel, queue: &str, no_ack: bool) -> Option<BasicGetMess
     .unwrap_or_else(|e| panic!("basic.get {queue}: {e}"))
 }
 
+/// `basic.get` repeated until a message comes (a publish on another channel or connection may
+/// still be on its way), within [`TIMEOUT`].
+///
+/// # Panics
+/// When no message comes.
+pub async fn get_eventually(ch: &Channel, queue: &str, no_ack: bool) -> BasicGetMessage {
+    within(&format!("a message on {queue}"), async {
+        loop {
+            if let Some(m) = get(ch, queue, no_ack).await {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
 /// Gets every message in `queue` (no_ack) until get-empty, returning the bodies.
 pub async fn drain_bodies(ch: &Channel, queue: &str) -> Vec<Vec<u8>> {
     let mut out = Vec::new();

@@ -15,7 +15,7 @@ use warren_harness::TestBroker;
 use warren_tests::{
     ErrorEvents, assert_amqp_error, assert_channel_closed_only, channel, cleanup, close_conn,
     confirm_channel, consume, declare, declare_with, delete_quietly, expect_err, get,
-    next_delivery, passive, publish, publish_confirmed, within,
+    get_eventually, next_delivery, passive, publish, publish_confirmed, within,
 };
 
 fn locked_text(q: &str) -> String {
@@ -573,15 +573,7 @@ async fn exclusive_queue_is_locked_to_its_connection_with_405() {
     // Publishing to it from the other connection is allowed and routes.
     let ch = channel(&other).await;
     publish(&ch, &q, b"from the other connection").await;
-    let got = within("the message on the exclusive queue", async {
-        loop {
-            if let Some(m) = get(&och, &q, true).await {
-                return m;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let got = get_eventually(&och, &q, true).await;
     assert_eq!(got.delivery.data, b"from the other connection");
 
     // The owner may redeclare it (exclusive); without exclusive it is 405 even for the owner.
