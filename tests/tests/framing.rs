@@ -567,3 +567,120 @@ async fn consume_ok_comes_before_the_first_delivery() {
     c.delete_queue_skipping_deliveries(1, &q).await;
     c.close().await;
 }
+
+#[tokio::test]
+async fn unknown_exchange_type_is_503_command_invalid() {
+    use amq_protocol::protocol::exchange;
+    let broker = TestBroker::start().await;
+    let mut c = open1(&broker).await;
+    c.send_method(
+        1,
+        AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
+            exchange: unique("x-bad-type").as_str().into(),
+            kind: "x-no-such-type".into(),
+            passive: false,
+            durable: false,
+            auto_delete: false,
+            internal: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    let ids = c
+        .expect_connection_close_and_eof(
+            503,
+            Some("COMMAND_INVALID - unknown exchange type 'x-no-such-type'"),
+        )
+        .await;
+    assert_eq!(ids, (40, 10));
+}
+
+#[tokio::test]
+async fn publish_with_immediate_is_540() {
+    let broker = TestBroker::start().await;
+    let mut c = open1(&broker).await;
+    c.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "anything".into(),
+            mandatory: false,
+            immediate: true,
+        })),
+    )
+    .await;
+    c.send_header(1, 1, Default::default()).await;
+    c.send_body(1, b"i").await;
+    let ids = c
+        .expect_connection_close_and_eof(540, Some("NOT_IMPLEMENTED - immediate=true"))
+        .await;
+    assert_eq!(ids, (60, 40));
+}
+
+#[tokio::test]
+async fn message_over_the_default_128_mib_limit_is_406_on_the_channel() {
+    let broker = TestBroker::start().await;
+    let mut c = open1(&broker).await;
+    c.open_channel(2).await;
+    let size: u64 = 128 * 1024 * 1024 + 1;
+    c.send_method(1, publish_method("nowhere")).await;
+    c.send_header(1, size, Default::default()).await;
+    // Body frames written straight from one buffer (131064 bytes of payload each).
+    let chunk = 131_064usize;
+    let full = raw_frame(3, 1, &vec![b'm'; chunk], 0xCE);
+    let mut left = size as usize;
+    while left >= chunk {
+        c.send_bytes(&full).await;
+        left -= chunk;
+    }
+    if left > 0 {
+        c.send_bytes(&raw_frame(3, 1, &vec![b'm'; left], 0xCE))
+            .await;
+    }
+    let ids = c
+        .expect_channel_close(
+            1,
+            406,
+            Some(
+                "PRECONDITION_FAILED - message size 134217729 is larger than configured max \
+                 size 134217728",
+            ),
+        )
+        .await;
+    assert_eq!(ids, (60, 40));
+    // Channel scope: the other channel and the connection go on.
+    let q = unique("after-oversize");
+    c.declare_queue(2, &q).await;
+    c.delete_queue(2, &q).await;
+    c.close().await;
+}
+
+#[tokio::test]
+async fn a_method_on_a_channel_closed_by_the_client_is_504() {
+    let broker = TestBroker::start().await;
+    let mut c = open1(&broker).await;
+    let reply = c
+        .rpc(
+            1,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: 200,
+                reply_text: "done".into(),
+                class_id: 0,
+                method_id: 0,
+            })),
+        )
+        .await;
+    assert!(
+        matches!(
+            reply,
+            AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)))
+        ),
+        "got {reply:?}"
+    );
+    c.send_method(1, qos(1)).await;
+    let ids = c
+        .expect_connection_close_and_eof(504, Some("CHANNEL_ERROR - expected 'channel.open'"))
+        .await;
+    assert_eq!(ids, (60, 10));
+}
