@@ -239,9 +239,13 @@ async fn embedded_only_shutdown_closes_connections_with_320() {
     warren_tests::assert_amqp_error(&err, 320, None);
     within("shutdown", shutdown).await.expect("shutdown task");
     // Nothing listens any more.
-    let refused = tokio::net::TcpStream::connect(
-        url.trim_start_matches("amqp://guest:guest@")
-            .trim_end_matches("/%2F"),
+    let addr = url
+        .trim_start_matches("amqp://guest:guest@")
+        .trim_end_matches("/%2F")
+        .to_owned();
+    let refused = within(
+        "connect after shutdown",
+        tokio::net::TcpStream::connect(addr),
     )
     .await;
     assert!(refused.is_err(), "the listener is closed after shutdown");

@@ -392,3 +392,26 @@ async fn lapin_connects_and_closes_cleanly() {
         .expect("connection.close");
     close_conn(&conn).await;
 }
+
+#[tokio::test]
+async fn tune_ok_heartbeat_is_taken_as_sent() {
+    // The server offers 60 s; the client may answer 0 (off) or even more than offered.
+    let broker = TestBroker::start().await;
+    let runs = [0u16, 120].map(|heartbeat| {
+        let url = broker.url().to_owned();
+        async move {
+            let hs = Handshake {
+                heartbeat,
+                ..Handshake::from_url(&url)
+            };
+            let mut c = RawClient::open_with(&url, hs).await;
+            // No heartbeat within 1.5 s (with heartbeat=1 there would be several).
+            if let Ok(got) = tokio::time::timeout(Duration::from_millis(1500), c.recv_any()).await {
+                panic!("heartbeat={heartbeat}: expected silence, got {got:?}");
+            }
+            c.open_channel(1).await;
+            c.close().await;
+        }
+    });
+    futures_util::future::join_all(runs).await;
+}
