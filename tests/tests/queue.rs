@@ -222,11 +222,12 @@ async fn empty_name_on_a_channel_that_declared_nothing_is_404() {
 
     // Passive declare of "" never uses the shortcut, even right after a declare.
     let ch = channel(&conn).await;
-    declare(&ch, "").await;
+    let last = declare(&ch, "").await;
     let err = expect_err("passive \"\"", passive(&ch, "").await);
     assert_amqp_error(&err, 404, Some("NOT_FOUND - no queue '' in vhost '/'"));
     assert_channel_closed_only(&conn, &ch).await;
 
+    delete_quietly(&declaring, last.name().as_str()).await;
     delete_quietly(&declaring, other.name().as_str()).await;
     close_conn(&conn).await;
 }
