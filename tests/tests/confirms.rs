@@ -60,7 +60,7 @@ impl Pending {
 }
 
 #[tokio::test]
-async fn confirm_select_then_every_publish_is_acked_in_order() {
+async fn confirm_select_then_every_publish_is_acked_exactly_once() {
     let broker = TestBroker::start().await;
     let mut c = RawClient::open(broker.url()).await;
     c.open_channel(1).await;
