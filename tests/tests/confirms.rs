@@ -1,5 +1,6 @@
-//! Publisher confirms: confirm.select, a basic.ack (possibly `multiple`) covering every publish
-//! in order, and the basic.return of an unroutable mandatory publish written before its ack.
+//! Publisher confirms: confirm.select, exactly one basic.ack (possibly `multiple`) for every
+//! publish (RabbitMQ may ack out of order; in-order acking also passes), and the basic.return of
+//! an unroutable mandatory publish written before its ack.
 
 use amq_protocol::{
     frame::AMQPFrame,
