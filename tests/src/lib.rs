@@ -1,1 +1,443 @@
-//! placeholder
+//! Shared helpers for Warren's integration tests. Every test runs against the embedded Warren
+//! broker, or against the broker named by `AMQP_URL` (a real RabbitMQ 3.10, the oracle).
+//!
+//! # Layout
+//! - this file: timeouts ([`within`]), lapin error inspection ([`amqp_error`],
+//!   [`assert_amqp_error`]), scope checks ([`assert_channel_closed_only`],
+//!   [`assert_connection_closed`]), small lapin shortcuts ([`publish`], [`declare`], ...).
+//! - [`raw`]: a tiny raw-socket AMQP client built on amq-protocol's `gen_frame`/`parse_frame`,
+//!   for the handshake and framing details lapin hides.
+//! - [`proxy`]: a TCP proxy whose connections can be cut, to drop a lapin client's socket.
+
+pub mod proxy;
+pub mod raw;
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection, Consumer, Event,
+    message::{BasicGetMessage, Delivery},
+    options::{
+        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use std::{future::Future, time::Duration};
+
+/// The longest any single network wait may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Awaits `fut`, failing the test when it takes longer than [`TIMEOUT`].
+///
+/// # Panics
+/// On timeout, naming `what`.
+pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(TIMEOUT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {TIMEOUT:?} waiting for {what}"),
+    }
+}
+
+/// Whether `AMQP_URL` points the tests at an external broker.
+pub fn external() -> bool {
+    std::env::var(warren_harness::AMQP_URL_ENV).is_ok_and(|u| !u.is_empty())
+}
+
+/// For tests that only make sense on the embedded broker: prints `skipped: embedded only` and
+/// returns `true` when `AMQP_URL` is set (the caller then returns early).
+pub fn skip_if_external() -> bool {
+    if external() {
+        println!("skipped: embedded only");
+        true
+    } else {
+        false
+    }
+}
+
+/// The AMQP reply code and text carried by a lapin error, if it is a protocol error.
+pub fn amqp_error(err: &lapin::Error) -> Option<(u16, String)> {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
+        _ => None,
+    }
+}
+
+/// A reply text as RabbitMQ sends it: texts over 255 bytes are cut to their first 252 bytes
+/// followed by `...` (a short string holds at most 255 bytes).
+pub fn wire_text(text: &str) -> String {
+    if text.len() <= 255 {
+        return text.to_owned();
+    }
+    let mut end = 252;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// Asserts that `err` is an AMQP error with `code` and, when given, exactly `text` (the full
+/// text; it is cut as RabbitMQ cuts it, see [`wire_text`]).
+///
+/// # Panics
+/// When it is not.
+#[track_caller]
+pub fn assert_amqp_error(err: &lapin::Error, code: u16, text: Option<&str>) {
+    match amqp_error(err) {
+        Some((c, t)) => {
+            assert_eq!(c, code, "reply code (text {t:?})");
+            if let Some(text) = text {
+                assert_eq!(t, wire_text(text), "reply text");
+            }
+        }
+        None => panic!("expected AMQP error {code}, got {err:?}"),
+    }
+}
+
+/// Unwraps the error of `res`, panicking with `what` when it succeeded.
+///
+/// # Panics
+/// When `res` is `Ok`.
+#[track_caller]
+pub fn expect_err<T: std::fmt::Debug>(what: &str, res: lapin::Result<T>) -> lapin::Error {
+    match res {
+        Ok(v) => panic!("{what}: expected an error, got Ok({v:?})"),
+        Err(e) => e,
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds, failing the test after [`TIMEOUT`].
+///
+/// # Panics
+/// On timeout, naming `what`.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// A listener for the connection's events, to catch errors of asynchronous methods (ack,
+/// publish) that have no reply of their own. Create it *before* the failing method.
+pub struct ErrorEvents(std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>);
+
+impl ErrorEvents {
+    /// Starts listening on `conn`.
+    pub fn new(conn: &Connection) -> Self {
+        Self(Box::pin(conn.events_listener()))
+    }
+
+    /// The next error event: the close of a channel or of the connection by the server.
+    ///
+    /// # Panics
+    /// When none comes within [`TIMEOUT`].
+    pub async fn next_error(&mut self) -> lapin::Error {
+        within("an error event (channel.close/connection.close)", async {
+            loop {
+                match self.0.next().await {
+                    Some(Event::Error(e)) => return e,
+                    Some(_) => continue,
+                    None => panic!("event stream ended without an error"),
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Asserts the scope of a channel error: `ch` is closed, the connection still works (a new
+/// channel can declare, publish to and get from a queue).
+///
+/// # Panics
+/// When the channel stays open or the connection does not work.
+pub async fn assert_channel_closed_only(conn: &Connection, ch: &Channel) {
+    wait_until("the channel to be closed by the server", || {
+        !ch.status().connected()
+    })
+    .await;
+    assert!(
+        conn.status().connected(),
+        "a channel error must not close the connection"
+    );
+    assert_connection_works(conn).await;
+}
+
+/// Asserts that `conn` can still open a channel and move a message through a fresh queue.
+///
+/// # Panics
+/// When it cannot.
+pub async fn assert_connection_works(conn: &Connection) {
+    let ch = within("create_channel", conn.create_channel())
+        .await
+        .expect("open a new channel on a connection that must still work");
+    let q = within(
+        "queue.declare",
+        ch.queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("declare on the still-working connection");
+    publish(&ch, q.name().as_str(), b"still alive").await;
+    let got = get(&ch, q.name().as_str(), true)
+        .await
+        .expect("the message just published");
+    assert_eq!(got.delivery.data, b"still alive");
+    within("channel.close", ch.close(200, "OK".into()))
+        .await
+        .expect("close the probe channel");
+}
+
+/// Asserts that the server closed `conn` (a connection-level error), and that it stays
+/// unusable.
+///
+/// # Panics
+/// When the connection is still open after [`TIMEOUT`].
+pub async fn assert_connection_closed(conn: &Connection) {
+    wait_until("the connection to be closed by the server", || {
+        !conn.status().connected()
+    })
+    .await;
+    assert!(
+        within("create_channel", conn.create_channel())
+            .await
+            .is_err(),
+        "a closed connection must refuse new channels"
+    );
+}
+
+/// Declares a plain (non-durable, non-exclusive) queue named `name`.
+///
+/// # Panics
+/// When the declare fails.
+pub async fn declare(ch: &Channel, name: &str) -> lapin::Queue {
+    declare_with(
+        ch,
+        name,
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("queue.declare {name}: {e}"))
+}
+
+/// `queue.declare` with options and arguments, within [`TIMEOUT`].
+pub async fn declare_with(
+    ch: &Channel,
+    name: &str,
+    options: QueueDeclareOptions,
+    args: FieldTable,
+) -> lapin::Result<lapin::Queue> {
+    within(
+        "queue.declare",
+        ch.queue_declare(name.into(), options, args),
+    )
+    .await
+}
+
+/// `queue.declare passive`, within [`TIMEOUT`].
+pub async fn passive(ch: &Channel, name: &str) -> lapin::Result<lapin::Queue> {
+    declare_with(
+        ch,
+        name,
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Deletes a queue (cleanup), within [`TIMEOUT`]; errors are ignored.
+pub async fn delete_quietly(ch: &Channel, name: &str) {
+    let _ = within(
+        "queue.delete",
+        ch.queue_delete(name.into(), QueueDeleteOptions::default()),
+    )
+    .await;
+}
+
+/// Cleans up `names` on a fresh connection (the test's own may be closed by then).
+pub async fn cleanup(broker: &warren_harness::TestBroker, names: &[&str]) {
+    let conn = broker.connect().await;
+    let ch = within("create_channel", conn.create_channel())
+        .await
+        .expect("cleanup channel");
+    for name in names {
+        delete_quietly(&ch, name).await;
+    }
+    close_conn(&conn).await;
+}
+
+/// Publishes `body` to the default exchange with routing key `queue`.
+///
+/// # Panics
+/// When the publish cannot be written.
+pub async fn publish(ch: &Channel, queue: &str, body: &[u8]) {
+    publish_with(ch, queue, body, BasicProperties::default()).await;
+}
+
+/// Publishes `body` with `props` to the default exchange with routing key `queue`.
+///
+/// # Panics
+/// When the publish cannot be written.
+pub async fn publish_with(ch: &Channel, queue: &str, body: &[u8], props: BasicProperties) {
+    within(
+        "basic.publish",
+        ch.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.publish to {queue}: {e}"));
+}
+
+/// Opens a channel in confirm mode (confirm.select).
+///
+/// # Panics
+/// When channel.open or confirm.select fails.
+pub async fn confirm_channel(conn: &Connection) -> Channel {
+    let ch = channel(conn).await;
+    within(
+        "confirm.select",
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default()),
+    )
+    .await
+    .expect("confirm.select");
+    ch
+}
+
+/// Publishes on a confirm-mode channel and waits for the broker's ack, so that the message is
+/// in its queue when this returns (RabbitMQ answers a queue.declare's counts ahead of
+/// publishes still on their way, so tests that count messages publish this way).
+///
+/// # Panics
+/// When the publish fails or is not acked.
+pub async fn publish_confirmed(ch: &Channel, queue: &str, body: &[u8]) {
+    let confirm = within(
+        "basic.publish",
+        ch.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.publish to {queue}: {e}"));
+    let confirmation = within("publisher confirm", confirm)
+        .await
+        .unwrap_or_else(|e| panic!("confirm of a publish to {queue}: {e}"));
+    assert!(
+        confirmation.is_ack(),
+        "publish to {queue} not acked: {confirmation:?}"
+    );
+}
+
+/// `basic.get`, within [`TIMEOUT`]; `None` is get-empty.
+///
+/// # Panics
+/// When the get fails.
+pub async fn get(ch: &Channel, queue: &str, no_ack: bool) -> Option<BasicGetMessage> {
+    within(
+        "basic.get",
+        ch.basic_get(queue.into(), BasicGetOptions { no_ack }),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.get {queue}: {e}"))
+}
+
+/// `basic.get` repeated until a message comes (a publish on another channel or connection may
+/// still be on its way), within [`TIMEOUT`].
+///
+/// # Panics
+/// When no message comes.
+pub async fn get_eventually(ch: &Channel, queue: &str, no_ack: bool) -> BasicGetMessage {
+    within(&format!("a message on {queue}"), async {
+        loop {
+            if let Some(m) = get(ch, queue, no_ack).await {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+/// Gets every message in `queue` (no_ack) until get-empty, returning the bodies.
+pub async fn drain_bodies(ch: &Channel, queue: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(m) = get(ch, queue, true).await {
+        out.push(m.delivery.data);
+    }
+    out
+}
+
+/// Starts a consumer with a server-generated tag.
+///
+/// # Panics
+/// When basic.consume fails.
+pub async fn consume(ch: &Channel, queue: &str, no_ack: bool) -> Consumer {
+    within(
+        "basic.consume",
+        ch.basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.consume {queue}: {e}"))
+}
+
+/// The next delivery of `consumer`.
+///
+/// # Panics
+/// When none comes within [`TIMEOUT`], or the consumer ends or errors.
+pub async fn next_delivery(consumer: &mut Consumer) -> Delivery {
+    within("a delivery", consumer.next())
+        .await
+        .expect("consumer ended while a delivery was expected")
+        .expect("consumer error while a delivery was expected")
+}
+
+/// Asserts that `consumer` receives nothing during `quiet` (a negative check: keep it short).
+///
+/// # Panics
+/// When a delivery (or the end of the consumer) arrives.
+pub async fn assert_no_delivery(consumer: &mut Consumer, quiet: Duration) {
+    if let Ok(item) = tokio::time::timeout(quiet, consumer.next()).await {
+        panic!("expected no delivery for {quiet:?}, got {item:?}");
+    }
+}
+
+/// Closes a connection cleanly (200), within [`TIMEOUT`], ignoring errors (it may be gone).
+pub async fn close_conn(conn: &Connection) {
+    let _ = within("connection.close", conn.close(200, "OK".into())).await;
+}
+
+/// Opens a channel, within [`TIMEOUT`].
+///
+/// # Panics
+/// When channel.open fails.
+pub async fn channel(conn: &Connection) -> Channel {
+    within("create_channel", conn.create_channel())
+        .await
+        .expect("channel.open")
+}
