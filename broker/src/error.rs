@@ -151,13 +151,17 @@ impl fmt::Display for AmqpError {
 
 impl std::error::Error for AmqpError {}
 
-/// A short string from any text, cut to 255 bytes on a character boundary.
+/// A short string from any text, cut as RabbitMQ cuts reply texts: a text over 255 bytes
+/// becomes its first 252 bytes (on a character boundary) and `...`.
 pub(crate) fn short_string_lossy(text: &str) -> ShortString {
-    let mut end = text.len().min(255);
+    if text.len() <= 255 {
+        return ShortString::try_new(text).expect("at most 255 bytes");
+    }
+    let mut end = 252;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    ShortString::try_new(&text[..end]).expect("cut to 255 bytes")
+    ShortString::try_new(format!("{}...", &text[..end])).expect("cut to 255 bytes")
 }
 
 /// Result of a handler.

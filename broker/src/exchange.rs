@@ -1,4 +1,4 @@
-//! Exchanges and routing. The default exchange (`""`, alias `amq.default`) routes to the queue
+//! Exchanges and routing. The default exchange (`""`) routes to the queue
 //! named by the routing key; the `amq.*` exchanges RabbitMQ predeclares exist too.
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -75,7 +75,6 @@ impl Exchange {
 pub(crate) fn builtin_exchanges() -> Vec<(&'static str, Exchange)> {
     vec![
         ("", Exchange::builtin(ExchangeKind::Direct)),
-        ("amq.default", Exchange::builtin(ExchangeKind::Direct)),
         ("amq.direct", Exchange::builtin(ExchangeKind::Direct)),
         ("amq.fanout", Exchange::builtin(ExchangeKind::Fanout)),
         ("amq.topic", Exchange::builtin(ExchangeKind::Topic)),
@@ -84,9 +83,10 @@ pub(crate) fn builtin_exchanges() -> Vec<(&'static str, Exchange)> {
     ]
 }
 
-/// Whether this name is the default exchange.
+/// Whether this name is the default exchange (RabbitMQ 3.10 knows no `amq.default` alias:
+/// publishing there is 404).
 pub(crate) fn is_default(name: &str) -> bool {
-    name.is_empty() || name == "amq.default"
+    name.is_empty()
 }
 
 /// A binding from an exchange to a queue.

@@ -331,6 +331,14 @@ impl Connection {
         if let Some(expiration) = content.properties.expiration() {
             parse_expiration(expiration.as_str()).map_err(AmqpError::precondition_failed)?;
         }
+        if let Some(user_id) = content.properties.user_id()
+            && user_id.as_str() != self.tuning.user
+        {
+            return Err(AmqpError::precondition_failed(format!(
+                "user_id property set to '{user_id}' but authenticated user was '{}'",
+                self.tuning.user
+            )));
+        }
         let mut content = content;
         if content
             .properties
