@@ -7,9 +7,7 @@
 //!   [`assert_connection_closed`]), small lapin shortcuts ([`publish`], [`declare`], ...).
 //! - [`raw`]: a tiny raw-socket AMQP client built on amq-protocol's `gen_frame`/`parse_frame`,
 //!   for the handshake and framing details lapin hides.
-//! - [`proxy`]: a TCP proxy whose connections can be cut, to drop a lapin client's socket.
 
-pub mod proxy;
 pub mod raw;
 
 use futures_util::StreamExt;
@@ -22,36 +20,16 @@ use lapin::{
     },
     types::FieldTable,
 };
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 /// The longest any single network wait may take before the test fails.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Awaits `fut`, failing the test when it takes longer than [`TIMEOUT`].
-///
-/// # Panics
-/// On timeout, naming `what`.
-pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(TIMEOUT, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {TIMEOUT:?} waiting for {what}"),
-    }
-}
+pub use warren_harness::DEFAULT_TIMEOUT as TIMEOUT;
+/// Awaits a future, failing the test when it takes longer than [`TIMEOUT`].
+pub use warren_harness::within;
 
 /// Whether `AMQP_URL` points the tests at an external broker.
 pub fn external() -> bool {
     std::env::var(warren_harness::AMQP_URL_ENV).is_ok_and(|u| !u.is_empty())
-}
-
-/// For tests that only make sense on the embedded broker: prints `skipped: embedded only` and
-/// returns `true` when `AMQP_URL` is set (the caller then returns early).
-pub fn skip_if_external() -> bool {
-    if external() {
-        println!("skipped: embedded only");
-        true
-    } else {
-        false
-    }
 }
 
 /// The AMQP reply code and text carried by a lapin error, if it is a protocol error.

@@ -10,8 +10,8 @@ use std::time::Duration;
 use warren_harness::TestBroker;
 use warren_tests::{
     ErrorEvents, assert_amqp_error, assert_channel_closed_only, channel, close_conn,
-    confirm_channel, consume, declare, delete_quietly, get, next_delivery, passive, proxy::Proxy,
-    publish, publish_confirmed, within,
+    confirm_channel, consume, declare, delete_quietly, get, next_delivery, passive, publish,
+    publish_confirmed, within,
 };
 
 /// A queue with `n` messages (bodies 0..n, one byte each), published with confirms.
@@ -480,7 +480,7 @@ async fn a_dropped_socket_loses_no_message() {
         .expect("all confirmed");
 
     // A consumer behind a proxy takes messages with no prefetch limit and acks the first 100.
-    let proxy = Proxy::start(broker.url()).await;
+    let proxy = warren_harness::Proxy::start(broker.url()).await;
     let victim = within(
         "connect through the proxy",
         lapin::Connection::connect(proxy.url(), lapin::ConnectionProperties::default()),
@@ -495,7 +495,7 @@ async fn a_dropped_socket_loses_no_message() {
     ack(&vch, 100, true).await;
     sync(&vch).await;
     // The socket dies: no channel.close, no connection.close.
-    proxy.cut_all();
+    proxy.sever_all();
     wait_ready(&keeper, &q, total - 100).await;
     let check = channel(&keeper).await;
     let mut bodies = Vec::new();

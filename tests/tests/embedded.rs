@@ -12,14 +12,12 @@ use warren_harness::TestBroker;
 use warren_tests::{
     assert_connection_works, close_conn,
     raw::{Handshake, Incoming, RawClient},
-    skip_if_external, within,
+    within,
 };
 
 #[tokio::test]
+#[cfg_attr(warren_external, ignore = "embedded only")]
 async fn embedded_only_tune_offers_the_configured_limits() {
-    if skip_if_external() {
-        return;
-    }
     let broker = TestBroker::start_embedded(BrokerConfig {
         frame_max: 8192,
         channel_max: 16,
@@ -56,10 +54,8 @@ async fn embedded_only_tune_offers_the_configured_limits() {
 }
 
 #[tokio::test]
+#[cfg_attr(warren_external, ignore = "embedded only")]
 async fn embedded_only_message_over_max_size_is_406() {
-    if skip_if_external() {
-        return;
-    }
     let broker = TestBroker::start_embedded(BrokerConfig {
         max_message_size: 1024,
         ..BrokerConfig::default()
@@ -91,10 +87,8 @@ async fn embedded_only_message_over_max_size_is_406() {
 }
 
 #[tokio::test]
+#[cfg_attr(warren_external, ignore = "embedded only")]
 async fn embedded_only_heartbeat_offer_of_one_second_drops_a_silent_client() {
-    if skip_if_external() {
-        return;
-    }
     let broker = TestBroker::start_embedded(BrokerConfig {
         heartbeat: Duration::from_secs(1),
         ..BrokerConfig::default()
@@ -129,10 +123,8 @@ async fn embedded_only_heartbeat_offer_of_one_second_drops_a_silent_client() {
 }
 
 #[tokio::test]
+#[cfg_attr(warren_external, ignore = "embedded only")]
 async fn embedded_only_handshake_timeout_closes_a_stalled_client() {
-    if skip_if_external() {
-        return;
-    }
     let broker = TestBroker::start_embedded(BrokerConfig {
         handshake_timeout: Duration::from_millis(300),
         ..BrokerConfig::default()
@@ -160,10 +152,8 @@ async fn embedded_only_handshake_timeout_closes_a_stalled_client() {
 }
 
 #[tokio::test]
+#[cfg_attr(warren_external, ignore = "embedded only")]
 async fn embedded_only_connections_over_the_limit_are_closed_at_once() {
-    if skip_if_external() {
-        return;
-    }
     let broker = TestBroker::start_embedded(BrokerConfig {
         max_connections: Some(1),
         ..BrokerConfig::default()
@@ -194,10 +184,8 @@ async fn embedded_only_connections_over_the_limit_are_closed_at_once() {
 }
 
 #[tokio::test]
+#[cfg_attr(warren_external, ignore = "embedded only")]
 async fn embedded_only_shutdown_closes_connections_with_320() {
-    if skip_if_external() {
-        return;
-    }
     let handle = Broker::start(BrokerConfig::default())
         .await
         .expect("start an embedded broker");

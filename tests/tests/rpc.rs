@@ -5,12 +5,12 @@
 //!
 //! Every test uses queues of its own (unique names) and deletes them; every network wait is
 //! bounded by [`WAIT`]. "Killing" a server or dropping a client's connection goes through
-//! [`Proxy`], a TCP relay the test can cut, so the broker sees a socket closing without any
+//! [`Proxy`] (the harness's), a TCP relay the test can cut, so the broker sees a socket closing without any
 //! AMQP close, as when a process dies.
 
 use futures_util::future::join_all;
 use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection,
     options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
@@ -24,12 +24,8 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use tokio::{
-    io::copy_bidirectional,
-    net::{TcpListener, TcpStream},
-    sync::{Barrier, mpsc, oneshot, watch},
-};
-use warren_harness::TestBroker;
+use tokio::sync::{Barrier, mpsc, oneshot};
+use warren_harness::{Proxy, TestBroker, connect_to};
 use warren_rpc::{
     ClientConfig, Handler, HandlerError, RpcClient, RpcError, RpcServer, ServerConfig,
     fib::{self, FibHandler},
@@ -269,67 +265,6 @@ impl Switchboard {
                 Ok::<_, HandlerError>(format!("re:{body}").into_bytes())
             }
         }
-    }
-}
-
-/// A TCP relay to the broker that the test can cut, closing every relayed socket at once
-/// without any AMQP close: to the broker and to the client it looks like the other side died.
-struct Proxy {
-    url: String,
-    cut: watch::Sender<bool>,
-}
-
-impl Proxy {
-    async fn start(broker_url: &str) -> Self {
-        // amqp://user:pass@host:port/vhost: swap host:port for the relay's address.
-        let (scheme, rest) = broker_url.split_once("://").expect("URL has a scheme");
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(authority_end);
-        let (userinfo, upstream) = match authority.rsplit_once('@') {
-            Some((userinfo, host_port)) => (format!("{userinfo}@"), host_port.to_owned()),
-            None => (String::new(), authority.to_owned()),
-        };
-        let upstream = if upstream.contains(':') {
-            upstream
-        } else {
-            format!("{upstream}:5672")
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let url = format!(
-            "{scheme}://{userinfo}{}{path}",
-            listener.local_addr().expect("relay address")
-        );
-        let (cut, cut_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                let mut cut_rx = cut_rx.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.wait_for(|cut| *cut) => {}
-                    }
-                    // Both sockets drop here: closed under both peers' feet.
-                });
-            }
-        });
-        Self { url, cut }
-    }
-
-    async fn connect(&self) -> Connection {
-        within(
-            "connecting through the relay",
-            Connection::connect(&self.url, ConnectionProperties::default()),
-        )
-        .await
-        .expect("connect through the relay")
-    }
-
-    fn cut(&self) {
-        self.cut.send_replace(true);
     }
 }
 
@@ -791,7 +726,7 @@ async fn a_server_killed_mid_call_has_its_request_served_by_another() {
     let doomed = within(
         "server start",
         RpcServer::start(
-            &proxy.connect().await,
+            &connect_to(proxy.url()).await,
             f.server_config(1),
             doomed_board.handler(),
         ),
@@ -813,7 +748,7 @@ async fn a_server_killed_mid_call_has_its_request_served_by_another() {
     // A second server, then the first dies holding the request: it is redelivered.
     let (board, mut arrivals) = Switchboard::new();
     let survivor = f.server(1, board.handler()).await;
-    proxy.cut();
+    proxy.sever_all();
     assert_eq!(arrivals.next().await, "hold-1");
     board.release("hold-1");
     let reply = within("reply from the survivor", call)
@@ -835,7 +770,11 @@ async fn a_server_killed_mid_call_with_no_other_server_means_a_timeout() {
     let (board, mut arrivals) = Switchboard::new();
     let doomed = within(
         "server start",
-        RpcServer::start(&proxy.connect().await, f.server_config(1), board.handler()),
+        RpcServer::start(
+            &connect_to(proxy.url()).await,
+            f.server_config(1),
+            board.handler(),
+        ),
     )
     .await
     .expect("server starts");
@@ -847,7 +786,7 @@ async fn a_server_killed_mid_call_with_no_other_server_means_a_timeout() {
         async move { client.call_with_timeout("hold-1", timeout).await }
     });
     assert_eq!(arrivals.next().await, "hold-1");
-    proxy.cut();
+    proxy.sever_all();
     let outcome = within("the call ends", call).await.expect("call task");
     assert_eq!(outcome, Err(RpcError::Timeout(timeout)));
     drop(doomed);
@@ -871,7 +810,7 @@ async fn a_dropped_connection_fails_every_pending_call_promptly() {
     let client = within(
         "client start",
         RpcClient::new(
-            &proxy.connect().await,
+            &connect_to(proxy.url()).await,
             ClientConfig {
                 timeout: long,
                 ..f.client_config()
@@ -892,7 +831,7 @@ async fn a_dropped_connection_fails_every_pending_call_promptly() {
     }
     assert_eq!(client.stats().pending, CALLS);
     let started = Instant::now();
-    proxy.cut();
+    proxy.sever_all();
     for call in calls {
         let outcome = within("the call fails", call).await.expect("call task");
         assert!(

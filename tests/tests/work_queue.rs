@@ -9,7 +9,7 @@ use std::time::Duration;
 use warren_harness::TestBroker;
 use warren_tests::{
     assert_no_delivery, channel, close_conn, confirm_channel, consume, declare, delete_quietly,
-    next_delivery, passive, proxy::Proxy, publish_confirmed, within,
+    next_delivery, passive, publish_confirmed, within,
 };
 
 /// A queue holding `n` one-byte messages 0..n (published with confirms, so they are there).
@@ -201,7 +201,7 @@ async fn a_dead_workers_message_is_redelivered_to_another_worker() {
     let q = filled(&broker, &conn, "dead-worker", 5).await;
 
     // Worker A connects through a proxy so that its socket can be cut.
-    let proxy = Proxy::start(broker.url()).await;
+    let proxy = warren_harness::Proxy::start(broker.url()).await;
     let a_conn = within(
         "connect through the proxy",
         lapin::Connection::connect(proxy.url(), lapin::ConnectionProperties::default()),
@@ -228,7 +228,7 @@ async fn a_dead_workers_message_is_redelivered_to_another_worker() {
             .expect("ack");
     }
     // A dies holding message 0: B gets it, marked redelivered.
-    proxy.cut_all();
+    proxy.sever_all();
     let d = next_delivery(&mut b).await;
     assert_eq!(d.data, [0]);
     assert!(d.redelivered, "a requeued message is marked redelivered");
