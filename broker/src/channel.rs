@@ -151,6 +151,8 @@ pub(crate) struct Channel {
     pub(crate) credit: Arc<ChannelCredit>,
     /// Publisher confirms: the sequence number of the next publish, once confirm.select.
     pub(crate) next_confirm: Option<u64>,
+    /// Publishes handled but not yet confirmed: the first and last sequence numbers.
+    pub(crate) confirm_due: Option<(u64, u64)>,
     /// The last queue declared on this channel, for the empty-name shortcut.
     pub(crate) last_queue: Option<ShortString>,
     /// Transactional (tx.select): what waits for tx.commit.
@@ -171,6 +173,7 @@ impl Channel {
             consumer_prefetch: 0,
             credit: Arc::default(),
             next_confirm: None,
+            confirm_due: None,
             last_queue: None,
             tx: None,
             reply_address: None,

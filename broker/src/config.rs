@@ -52,7 +52,8 @@ pub struct BrokerConfig {
     pub users: Vec<User>,
     /// Largest frame the broker accepts or sends, in bytes (offered in connection.tune).
     pub frame_max: u32,
-    /// Highest channel number a client may open (offered in connection.tune).
+    /// Most channels a connection may have open at once (offered in connection.tune;
+    /// RabbitMQ counts open channels, it does not check channel numbers).
     pub channel_max: u16,
     /// Heartbeat interval offered in connection.tune; zero disables heartbeats.
     pub heartbeat: Duration,

@@ -26,7 +26,7 @@ struct Args {
     /// Largest frame in bytes, offered in connection.tune (RabbitMQ's default).
     #[arg(long, default_value_t = 131_072)]
     frame_max: u32,
-    /// Highest channel number, offered in connection.tune.
+    /// Most channels open at once on one connection, offered in connection.tune.
     #[arg(long, default_value_t = 2047)]
     channel_max: u16,
     /// Heartbeat interval in seconds offered in connection.tune (0 disables).

@@ -67,6 +67,8 @@ pub(crate) struct Connection {
     pub(crate) state: ConnState,
     /// Open channels, published for inspection.
     pub(crate) channel_count: Arc<AtomicUsize>,
+    /// Channels with publisher confirms to send once the current batch of frames is handled.
+    pub(crate) confirms_due: Vec<u16>,
 }
 
 /// Serves one client connection over any byte stream until it ends, then returns its
@@ -114,6 +116,7 @@ where
         mailbox,
         state: ConnState::Open,
         channel_count,
+        confirms_due: Vec::new(),
     };
     let end = conn
         .run(&mut rd, &mut wr, &mut rbuf, &mut inbox, &shutdown)
@@ -279,11 +282,13 @@ impl Connection {
         loop {
             if self.state == ConnState::Closed {
                 rbuf.clear();
+                self.flush_confirms();
                 return;
             }
             match codec::decode(rbuf, self.tuning.frame_max) {
                 Ok(Some(frame)) => self.handle_frame(frame),
                 Ok(None) => {
+                    self.flush_confirms();
                     self.channel_count
                         .store(self.channels.len(), Ordering::Relaxed);
                     return;
@@ -291,6 +296,7 @@ impl Connection {
                 Err(e) => {
                     // The stream cannot be resynchronised after a framing error.
                     rbuf.clear();
+                    self.flush_confirms();
                     self.close_connection(e);
                     return;
                 }
@@ -367,6 +373,8 @@ impl Connection {
 
     /// Reports an error in its scope: channel.close, or connection.close.
     fn fail(&mut self, channel: u16, e: AmqpError) {
+        // Publishes handled before the error are confirmed before the close.
+        self.flush_confirms();
         if e.is_connection_error() || channel == 0 {
             self.close_connection(e);
         } else {

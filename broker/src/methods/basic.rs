@@ -418,17 +418,45 @@ impl Connection {
         }
         let channel = self.channel_mut(ch);
         if let Some(seq) = channel.next_confirm {
+            // Confirmed once the frames read in this batch are handled: one ack with
+            // `multiple` covers a run of publishes (as RabbitMQ batches them).
             channel.next_confirm = Some(seq + 1);
-            send_basic(
-                self,
-                ch,
-                basic::AMQPMethod::Ack(basic::Ack {
-                    delivery_tag: seq,
-                    multiple: false,
-                }),
-            );
+            if channel.confirm_due.is_none() {
+                self.confirms_due.push(ch);
+            }
+            let channel = self.channel_mut(ch);
+            channel.confirm_due = Some(match channel.confirm_due {
+                Some((first, _)) => (first, seq),
+                None => (seq, seq),
+            });
         }
         Ok(())
+    }
+
+    /// Sends the publisher confirms due on every channel.
+    pub(crate) fn flush_confirms(&mut self) {
+        for ch in std::mem::take(&mut self.confirms_due) {
+            self.flush_confirms_of(ch);
+        }
+    }
+
+    /// Sends the publisher confirms due on one channel.
+    pub(crate) fn flush_confirms_of(&mut self, ch: u16) {
+        let Some((first, last)) = self
+            .channels
+            .get_mut(&ch)
+            .and_then(|c| c.confirm_due.take())
+        else {
+            return;
+        };
+        send_basic(
+            self,
+            ch,
+            basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: last,
+                multiple: last > first,
+            }),
+        );
     }
 
     /// Writes a delivery from the mailbox, or requeues it if its consumer is gone.

@@ -24,6 +24,7 @@ impl Connection {
             channel::AMQPMethod::Flow(_) => Err(AmqpError::not_implemented("active=false")),
             channel::AMQPMethod::FlowOk(_) => Ok(()),
             channel::AMQPMethod::Close(_) => {
+                self.flush_confirms_of(ch);
                 self.release_channel(ch);
                 self.channels.remove(&ch);
                 self.send(
