@@ -194,7 +194,9 @@ where
     let failure_close =
         client_capability(&start_ok.client_properties, "authentication_failure_close");
     let user = authenticate(shared, &start_ok).map_err(|e| {
-        if failure_close {
+        // An unknown mechanism is closed without a word whatever the client's capabilities,
+        // as RabbitMQ does.
+        if failure_close && e.code == 403 {
             HandshakeError::Protocol(e)
         } else {
             HandshakeError::Silent(e)
