@@ -1,0 +1,133 @@
+//! Limits under abuse: a stalled consumer socket keeps the broker's memory bounded (deliveries
+//! wait in the queue, not in buffers) and does not stall other connections.
+
+use futures_util::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use warren_harness::{DEFAULT_TIMEOUT, TestBroker, connect_to, wait_until, within};
+
+const MESSAGES: usize = 20_000;
+const BODY: usize = 1024;
+
+#[tokio::test]
+#[cfg_attr(
+    warren_external,
+    ignore = "embedded only: reads the broker's queue snapshot"
+)]
+async fn embedded_only_a_stalled_no_ack_consumer_leaves_deliveries_in_the_queue() {
+    let broker = TestBroker::start().await;
+    let handle = broker.embedded().expect("embedded");
+    let queue = broker.unique_name("stalled-reader");
+    let proxy = broker.proxy().await;
+
+    let publisher = broker.connect().await;
+    let ch = publisher.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let reader = connect_to(proxy.url()).await;
+    let reader_ch = reader.create_channel().await.unwrap();
+    let mut deliveries = reader_ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    broker.wait_for_consumers(&queue, 1).await;
+    proxy.stall();
+
+    let body = vec![7u8; BODY];
+    for _ in 0..MESSAGES {
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    within("the confirms", ch.wait_for_confirms())
+        .await
+        .unwrap();
+
+    // Bounded in flight: the mailbox (1024), the connection's output buffer (256 KiB) and the
+    // sockets' buffers hold a few thousand 1 KiB deliveries at most; the rest stay queued.
+    let info = handle.queue(&queue).unwrap();
+    println!(
+        "{} of {MESSAGES} messages left the queue for a stalled reader",
+        MESSAGES - info.ready
+    );
+    assert!(
+        info.ready >= MESSAGES - 8_000,
+        "{} of {MESSAGES} messages left the queue for a stalled reader",
+        MESSAGES - info.ready
+    );
+
+    // Another connection is not held up by the stalled one.
+    let other = broker.connect().await;
+    let other_ch = other.create_channel().await.unwrap();
+    let side = broker.unique_name("side");
+    other_ch
+        .queue_declare(
+            side.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    other_ch
+        .basic_publish(
+            "".into(),
+            side.as_str().into(),
+            Default::default(),
+            b"hi",
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let got = wait_until(
+        "the side message can be fetched",
+        DEFAULT_TIMEOUT,
+        || async {
+            match other_ch
+                .basic_get(side.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+            {
+                Ok(Some(m)) => Ok(m.delivery.data.clone()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(got, b"hi");
+
+    // Once the reader reads again, everything arrives.
+    proxy.resume();
+    let mut received = 0;
+    while received < MESSAGES {
+        let delivery = within("the next delivery after resuming", deliveries.next())
+            .await
+            .expect("consumer ended")
+            .expect("delivery");
+        assert_eq!(delivery.data.len(), BODY);
+        received += 1;
+    }
+    assert_eq!(handle.queue(&queue).unwrap().ready, 0);
+}
