@@ -2,58 +2,18 @@
 //! names, and (embedded only) forced connection closes and inspection.
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::options::BasicQosOptions;
+use lapin::{Channel, Connection};
 use std::time::Duration;
 use warren_harness::{DEFAULT_TIMEOUT, Flow, TestBroker, connect_to, wait_until, within};
-
-async fn declare(ch: &Channel, queue: &str) {
-    within(
-        "queue.declare",
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("declare");
-}
-
-async fn publish(ch: &Channel, queue: &str, body: &[u8]) {
-    within(
-        "basic.publish",
-        ch.basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default(),
-        ),
-    )
-    .await
-    .expect("publish");
-}
+use warren_tests::{consume, declare, publish};
 
 async fn consumer(conn: &Connection, queue: &str) -> (Channel, lapin::Consumer) {
-    let ch = within("a channel", conn.create_channel()).await.unwrap();
+    let ch = warren_tests::channel(conn).await;
     within("basic.qos", ch.basic_qos(1, BasicQosOptions::default()))
         .await
         .unwrap();
-    let consumer = within(
-        "basic.consume",
-        ch.basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .unwrap();
+    let consumer = consume(&ch, queue, false).await;
     (ch, consumer)
 }
 
