@@ -1,11 +1,10 @@
 //! Per-channel state, owned by its connection task: content assembly, unacknowledged
 //! deliveries (ordered by delivery tag), consumers, prefetch and confirm mode.
 
-use crate::message::QueuedMessage;
+use crate::message::{Message, MessageBuilder, QueuedMessage};
 use crate::queue::ChannelCredit;
-use amq_protocol::protocol::{BasicProperties, basic};
-use amq_protocol::types::ShortString;
-use bytes::{Bytes, BytesMut};
+use amq_protocol::protocol::basic;
+use amq_protocol::types::{FieldTable, ShortString};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -26,71 +25,19 @@ pub(crate) enum Assembly {
     Idle,
     /// basic.publish seen, expecting its content header.
     Header(basic::Publish),
-    /// Header seen, expecting body frames until `remaining` is zero.
-    Body(Box<PendingContent>),
+    /// Header seen, expecting body frames until the body is complete.
+    Body(Box<(Publication, MessageBuilder)>),
 }
 
-/// A publish whose body is arriving.
+/// What routing needs of a publish besides its message.
 #[derive(Debug)]
-pub(crate) struct PendingContent {
-    /// The method.
-    pub(crate) publish: basic::Publish,
-    /// Decoded properties (expiration, later headers and reply-to).
-    pub(crate) properties: Box<BasicProperties>,
-    /// Properties as received.
-    pub(crate) raw_properties: Bytes,
-    /// Declared body size.
-    pub(crate) body_size: u64,
-    /// Body so far; a body in one frame is kept as that frame's bytes.
-    pub(crate) body: BodyBuffer,
-}
-
-/// A body arriving in one or more frames.
-#[derive(Debug)]
-pub(crate) enum BodyBuffer {
-    /// Nothing yet.
-    Empty,
-    /// One frame's bytes (no copy).
-    One(Bytes),
-    /// Several frames, concatenated.
-    Many(BytesMut),
-}
-
-impl BodyBuffer {
-    /// Appends a frame's payload.
-    pub(crate) fn push(&mut self, chunk: Bytes) {
-        *self = match std::mem::replace(self, BodyBuffer::Empty) {
-            BodyBuffer::Empty => BodyBuffer::One(chunk),
-            BodyBuffer::One(first) => {
-                let mut all = BytesMut::with_capacity(first.len() + chunk.len());
-                all.extend_from_slice(&first);
-                all.extend_from_slice(&chunk);
-                BodyBuffer::Many(all)
-            }
-            BodyBuffer::Many(mut all) => {
-                all.extend_from_slice(&chunk);
-                BodyBuffer::Many(all)
-            }
-        }
-    }
-
-    /// Bytes so far.
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            BodyBuffer::Empty => 0,
-            BodyBuffer::One(b) => b.len(),
-            BodyBuffer::Many(b) => b.len(),
-        }
-    }
-
-    /// The whole body.
-    pub(crate) fn finish(self) -> Bytes {
-        match self {
-            BodyBuffer::Empty => Bytes::new(),
-            BodyBuffer::One(b) => b,
-            BodyBuffer::Many(b) => b.freeze(),
-        }
-    }
+pub(crate) struct Publication {
+    /// Return it with basic.return if it routes nowhere.
+    pub(crate) mandatory: bool,
+    /// Its headers, for headers exchanges.
+    pub(crate) headers: Option<FieldTable>,
+    /// Its `expiration`, in milliseconds; the clock starts when it is routed.
+    pub(crate) ttl: Option<u64>,
 }
 
 /// A delivery awaiting ack, nack or reject.
@@ -120,7 +67,7 @@ pub(crate) enum Settle {
 #[derive(Debug, Default)]
 pub(crate) struct TxBuffer {
     /// Publishes, in order.
-    pub(crate) publishes: Vec<PendingContent>,
+    pub(crate) publishes: Vec<(Publication, Message)>,
     /// Acks, nacks and rejects, with the deliveries they took from the unacked map.
     pub(crate) settles: Vec<(Vec<(u64, Unacked)>, Settle)>,
 }

@@ -16,9 +16,6 @@ const FRAME_HEARTBEAT: u8 = 8;
 const FRAME_END: u8 = 0xCE;
 /// Type, channel and size before the payload, and the end octet after it.
 pub(crate) const FRAME_OVERHEAD: usize = 8;
-/// Payloads up to this size are copied out of the read buffer, so that a small queued message
-/// does not keep a whole read buffer alive.
-const COPY_BELOW: usize = 4096;
 
 /// The protocol header a client must send, and the one a server answers a wrong header with.
 pub(crate) const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
@@ -81,13 +78,8 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
         )));
     }
     buf.advance(7);
-    let payload = if size < COPY_BELOW {
-        let payload = Bytes::copy_from_slice(&buf[..size]);
-        buf.advance(size);
-        payload
-    } else {
-        buf.split_to(size).freeze()
-    };
+    // No copy: a message copies its parts into one buffer of its own when it is assembled.
+    let payload = buf.split_to(size).freeze();
     buf.advance(1);
     match kind {
         FRAME_METHOD

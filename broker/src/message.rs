@@ -1,24 +1,113 @@
 //! A published message as the broker keeps it: the content header's property bytes exactly as
 //! received, the body, and the few decoded facts routing and expiry need.
 
-use amq_protocol::types::ShortString;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use tokio::time::Instant;
 
-/// An immutable published message, shared (`Arc`) by every queue it was routed to.
+/// An immutable published message, shared (`Arc`) by every queue it was routed to. Exchange
+/// name, routing key, property bytes (as received) and body sit back to back in one buffer,
+/// so a queued message costs one allocation besides its `Arc`.
 #[derive(Debug)]
 pub(crate) struct Message {
-    /// Exchange it was published to (reported in deliveries).
-    pub(crate) exchange: ShortString,
-    /// Routing key it was published with (reported in deliveries).
-    pub(crate) routing_key: ShortString,
-    /// Property flags and property list, as received.
-    pub(crate) properties: Bytes,
-    /// The whole body.
-    pub(crate) body: Bytes,
+    data: Bytes,
+    exchange_len: u8,
+    routing_key_len: u8,
+    properties_len: u32,
     /// When the per-message TTL (`expiration`) runs out, if it has one.
     pub(crate) expires_at: Option<Instant>,
+}
+
+impl Message {
+    fn text(&self, from: usize, len: u8) -> &str {
+        // Both were short strings, so valid UTF-8; an empty string cannot happen otherwise.
+        std::str::from_utf8(&self.data[from..from + len as usize]).unwrap_or_default()
+    }
+
+    /// The exchange it was published to.
+    pub(crate) fn exchange(&self) -> &str {
+        self.text(0, self.exchange_len)
+    }
+
+    /// The routing key it was published with.
+    pub(crate) fn routing_key(&self) -> &str {
+        self.text(self.exchange_len as usize, self.routing_key_len)
+    }
+
+    /// Property flags and list, as received.
+    pub(crate) fn properties(&self) -> &[u8] {
+        let start = self.exchange_len as usize + self.routing_key_len as usize;
+        &self.data[start..start + self.properties_len as usize]
+    }
+
+    /// The whole body.
+    pub(crate) fn body(&self) -> &[u8] {
+        let start = self.exchange_len as usize
+            + self.routing_key_len as usize
+            + self.properties_len as usize;
+        &self.data[start..]
+    }
+}
+
+/// Largest initial reservation for a body: a client announcing a huge body must send it
+/// before the broker holds that much memory for it.
+const MAX_RESERVE: usize = 1 << 20;
+
+/// A message whose body is arriving frame by frame.
+#[derive(Debug)]
+pub(crate) struct MessageBuilder {
+    data: BytesMut,
+    exchange_len: u8,
+    routing_key_len: u8,
+    properties_len: u32,
+    body_size: u64,
+    body_len: u64,
+}
+
+impl MessageBuilder {
+    /// Starts a message from its publish method and content header.
+    pub(crate) fn new(
+        exchange: &str,
+        routing_key: &str,
+        properties: &[u8],
+        body_size: u64,
+    ) -> Self {
+        let head = exchange.len() + routing_key.len() + properties.len();
+        let mut data = BytesMut::with_capacity(head + (body_size as usize).min(MAX_RESERVE));
+        data.extend_from_slice(exchange.as_bytes());
+        data.extend_from_slice(routing_key.as_bytes());
+        data.extend_from_slice(properties);
+        Self {
+            data,
+            exchange_len: exchange.len() as u8,
+            routing_key_len: routing_key.len() as u8,
+            properties_len: properties.len() as u32,
+            body_size,
+            body_len: 0,
+        }
+    }
+
+    /// Body bytes still expected.
+    pub(crate) fn remaining(&self) -> u64 {
+        self.body_size - self.body_len
+    }
+
+    /// Appends a body frame's payload (the caller checks it fits in [`Self::remaining`]).
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
+        self.data.extend_from_slice(chunk);
+        self.body_len += chunk.len() as u64;
+    }
+
+    /// The finished message (TTL not yet applied).
+    pub(crate) fn finish(self) -> Message {
+        Message {
+            data: self.data.freeze(),
+            exchange_len: self.exchange_len,
+            routing_key_len: self.routing_key_len,
+            properties_len: self.properties_len,
+            expires_at: None,
+        }
+    }
 }
 
 /// A message in a queue: its position (for requeueing in place) and redelivery flag.
@@ -83,6 +172,19 @@ pub(crate) fn parse_expiration(value: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::parse_expiration;
+
+    #[test]
+    fn a_message_keeps_its_parts_in_one_buffer() {
+        let mut builder = super::MessageBuilder::new("amq.direct", "jobs", &[0x10, 0], 5);
+        builder.push(b"he");
+        assert_eq!(builder.remaining(), 3);
+        builder.push(b"llo");
+        let message = builder.finish();
+        assert_eq!(message.exchange(), "amq.direct");
+        assert_eq!(message.routing_key(), "jobs");
+        assert_eq!(message.properties(), &[0x10, 0]);
+        assert_eq!(message.body(), b"hello");
+    }
 
     #[test]
     fn expiration_must_be_a_non_negative_integer() {

@@ -76,10 +76,10 @@ impl VhostState {
     ) -> Routed {
         let now = Instant::now();
         if is_default(exchange) {
-            if message.routing_key.as_str().starts_with(ADDRESS_PREFIX) {
+            if message.routing_key().starts_with(ADDRESS_PREFIX) {
                 return self.reply(message);
             }
-            return match self.queues.get_mut(message.routing_key.as_str()) {
+            return match self.queues.get_mut(message.routing_key()) {
                 Some(queue) => {
                     queue.publish(message, now);
                     Routed::Queued
@@ -90,9 +90,7 @@ impl VhostState {
         let Some(exchange) = self.exchanges.get(exchange) else {
             return Routed::Unroutable;
         };
-        let mut targets: Vec<&Arc<str>> = exchange
-            .route(message.routing_key.as_str(), headers)
-            .collect();
+        let mut targets: Vec<&Arc<str>> = exchange.route(message.routing_key(), headers).collect();
         if targets.len() > 1 {
             targets.sort();
             targets.dedup();
@@ -109,7 +107,7 @@ impl VhostState {
 
     /// Hands a reply straight to the direct reply-to consumer it is addressed to.
     fn reply(&mut self, message: Arc<Message>) -> Routed {
-        let Some(consumer) = self.reply_consumers.get(message.routing_key.as_str()) else {
+        let Some(consumer) = self.reply_consumers.get(message.routing_key()) else {
             return Routed::Unroutable;
         };
         let delivery = Outbound::Deliver {

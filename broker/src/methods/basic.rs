@@ -2,7 +2,7 @@
 //! two directions of content: completing a publish and writing a delivery.
 
 use super::queue::{generated_tag, usable_queue};
-use crate::channel::{Assembly, ChannelConsumer, PendingContent, Settle, Unacked};
+use crate::channel::{Assembly, ChannelConsumer, Publication, Settle, Unacked};
 use crate::codec;
 use crate::connection::Connection;
 use crate::connection::teardown::{dispatch_all, requeue};
@@ -11,13 +11,19 @@ use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
 use crate::queue::Consumer;
 use crate::vhost::Routed;
-use amq_protocol::protocol::{AMQPClass, basic};
+use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
+use bytes::Bytes;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// A short string from a message's exchange or routing key (which were short strings).
+fn short(text: &str) -> ShortString {
+    crate::error::short_string_lossy(text)
+}
 
 fn send_basic(conn: &mut Connection, ch: u16, method: basic::AMQPMethod) {
     conn.send(ch, AMQPClass::Basic(method));
@@ -244,8 +250,8 @@ impl Connection {
             basic::AMQPMethod::GetOk(basic::GetOk {
                 delivery_tag,
                 redelivered: message.redelivered,
-                exchange: message.message.exchange.clone(),
-                routing_key: message.message.routing_key.clone(),
+                exchange: short(message.message.exchange()),
+                routing_key: short(message.message.routing_key()),
                 message_count: remaining,
             }),
         );
@@ -326,12 +332,16 @@ impl Connection {
         Ok(())
     }
 
-    /// Takes a fully assembled publish: routes it, or keeps it for tx.commit.
-    pub(crate) fn publish(&mut self, ch: u16, content: PendingContent) -> AmqpResult {
-        if let Some(expiration) = content.properties.expiration() {
-            parse_expiration(expiration.as_str()).map_err(AmqpError::precondition_failed)?;
-        }
-        if let Some(user_id) = content.properties.user_id()
+    /// Checks a content header's properties as RabbitMQ does (user_id, expiration) and
+    /// rewrites a direct reply-to `reply_to`; returns what routing needs and the property
+    /// bytes to keep.
+    pub(crate) fn prepare_content(
+        &mut self,
+        ch: u16,
+        properties: &BasicProperties,
+        raw_properties: Bytes,
+    ) -> AmqpResult<(Publication, Bytes)> {
+        if let Some(user_id) = properties.user_id()
             && user_id.as_str() != self.tuning.user
         {
             return Err(AmqpError::precondition_failed(format!(
@@ -339,9 +349,14 @@ impl Connection {
                 self.tuning.user
             )));
         }
-        let mut content = content;
-        if content
-            .properties
+        let ttl = match properties.expiration() {
+            Some(expiration) => Some(
+                parse_expiration(expiration.as_str()).map_err(AmqpError::precondition_failed)?,
+            ),
+            None => None,
+        };
+        let mut raw_properties = raw_properties;
+        if properties
             .reply_to()
             .as_ref()
             .is_some_and(|r| r.as_str() == PSEUDO_QUEUE)
@@ -351,67 +366,71 @@ impl Connection {
                     "fast reply consumer does not exist",
                 ));
             };
-            content.raw_properties = rewrite_reply_to(&content.properties, &address);
+            raw_properties = rewrite_reply_to(properties, &address);
         }
+        let publication = Publication {
+            mandatory: false,
+            headers: properties.headers().clone(),
+            ttl,
+        };
+        Ok((publication, raw_properties))
+    }
+
+    /// Takes a fully assembled publish: routes it, or keeps it for tx.commit.
+    pub(crate) fn publish(
+        &mut self,
+        ch: u16,
+        publication: Publication,
+        message: Message,
+    ) -> AmqpResult {
         if let Some(tx) = &mut self.channel_mut(ch).tx {
-            tx.publishes.push(content);
+            tx.publishes.push((publication, message));
             return Ok(());
         }
-        self.route(ch, content)
+        self.route(ch, publication, message)
     }
 
     /// Routes a publish (now, or at tx.commit), then answers it (basic.return, confirm).
-    pub(crate) fn route(&mut self, ch: u16, content: PendingContent) -> AmqpResult {
-        let PendingContent {
-            publish,
-            properties,
-            raw_properties,
-            body,
-            ..
-        } = content;
-        let now = Instant::now();
-        let expires_at = match properties.expiration() {
-            Some(expiration) => {
-                let ms = parse_expiration(expiration.as_str())
-                    .map_err(AmqpError::precondition_failed)?;
-                Some(now + Duration::from_millis(ms))
-            }
-            None => None,
-        };
-        let message = Arc::new(Message {
-            exchange: publish.exchange.clone(),
-            routing_key: publish.routing_key.clone(),
-            properties: raw_properties,
-            body: body.finish(),
-            expires_at,
-        });
-        let vhost_name = &self.vhost.name;
-        let mut state = self.vhost.lock();
-        let exchange = publish.exchange.as_str();
+    pub(crate) fn route(
+        &mut self,
+        ch: u16,
+        publication: Publication,
+        message: Message,
+    ) -> AmqpResult {
+        let mut message = message;
+        message.expires_at = publication
+            .ttl
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let message = Arc::new(message);
+        let vhost = self.vhost.clone();
+        let mut state = vhost.lock();
+        let exchange = message.exchange();
         match state.exchanges.get(exchange) {
             None => {
                 return Err(AmqpError::not_found(format!(
-                    "no exchange '{exchange}' in vhost '{vhost_name}'"
+                    "no exchange '{exchange}' in vhost '{}'",
+                    vhost.name
                 )));
             }
             Some(e) if e.internal => {
                 return Err(AmqpError::access_refused(format!(
-                    "cannot publish to internal exchange '{exchange}' in vhost '{vhost_name}'"
+                    "cannot publish to internal exchange '{exchange}' in vhost '{}'",
+                    vhost.name
                 )));
             }
             Some(_) => {}
         }
-        let routed = state.publish(exchange, properties.headers().as_ref(), message.clone());
+        let routed = state.publish(exchange, publication.headers.as_ref(), message.clone());
         drop(state);
-        if routed == Routed::Unroutable && publish.mandatory {
+        if routed == Routed::Unroutable && publication.mandatory {
             send_basic(
                 self,
                 ch,
                 basic::AMQPMethod::Return(basic::Return {
                     reply_code: 312,
                     reply_text: "NO_ROUTE".into(),
-                    exchange: publish.exchange,
-                    routing_key: publish.routing_key,
+                    exchange: short(message.exchange()),
+                    routing_key: short(message.routing_key()),
                 }),
             );
             self.write_content(ch, &message);
@@ -496,8 +515,8 @@ impl Connection {
                 consumer_tag,
                 delivery_tag,
                 redelivered,
-                exchange: content.exchange.clone(),
-                routing_key: content.routing_key.clone(),
+                exchange: short(content.exchange()),
+                routing_key: short(content.routing_key()),
             }),
         );
         self.write_content(ch, &content);
@@ -524,8 +543,8 @@ impl Connection {
         codec::write_content(
             &mut self.out,
             ch,
-            &message.properties,
-            &message.body,
+            message.properties(),
+            message.body(),
             self.tuning.frame_max,
         );
     }

@@ -83,8 +83,8 @@ impl Connection {
                 for (settled, how) in buffer.settles {
                     self.apply_settle(ch, settled, how);
                 }
-                for content in buffer.publishes {
-                    self.route(ch, content)?;
+                for (publication, message) in buffer.publishes {
+                    self.route(ch, publication, message)?;
                 }
                 tx::AMQPMethod::CommitOk(tx::CommitOk {})
             }

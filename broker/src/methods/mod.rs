@@ -6,9 +6,10 @@ mod channel;
 mod exchange;
 mod queue;
 
-use crate::channel::{Assembly, BodyBuffer, Channel, ChannelState, PendingContent};
+use crate::channel::{Assembly, Channel, ChannelState, Publication};
 use crate::connection::{Connection, method_name};
 use crate::error::AmqpError;
+use crate::message::MessageBuilder;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
 use bytes::Bytes;
 
@@ -152,18 +153,24 @@ impl Connection {
                 .during_ids(60, 40),
             ));
         }
-        let pending = PendingContent {
-            publish,
-            properties,
-            raw_properties,
+        let (publication, raw_properties) = self
+            .prepare_content(ch, &properties, raw_properties)
+            .map_err(|e| (ch, e.during_ids(60, 40)))?;
+        let builder = MessageBuilder::new(
+            publish.exchange.as_str(),
+            publish.routing_key.as_str(),
+            &raw_properties,
             body_size,
-            body: BodyBuffer::Empty,
+        );
+        let publication = Publication {
+            mandatory: publish.mandatory,
+            ..publication
         };
         if body_size == 0 {
-            self.publish(ch, pending)
+            self.publish(ch, publication, builder.finish())
                 .map_err(|e| (ch, e.during_ids(60, 40)))
         } else {
-            channel.assembly = Assembly::Body(Box::new(pending));
+            self.channel_mut(ch).assembly = Assembly::Body(Box::new((publication, builder)));
             Ok(())
         }
     }
@@ -203,27 +210,28 @@ impl Connection {
         let Assembly::Body(pending) = &mut channel.assembly else {
             unreachable!("checked above")
         };
-        let size = pending.body.len() as u64 + chunk.len() as u64;
-        let declared = pending.body_size;
-        if size <= declared {
-            pending.body.push(chunk);
+        let remaining = pending.1.remaining();
+        if chunk.len() as u64 > remaining {
+            let declared = remaining;
+            channel.assembly = Assembly::Idle;
+            return Err((
+                ch,
+                AmqpError::unexpected_frame(format!(
+                    "content body frame of {} bytes exceeds the {declared} bytes its header left",
+                    chunk.len()
+                ))
+                .during_ids(60, 40),
+            ));
         }
-        if size < declared {
+        pending.1.push(&chunk);
+        if (chunk.len() as u64) < remaining {
             return Ok(());
         }
         let Assembly::Body(pending) = std::mem::take(&mut channel.assembly) else {
             unreachable!("checked above")
         };
-        if size > declared {
-            return Err((
-                ch,
-                AmqpError::unexpected_frame(format!(
-                    "content body of {size} bytes exceeds the {declared} bytes its header declared"
-                ))
-                .during_ids(60, 40),
-            ));
-        }
-        self.publish(ch, *pending)
+        let (publication, builder) = *pending;
+        self.publish(ch, publication, builder.finish())
             .map_err(|e| (ch, e.during_ids(60, 40)))
     }
 
