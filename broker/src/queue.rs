@@ -276,17 +276,23 @@ impl Queue {
         self.options.auto_delete && self.had_consumer && self.consumers.is_empty()
     }
 
-    /// Settles one delivery to `consumer_tag` (acked, rejected or requeued): frees its
+    /// Settles `n` deliveries to `consumer_tag` (acked, rejected or requeued): frees their
     /// prefetch credit.
-    pub(crate) fn settle(&mut self, conn: ConnId, channel: u16, consumer_tag: Option<&str>) {
-        self.unacked = self.unacked.saturating_sub(1);
+    pub(crate) fn settle(
+        &mut self,
+        conn: ConnId,
+        channel: u16,
+        consumer_tag: Option<&str>,
+        n: u32,
+    ) {
+        self.unacked = self.unacked.saturating_sub(n as usize);
         if let Some(tag) = consumer_tag
             && let Some(c) = self
                 .consumers
                 .iter_mut()
                 .find(|c| c.conn == conn && c.channel == channel && c.tag.as_str() == tag)
         {
-            c.in_flight = c.in_flight.saturating_sub(1);
+            c.in_flight = c.in_flight.saturating_sub(n);
         }
     }
 

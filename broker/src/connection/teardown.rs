@@ -10,7 +10,7 @@ use crate::mailbox::{MailboxReceiver, Outbound};
 use crate::message::QueuedMessage;
 use crate::vhost::VhostState;
 use amq_protocol::types::ShortString;
-use std::collections::HashSet;
+use rustc_hash::FxHashSet;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -31,7 +31,7 @@ impl Connection {
         ch.assembly = Default::default();
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
-        let mut touched = HashSet::new();
+        let mut touched = FxHashSet::default();
         for (tag, consumer) in consumers {
             self.detach_consumer(&mut state, channel, &tag, &consumer);
         }
@@ -76,7 +76,7 @@ impl Connection {
         }
         self.channels.clear();
         let mut state = self.vhost.lock();
-        let mut touched = HashSet::new();
+        let mut touched = FxHashSet::default();
         for item in pending {
             if let Outbound::Deliver {
                 channel,
@@ -152,13 +152,13 @@ pub(crate) fn requeue(
     message: QueuedMessage,
 ) {
     if let Some(q) = state.queues.get_mut(queue) {
-        q.settle(conn, channel, consumer_tag);
+        q.settle(conn, channel, consumer_tag, 1);
         q.requeue(message);
     }
 }
 
 /// Dispatches every named queue.
-pub(crate) fn dispatch_all(state: &mut VhostState, queues: HashSet<Arc<str>>) {
+pub(crate) fn dispatch_all(state: &mut VhostState, queues: FxHashSet<Arc<str>>) {
     let now = Instant::now();
     for name in queues {
         if let Some(q) = state.queues.get_mut(&name) {
