@@ -17,6 +17,56 @@ const FRAME_END: u8 = 0xCE;
 /// Type, channel and size before the payload, and the end octet after it.
 pub(crate) const FRAME_OVERHEAD: usize = 8;
 
+/// Most buffer space reserved ahead for a frame whose bytes have not arrived yet.
+const MAX_RESERVE: usize = 256 * 1024;
+/// Deepest nesting of field tables and arrays a method or content header may carry:
+/// amq-protocol parses them recursively, and a crafted frame nested thousands deep would
+/// overflow the stack. Real AMQP traffic nests a few levels.
+const MAX_NESTING: usize = 64;
+
+/// An upper bound on the nesting depth of field tables and arrays in a payload, without
+/// parsing it: every `F` or `A` octet followed by a length that fits in the payload is taken
+/// as a container, and the most such candidates covering one octet is returned. Every real
+/// container is a candidate, so the real depth is never larger.
+fn nesting_bound(payload: &[u8]) -> usize {
+    let mut open_ends = std::collections::BinaryHeap::new();
+    let mut deepest = 0;
+    for i in 0..payload.len().saturating_sub(4) {
+        if payload[i] != b'F' && payload[i] != b'A' {
+            continue;
+        }
+        let len = u32::from_be_bytes([
+            payload[i + 1],
+            payload[i + 2],
+            payload[i + 3],
+            payload[i + 4],
+        ]) as usize;
+        let end = i + 5 + len;
+        if end > payload.len() {
+            continue;
+        }
+        while open_ends
+            .peek()
+            .is_some_and(|std::cmp::Reverse(e): &std::cmp::Reverse<usize>| *e <= i)
+        {
+            open_ends.pop();
+        }
+        open_ends.push(std::cmp::Reverse(end));
+        deepest = deepest.max(open_ends.len());
+    }
+    deepest
+}
+
+/// Refuses a method or header payload nested too deep to parse safely.
+fn check_nesting(payload: &[u8]) -> Result<(), AmqpError> {
+    if payload.len() > MAX_NESTING * 5 && nesting_bound(payload) > MAX_NESTING {
+        return Err(AmqpError::frame_error(format!(
+            "cannot decode: field tables nested deeper than {MAX_NESTING} levels"
+        )));
+    }
+    Ok(())
+}
+
 /// The protocol header a client must send, and the one a server answers a wrong header with.
 pub(crate) const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
 
@@ -67,7 +117,8 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
         )));
     }
     if buf.len() < size + FRAME_OVERHEAD {
-        buf.reserve(size + FRAME_OVERHEAD - buf.len());
+        // Reserve what the frame needs, but never much ahead of the bytes actually sent.
+        buf.reserve((size + FRAME_OVERHEAD - buf.len()).min(MAX_RESERVE));
         return Ok(None);
     }
     if buf[size + 7] != FRAME_END {
@@ -81,6 +132,9 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
     // No copy: a message copies its parts into one buffer of its own when it is assembled.
     let payload = buf.split_to(size).freeze();
     buf.advance(1);
+    if matches!(kind, FRAME_METHOD | FRAME_HEADER) {
+        check_nesting(&payload)?;
+    }
     match kind {
         FRAME_METHOD
             if payload.len() >= 8 && payload[..4] == [0, 60, 0, 10] && payload[4..8] != [0; 4] =>
@@ -320,6 +374,54 @@ mod tests {
         // A payload of exactly frame_max is accepted, as RabbitMQ does.
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 16, 0][..]);
         assert!(decode(&mut buf, 4096).unwrap().is_none());
+    }
+
+    #[test]
+    fn deeply_nested_tables_are_refused_before_parsing() {
+        // queue.declare whose arguments nest 20,000 tables: {"":{"":{...}}}
+        let depth = 20_000;
+        let mut table = Vec::new();
+        for _ in 0..depth {
+            let mut outer = vec![0u8, b'F'];
+            outer.extend_from_slice(&((table.len()) as u32).to_be_bytes());
+            outer.extend_from_slice(&table);
+            table = outer;
+        }
+        let mut payload = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+        payload.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        payload.extend_from_slice(&table);
+        let mut frame = vec![1u8, 0, 1];
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame.push(0xCE);
+        let mut buf = BytesMut::from(&frame[..]);
+        let err = decode(&mut buf, 0).unwrap_err();
+        assert_eq!(err.code, 501);
+        assert!(nesting_bound(&payload) >= depth);
+    }
+
+    #[test]
+    fn ordinary_tables_pass_the_nesting_check() {
+        let mut args = amq_protocol::types::FieldTable::default();
+        let mut inner = amq_protocol::types::FieldTable::default();
+        inner.insert("k".into(), amq_protocol::types::AMQPValue::LongInt(1));
+        args.insert(
+            "x-nested".into(),
+            amq_protocol::types::AMQPValue::FieldTable(inner),
+        );
+        let method = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "q".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: args,
+        }));
+        assert!(matches!(
+            round_trip(AMQPFrame::Method(1, method)),
+            Frame::Method(1, _)
+        ));
     }
 
     #[test]

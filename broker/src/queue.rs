@@ -143,6 +143,12 @@ impl Queue {
     /// Puts a delivered message back at its original position, flagged redelivered.
     pub(crate) fn requeue(&mut self, mut message: QueuedMessage) {
         message.redelivered = true;
+        self.put_back(message);
+    }
+
+    /// Puts a message that was never written to its consumer back at its original position,
+    /// its redelivered flag unchanged: the client never saw it.
+    pub(crate) fn put_back(&mut self, message: QueuedMessage) {
         let at = self.ready.partition_point(|m| m.seq < message.seq);
         self.ready.insert(at, message);
     }

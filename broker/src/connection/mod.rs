@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 /// Stop reading from a client while this much output waits to be written (backpressure), and
 /// stop taking deliveries from the mailbox.
 const OUT_HIGH_WATER: usize = 256 * 1024;
+/// The frame size limit before tune-ok: the spec's minimum frame size.
+pub(crate) const HANDSHAKE_FRAME_MAX: u32 = 4096;
 /// How long to wait, after the close handshake, for the client to close its socket.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Why a connection ended when its close handshake completed.
@@ -122,6 +124,8 @@ where
         channel_count,
         confirms_due: Vec::new(),
     };
+    // Frames the client pipelined behind connection.open are already buffered.
+    conn.process_input(&mut rbuf);
     let end = conn
         .run(&mut rd, &mut wr, &mut rbuf, &mut inbox, &shutdown)
         .await;
@@ -162,7 +166,7 @@ where
             // Wait (briefly) for close-ok, so the client reads the close before the socket goes.
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
                 loop {
-                    match codec::decode(rbuf, 0) {
+                    match codec::decode(rbuf, HANDSHAKE_FRAME_MAX) {
                         Ok(Some(Frame::Method(
                             0,
                             AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)),

@@ -1,7 +1,7 @@
-//! Ending channels and connections: nothing is lost. Unacknowledged deliveries and deliveries
-//! still in the mailbox go back to their queues flagged redelivered, consumers are removed
-//! (auto-delete queues go with their last one) and exclusive queues of the connection are
-//! deleted.
+//! Ending channels and connections: nothing is lost. Unacknowledged deliveries go back to their
+//! queues flagged redelivered, deliveries still in the mailbox (never written) go back as they
+//! were, consumers are removed (auto-delete queues go with their last one) and exclusive
+//! queues of the connection are deleted.
 
 use super::Connection;
 use crate::channel::{Channel, ChannelConsumer};
@@ -124,6 +124,8 @@ impl Connection {
     }
 }
 
+/// Returns a delivery that never reached the socket to its queue, as it was: the client never
+/// saw it, so it is not flagged redelivered (RabbitMQ flags only messages a client received).
 fn requeue_undelivered(
     state: &mut VhostState,
     queue: &str,
@@ -133,12 +135,11 @@ fn requeue_undelivered(
     no_ack: bool,
     message: QueuedMessage,
 ) {
-    if no_ack {
-        if let Some(q) = state.queues.get_mut(queue) {
-            q.requeue(message);
+    if let Some(q) = state.queues.get_mut(queue) {
+        if !no_ack {
+            q.settle(conn, channel, consumer_tag, 1);
         }
-    } else {
-        requeue(state, queue, conn, channel, consumer_tag, message);
+        q.put_back(message);
     }
 }
 
