@@ -733,6 +733,10 @@ async fn chaos(broker: &TestBroker, s: Schedule, per_case: usize) -> Result<Stat
         }
         // Every confirmed message acked at least once.
         wait_for("every confirmed message acked", DRAIN_LIMIT, async || {
+            // A violation, or a consumer that stopped on an error: report it now.
+            if consumers.iter().any(|c| c.is_finished()) {
+                return Ok(());
+            }
             let book = ctx.book();
             if !book.violations.is_empty() {
                 return Ok(());
@@ -755,7 +759,7 @@ async fn chaos(broker: &TestBroker, s: Schedule, per_case: usize) -> Result<Stat
             }
         })
         .await?;
-        if !ctx.book().violations.is_empty() {
+        if !ctx.book().violations.is_empty() || consumers.iter().any(|c| c.is_finished()) {
             return Ok(());
         }
         // What is left (unconfirmed messages, redeliveries) is consumed too.

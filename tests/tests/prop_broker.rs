@@ -289,12 +289,12 @@ async fn fifo(broker: &TestBroker, case: FifoCase) -> Result<(), String> {
                 "message {i} flagged redelivered on its first delivery"
             ));
         }
-        if let Some(prefetch) = case.prefetch.filter(|&p| p != 0) {
-            if unacked >= usize::from(prefetch) {
-                return Err(format!(
-                    "delivery {i} arrived with {unacked} unacked (prefetch {prefetch})"
-                ));
-            }
+        if let Some(prefetch) = case.prefetch.filter(|&p| p != 0)
+            && unacked >= usize::from(prefetch)
+        {
+            return Err(format!(
+                "delivery {i} arrived with {unacked} unacked (prefetch {prefetch})"
+            ));
         }
         unacked += 1;
         // Ack before the prefetch window is full, or nothing more would come.
@@ -566,13 +566,11 @@ impl Sim<'_> {
     /// Takes every delivery already received, without waiting.
     fn take_buffered(&mut self, got: &mut Vec<(usize, usize)>) -> Result<(), String> {
         for ch in 0..CHANNELS {
-            loop {
-                let Some(consumer) = self.chans[ch].consumer.as_mut() else {
-                    break;
-                };
-                let Some(item) = consumer.next().now_or_never() else {
-                    break;
-                };
+            while let Some(item) = self.chans[ch]
+                .consumer
+                .as_mut()
+                .and_then(|c| c.next().now_or_never())
+            {
                 let msg = self.observe_item(ch, item)?;
                 got.push((ch, msg));
             }
