@@ -24,8 +24,16 @@
 //!     acked + dropped + drained is exactly the published set, each message in exactly one of
 //!     them, the drain in publish order, and the queue is empty.
 //!
-//! Cases: 64 and 48 on the embedded broker, 16 and 12 against RabbitMQ (`PROPTEST_CASES`
-//! overrides); `PROPTEST_RNG_SEED` replays a run.
+//!   Consumer tags are server-generated, never reused on a channel: both RabbitMQ 3.10 and
+//!   Warren count an ack of a cancelled consumer's delivery against a new consumer that
+//!   reuses its tag (prefetch 1, tag `c` cancelled holding m0, a new `c` gets m1, acking m0
+//!   lets m2 through to the new `c` with m1 still unacked), so the prefetch check would not
+//!   hold there on either broker.
+//! - [`messages_never_sent_before_cancel_ok_are_not_flagged_redelivered`]: a regression test of
+//!   a redelivered-flag bug found here (see its doc).
+//!
+//! Cases: 48 (FIFO) and 64 (model) on the embedded broker, 12 and 16 against RabbitMQ
+//! (`PROPTEST_CASES` overrides); `PROPTEST_RNG_SEED` replays a run.
 
 use futures_util::{FutureExt, StreamExt, future::select_all};
 use lapin::{
@@ -974,16 +982,17 @@ fn generated_consume_ack_nack_cancel_close_sequences_keep_the_model() {
     run_property((64, 16), model_case(), model);
 }
 
-/// BUG (embedded broker, found by this suite): passes against RabbitMQ 3.10, fails on Warren.
+/// Regression test of a bug this suite found in the embedded broker (at 5a8b77e: 1024 of 1465
+/// never-delivered messages flagged; fixed in cf688b9, "never-written deliveries go back
+/// unflagged"). RabbitMQ 3.10 passes it.
 ///
-/// A raw client sends `basic.consume` and `basic.cancel` in one write on a queue with a
-/// backlog. RabbitMQ sends the deliveries it dispatched before `cancel-ok` (they stay unacked
-/// on the channel) and leaves the rest in the queue untouched, so every message the client
-/// never received later comes out of `basic.get` with `redelivered=false`. Warren handles both
-/// methods before writing any delivery: the consume fills the connection's mailbox (up to 1024
-/// messages), the cancel removes the consumer, and each mailbox delivery then goes back to the
-/// queue through `Connection::deliver` -> `return_undelivered` -> `Queue::requeue`, which sets
-/// `redelivered`. Messages no client ever saw then come out with `redelivered=true`.
+/// A raw client consumes a queue with a backlog, and once consume-ok is in, cancels without
+/// reading anything. RabbitMQ sends the deliveries it dispatched before `cancel-ok` (they stay
+/// unacked on the channel) and leaves the rest in the queue untouched, so every message the
+/// client never received later comes out of `basic.get` with `redelivered=false`. Warren
+/// used to put the deliveries still in the connection's mailbox (dispatched, never written)
+/// back in the queue flagged redelivered (`Connection::deliver` -> `return_undelivered` ->
+/// `Queue::requeue`), so messages no client ever saw came out with `redelivered=true`.
 #[tokio::test]
 async fn messages_never_sent_before_cancel_ok_are_not_flagged_redelivered() {
     use amq_protocol::frame::AMQPFrame;
