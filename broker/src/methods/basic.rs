@@ -62,10 +62,7 @@ impl Connection {
                 Ok(())
             }
             basic::AMQPMethod::RecoverAsync(m) => self.basic_recover(ch, m.requeue),
-            other => Err(AmqpError::command_invalid(format!(
-                "{} is a server method",
-                crate::connection::method_name(&AMQPClass::Basic(other))
-            ))),
+            _ => Err(AmqpError::command_invalid("unimplemented method")),
         }
     }
 

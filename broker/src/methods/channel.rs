@@ -34,9 +34,9 @@ impl Connection {
                 Ok(())
             }
             channel::AMQPMethod::CloseOk(_) => Ok(()),
-            channel::AMQPMethod::OpenOk(_) => Err(AmqpError::command_invalid(
-                "channel.open_ok is a server method",
-            )),
+            channel::AMQPMethod::OpenOk(_) => {
+                Err(AmqpError::command_invalid("unimplemented method"))
+            }
         }
     }
 
@@ -98,11 +98,8 @@ impl Connection {
                 }
                 tx::AMQPMethod::RollbackOk(tx::RollbackOk {})
             }
-            other => {
-                return Err(AmqpError::command_invalid(format!(
-                    "{} is a server method",
-                    crate::connection::method_name(&AMQPClass::Tx(other))
-                )));
+            _ => {
+                return Err(AmqpError::command_invalid("unimplemented method"));
             }
         };
         self.send(ch, AMQPClass::Tx(reply));

@@ -139,7 +139,7 @@ impl Connection {
             return Err((
                 ch,
                 AmqpError::unexpected_frame(format!(
-                    "content header for class {class_id} does not match method class 60"
+                    "expected content header for class 60, got one for class {class_id} instead"
                 ))
                 .during_ids(60, 40),
             ));
@@ -212,19 +212,13 @@ impl Connection {
         };
         let remaining = pending.1.remaining();
         if chunk.len() as u64 > remaining {
-            let declared = remaining;
-            channel.assembly = Assembly::Idle;
-            return Err((
-                ch,
-                AmqpError::unexpected_frame(format!(
-                    "content body frame of {} bytes exceeds the {declared} bytes its header left",
-                    chunk.len()
-                ))
-                .during_ids(60, 40),
-            ));
+            // As RabbitMQ: a body longer than its header said is not an error at once; the
+            // message never completes, and the next method gets 505 (expected content body).
+            pending.1.overflow();
+            return Ok(());
         }
         pending.1.push(&chunk);
-        if (chunk.len() as u64) < remaining {
+        if (chunk.len() as u64) < remaining || pending.1.overflowed() {
             return Ok(());
         }
         let Assembly::Body(pending) = std::mem::take(&mut channel.assembly) else {
