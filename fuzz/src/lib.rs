@@ -133,7 +133,7 @@ fn server_frames(mut out: &[u8], truncated: bool) -> Vec<AMQPFrame> {
             break;
         }
         match parse_frame(&out[..size + 8]) {
-            Ok((rest, frame)) if rest.is_empty() => frames.push(frame),
+            Ok(([], frame)) => frames.push(frame),
             other => panic!(
                 "broker wrote a frame amq-protocol cannot parse ({other:?}): {:02x?}",
                 &out[..(size + 8).min(64)]
@@ -276,17 +276,18 @@ pub fn paused_runtime() -> tokio::runtime::Runtime {
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+/// A job and where to say it is done.
+type Request = (Job, mpsc::SyncSender<()>);
 
 /// Runs `job` on the fuzzer's own thread, or, when `WARREN_FUZZ_STACK_MB` is set, on a
 /// long-lived worker thread with that much stack. The worker exists to keep fuzzing past the
 /// known unbounded recursion in field-table parsing (deeply nested tables overflow any
 /// ordinary stack) while it is being fixed; runs that look for it leave the variable unset.
 pub fn run(job: impl FnOnce() + Send + 'static) {
-    static WORKER: OnceLock<Option<mpsc::SyncSender<(Job, mpsc::SyncSender<()>)>>> =
-        OnceLock::new();
+    static WORKER: OnceLock<Option<mpsc::SyncSender<Request>>> = OnceLock::new();
     let worker = WORKER.get_or_init(|| {
         let mb: usize = std::env::var("WARREN_FUZZ_STACK_MB").ok()?.parse().ok()?;
-        let (tx, rx) = mpsc::sync_channel::<(Job, mpsc::SyncSender<()>)>(0);
+        let (tx, rx) = mpsc::sync_channel::<Request>(0);
         std::thread::Builder::new()
             .name("fuzz-worker".into())
             .stack_size(mb << 20)

@@ -13,6 +13,8 @@ use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, connect
 use amq_protocol::types::{FieldTable, LongString};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError};
+use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren_broker::{Broker, BrokerConfig, BrokerHandle};
@@ -499,8 +501,34 @@ async fn second_client(broker: &BrokerHandle) -> Result<(), String> {
     Ok(())
 }
 
-/// One connection case on a fresh broker, within [`TIMEOUT`].
+/// Set by the panic hook: a panic inside a broker task is caught by tokio (the task just
+/// ends, and the connection with it), so it is detected here rather than by the test harness.
+static PANICKED: AtomicBool = AtomicBool::new(false);
+
+fn watch_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICKED.store(true, Ordering::SeqCst);
+            default(info);
+        }));
+    });
+}
+
+/// One connection case on a fresh broker, within [`TIMEOUT`]; no task may panic.
 fn connection_case(rt: &tokio::runtime::Runtime, input: &[u8]) -> Result<(), TestCaseError> {
+    watch_panics();
+    let result = connection_case_inner(rt, input);
+    if PANICKED.swap(false, Ordering::SeqCst) {
+        return Err(TestCaseError::fail(format!(
+            "a task panicked (see the output above) on input {input:02x?}"
+        )));
+    }
+    result
+}
+
+fn connection_case_inner(rt: &tokio::runtime::Runtime, input: &[u8]) -> Result<(), TestCaseError> {
     rt.block_on(async {
         let run = async {
             let broker = Broker::start(BrokerConfig::default())
