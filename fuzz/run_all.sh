@@ -8,12 +8,12 @@ set -u
 cd "$(dirname "$0")"
 SECS=${1:-600}
 LOG_DIR=${LOG_DIR:-/tmp/warren-fuzz-logs}
-mkdir -p "$LOG_DIR" corpus/decode_frames corpus/connection
+mkdir -p "$LOG_DIR" corpus/decode_frames corpus/connection corpus/handshake
 export RUSTC_BOOTSTRAP=${RUSTC_BOOTSTRAP:-1}
 python3 seeds/make_seeds.py
 SAN=${SANITIZER:-none}
 cargo fuzz build -O -s "$SAN" || exit 1
-for target in decode_frames connection; do
+for target in decode_frames connection handshake; do
   # WARREN_FUZZ_STACK_MB=N (optional) runs each input on a thread with N MiB of stack, to step
   # past the known unbounded field-table recursion (see RELIABILITY.md) with -max_len raised.
   cargo fuzz run -O -s "$SAN" "$target" "corpus/$target" -- \

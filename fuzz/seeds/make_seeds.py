@@ -50,6 +50,35 @@ seeds = {
     'close': method(0, 10, 50, struct.pack('>H', 200) + sstr('bye') + struct.pack('>HH', 0, 0)) + method(0, 10, 51),
     'direct_reply': method(1, 60, 20, b'\x00\x00' + sstr('amq.rabbitmq.reply-to') + sstr('') + b'\x02' + lstr(b'')) + publish('q', b'r', struct.pack('>H', 0x0200) + sstr('amq.rabbitmq.reply-to')),
 }
+def start_ok(user='guest', password='guest', mechanism='PLAIN', caps=True):
+    props = sstr('capabilities') + b'F' + lstr(sstr('authentication_failure_close') + b't\x01') if caps else b''
+    if mechanism == 'AMQPLAIN':
+        response = sstr('LOGIN') + b'S' + lstr(user) + sstr('PASSWORD') + b'S' + lstr(password)
+    else:
+        response = b'\x00' + user.encode() + b'\x00' + password.encode()
+    return method(0, 10, 11, lstr(props) + sstr(mechanism) + lstr(response) + sstr('en_US'))
+
+def tune_ok(channel_max=2047, frame_max=131072, heartbeat=0):
+    return method(0, 10, 31, struct.pack('>HIH', channel_max, frame_max, heartbeat))
+
+def open_vhost(vhost='/'):
+    return method(0, 10, 40, sstr(vhost) + sstr('') + b'\x00')
+
+HEADER = b'AMQP\x00\x00\x09\x01'
+handshake_seeds = {
+    'valid': HEADER + start_ok() + tune_ok() + open_vhost(),
+    'valid_then_publish': HEADER + start_ok() + tune_ok() + open_vhost() + method(1, 20, 10, sstr('')) + seeds['declare_publish_get'],
+    'amqplain': HEADER + start_ok(mechanism='AMQPLAIN') + tune_ok(4096, 4096, 30) + open_vhost(),
+    'wrong_password': HEADER + start_ok(password='nope'),
+    'wrong_password_silent': HEADER + start_ok(password='nope', caps=False),
+    'unknown_mechanism': HEADER + start_ok(mechanism='FOO'),
+    'frame_max_too_small': HEADER + start_ok() + tune_ok(frame_max=100),
+    'wrong_vhost': HEADER + start_ok() + tune_ok() + open_vhost('nope'),
+    'old_header': b'AMQP\x01\x01\x00\x09' + start_ok() + tune_ok() + open_vhost(),
+    'wrong_header': b'AMQP\x00\x00\x08\x00',
+    'http': b'GET / HTTP/1.1\r\n\r\n',
+    'method_before_open': HEADER + start_ok() + tune_ok() + method(1, 20, 10, sstr('')),
+}
 here = os.path.dirname(os.path.abspath(__file__))
 for target, prefix in (('connection', b''), ('decode_frames', b'\x02')):
     d = os.path.join(here, '..', 'corpus', target)
@@ -57,4 +86,9 @@ for target, prefix in (('connection', b''), ('decode_frames', b'\x02')):
     for name, data in seeds.items():
         with open(os.path.join(d, 'seed_' + name), 'wb') as f:
             f.write(prefix + data)
-print('wrote', len(seeds), 'seeds per target')
+d = os.path.join(here, '..', 'corpus', 'handshake')
+os.makedirs(d, exist_ok=True)
+for name, data in handshake_seeds.items():
+    with open(os.path.join(d, 'seed_' + name), 'wb') as f:
+        f.write(data)
+print('wrote', len(seeds), 'seeds for decode_frames and connection,', len(handshake_seeds), 'for handshake')

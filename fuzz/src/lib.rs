@@ -200,6 +200,73 @@ pub async fn feed_connection(broker: &BrokerHandle, input: &[u8]) -> Vec<AMQPFra
     server_frames(&out, truncated)
 }
 
+/// Sends `input` as the whole client side of a connection (protocol header and handshake
+/// included, or not), closes the client's side and reads until the broker ends the
+/// connection. What the broker wrote must be AMQP's protocol header alone (its answer to a
+/// wrong header) or whole frames.
+///
+/// # Panics
+/// When the connection is still going after [`VIRTUAL_DEADLINE`], or the output is malformed.
+pub async fn feed_raw(broker: &BrokerHandle, input: &[u8]) {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    broker.serve_stream(server, "fuzz-raw");
+    let (mut rd, mut wr) = tokio::io::split(client);
+    let writer = async move {
+        if wr.write_all(input).await.is_ok() {
+            let _ = wr.shutdown().await;
+        }
+        wr
+    };
+    let reader = async move {
+        let mut out = Vec::new();
+        let mut scratch = vec![0u8; 64 * 1024];
+        let mut truncated = false;
+        loop {
+            match rd.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) if out.len() + n <= KEEP_OUTPUT => out.extend_from_slice(&scratch[..n]),
+                Ok(_) => truncated = true,
+            }
+        }
+        (out, truncated)
+    };
+    let Ok((_wr, (out, truncated))) =
+        tokio::time::timeout(VIRTUAL_DEADLINE, async { tokio::join!(writer, reader) }).await
+    else {
+        panic!(
+            "connection still open {VIRTUAL_DEADLINE:?} after the client sent {} bytes and closed",
+            input.len()
+        )
+    };
+    if out.starts_with(b"AMQP") {
+        assert_eq!(
+            &out[..],
+            b"AMQP\x00\x00\x09\x01",
+            "a protocol header and nothing else"
+        );
+    } else {
+        server_frames(&out, truncated);
+    }
+}
+
+/// One handshake case: a fresh broker, `input` as the whole client stream, then a second
+/// client that must still get in, then a clean shutdown.
+pub fn handshake_case(rt: &tokio::runtime::Runtime, input: &[u8]) {
+    rt.block_on(async {
+        let broker = Broker::start(BrokerConfig::default())
+            .await
+            .expect("broker starts");
+        feed_raw(&broker, input).await;
+        second_client_works(&broker).await;
+        if tokio::time::timeout(VIRTUAL_DEADLINE, broker.shutdown())
+            .await
+            .is_err()
+        {
+            panic!("broker shutdown did not finish");
+        }
+    });
+}
+
 /// A fresh connection through `serve_stream` completes the handshake and opens a channel.
 ///
 /// # Panics

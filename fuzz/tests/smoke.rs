@@ -11,3 +11,13 @@ fn harness_runs_the_seeds() {
         warren_fuzz::connection_case(&rt, input);
     }
 }
+
+#[test]
+fn handshake_harness_runs() {
+    let rt = warren_fuzz::paused_runtime();
+    let mut valid = b"AMQP\x00\x00\x09\x01".to_vec();
+    valid.extend_from_slice(&warren_fuzz::handshake_bytes()[8..]);
+    for input in [&b""[..], b"HTTP/1.1", b"AMQP\x00\x00\x09\x01", &valid[..]] {
+        warren_fuzz::handshake_case(&rt, input);
+    }
+}
