@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 
 /// Frame types.
 pub(crate) const METHOD: u8 = 1;
+pub(crate) const HEADER: u8 = 2;
 pub(crate) const BODY: u8 = 3;
 const FRAME_END: u8 = 0xCE;
 

@@ -174,8 +174,17 @@ fn row_cells(row: &Row) -> Vec<String> {
             .and_then(|s| s.summary())
             .map(|s| s.median)
     };
+    // Multiples of different floors are not comparable across targets: no ratio.
+    let comparable = row.metric.unit != FLOOR_MULTIPLE.unit;
     let ratio = |kind: Kind| match (median(kind), median(Kind::RabbitMq)) {
-        (Some(w), Some(r)) if r != 0.0 => format!("{:.2}", w / r),
+        (Some(w), Some(r)) if r != 0.0 && comparable => {
+            let q = w / r;
+            if q.abs() < 0.01 {
+                format!("{q:.1e}")
+            } else {
+                format!("{q:.2}")
+            }
+        }
         _ => "-".into(),
     };
     let cpu = Kind::ALL

@@ -33,6 +33,24 @@ pub(crate) fn process_cpu_secs(pid: u32) -> Option<f64> {
     stat_cpu_secs(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// CPU seconds of a process to the nanosecond: the sum over its live threads of
+/// `/proc/PID/task/TID/schedstat` (time on a CPU), or `None` when that is unavailable. Time
+/// of threads that ended is missing, so this suits long-lived processes (a broker) over a
+/// short window, where the 10 ms ticks of [`process_cpu_secs`] are too coarse.
+pub(crate) fn process_cpu_secs_fine(pid: u32) -> Option<f64> {
+    let mut total_ns: u64 = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+            continue;
+        };
+        total_ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total_ns as f64 / 1e9)
+}
+
 /// CPU seconds of this process.
 pub(crate) fn own_cpu_secs() -> f64 {
     process_cpu_secs(std::process::id()).unwrap_or(0.0)
@@ -127,7 +145,8 @@ impl CpuSnapshot {
         Self {
             threads: own_thread_cpu_secs(),
             own: own_cpu_secs(),
-            broker: broker.and_then(process_cpu_secs),
+            broker: broker
+                .and_then(|pid| process_cpu_secs_fine(pid).or_else(|| process_cpu_secs(pid))),
             machine_busy: machine_busy_secs(),
             at: Instant::now(),
         }
@@ -231,5 +250,8 @@ mod tests {
         assert!(own_rss_kib() > 0);
         assert!(!own_thread_cpu_secs().is_empty());
         assert!(machine_busy_secs().is_some());
+        let fine = process_cpu_secs_fine(std::process::id()).unwrap();
+        let coarse = process_cpu_secs(std::process::id()).unwrap();
+        assert!(fine >= 0.0 && coarse >= 0.0);
     }
 }

@@ -2,6 +2,7 @@
 
 pub(crate) mod floor;
 pub(crate) mod flow;
+pub(crate) mod lean_rpc;
 pub(crate) mod memory;
 pub(crate) mod rpc;
 pub(crate) mod start;
@@ -10,6 +11,7 @@ use crate::results::Results;
 use crate::runner::{self, Plan};
 use crate::target::{Kind, Target};
 use flow::{Client, Flow};
+use lean_rpc::LeanRpc;
 use rpc::Rpc;
 use std::path::Path;
 
@@ -40,6 +42,13 @@ pub(crate) async fn run_all(
     if wants("rpc") {
         for (name, in_flight) in [("rpc-seq", 1), ("rpc-64", 64), ("rpc-256", 256)] {
             let scenario = Rpc {
+                name,
+                in_flight,
+                cpu_per_call: in_flight == 64,
+                plan,
+            };
+            runner::run(&scenario, targets, plan, results).await;
+            let scenario = LeanRpc {
                 name,
                 in_flight,
                 cpu_per_call: in_flight == 64,
