@@ -52,6 +52,10 @@ struct Args {
     /// Only these scenario groups (floor, start, rpc, pubsub, fan-in, scale, memory).
     #[arg(long, value_delimiter = ',', value_name = "GROUPS")]
     only: Vec<String>,
+    /// Only the measured scenarios whose "name (client)" contains TEXT, e.g.
+    /// "pubsub 16 B (lean)" (applies to the groups rpc, pubsub, fan-in and scale).
+    #[arg(long = "match", value_name = "TEXT")]
+    filter: Option<String>,
     /// Only these targets (embedded, standalone, rabbitmq).
     #[arg(long, value_delimiter = ',', value_name = "TARGETS")]
     targets: Vec<String>,
@@ -119,7 +123,7 @@ async fn run(args: Args) -> Result<()> {
     if kinds.is_empty() {
         kinds = Kind::ALL.to_vec();
     }
-    let plan = runner::Plan::new(args.quick, args.repeats);
+    let plan = runner::Plan::new(args.quick, args.repeats, args.filter.clone());
     let started = Instant::now();
     let load_start = sys::load_average();
     let broker_bin = if kinds.contains(&Kind::Standalone) {

@@ -35,21 +35,22 @@ pub(crate) fn add_derived(results: &mut Results) {
             .map(|(_, _, s)| s.median)
     };
     let (in_runtime, cross) = (floor(IN_RUNTIME), floor(CROSS_THREAD));
-    let client = "lapin (warren-rpc)";
     let mut derived = Vec::new();
-    for kind in Kind::ALL {
-        let floor = match kind {
-            Kind::Embedded => in_runtime,
-            _ => cross,
-        };
-        if let (Some(p50), Some(floor)) = (
-            results.median("rpc-seq", client, "p50 latency", kind),
-            floor,
-        ) {
-            derived.push((kind, p50 / (2.0 * floor)));
+    for client in ["lapin (warren-rpc)", "lean"] {
+        for kind in Kind::ALL {
+            let floor = match kind {
+                Kind::Embedded => in_runtime,
+                _ => cross,
+            };
+            if let (Some(p50), Some(floor)) = (
+                results.median("rpc-seq", client, "p50 latency", kind),
+                floor,
+            ) {
+                derived.push((client, kind, p50 / (2.0 * floor)));
+            }
         }
     }
-    for (kind, value) in derived {
+    for (client, kind, value) in derived {
         results.record("rpc-seq", client, FLOOR_MULTIPLE, kind, value, None);
     }
 }

@@ -138,13 +138,23 @@ impl Results {
         let at = match at {
             Some(at) => at,
             None => {
-                self.rows.push(Row {
-                    scenario: scenario.to_owned(),
-                    client,
-                    metric,
-                    by_target: BTreeMap::new(),
-                });
-                self.rows.len() - 1
+                // A new row goes after the last one of its scenario (derived rows join their
+                // scenario's group), or at the end.
+                let at = self
+                    .rows
+                    .iter()
+                    .rposition(|r| r.scenario == scenario)
+                    .map_or(self.rows.len(), |i| i + 1);
+                self.rows.insert(
+                    at,
+                    Row {
+                        scenario: scenario.to_owned(),
+                        client,
+                        metric,
+                        by_target: BTreeMap::new(),
+                    },
+                );
+                at
             }
         };
         &mut self.rows[at]

@@ -20,11 +20,13 @@ pub(crate) struct Plan {
     pub(crate) rep_secs: f64,
     /// A prefix unique to this run, for queue names.
     pub(crate) run_id: String,
+    /// Only scenarios whose "name (client)" contains this (`--match`).
+    pub(crate) filter: Option<String>,
 }
 
 impl Plan {
     /// The plan for a full or quick run.
-    pub(crate) fn new(quick: bool, repeats: Option<usize>) -> Self {
+    pub(crate) fn new(quick: bool, repeats: Option<usize>, filter: Option<String>) -> Self {
         Self {
             quick,
             repeats: repeats.unwrap_or(if quick { 3 } else { 5 }).max(1),
@@ -33,6 +35,7 @@ impl Plan {
                 "warren-bench-{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
+            filter,
         }
     }
 
@@ -115,6 +118,11 @@ pub(crate) async fn run<S: Scenario>(
 ) {
     let name = scenario.name();
     let client = scenario.client();
+    if let Some(filter) = &plan.filter
+        && !format!("{name} ({client})").contains(filter.as_str())
+    {
+        return;
+    }
     let started = std::time::Instant::now();
     let mut live: Vec<(&Target, Option<S::State>)> = Vec::new();
     for target in targets {

@@ -83,10 +83,36 @@ pub(crate) fn own_rss_kib() -> u64 {
     rss_kib(std::process::id()).unwrap_or(0)
 }
 
-/// The pid of the local RabbitMQ's Erlang VM: the `beam.smp` process whose command line
-/// mentions rabbit (the largest by RSS if several).
-pub(crate) fn find_beam_pid() -> Option<u32> {
-    let mut best: Option<(u64, u32)> = None;
+/// The process listening on a local TCP port (IPv4 or IPv6), found through the socket's inode
+/// in `/proc/net/tcp*` and the processes' file descriptors; with its command name.
+pub(crate) fn find_listener(port: u16) -> Option<(u32, String)> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... uid timeout inode
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let listening = *state == "0A";
+            let on_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if listening && on_port {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -95,22 +121,22 @@ pub(crate) fn find_beam_pid() -> Option<u32> {
         else {
             continue;
         };
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
-        if comm.trim() != "beam.smp" {
-            continue;
-        }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if !String::from_utf8_lossy(&cmdline).contains("rabbit") {
-            continue;
-        }
-        let rss = rss_kib(pid).unwrap_or(0);
-        if best.is_none_or(|(r, _)| rss > r) {
-            best = Some((rss, pid));
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if inodes.iter().any(|i| link.as_os_str() == i.as_str()) {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|c| c.trim().to_owned())
+                    .unwrap_or_default();
+                return Some((pid, comm));
+            }
         }
     }
-    best.map(|(_, pid)| pid)
+    None
 }
 
 /// A CPU snapshot around one measured window: this process (whole and per thread), the
@@ -253,5 +279,11 @@ mod tests {
         let fine = process_cpu_secs_fine(std::process::id()).unwrap();
         let coarse = process_cpu_secs(std::process::id()).unwrap();
         assert!(fine >= 0.0 && coarse >= 0.0);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(
+            find_listener(port).map(|(pid, _)| pid),
+            Some(std::process::id())
+        );
     }
 }

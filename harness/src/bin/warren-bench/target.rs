@@ -200,24 +200,31 @@ impl Targets {
         if wanted.contains(&Kind::RabbitMq) {
             match probe(rabbit_url).await {
                 Ok(()) => {
-                    let local = rabbit_url.contains("@127.0.0.1")
-                        || rabbit_url.contains("@localhost")
-                        || rabbit_url.starts_with("amqp://127.0.0.1")
-                        || rabbit_url.starts_with("amqp://localhost");
-                    let pid = if local {
-                        crate::sys::find_beam_pid()
-                    } else {
-                        None
-                    };
-                    if pid.is_none() {
-                        eprintln!(
-                            "warren-bench: RabbitMQ's beam.smp not found locally: its CPU and memory are not measured"
-                        );
+                    // The broker's process, if it listens on this machine: its CPU and memory.
+                    let pid = rabbit_url
+                        .parse::<amq_protocol::uri::AMQPUri>()
+                        .ok()
+                        .filter(|uri| {
+                            matches!(
+                                uri.authority.host.as_str(),
+                                "127.0.0.1" | "localhost" | "::1"
+                            )
+                        })
+                        .and_then(|uri| crate::sys::find_listener(uri.authority.port));
+                    match &pid {
+                        Some((pid, comm)) => {
+                            eprintln!(
+                                "warren-bench: the AMQP_URL broker is local: {comm} (pid {pid})"
+                            )
+                        }
+                        None => eprintln!(
+                            "warren-bench: the AMQP_URL broker's process is not local: its CPU and memory are not measured"
+                        ),
                     }
                     targets.list.push(Target {
                         kind: Kind::RabbitMq,
                         url: rabbit_url.to_owned(),
-                        pid,
+                        pid: pid.map(|(pid, _)| pid),
                     });
                 }
                 Err(e) => eprintln!("warren-bench: skipping RabbitMQ: {e}"),
