@@ -117,6 +117,18 @@ pub(crate) fn deliver_tag(payload: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes))
 }
 
+/// Why the broker closes, if a method payload is connection.close or channel.close: its
+/// reply code and text.
+pub(crate) fn close_reason(payload: &[u8]) -> Option<String> {
+    if !(payload.starts_with(&[0, 20, 0, 40]) || payload.starts_with(&[0, 10, 0, 50])) {
+        return None;
+    }
+    Some(match parse_class(payload) {
+        Ok((_, method)) => unexpected(&method),
+        Err(_) => "the broker closed the channel or connection".to_owned(),
+    })
+}
+
 impl Lean {
     /// Connects and completes the handshake (PLAIN, heartbeats off, the server's frame_max).
     pub(crate) async fn connect(url: &str) -> Result<Self> {

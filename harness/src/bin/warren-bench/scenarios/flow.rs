@@ -451,6 +451,8 @@ async fn lean_consume(
 ) {
     let ack_every = (u64::from(prefetch) / 4).max(1);
     let mut unacked = 0u64;
+    // The tag of the delivery whose body is awaited, and of the last complete one.
+    let mut arriving_tag = 0u64;
     let mut last_tag = 0u64;
     let result: Result<()> = async {
         loop {
@@ -460,16 +462,19 @@ async fn lean_consume(
                 match kind {
                     lean::METHOD => {
                         if let Some(tag) = lean::deliver_tag(payload) {
-                            last_tag = tag;
-                        } else if payload.starts_with(&[0, 20, 0, 40])
-                            || payload.starts_with(&[0, 10, 0, 50])
-                        {
-                            closed = Some("the broker closed the consumer's channel");
+                            arriving_tag = tag;
+                        } else if let Some(reason) = lean::close_reason(payload) {
+                            closed = Some(reason);
                             return false;
                         }
                     }
-                    // Every body of this bench fits one frame: a body frame is a message.
-                    lean::BODY => delivered += 1,
+                    // Every body of this bench fits one frame: a body frame completes a
+                    // message. Only complete messages are acked: acking the tag of one whose
+                    // body is still to come would ack it twice once the body is counted.
+                    lean::BODY => {
+                        delivered += 1;
+                        last_tag = arriving_tag;
+                    }
                     _ => {}
                 }
                 true

@@ -215,10 +215,8 @@ async fn serve(mut conn: Lean, mut stop: watch::Receiver<bool>, error: Arc<Mutex
                     lean::METHOD => {
                         if let Some(t) = lean::deliver_tag(payload) {
                             tag = t;
-                        } else if payload.starts_with(&[0, 20, 0, 40])
-                            || payload.starts_with(&[0, 10, 0, 50])
-                        {
-                            failure = Some("the broker closed the server's channel".into());
+                        } else if let Some(reason) = lean::close_reason(payload) {
+                            failure = Some(reason);
                             return false;
                         }
                     }
