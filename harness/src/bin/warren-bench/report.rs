@@ -90,6 +90,16 @@ pub(crate) fn table(results: &Results, info: &RunInfo) -> String {
         noise.map_or("?".into(), |s| format!("{:.2}", s.median)),
         noise.map_or("?".into(), |s| format!("{:.2}", s.max)),
     );
+    if let Some(noise) = noise
+        && noise.median > 0.2
+    {
+        let _ = writeln!(
+            out,
+            "NOTE: other processes kept {:.1} of the 2 cores busy (median): throughputs read low, and \
+             cross-thread latencies read *better* than on an idle machine (busy CPUs wake faster).",
+            noise.median
+        );
+    }
     let headers = [
         "scenario",
         "client",
