@@ -30,7 +30,7 @@ impl Plan {
         Self {
             quick,
             repeats: repeats.unwrap_or(if quick { 3 } else { 5 }).max(1),
-            rep_secs: if quick { 0.2 } else { 1.5 },
+            rep_secs: if quick { 0.12 } else { 1.5 },
             run_id: format!(
                 "warren-bench-{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
