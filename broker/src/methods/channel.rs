@@ -22,7 +22,9 @@ impl Connection {
             }
             // RabbitMQ 3.10 refuses to stop a channel's deliveries this way.
             channel::AMQPMethod::Flow(_) => Err(AmqpError::not_implemented("active=false")),
-            channel::AMQPMethod::FlowOk(_) => Ok(()),
+            channel::AMQPMethod::FlowOk(_) => {
+                Err(AmqpError::command_invalid("unimplemented method"))
+            }
             channel::AMQPMethod::Close(_) => {
                 self.flush_confirms_of(ch);
                 self.release_channel(ch);

@@ -69,9 +69,10 @@ impl Connection {
                     AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(m)) => {
                         self.confirm_select(ch, m.nowait)
                     }
-                    AMQPClass::Connection(_) => Err(AmqpError::command_invalid(format!(
-                        "connection method {class_id}.{method_id} on channel {ch}"
-                    ))),
+                    AMQPClass::Connection(_)
+                    | AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::SelectOk(
+                        _,
+                    )) => Err(AmqpError::command_invalid("unimplemented method")),
                     other => Err(AmqpError::not_implemented(format!(
                         "{} is not implemented by Warren",
                         method_name(&other)
