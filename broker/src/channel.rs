@@ -5,7 +5,8 @@ use crate::message::{Message, MessageBuilder, QueuedMessage};
 use crate::queue::ChannelCredit;
 use amq_protocol::protocol::basic;
 use amq_protocol::types::{FieldTable, ShortString};
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Whether a channel is usable or closing.
@@ -91,7 +92,7 @@ pub(crate) struct Channel {
     /// Unacknowledged deliveries by tag, in order.
     pub(crate) unacked: BTreeMap<u64, Unacked>,
     /// Consumers by tag.
-    pub(crate) consumers: HashMap<ShortString, ChannelConsumer>,
+    pub(crate) consumers: FxHashMap<ShortString, ChannelConsumer>,
     /// Prefetch for consumers created from now on (basic.qos global=false).
     pub(crate) consumer_prefetch: u32,
     /// The channel-wide prefetch window (basic.qos global=true).
@@ -116,7 +117,7 @@ impl Channel {
             assembly: Assembly::Idle,
             next_delivery_tag: 1,
             unacked: BTreeMap::new(),
-            consumers: HashMap::new(),
+            consumers: FxHashMap::default(),
             consumer_prefetch: 0,
             credit: Arc::default(),
             next_confirm: None,

@@ -17,6 +17,82 @@ const FRAME_END: u8 = 0xCE;
 /// Type, channel and size before the payload, and the end octet after it.
 pub(crate) const FRAME_OVERHEAD: usize = 8;
 
+/// Most buffer space reserved ahead for a frame whose bytes have not arrived yet.
+const MAX_RESERVE: usize = 256 * 1024;
+/// Nesting of field tables and arrays parsed on the connection's own stack: amq-protocol parses
+/// them recursively, so a frame nested deeper (RabbitMQ accepts thousands of levels) is parsed
+/// on a thread with a stack sized for it. Real traffic nests a few levels.
+const INLINE_NESTING: usize = 64;
+/// Stack reserved per nesting level on that thread (generous: debug builds use the most).
+const STACK_PER_LEVEL: usize = 64 * 1024;
+/// Deepest nesting accepted at all. RabbitMQ accepts any depth a frame can hold (about 26,000
+/// levels in 128 KiB); Warren refuses deeper than this with 501 rather than reserve gigabytes
+/// of stack for a frame no real client sends.
+const MAX_NESTING: usize = 2000;
+
+/// An upper bound on the nesting depth of field tables and arrays in a payload, without
+/// parsing it: every `F` or `A` octet followed by a length that fits in the payload is taken
+/// as a container, and the most such candidates covering one octet is returned. Every real
+/// container is a candidate, so the real depth is never larger.
+fn nesting_bound(payload: &[u8]) -> usize {
+    let mut open_ends = std::collections::BinaryHeap::new();
+    let mut deepest = 0;
+    for i in 0..payload.len().saturating_sub(4) {
+        if payload[i] != b'F' && payload[i] != b'A' {
+            continue;
+        }
+        let len = u32::from_be_bytes([
+            payload[i + 1],
+            payload[i + 2],
+            payload[i + 3],
+            payload[i + 4],
+        ]) as usize;
+        let end = i + 5 + len;
+        if end > payload.len() {
+            continue;
+        }
+        while open_ends
+            .peek()
+            .is_some_and(|std::cmp::Reverse(e): &std::cmp::Reverse<usize>| *e <= i)
+        {
+            open_ends.pop();
+        }
+        open_ends.push(std::cmp::Reverse(end));
+        deepest = deepest.max(open_ends.len());
+    }
+    deepest
+}
+
+/// Runs `parse` on the payload, on a thread with a big enough stack when the payload may be
+/// nested deeper than [`INLINE_NESTING`]. A payload too deep for even that is refused.
+fn parse_nested<T: Send>(
+    payload: &[u8],
+    parse: impl FnOnce(&[u8]) -> Result<T, AmqpError> + Send,
+) -> Result<T, AmqpError> {
+    if payload.len() <= INLINE_NESTING * 5 {
+        return parse(payload);
+    }
+    let depth = nesting_bound(payload);
+    if depth <= INLINE_NESTING {
+        return parse(payload);
+    }
+    if depth > MAX_NESTING {
+        return Err(AmqpError::frame_error(format!(
+            "cannot decode: field tables nested deeper than {MAX_NESTING} levels"
+        )));
+    }
+    let stack = depth * STACK_PER_LEVEL + (16 << 20);
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("warren-deep-parse".into())
+            .stack_size(stack)
+            .spawn_scoped(scope, || parse(payload))
+            .map_err(|e| AmqpError::internal_error(format!("cannot parse a deep frame: {e}")))?
+            .join()
+            .unwrap_or_else(|_| Err(AmqpError::internal_error("parser failed")))
+    })
+}
+
 /// The protocol header a client must send, and the one a server answers a wrong header with.
 pub(crate) const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
 
@@ -67,7 +143,8 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
         )));
     }
     if buf.len() < size + FRAME_OVERHEAD {
-        buf.reserve(size + FRAME_OVERHEAD - buf.len());
+        // Reserve what the frame needs, but never much ahead of the bytes actually sent.
+        buf.reserve((size + FRAME_OVERHEAD - buf.len()).min(MAX_RESERVE));
         return Ok(None);
     }
     if buf[size + 7] != FRAME_END {
@@ -90,24 +167,31 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
             let size = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
             Err(AmqpError::not_implemented(format!("prefetch_size!=0 ({size})")).during_ids(60, 10))
         }
-        FRAME_METHOD => match parse_class(&payload[..]) {
-            Ok(([], method)) => Ok(Some(Frame::Method(channel, method))),
-            _ => Err(malformed_method(&payload)),
-        },
-        FRAME_HEADER => match parse_content_header(&payload[..]) {
-            Ok(([], header)) => Ok(Some(Frame::Header {
+        FRAME_METHOD => {
+            let method = parse_nested(&payload, |p| match parse_class(p) {
+                Ok(([], method)) => Ok(method),
+                Err(e) if is_utf8_error(&e) => Err(malformed_utf8()),
+                _ => Err(malformed_method(p)),
+            })?;
+            Ok(Some(Frame::Method(channel, method)))
+        }
+        FRAME_HEADER => {
+            let header = parse_nested(&payload, |p| match parse_content_header(p) {
+                Ok(([], header)) => Ok(header),
+                Err(e) if is_utf8_error(&e) => Err(malformed_utf8()),
+                _ => Err(AmqpError::frame_error(format!(
+                    "type {kind}, all octets = {}: unknown_frame",
+                    erlang_binary(&p[..p.len().min(64)])
+                ))),
+            })?;
+            Ok(Some(Frame::Header {
                 channel,
                 class_id: header.class_id,
                 body_size: header.body_size,
                 properties: Box::new(header.properties),
                 raw_properties: payload.slice(12..),
-            })),
-            _ => Err(AmqpError::frame_error(format!(
-                "cannot decode {}",
-                erlang_binary(&payload[..payload.len().min(64)])
-            ))
-            .during_ids(60, 40)),
-        },
+            }))
+        }
         FRAME_BODY => Ok(Some(Frame::Body(channel, payload))),
         _ if channel != 0 || size != 0 => Err(AmqpError::unexpected_frame(format!(
             "type {kind}, all octets = {}",
@@ -115,6 +199,16 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
         ))),
         _ => Ok(Some(Frame::Heartbeat)),
     }
+}
+
+/// Whether amq-protocol failed on a short string that is not UTF-8 (its only `map_res`).
+fn is_utf8_error(e: &amq_protocol::frame::ParserError) -> bool {
+    format!("{e:?}").contains("MapRes")
+}
+
+/// RabbitMQ's answer to a short string that is not UTF-8.
+fn malformed_utf8() -> AmqpError {
+    AmqpError::frame_error("Malformed UTF-8 in shortstr")
 }
 
 /// Bytes as Erlang prints a binary in RabbitMQ's reply texts: `<<"text">>` when printable,
@@ -320,6 +414,74 @@ mod tests {
         // A payload of exactly frame_max is accepted, as RabbitMQ does.
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 16, 0][..]);
         assert!(decode(&mut buf, 4096).unwrap().is_none());
+    }
+
+    #[test]
+    fn deeply_nested_tables_are_refused_before_parsing() {
+        // queue.declare whose arguments nest 20,000 tables: {"":{"":{...}}}
+        let depth = 20_000;
+        let mut table = Vec::new();
+        for _ in 0..depth {
+            let mut outer = vec![0u8, b'F'];
+            outer.extend_from_slice(&((table.len()) as u32).to_be_bytes());
+            outer.extend_from_slice(&table);
+            table = outer;
+        }
+        let mut payload = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+        payload.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        payload.extend_from_slice(&table);
+        let mut frame = vec![1u8, 0, 1];
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame.push(0xCE);
+        let mut buf = BytesMut::from(&frame[..]);
+        let err = decode(&mut buf, 0).unwrap_err();
+        assert_eq!(err.code, 501);
+        assert!(nesting_bound(&payload) >= depth);
+    }
+
+    #[test]
+    fn a_thousand_nested_tables_are_parsed_on_a_deep_stack() {
+        let mut table = Vec::new();
+        for _ in 0..1000 {
+            let mut outer = vec![0u8, b'F'];
+            outer.extend_from_slice(&(table.len() as u32).to_be_bytes());
+            outer.extend_from_slice(&table);
+            table = outer;
+        }
+        let mut payload = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+        payload.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        payload.extend_from_slice(&table);
+        let mut frame = vec![1u8, 0, 1];
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame.push(0xCE);
+        let mut buf = BytesMut::from(&frame[..]);
+        assert!(matches!(decode(&mut buf, 0), Ok(Some(Frame::Method(1, _)))));
+    }
+
+    #[test]
+    fn ordinary_tables_pass_the_nesting_check() {
+        let mut args = amq_protocol::types::FieldTable::default();
+        let mut inner = amq_protocol::types::FieldTable::default();
+        inner.insert("k".into(), amq_protocol::types::AMQPValue::LongInt(1));
+        args.insert(
+            "x-nested".into(),
+            amq_protocol::types::AMQPValue::FieldTable(inner),
+        );
+        let method = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "q".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: args,
+        }));
+        assert!(matches!(
+            round_trip(AMQPFrame::Method(1, method)),
+            Frame::Method(1, _)
+        ));
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub(crate) struct MessageBuilder {
     properties_len: u32,
     body_size: u64,
     body_len: u64,
+    overflowed: bool,
 }
 
 impl MessageBuilder {
@@ -84,7 +85,18 @@ impl MessageBuilder {
             properties_len: properties.len() as u32,
             body_size,
             body_len: 0,
+            overflowed: false,
         }
+    }
+
+    /// A body frame went past the declared size: the message can never complete.
+    pub(crate) fn overflow(&mut self) {
+        self.overflowed = true;
+    }
+
+    /// Whether a body frame went past the declared size.
+    pub(crate) fn overflowed(&self) -> bool {
+        self.overflowed
     }
 
     /// Body bytes still expected.

@@ -143,6 +143,12 @@ impl Queue {
     /// Puts a delivered message back at its original position, flagged redelivered.
     pub(crate) fn requeue(&mut self, mut message: QueuedMessage) {
         message.redelivered = true;
+        self.put_back(message);
+    }
+
+    /// Puts a message that was never written to its consumer back at its original position,
+    /// its redelivered flag unchanged: the client never saw it.
+    pub(crate) fn put_back(&mut self, message: QueuedMessage) {
         let at = self.ready.partition_point(|m| m.seq < message.seq);
         self.ready.insert(at, message);
     }
@@ -276,17 +282,23 @@ impl Queue {
         self.options.auto_delete && self.had_consumer && self.consumers.is_empty()
     }
 
-    /// Settles one delivery to `consumer_tag` (acked, rejected or requeued): frees its
+    /// Settles `n` deliveries to `consumer_tag` (acked, rejected or requeued): frees their
     /// prefetch credit.
-    pub(crate) fn settle(&mut self, conn: ConnId, channel: u16, consumer_tag: Option<&str>) {
-        self.unacked = self.unacked.saturating_sub(1);
+    pub(crate) fn settle(
+        &mut self,
+        conn: ConnId,
+        channel: u16,
+        consumer_tag: Option<&str>,
+        n: u32,
+    ) {
+        self.unacked = self.unacked.saturating_sub(n as usize);
         if let Some(tag) = consumer_tag
             && let Some(c) = self
                 .consumers
                 .iter_mut()
                 .find(|c| c.conn == conn && c.channel == channel && c.tag.as_str() == tag)
         {
-            c.in_flight = c.in_flight.saturating_sub(1);
+            c.in_flight = c.in_flight.saturating_sub(n);
         }
     }
 

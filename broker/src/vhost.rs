@@ -8,7 +8,7 @@ use crate::mailbox::Outbound;
 use crate::message::{Message, QueuedMessage};
 use crate::queue::{ConnId, Queue};
 use amq_protocol::types::FieldTable;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::time::Instant;
 
@@ -26,11 +26,11 @@ pub(crate) struct Vhost {
 #[derive(Debug)]
 pub(crate) struct VhostState {
     /// Queues by name.
-    pub(crate) queues: HashMap<Arc<str>, Queue>,
+    pub(crate) queues: FxHashMap<Arc<str>, Queue>,
     /// Exchanges by name.
-    pub(crate) exchanges: HashMap<String, Exchange>,
+    pub(crate) exchanges: FxHashMap<String, Exchange>,
     /// Direct reply-to consumers by reply address.
-    pub(crate) reply_consumers: HashMap<String, ReplyConsumer>,
+    pub(crate) reply_consumers: FxHashMap<String, ReplyConsumer>,
 }
 
 /// Where a published message went.
@@ -52,9 +52,9 @@ impl Vhost {
         Self {
             name: name.to_owned(),
             state: Mutex::new(VhostState {
-                queues: HashMap::new(),
+                queues: FxHashMap::default(),
                 exchanges,
-                reply_consumers: HashMap::new(),
+                reply_consumers: FxHashMap::default(),
             }),
         }
     }

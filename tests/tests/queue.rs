@@ -253,6 +253,8 @@ async fn passive_declare_reports_counts_and_ignores_the_other_fields() {
     declare(&ch, &q).await;
     let pub_ch = confirm_channel(&conn).await;
     publish_confirmed(&pub_ch, &q, b"x").await;
+    // RabbitMQ's counts may lag a confirm by a moment under load: wait for the count first.
+    broker.wait_for_messages(&q, 1).await;
     let p = passive(&ch, &q).await.expect("passive");
     assert_eq!((p.message_count(), p.consumer_count()), (1, 0));
     // durable / arguments differ from the queue's, but passive does not compare them.
@@ -982,7 +984,8 @@ async fn nowait_forms_take_effect() {
     let pub_ch = confirm_channel(&conn).await;
     publish_confirmed(&pub_ch, &q, b"a").await;
     publish_confirmed(&pub_ch, &q, b"b").await;
-    assert_eq!(passive(&ch, &q).await.expect("declared").message_count(), 2);
+    // RabbitMQ's counts may lag a confirm by a moment under load: wait for the count.
+    broker.wait_for_messages(&q, 2).await;
     // (purge nowait: lapin 4.12 never resolves it, see purge_nowait_takes_effect.)
     within(
         "purge",

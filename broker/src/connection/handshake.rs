@@ -185,7 +185,7 @@ where
     out.clear();
 
     // Until tune-ok, frames are bounded by the spec's minimum frame size.
-    let start_ok = match read_method(rd, buf, 4096).await? {
+    let start_ok = match read_method(rd, buf, super::HANDSHAKE_FRAME_MAX).await? {
         AMQPClass::Connection(connection::AMQPMethod::StartOk(m)) => m,
         other => return Err(unexpected("connection.start_ok", &other)),
     };
@@ -215,7 +215,7 @@ where
     wr.write_all(&out).await?;
     out.clear();
 
-    let tune_ok = match read_method(rd, buf, 4096).await? {
+    let tune_ok = match read_method(rd, buf, super::HANDSHAKE_FRAME_MAX).await? {
         AMQPClass::Connection(connection::AMQPMethod::TuneOk(m)) => m,
         other => return Err(unexpected("connection.tune_ok", &other)),
     };

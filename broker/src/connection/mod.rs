@@ -17,7 +17,7 @@ use amq_protocol::protocol::{AMQPClass, channel, connection};
 use bytes::BytesMut;
 pub(crate) use handshake::method_name;
 use handshake::{HandshakeError, Tuning, handshake};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 /// Stop reading from a client while this much output waits to be written (backpressure), and
 /// stop taking deliveries from the mailbox.
 const OUT_HIGH_WATER: usize = 256 * 1024;
+/// The frame size limit before tune-ok: the spec's minimum frame size.
+pub(crate) const HANDSHAKE_FRAME_MAX: u32 = 4096;
 /// How long to wait, after the close handshake, for the client to close its socket.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Why a connection ended when its close handshake completed.
@@ -55,10 +57,13 @@ pub(crate) struct Connection {
     pub(crate) shared: Arc<BrokerShared>,
     /// Its vhost.
     pub(crate) vhost: Arc<Vhost>,
-    /// Frames waiting to be written.
+    /// Frames waiting to be written: `out[out_sent..]`.
     pub(crate) out: Vec<u8>,
+    /// How much of `out` the socket already took (the rest is compacted away now and then,
+    /// rather than moved after every partial write).
+    out_sent: usize,
     /// Open (or closing) channels.
-    pub(crate) channels: HashMap<u16, Channel>,
+    pub(crate) channels: FxHashMap<u16, Channel>,
     /// Negotiated limits.
     pub(crate) tuning: Tuning,
     /// The sending side of its own mailbox, given to its consumers.
@@ -111,13 +116,16 @@ where
         shared: shared.clone(),
         vhost,
         out: Vec::with_capacity(16 * 1024),
-        channels: HashMap::new(),
+        out_sent: 0,
+        channels: FxHashMap::default(),
         tuning,
         mailbox,
         state: ConnState::Open,
         channel_count,
         confirms_due: Vec::new(),
     };
+    // Frames the client pipelined behind connection.open are already buffered.
+    conn.process_input(&mut rbuf);
     let end = conn
         .run(&mut rd, &mut wr, &mut rbuf, &mut inbox, &shutdown)
         .await;
@@ -158,7 +166,7 @@ where
             // Wait (briefly) for close-ok, so the client reads the close before the socket goes.
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
                 loop {
-                    match codec::decode(rbuf, 0) {
+                    match codec::decode(rbuf, HANDSHAKE_FRAME_MAX) {
                         Ok(Some(Frame::Method(
                             0,
                             AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)),
@@ -216,15 +224,15 @@ impl Connection {
         let mut wrote_since_tick = false;
         let mut shutting_down = false;
         loop {
-            if self.state == ConnState::Closed && self.out.is_empty() {
+            if self.state == ConnState::Closed && self.out_pending() == 0 {
                 return CLOSED_CLEANLY;
             }
             let closing_deadline = match self.state {
                 ConnState::Closing(at) => Some(at),
                 _ => None,
             };
-            let reading = self.state != ConnState::Closed && self.out.len() < OUT_HIGH_WATER;
-            let taking = self.state == ConnState::Open && self.out.len() < OUT_HIGH_WATER;
+            let reading = self.state != ConnState::Closed && self.out_pending() < OUT_HIGH_WATER;
+            let taking = self.state == ConnState::Open && self.out_pending() < OUT_HIGH_WATER;
             tokio::select! {
                 read = rd.read_buf(rbuf), if reading => match read {
                     Ok(0) => return "client closed the socket",
@@ -234,17 +242,17 @@ impl Connection {
                         self.process_input(rbuf);
                     }
                 },
-                written = wr.write(&self.out), if !self.out.is_empty() => match written {
+                written = wr.write(&self.out[self.out_sent..]), if self.out_pending() > 0 => match written {
                     Ok(0) | Err(_) => return "socket error while writing",
                     Ok(n) => {
-                        self.out.drain(..n);
+                        self.wrote(n);
                         wrote_since_tick = true;
                     }
                 },
                 item = inbox.recv(), if taking => {
                     if let Some(item) = item {
                         self.handle_outbound(item);
-                        while self.out.len() < OUT_HIGH_WATER
+                        while self.out_pending() < OUT_HIGH_WATER
                             && let Some(item) = inbox.try_recv()
                         {
                             self.handle_outbound(item);
@@ -259,7 +267,7 @@ impl Connection {
                         tracing::warn!(conn = self.id, "missed heartbeats from client, timeout: {}s", heartbeat.as_secs());
                         return "missed heartbeats";
                     }
-                    if !wrote_since_tick && self.out.is_empty() {
+                    if !wrote_since_tick && self.out_pending() == 0 {
                         codec::write_heartbeat(&mut self.out);
                     }
                     wrote_since_tick = false;
@@ -301,6 +309,23 @@ impl Connection {
                     return;
                 }
             }
+        }
+    }
+
+    /// Bytes waiting to be written.
+    fn out_pending(&self) -> usize {
+        self.out.len() - self.out_sent
+    }
+
+    /// The socket took `n` more bytes.
+    fn wrote(&mut self, n: usize) {
+        self.out_sent += n;
+        if self.out_sent == self.out.len() {
+            self.out.clear();
+            self.out_sent = 0;
+        } else if self.out_sent >= 64 * 1024 && self.out_sent * 2 >= self.out.len() {
+            self.out.drain(..self.out_sent);
+            self.out_sent = 0;
         }
     }
 

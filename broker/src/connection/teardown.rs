@@ -1,7 +1,7 @@
-//! Ending channels and connections: nothing is lost. Unacknowledged deliveries and deliveries
-//! still in the mailbox go back to their queues flagged redelivered, consumers are removed
-//! (auto-delete queues go with their last one) and exclusive queues of the connection are
-//! deleted.
+//! Ending channels and connections: nothing is lost. Unacknowledged deliveries go back to their
+//! queues flagged redelivered, deliveries still in the mailbox (never written) go back as they
+//! were, consumers are removed (auto-delete queues go with their last one) and exclusive
+//! queues of the connection are deleted.
 
 use super::Connection;
 use crate::channel::{Channel, ChannelConsumer};
@@ -10,7 +10,7 @@ use crate::mailbox::{MailboxReceiver, Outbound};
 use crate::message::QueuedMessage;
 use crate::vhost::VhostState;
 use amq_protocol::types::ShortString;
-use std::collections::HashSet;
+use rustc_hash::FxHashSet;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -31,7 +31,7 @@ impl Connection {
         ch.assembly = Default::default();
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
-        let mut touched = HashSet::new();
+        let mut touched = FxHashSet::default();
         for (tag, consumer) in consumers {
             self.detach_consumer(&mut state, channel, &tag, &consumer);
         }
@@ -76,7 +76,7 @@ impl Connection {
         }
         self.channels.clear();
         let mut state = self.vhost.lock();
-        let mut touched = HashSet::new();
+        let mut touched = FxHashSet::default();
         for item in pending {
             if let Outbound::Deliver {
                 channel,
@@ -124,6 +124,8 @@ impl Connection {
     }
 }
 
+/// Returns a delivery that never reached the socket to its queue, as it was: the client never
+/// saw it, so it is not flagged redelivered (RabbitMQ flags only messages a client received).
 fn requeue_undelivered(
     state: &mut VhostState,
     queue: &str,
@@ -133,12 +135,11 @@ fn requeue_undelivered(
     no_ack: bool,
     message: QueuedMessage,
 ) {
-    if no_ack {
-        if let Some(q) = state.queues.get_mut(queue) {
-            q.requeue(message);
+    if let Some(q) = state.queues.get_mut(queue) {
+        if !no_ack {
+            q.settle(conn, channel, consumer_tag, 1);
         }
-    } else {
-        requeue(state, queue, conn, channel, consumer_tag, message);
+        q.put_back(message);
     }
 }
 
@@ -152,13 +153,13 @@ pub(crate) fn requeue(
     message: QueuedMessage,
 ) {
     if let Some(q) = state.queues.get_mut(queue) {
-        q.settle(conn, channel, consumer_tag);
+        q.settle(conn, channel, consumer_tag, 1);
         q.requeue(message);
     }
 }
 
 /// Dispatches every named queue.
-pub(crate) fn dispatch_all(state: &mut VhostState, queues: HashSet<Arc<str>>) {
+pub(crate) fn dispatch_all(state: &mut VhostState, queues: FxHashSet<Arc<str>>) {
     let now = Instant::now();
     for name in queues {
         if let Some(q) = state.queues.get_mut(&name) {

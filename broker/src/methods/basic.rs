@@ -10,11 +10,11 @@ use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address, rewrite_repl
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
 use crate::queue::Consumer;
-use crate::vhost::Routed;
+use crate::vhost::{Routed, VhostState};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
 use bytes::Bytes;
-use std::collections::HashSet;
+use rustc_hash::FxHashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -62,10 +62,7 @@ impl Connection {
                 Ok(())
             }
             basic::AMQPMethod::RecoverAsync(m) => self.basic_recover(ch, m.requeue),
-            other => Err(AmqpError::command_invalid(format!(
-                "{} is a server method",
-                crate::connection::method_name(&AMQPClass::Basic(other))
-            ))),
+            _ => Err(AmqpError::command_invalid("unimplemented method")),
         }
     }
 
@@ -82,7 +79,7 @@ impl Connection {
         send_basic(self, ch, basic::AMQPMethod::QosOk(basic::QosOk {}));
         if m.global {
             // A larger window may let waiting messages through.
-            let queues: HashSet<Arc<str>> = self
+            let queues: FxHashSet<Arc<str>> = self
                 .channel_mut(ch)
                 .consumers
                 .values()
@@ -278,24 +275,40 @@ impl Connection {
     pub(crate) fn apply_settle(&mut self, ch: u16, settled: Vec<(u64, Unacked)>, how: Settle) {
         let credit = self.channel_mut(ch).credit.clone();
         let mut state = self.vhost.lock();
-        let mut touched = HashSet::new();
+        let mut touched = FxHashSet::default();
+        // Acks come in runs from one queue and consumer: settle each run in one step.
+        let mut run: Option<(Arc<str>, Option<ShortString>, u32)> = None;
+        let conn = self.id;
+        let settle_run =
+            |state: &mut VhostState, run: Option<(Arc<str>, Option<ShortString>, u32)>| {
+                if let Some((queue, tag, n)) = run
+                    && let Some(q) = state.queues.get_mut(&queue)
+                {
+                    q.settle(conn, ch, tag.as_ref().map(|t| t.as_str()), n);
+                }
+            };
         for (_, u) in settled {
             if u.consumer_tag.is_some() {
                 credit.release();
             }
-            let tag = u.consumer_tag.as_ref().map(|t| t.as_str());
-            match how {
-                Settle::Reject { requeue: true } => {
-                    requeue(&mut state, &u.queue, self.id, ch, tag, u.message);
+            if let Settle::Reject { requeue: true } = how {
+                let tag = u.consumer_tag.as_ref().map(|t| t.as_str());
+                requeue(&mut state, &u.queue, conn, ch, tag, u.message);
+                touched.insert(u.queue);
+                continue;
+            }
+            match &mut run {
+                Some((queue, tag, n)) if Arc::ptr_eq(queue, &u.queue) && *tag == u.consumer_tag => {
+                    *n += 1;
                 }
                 _ => {
-                    if let Some(queue) = state.queues.get_mut(&u.queue) {
-                        queue.settle(self.id, ch, tag);
-                    }
+                    settle_run(&mut state, run.take());
+                    touched.insert(u.queue.clone());
+                    run = Some((u.queue, u.consumer_tag, 1));
                 }
             }
-            touched.insert(u.queue);
         }
+        settle_run(&mut state, run);
         // Credit freed in a channel-wide window may serve any queue the channel consumes from.
         if credit.limit.load(Ordering::Relaxed) != 0
             && let Some(channel) = self.channels.get(&ch)
@@ -313,7 +326,7 @@ impl Connection {
         let unacked = std::mem::take(&mut channel.unacked);
         let credit = channel.credit.clone();
         let mut state = self.vhost.lock();
-        let mut touched = HashSet::new();
+        let mut touched = FxHashSet::default();
         for (_, u) in unacked {
             if u.consumer_tag.is_some() {
                 credit.release();

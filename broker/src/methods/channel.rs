@@ -22,7 +22,9 @@ impl Connection {
             }
             // RabbitMQ 3.10 refuses to stop a channel's deliveries this way.
             channel::AMQPMethod::Flow(_) => Err(AmqpError::not_implemented("active=false")),
-            channel::AMQPMethod::FlowOk(_) => Ok(()),
+            channel::AMQPMethod::FlowOk(_) => {
+                Err(AmqpError::command_invalid("unimplemented method"))
+            }
             channel::AMQPMethod::Close(_) => {
                 self.flush_confirms_of(ch);
                 self.release_channel(ch);
@@ -34,9 +36,9 @@ impl Connection {
                 Ok(())
             }
             channel::AMQPMethod::CloseOk(_) => Ok(()),
-            channel::AMQPMethod::OpenOk(_) => Err(AmqpError::command_invalid(
-                "channel.open_ok is a server method",
-            )),
+            channel::AMQPMethod::OpenOk(_) => {
+                Err(AmqpError::command_invalid("unimplemented method"))
+            }
         }
     }
 
@@ -98,11 +100,8 @@ impl Connection {
                 }
                 tx::AMQPMethod::RollbackOk(tx::RollbackOk {})
             }
-            other => {
-                return Err(AmqpError::command_invalid(format!(
-                    "{} is a server method",
-                    crate::connection::method_name(&AMQPClass::Tx(other))
-                )));
+            _ => {
+                return Err(AmqpError::command_invalid("unimplemented method"));
             }
         };
         self.send(ch, AMQPClass::Tx(reply));

@@ -69,9 +69,10 @@ impl Connection {
                     AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(m)) => {
                         self.confirm_select(ch, m.nowait)
                     }
-                    AMQPClass::Connection(_) => Err(AmqpError::command_invalid(format!(
-                        "connection method {class_id}.{method_id} on channel {ch}"
-                    ))),
+                    AMQPClass::Connection(_)
+                    | AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::SelectOk(
+                        _,
+                    )) => Err(AmqpError::command_invalid("unimplemented method")),
                     other => Err(AmqpError::not_implemented(format!(
                         "{} is not implemented by Warren",
                         method_name(&other)
@@ -139,7 +140,7 @@ impl Connection {
             return Err((
                 ch,
                 AmqpError::unexpected_frame(format!(
-                    "content header for class {class_id} does not match method class 60"
+                    "expected content header for class 60, got one for class {class_id} instead"
                 ))
                 .during_ids(60, 40),
             ));
@@ -212,19 +213,13 @@ impl Connection {
         };
         let remaining = pending.1.remaining();
         if chunk.len() as u64 > remaining {
-            let declared = remaining;
-            channel.assembly = Assembly::Idle;
-            return Err((
-                ch,
-                AmqpError::unexpected_frame(format!(
-                    "content body frame of {} bytes exceeds the {declared} bytes its header left",
-                    chunk.len()
-                ))
-                .during_ids(60, 40),
-            ));
+            // As RabbitMQ: a body longer than its header said is not an error at once; the
+            // message never completes, and the next method gets 505 (expected content body).
+            pending.1.overflow();
+            return Ok(());
         }
         pending.1.push(&chunk);
-        if (chunk.len() as u64) < remaining {
+        if (chunk.len() as u64) < remaining || pending.1.overflowed() {
             return Ok(());
         }
         let Assembly::Body(pending) = std::mem::take(&mut channel.assembly) else {

@@ -1,0 +1,100 @@
+//! The scenarios of issue 6, and the order a run goes through them.
+
+pub(crate) mod floor;
+pub(crate) mod flow;
+pub(crate) mod lean_rpc;
+pub(crate) mod memory;
+pub(crate) mod rpc;
+pub(crate) mod start;
+
+use crate::results::Results;
+use crate::runner::{self, Plan};
+use crate::target::{Kind, Target};
+use flow::{Client, Flow};
+use lean_rpc::LeanRpc;
+use rpc::Rpc;
+use std::path::Path;
+
+/// Scenario groups, as `--only` names them, in run order.
+pub(crate) const GROUPS: [&str; 7] = [
+    "floor", "start", "rpc", "pubsub", "fan-in", "scale", "memory",
+];
+
+/// Prefetch of every throughput consumer.
+const PREFETCH: u16 = 1000;
+
+/// Runs the selected groups.
+pub(crate) async fn run_all(
+    groups: &[String],
+    plan: &Plan,
+    targets: &[Target],
+    broker_bin: Option<&Path>,
+    results: &mut Results,
+) {
+    let wants = |g: &str| groups.iter().any(|x| x == g);
+    let kinds: Vec<Kind> = targets.iter().map(|t| t.kind).collect();
+    if wants("floor") {
+        floor::run(plan, results).await;
+    }
+    if wants("start") {
+        start::run(plan, &kinds, broker_bin, results).await;
+    }
+    if wants("rpc") {
+        for (name, in_flight) in [("rpc-seq", 1), ("rpc-64", 64), ("rpc-256", 256)] {
+            let scenario = Rpc {
+                name,
+                in_flight,
+                cpu_per_call: in_flight == 64,
+                plan,
+            };
+            runner::run(&scenario, targets, plan, results).await;
+            let scenario = LeanRpc {
+                name,
+                in_flight,
+                cpu_per_call: in_flight == 64,
+                plan,
+            };
+            runner::run(&scenario, targets, plan, results).await;
+        }
+    }
+    let flow =
+        |name: &str, client, body, queues, consumers_per_queue, connections, publishers| Flow {
+            name: name.to_owned(),
+            client,
+            queues,
+            consumers_per_queue,
+            consumer_connections: connections,
+            publishers,
+            body,
+            prefetch: PREFETCH,
+            cpu_per_msg: false,
+            plan,
+        };
+    if wants("pubsub") {
+        for client in [Client::Lean, Client::Lapin] {
+            for (name, body) in [("pubsub 16 B", 16), ("pubsub 4 KiB", 4096)] {
+                let scenario = Flow {
+                    cpu_per_msg: true,
+                    ..flow(name, client, body, 1, 1, 1, 1)
+                };
+                runner::run(&scenario, targets, plan, results).await;
+            }
+        }
+    }
+    if wants("fan-in") {
+        for client in [Client::Lean, Client::Lapin] {
+            let scenario = flow("fan-in 8 pub -> 1 q -> 2 cons", client, 16, 1, 2, 2, 8);
+            runner::run(&scenario, targets, plan, results).await;
+        }
+    }
+    if wants("scale") {
+        for (queues, connections) in [(1, 1), (100, 1), (1000, 1), (100, 100), (1000, 100)] {
+            let name = format!("scale {queues} q / {connections} conn");
+            let scenario = flow(&name, Client::Lean, 16, queues, 1, connections, 1);
+            runner::run(&scenario, targets, plan, results).await;
+        }
+    }
+    if wants("memory") {
+        memory::run(plan, targets, broker_bin, results).await;
+    }
+}
