@@ -68,11 +68,9 @@ pub fn handshake_bytes() -> &'static [u8] {
     })
 }
 
-/// channel.open on channel 1, sent once connection.open-ok has arrived.
-///
-/// It is not sent with the handshake: the broker (at the time of writing) leaves frames that
-/// arrive in the same read as connection.open unprocessed until more bytes come (see
-/// RELIABILITY.md), which would hide every input behind that bug.
+/// channel.open on channel 1. The fuzzed connection sends it in the same write as the
+/// handshake (frames pipelined behind connection.open were once left unprocessed); the second
+/// client sends it after open-ok.
 pub fn channel_open_bytes() -> &'static [u8] {
     static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
     BYTES.get_or_init(|| {
@@ -155,18 +153,17 @@ pub async fn feed_connection(broker: &BrokerHandle, input: &[u8]) -> Vec<AMQPFra
     broker.serve_stream(server, "fuzz");
     let (mut rd, mut wr) = tokio::io::split(client);
     let session = async move {
-        wr.write_all(handshake_bytes())
-            .await
-            .expect("handshake write");
+        let mut opening = handshake_bytes().to_vec();
+        opening.extend_from_slice(channel_open_bytes());
+        wr.write_all(&opening).await.expect("handshake write");
         let mut kept = Vec::new();
         assert!(
-            read_until(&mut rd, &mut kept, is_open_ok).await,
-            "the handshake did not end with connection.open-ok"
+            read_until(&mut rd, &mut kept, is_channel_open_ok).await,
+            "the pipelined handshake did not end with channel.open-ok"
         );
         let writer = async move {
             // The broker may stop reading (connection closed): a failed write is fine.
-            if wr.write_all(channel_open_bytes()).await.is_ok() && wr.write_all(input).await.is_ok()
-            {
+            if wr.write_all(input).await.is_ok() {
                 let _ = wr.shutdown().await;
             }
             wr
@@ -347,9 +344,9 @@ type Job = Box<dyn FnOnce() + Send>;
 type Request = (Job, mpsc::SyncSender<()>);
 
 /// Runs `job` on the fuzzer's own thread, or, when `WARREN_FUZZ_STACK_MB` is set, on a
-/// long-lived worker thread with that much stack. The worker exists to keep fuzzing past the
-/// known unbounded recursion in field-table parsing (deeply nested tables overflow any
-/// ordinary stack) while it is being fixed; runs that look for it leave the variable unset.
+/// long-lived worker thread with that much stack: a way to fuzz past a stack overflow (as
+/// the once unbounded field-table recursion was) while it is being fixed; runs that look for
+/// one leave the variable unset.
 pub fn run(job: impl FnOnce() + Send + 'static) {
     static WORKER: OnceLock<Option<mpsc::SyncSender<Request>>> = OnceLock::new();
     let worker = WORKER.get_or_init(|| {
