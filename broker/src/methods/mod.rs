@@ -66,6 +66,18 @@ impl Connection {
                     AMQPClass::Basic(m) => self.basic_class(ch, m),
                     AMQPClass::Exchange(m) => self.exchange_class(ch, m),
                     AMQPClass::Tx(m) => self.tx_class(ch, m),
+                    // The deprecated access class: RabbitMQ grants every request.
+                    AMQPClass::Access(amq_protocol::protocol::access::AMQPMethod::Request(_)) => {
+                        self.send(
+                            ch,
+                            AMQPClass::Access(
+                                amq_protocol::protocol::access::AMQPMethod::RequestOk(
+                                    amq_protocol::protocol::access::RequestOk {},
+                                ),
+                            ),
+                        );
+                        Ok(())
+                    }
                     AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(m)) => {
                         self.confirm_select(ch, m.nowait)
                     }
