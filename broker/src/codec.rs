@@ -17,6 +17,8 @@ const FRAME_END: u8 = 0xCE;
 /// Type, channel and size before the payload, and the end octet after it.
 pub(crate) const FRAME_OVERHEAD: usize = 8;
 
+/// Most octets of a bad frame quoted in a reply text.
+const SHOWN_OCTETS: usize = 64;
 /// Most buffer space reserved ahead for a frame whose bytes have not arrived yet.
 const MAX_RESERVE: usize = 256 * 1024;
 /// Nesting of field tables and arrays parsed on the connection's own stack: amq-protocol parses
@@ -150,7 +152,7 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
     if buf[size + 7] != FRAME_END {
         return Err(AmqpError::frame_error(format!(
             "type {kind}, all octets = {}: {{invalid_frame_end_marker,{}}}",
-            erlang_binary(&buf[7..7 + size.min(64)]),
+            erlang_binary(&buf[7..7 + size.min(SHOWN_OCTETS)]),
             buf[size + 7]
         )));
     }
@@ -181,7 +183,7 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
                 Err(e) if is_utf8_error(&e) => Err(malformed_utf8()),
                 _ => Err(AmqpError::frame_error(format!(
                     "type {kind}, all octets = {}: unknown_frame",
-                    erlang_binary(&p[..p.len().min(64)])
+                    erlang_binary(&p[..p.len().min(SHOWN_OCTETS)])
                 ))),
             })?;
             Ok(Some(Frame::Header {
@@ -195,7 +197,7 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
         FRAME_BODY => Ok(Some(Frame::Body(channel, payload))),
         _ if channel != 0 || size != 0 => Err(AmqpError::unexpected_frame(format!(
             "type {kind}, all octets = {}",
-            erlang_binary(&payload[..payload.len().min(64)])
+            erlang_binary(&payload[..payload.len().min(SHOWN_OCTETS)])
         ))),
         _ => Ok(Some(Frame::Heartbeat)),
     }
@@ -272,7 +274,7 @@ fn malformed_method(payload: &[u8]) -> AmqpError {
     if known {
         AmqpError::frame_error(format!(
             "cannot decode {}",
-            erlang_binary(&payload[4..payload.len().min(68)])
+            erlang_binary(&payload[4..payload.len().min(4 + SHOWN_OCTETS)])
         ))
         .during_ids(class_id, method_id)
     } else {

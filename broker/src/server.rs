@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -251,27 +251,30 @@ async fn accept_loop(listener: TcpListener, shared: Arc<BrokerShared>, tracker: 
                 continue;
             }
         };
-        let live = shared.live.fetch_add(1, Ordering::Relaxed) + 1;
-        let guard = LiveGuard(shared.clone());
-        if let Some(max) = shared.config.max_connections
-            && live > max
-        {
-            tracing::warn!(%peer, "refusing connection: connection limit of {max} reached");
-            drop(stream);
-            drop(guard);
-            continue;
-        }
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        tracker.spawn(async move {
-            let _guard = guard;
-            serve_tcp(stream, peer, shared).await;
-        });
+        spawn_connection(&shared, &tracker, stream, peer.to_string());
     }
 }
 
-async fn serve_tcp(stream: TcpStream, peer: SocketAddr, shared: Arc<BrokerShared>) {
-    connection::serve(stream, shared, peer.to_string()).await;
+/// Serves one client connection in a task of the broker, unless the connection limit is
+/// reached (then the stream is closed at once, with a log line).
+fn spawn_connection<S>(shared: &Arc<BrokerShared>, tracker: &TaskTracker, stream: S, peer: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let live = shared.live.fetch_add(1, Ordering::Relaxed) + 1;
+    let guard = LiveGuard(shared.clone());
+    if let Some(max) = shared.config.max_connections
+        && live > max
+    {
+        tracing::warn!(%peer, "refusing connection: connection limit of {max} reached");
+        return;
+    }
+    let shared = shared.clone();
+    tracker.spawn(async move {
+        let _guard = guard;
+        connection::serve(stream, shared, peer).await;
+    });
 }
 
 /// The address a local client can reach for a listening address (unspecified addresses
@@ -357,14 +360,7 @@ impl BrokerHandle {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     {
-        self.shared.live.fetch_add(1, Ordering::Relaxed);
-        let guard = LiveGuard(self.shared.clone());
-        let shared = self.shared.clone();
-        let peer = peer.to_owned();
-        self.tracker.spawn(async move {
-            let _guard = guard;
-            connection::serve(stream, shared, peer).await;
-        });
+        spawn_connection(&self.shared, &self.tracker, stream, peer.to_owned());
     }
 
     /// Every method each connection sent and received so far, in order, when the broker was

@@ -671,8 +671,7 @@ async fn expired_messages_are_never_delivered() {
 
     // Expired at the head with nobody reading: dropped from the queue's count.
     publish_with(&ch, &q, b"alone", exp("50")).await;
-    let counter = channel(&conn).await;
-    wait_until_count(&counter, &q, 0).await;
+    broker.wait_for_messages(&q, 0).await;
 
     // A consumer never sees an expired message.
     publish_with(&ch, &q, b"gone", exp("20")).await;
@@ -683,19 +682,6 @@ async fn expired_messages_are_never_delivered() {
     assert_no_delivery(&mut consumer, Duration::from_millis(200)).await;
     delete_quietly(&ch, &q).await;
     close_conn(&conn).await;
-}
-
-async fn wait_until_count(ch: &lapin::Channel, q: &str, n: u32) {
-    within(&format!("{q} to hold {n} messages"), async {
-        loop {
-            let p = passive(ch, q).await.expect("passive declare");
-            if p.message_count() == n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
 }
 
 #[tokio::test]

@@ -16,7 +16,6 @@ use lapin::{
 };
 use std::{
     collections::HashMap,
-    future::Future,
     num::NonZeroU16,
     sync::{
         Arc, Mutex,
@@ -25,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::sync::{Barrier, mpsc, oneshot};
-use warren_harness::{Proxy, TestBroker, connect_to};
+use warren_harness::{Proxy, TestBroker, connect_to, within};
 use warren_rpc::{
     ClientConfig, Handler, HandlerError, RpcClient, RpcError, RpcServer, ServerConfig,
     fib::{self, FibHandler},
@@ -41,14 +40,6 @@ const QUIET_WINDOW: Duration = Duration::from_millis(300);
 
 /// How often [`eventually`] checks its condition.
 const POLL_EVERY: Duration = Duration::from_millis(10);
-
-/// Awaits `future`, failing the test after [`WAIT`].
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("{what}: nothing after {WAIT:?}"),
-    }
-}
 
 /// Waits until `condition` holds, checking every [`POLL_EVERY`], failing the test after
 /// [`WAIT`]. For states with no event to await (counters, queue depths).

@@ -34,6 +34,9 @@ pub(crate) const HANDSHAKE_FRAME_MAX: u32 = 4096;
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Why a connection ended when its close handshake completed.
 const CLOSED_CLEANLY: &str = "closed";
+/// Written bytes are dropped from the front of the output once there are this many and they
+/// are at least half of it (so a slow socket never costs a move per partial write).
+const OUT_COMPACT_AFTER: usize = 64 * 1024;
 /// How long to wait for connection.close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -323,7 +326,7 @@ impl Connection {
         if self.out_sent == self.out.len() {
             self.out.clear();
             self.out_sent = 0;
-        } else if self.out_sent >= 64 * 1024 && self.out_sent * 2 >= self.out.len() {
+        } else if self.out_sent >= OUT_COMPACT_AFTER && self.out_sent * 2 >= self.out.len() {
             self.out.drain(..self.out_sent);
             self.out_sent = 0;
         }

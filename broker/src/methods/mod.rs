@@ -13,6 +13,9 @@ use crate::message::MessageBuilder;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
 use bytes::Bytes;
 
+/// RabbitMQ's text for a content frame where a method was due.
+const EXPECTED_METHOD: &str = "expected method frame, got non method frame instead";
+
 /// A handler's failure with the channel it concerns.
 pub(crate) type Failed = (u16, AmqpError);
 
@@ -125,27 +128,13 @@ impl Connection {
         raw_properties: Bytes,
     ) -> Result<(), Failed> {
         let max_size = self.shared.config.max_message_size;
-        let channel = match self.channels.get_mut(&ch) {
-            None => {
-                return Err((
-                    ch,
-                    AmqpError::unexpected_frame(
-                        "expected method frame, got non method frame instead",
-                    ),
-                ));
-            }
-            Some(c) if c.state == ChannelState::Closing => return Ok(()),
-            Some(c) => c,
+        let Some(channel) = self.content_channel(ch)? else {
+            return Ok(());
         };
         let publish = match std::mem::take(&mut channel.assembly) {
             Assembly::Header(publish) => publish,
             _ => {
-                return Err((
-                    ch,
-                    AmqpError::unexpected_frame(
-                        "expected method frame, got non method frame instead",
-                    ),
-                ));
+                return Err((ch, AmqpError::unexpected_frame(EXPECTED_METHOD)));
             }
         };
         if class_id != 60 {
@@ -190,24 +179,15 @@ impl Connection {
 
     /// A content body frame: part of the body announced by the header.
     pub(crate) fn content_body(&mut self, ch: u16, chunk: Bytes) -> Result<(), Failed> {
-        let channel = match self.channels.get_mut(&ch) {
-            None => {
-                return Err((
-                    ch,
-                    AmqpError::unexpected_frame(
-                        "expected method frame, got non method frame instead",
-                    ),
-                ));
-            }
-            Some(c) if c.state == ChannelState::Closing => return Ok(()),
-            Some(c) => c,
+        let Some(channel) = self.content_channel(ch)? else {
+            return Ok(());
         };
         if !matches!(channel.assembly, Assembly::Body(_)) {
             let expected = match channel.assembly {
                 Assembly::Header(_) => {
                     "expected content header for class 60, got non content header frame instead"
                 }
-                _ => "expected method frame, got non method frame instead",
+                _ => EXPECTED_METHOD,
             };
             let ids = if matches!(channel.assembly, Assembly::Header(_)) {
                 (60, 40)
@@ -240,6 +220,16 @@ impl Connection {
         let (publication, builder) = *pending;
         self.publish(ch, publication, builder.finish())
             .map_err(|e| (ch, e.during_ids(60, 40)))
+    }
+
+    /// The channel a content frame belongs to: 505 if it is not open (RabbitMQ's answer), `None`
+    /// if it is closing (the frame is dropped).
+    fn content_channel(&mut self, ch: u16) -> Result<Option<&mut Channel>, Failed> {
+        match self.channels.get_mut(&ch) {
+            None => Err((ch, AmqpError::unexpected_frame(EXPECTED_METHOD))),
+            Some(c) if c.state == ChannelState::Closing => Ok(None),
+            Some(c) => Ok(Some(c)),
+        }
     }
 
     /// The channel, which the caller knows is open.

@@ -189,14 +189,13 @@ fn check_equivalence(queue: &Queue, declare: &queue::Declare, vhost: &str) -> Am
 
 /// A server-generated queue name, like RabbitMQ's `amq.gen-` names.
 fn generated_name(prefix: &str) -> String {
-    use std::fmt::Write;
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let bits = uuid::Uuid::new_v4().as_u128();
     let mut name = String::with_capacity(prefix.len() + 22);
     name.push_str(prefix);
     for i in 0..22 {
         let index = ((bits >> (i * 6)) & 63) as usize;
-        let _ = write!(name, "{}", ALPHABET[index] as char);
+        name.push(ALPHABET[index] as char);
     }
     name
 }
