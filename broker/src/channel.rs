@@ -2,7 +2,7 @@
 //! deliveries (ordered by delivery tag), consumers, prefetch and confirm mode.
 
 use crate::message::{Message, MessageBuilder, QueuedMessage};
-use crate::queue::ChannelCredit;
+use crate::queue::{ChannelCredit, ConsumerTag};
 use amq_protocol::protocol::basic;
 use amq_protocol::types::{FieldTable, ShortString};
 use rustc_hash::FxHashMap;
@@ -47,7 +47,7 @@ pub(crate) struct Unacked {
     /// The queue it came from.
     pub(crate) queue: Arc<str>,
     /// The consumer it went to (`None` for basic.get).
-    pub(crate) consumer_tag: Option<ShortString>,
+    pub(crate) consumer_tag: Option<ConsumerTag>,
     /// The message, to requeue.
     pub(crate) message: QueuedMessage,
 }
@@ -92,7 +92,7 @@ pub(crate) struct Channel {
     /// Unacknowledged deliveries by tag, in order.
     pub(crate) unacked: BTreeMap<u64, Unacked>,
     /// Consumers by tag.
-    pub(crate) consumers: FxHashMap<ShortString, ChannelConsumer>,
+    pub(crate) consumers: FxHashMap<ConsumerTag, ChannelConsumer>,
     /// Prefetch for consumers created from now on (basic.qos global=false).
     pub(crate) consumer_prefetch: u32,
     /// The channel-wide prefetch window (basic.qos global=true).

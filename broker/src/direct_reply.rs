@@ -23,7 +23,7 @@ pub(crate) struct ReplyConsumer {
     /// Its channel.
     pub(crate) channel: u16,
     /// Its consumer tag.
-    pub(crate) tag: ShortString,
+    pub(crate) tag: crate::queue::ConsumerTag,
 }
 
 /// A fresh reply address.

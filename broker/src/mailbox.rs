@@ -6,7 +6,7 @@
 
 use crate::error::AmqpError;
 use crate::message::QueuedMessage;
-use amq_protocol::types::ShortString;
+use crate::queue::ConsumerTag;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::mpsc;
@@ -22,7 +22,7 @@ pub(crate) enum Outbound {
         /// Channel of the consumer.
         channel: u16,
         /// The consumer's tag.
-        consumer_tag: ShortString,
+        consumer_tag: ConsumerTag,
         /// Whether the consumer acknowledges (false) or not (true).
         no_ack: bool,
         /// The queue the message came from.
@@ -35,7 +35,7 @@ pub(crate) enum Outbound {
         /// Channel of the consumer.
         channel: u16,
         /// The consumer's tag.
-        consumer_tag: ShortString,
+        consumer_tag: ConsumerTag,
     },
     /// Close the connection with this error (operator's forced close, broker shutdown).
     Close(AmqpError),

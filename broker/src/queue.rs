@@ -3,7 +3,7 @@
 
 use crate::mailbox::{Mailbox, Outbound};
 use crate::message::{Message, QueuedMessage};
-use amq_protocol::types::{FieldTable, ShortString};
+use amq_protocol::types::FieldTable;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -36,11 +36,15 @@ impl ChannelCredit {
     }
 }
 
+/// A consumer's tag, shared by its queue, its channel and every delivery in flight (cloned per
+/// delivery, so a reference count rather than a string).
+pub(crate) type ConsumerTag = Arc<str>;
+
 /// A consumer attached to a queue.
 #[derive(Debug)]
 pub(crate) struct Consumer {
     /// Its tag, unique within its channel.
-    pub(crate) tag: ShortString,
+    pub(crate) tag: ConsumerTag,
     /// Its connection.
     pub(crate) conn: ConnId,
     /// Its channel.
@@ -266,7 +270,7 @@ impl Queue {
         let index = self
             .consumers
             .iter()
-            .position(|c| c.conn == conn && c.channel == channel && c.tag.as_str() == tag)?;
+            .position(|c| c.conn == conn && c.channel == channel && &*c.tag == tag)?;
         let consumer = self.consumers.remove(index);
         if self.next_consumer > index {
             self.next_consumer -= 1;
@@ -296,7 +300,7 @@ impl Queue {
             && let Some(c) = self
                 .consumers
                 .iter_mut()
-                .find(|c| c.conn == conn && c.channel == channel && c.tag.as_str() == tag)
+                .find(|c| c.conn == conn && c.channel == channel && &*c.tag == tag)
         {
             c.in_flight = c.in_flight.saturating_sub(n);
         }

@@ -9,7 +9,6 @@ use crate::direct_reply::PSEUDO_QUEUE;
 use crate::mailbox::{MailboxReceiver, Outbound};
 use crate::message::QueuedMessage;
 use crate::vhost::VhostState;
-use amq_protocol::types::ShortString;
 use rustc_hash::FxHashSet;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -48,7 +47,7 @@ impl Connection {
         &mut self,
         state: &mut VhostState,
         channel: u16,
-        tag: &ShortString,
+        tag: &str,
         consumer: &ChannelConsumer,
     ) {
         if &*consumer.queue == PSEUDO_QUEUE {
@@ -62,7 +61,7 @@ impl Connection {
             return;
         }
         if let Some(queue) = state.queues.get_mut(&consumer.queue) {
-            queue.remove_consumer(self.id, channel, tag.as_str());
+            queue.remove_consumer(self.id, channel, tag);
         }
         state.auto_delete(&consumer.queue);
     }
@@ -86,7 +85,7 @@ impl Connection {
                 message,
             } = item
             {
-                let tag = (!no_ack).then_some(consumer_tag.as_str());
+                let tag = (!no_ack).then_some(&*consumer_tag);
                 requeue_undelivered(&mut state, &queue, self.id, channel, tag, no_ack, message);
                 touched.insert(queue);
             }

@@ -9,7 +9,8 @@ use crate::connection::teardown::{dispatch_all, requeue};
 use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address, rewrite_reply_to};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
-use crate::queue::Consumer;
+use crate::queue::{Consumer, ConsumerTag};
+use crate::trace::Direction;
 use crate::vhost::{Routed, VhostState};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
@@ -92,14 +93,14 @@ impl Connection {
 
     fn basic_consume(&mut self, ch: u16, m: basic::Consume) -> AmqpResult {
         let queue_name = self.expand_queue_name(ch, m.queue)?;
-        let tag: ShortString = if m.consumer_tag.as_str().is_empty() {
-            ShortString::try_new(generated_tag()).expect("short")
+        let tag: ConsumerTag = if m.consumer_tag.as_str().is_empty() {
+            generated_tag().into()
         } else {
-            m.consumer_tag
+            m.consumer_tag.as_str().into()
         };
         let (prefetch, credit) = {
             let channel = self.channel_mut(ch);
-            if channel.consumers.contains_key(&tag) {
+            if channel.consumers.contains_key(&*tag) {
                 return Err(AmqpError::not_allowed(format!(
                     "attempt to reuse consumer tag '{tag}'"
                 )));
@@ -126,7 +127,7 @@ impl Connection {
                 self,
                 ch,
                 basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
-                    consumer_tag: tag.clone(),
+                    consumer_tag: short(&tag),
                 }),
             );
         }
@@ -158,7 +159,7 @@ impl Connection {
     fn consume_replies(
         &mut self,
         ch: u16,
-        tag: ShortString,
+        tag: ConsumerTag,
         no_ack: bool,
         nowait: bool,
     ) -> AmqpResult {
@@ -191,16 +192,22 @@ impl Connection {
             send_basic(
                 self,
                 ch,
-                basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: tag }),
+                basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: short(&tag),
+                }),
             );
         }
         Ok(())
     }
 
     fn basic_cancel(&mut self, ch: u16, m: basic::Cancel) -> AmqpResult {
-        if let Some(consumer) = self.channel_mut(ch).consumers.remove(&m.consumer_tag) {
+        if let Some(consumer) = self
+            .channel_mut(ch)
+            .consumers
+            .remove(m.consumer_tag.as_str())
+        {
             let vhost = self.vhost.clone();
-            self.detach_consumer(&mut vhost.lock(), ch, &m.consumer_tag, &consumer);
+            self.detach_consumer(&mut vhost.lock(), ch, m.consumer_tag.as_str(), &consumer);
         }
         if !m.nowait {
             send_basic(
@@ -277,14 +284,14 @@ impl Connection {
         let mut state = self.vhost.lock();
         let mut touched = FxHashSet::default();
         // Acks come in runs from one queue and consumer: settle each run in one step.
-        let mut run: Option<(Arc<str>, Option<ShortString>, u32)> = None;
+        let mut run: Option<(Arc<str>, Option<ConsumerTag>, u32)> = None;
         let conn = self.id;
         let settle_run =
-            |state: &mut VhostState, run: Option<(Arc<str>, Option<ShortString>, u32)>| {
+            |state: &mut VhostState, run: Option<(Arc<str>, Option<ConsumerTag>, u32)>| {
                 if let Some((queue, tag, n)) = run
                     && let Some(q) = state.queues.get_mut(&queue)
                 {
-                    q.settle(conn, ch, tag.as_ref().map(|t| t.as_str()), n);
+                    q.settle(conn, ch, tag.as_deref(), n);
                 }
             };
         for (_, u) in settled {
@@ -292,7 +299,7 @@ impl Connection {
                 credit.release();
             }
             if let Settle::Reject { requeue: true } = how {
-                let tag = u.consumer_tag.as_ref().map(|t| t.as_str());
+                let tag = u.consumer_tag.as_deref();
                 requeue(&mut state, &u.queue, conn, ch, tag, u.message);
                 touched.insert(u.queue);
                 continue;
@@ -336,7 +343,7 @@ impl Connection {
                 &u.queue,
                 self.id,
                 ch,
-                u.consumer_tag.as_ref().map(|t| t.as_str()),
+                u.consumer_tag.as_deref(),
                 u.message,
             );
             touched.insert(u.queue);
@@ -418,20 +425,23 @@ impl Connection {
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
         let exchange = message.exchange();
-        match state.exchanges.get(exchange) {
-            None => {
-                return Err(AmqpError::not_found(format!(
-                    "no exchange '{exchange}' in vhost '{}'",
-                    vhost.name
-                )));
+        // The default exchange always exists and is not internal: no lookup per message.
+        if !exchange.is_empty() {
+            match state.exchanges.get(exchange) {
+                None => {
+                    return Err(AmqpError::not_found(format!(
+                        "no exchange '{exchange}' in vhost '{}'",
+                        vhost.name
+                    )));
+                }
+                Some(e) if e.internal => {
+                    return Err(AmqpError::access_refused(format!(
+                        "cannot publish to internal exchange '{exchange}' in vhost '{}'",
+                        vhost.name
+                    )));
+                }
+                Some(_) => {}
             }
-            Some(e) if e.internal => {
-                return Err(AmqpError::access_refused(format!(
-                    "cannot publish to internal exchange '{exchange}' in vhost '{}'",
-                    vhost.name
-                )));
-            }
-            Some(_) => {}
         }
         let routed = state.publish(exchange, publication.headers.as_ref(), message.clone());
         drop(state);
@@ -495,16 +505,16 @@ impl Connection {
     pub(crate) fn deliver(
         &mut self,
         ch: u16,
-        consumer_tag: ShortString,
+        consumer_tag: ConsumerTag,
         no_ack: bool,
         queue: Arc<str>,
         message: QueuedMessage,
     ) {
         let Some(channel) = self
             .open_channel(ch)
-            .filter(|c| c.consumers.contains_key(&consumer_tag))
+            .filter(|c| c.consumers.contains_key(&*consumer_tag))
         else {
-            self.return_undelivered(ch, consumer_tag.as_str(), no_ack, queue, message);
+            self.return_undelivered(ch, &consumer_tag, no_ack, queue, message);
             return;
         };
         let delivery_tag = channel.next_delivery_tag;
@@ -521,31 +531,31 @@ impl Connection {
                 },
             );
         }
-        send_basic(
-            self,
-            ch,
-            basic::AMQPMethod::Deliver(basic::Deliver {
-                consumer_tag,
-                delivery_tag,
-                redelivered,
-                exchange: short(content.exchange()),
-                routing_key: short(content.routing_key()),
-            }),
-        );
+        let deliver = codec::Deliver {
+            consumer_tag: &consumer_tag,
+            delivery_tag,
+            redelivered,
+            exchange: content.exchange(),
+            routing_key: content.routing_key(),
+        };
+        if let Some(trace) = &self.shared.trace {
+            trace.record(self.id, Direction::Sent, ch, &deliver.method());
+        }
+        codec::write_deliver(&mut self.out, ch, &deliver);
         self.write_content(ch, &content);
     }
 
     /// The server cancels a consumer (its queue was deleted): tell the client.
-    pub(crate) fn server_cancel(&mut self, ch: u16, consumer_tag: ShortString) {
+    pub(crate) fn server_cancel(&mut self, ch: u16, consumer_tag: ConsumerTag) {
         let Some(channel) = self.open_channel(ch) else {
             return;
         };
-        if channel.consumers.remove(&consumer_tag).is_some() && self.tuning.cancel_notify {
+        if channel.consumers.remove(&*consumer_tag).is_some() && self.tuning.cancel_notify {
             send_basic(
                 self,
                 ch,
                 basic::AMQPMethod::Cancel(basic::Cancel {
-                    consumer_tag,
+                    consumer_tag: short(&consumer_tag),
                     nowait: true,
                 }),
             );
