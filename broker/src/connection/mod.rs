@@ -37,6 +37,17 @@ const CLOSED_CLEANLY: &str = "closed";
 /// Written bytes are dropped from the front of the output once there are this many and they
 /// are at least half of it (so a slow socket never costs a move per partial write).
 const OUT_COMPACT_AFTER: usize = 64 * 1024;
+/// Room for input offered to each socket read, normally. A read that fills it raises the room
+/// to [`READ_ROOM_BUSY`] for the next read: under load, each read is a system call and on
+/// loopback also a TCP window update that wakes the peer, so fewer and larger reads are much
+/// cheaper; an idle connection keeps the small buffer.
+const READ_ROOM: usize = 16 * 1024;
+/// Room for input offered to a read after a read that filled its room.
+const READ_ROOM_BUSY: usize = 128 * 1024;
+/// After a read this large, the connection lets other tasks run before it reads again: a
+/// publisher that always has input would otherwise read up to tokio's budget (128 reads) per
+/// turn while the consumers of what it publishes wait, and its queues would swell.
+const YIELD_AFTER_READ: usize = 16 * 1024;
 /// How long to wait for connection.close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -226,6 +237,7 @@ impl Connection {
         let mut last_read = Instant::now();
         let mut wrote_since_tick = false;
         let mut shutting_down = false;
+        let mut read_room = READ_ROOM;
         loop {
             if self.state == ConnState::Closed && self.out_pending() == 0 {
                 return CLOSED_CLEANLY;
@@ -236,13 +248,23 @@ impl Connection {
             };
             let reading = self.state != ConnState::Closed && self.out_pending() < OUT_HIGH_WATER;
             let taking = self.state == ConnState::Open && self.out_pending() < OUT_HIGH_WATER;
+            if reading && rbuf.capacity() - rbuf.len() < read_room {
+                rbuf.reserve(read_room);
+            }
+            let room = rbuf.capacity() - rbuf.len();
             tokio::select! {
                 read = rd.read_buf(rbuf), if reading => match read {
                     Ok(0) => return "client closed the socket",
                     Err(_) => return "socket error",
-                    Ok(_) => {
+                    Ok(n) => {
+                        read_room = if n == room { READ_ROOM_BUSY } else { READ_ROOM };
                         last_read = Instant::now();
                         self.process_input(rbuf);
+                        if n >= YIELD_AFTER_READ {
+                            // Let the consumers this input fed (and every other connection)
+                            // run before reading more.
+                            tokio::task::yield_now().await;
+                        }
                     }
                 },
                 written = wr.write(&self.out[self.out_sent..]), if self.out_pending() > 0 => match written {

@@ -12,7 +12,7 @@ use crate::lean::{self, Lean};
 use crate::results::Metric;
 use crate::runner::{Plan, Sample, Scenario};
 use crate::target::Target;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -527,25 +527,32 @@ async fn lapin_consume(
     let ack = |tag| channel.basic_ack(tag, BasicAckOptions { multiple: true });
     let result: Result<()> = async {
         loop {
-            tokio::select! {
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        last_tag = delivery.delivery_tag;
-                        unacked += 1;
-                        progress.add(1);
-                        if unacked >= ack_every {
-                            unacked = 0;
-                            ack(last_tag).await?;
-                        }
+            // Take what lapin already has before arming the linger timer: one timer per
+            // batch of deliveries rather than one per message.
+            let next = match consumer.next().now_or_never() {
+                Some(next) => next,
+                None => tokio::select! {
+                    next = consumer.next() => next,
+                    () = tokio::time::sleep(ACK_LINGER), if unacked > 0 => {
+                        unacked = 0;
+                        ack(last_tag).await?;
+                        continue;
                     }
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Ok(()),
+                    _ = stop.changed() => return Ok(()),
                 },
-                () = tokio::time::sleep(ACK_LINGER), if unacked > 0 => {
-                    unacked = 0;
-                    ack(last_tag).await?;
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    last_tag = delivery.delivery_tag;
+                    unacked += 1;
+                    progress.add(1);
+                    if unacked >= ack_every {
+                        unacked = 0;
+                        ack(last_tag).await?;
+                    }
                 }
-                _ = stop.changed() => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
             }
         }
     }
