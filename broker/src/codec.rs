@@ -6,6 +6,7 @@
 use crate::error::AmqpError;
 use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parsing::parse_content_header};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, parse_class};
+use amq_protocol::types::ShortString;
 use bytes::{Buf, Bytes, BytesMut};
 
 /// Frame type octets (AMQP 0-9-1 section 4.2.3).
@@ -170,6 +171,9 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
             Err(AmqpError::not_implemented(format!("prefetch_size!=0 ({size})")).during_ids(60, 10))
         }
         FRAME_METHOD => {
+            if let Some(method) = parse_hot_method(&payload) {
+                return Ok(Some(Frame::Method(channel, method)));
+            }
             let method = parse_nested(&payload, |p| match parse_class(p) {
                 Ok(([], method)) => Ok(method),
                 Err(e) if is_utf8_error(&e) => Err(malformed_utf8()),
@@ -200,6 +204,40 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
             erlang_binary(&payload[..payload.len().min(SHOWN_OCTETS)])
         ))),
         _ => Ok(Some(Frame::Heartbeat)),
+    }
+}
+
+/// basic.publish and basic.ack, the methods every message brings, parsed directly: the result
+/// equals amq-protocol's (a property test holds them equal), but without its per-call
+/// allocations (one `String` per flag name). `None` for anything else, and for any payload
+/// these simple rules do not accept, which then takes the generic path and its error reply.
+fn parse_hot_method(payload: &[u8]) -> Option<AMQPClass> {
+    fn short_string(p: &[u8]) -> Option<(ShortString, &[u8])> {
+        let (&len, rest) = p.split_first()?;
+        let (text, rest) = rest.split_at_checked(len as usize)?;
+        Some((std::str::from_utf8(text).ok()?.into(), rest))
+    }
+    match payload {
+        [0, 60, 0, 40, _, _, rest @ ..] => {
+            let (exchange, rest) = short_string(rest)?;
+            let (routing_key, rest) = short_string(rest)?;
+            let [bits] = rest else { return None };
+            Some(AMQPClass::Basic(basic::AMQPMethod::Publish(
+                basic::Publish {
+                    exchange,
+                    routing_key,
+                    mandatory: bits & 1 != 0,
+                    immediate: bits & 2 != 0,
+                },
+            )))
+        }
+        [0, 60, 0, 80, tag @ .., bits] if tag.len() == 8 => {
+            Some(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: u64::from_be_bytes(tag.try_into().ok()?),
+                multiple: bits & 1 != 0,
+            })))
+        }
+        _ => None,
     }
 }
 
@@ -351,6 +389,18 @@ pub(crate) fn write_deliver(out: &mut Vec<u8>, channel: u16, d: &Deliver<'_>) {
     out.push(FRAME_END);
 }
 
+/// Appends a basic.ack (a publisher confirm): the bytes amq-protocol writes for it (a unit test
+/// holds them equal), without its generator's allocation per flag.
+pub(crate) fn write_ack(out: &mut Vec<u8>, channel: u16, delivery_tag: u64, multiple: bool) {
+    out.push(FRAME_METHOD);
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&13u32.to_be_bytes());
+    out.extend_from_slice(&[0, 60, 0, 80]);
+    out.extend_from_slice(&delivery_tag.to_be_bytes());
+    out.push(u8::from(multiple));
+    out.push(FRAME_END);
+}
+
 /// Appends a content header (with the property bytes exactly as received) and the body split
 /// into frames of at most `frame_max` bytes.
 pub(crate) fn write_content(
@@ -401,6 +451,50 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The direct parse of basic.publish and basic.ack agrees with amq-protocol on any
+        /// payload it accepts, and accepts every well-formed one.
+        #[test]
+        fn hot_methods_parse_as_amq_protocol_does(
+            method in proptest::sample::select(vec![40u8, 80]),
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+            exchange in "\\PC{0,20}",
+            routing_key in "\\PC{0,40}",
+            delivery_tag: u64,
+            bits: u8,
+            flip_at: usize,
+            flip_to: u8,
+        ) {
+            let mut arbitrary = vec![0, 60, 0, method];
+            arbitrary.extend_from_slice(&tail);
+            if let Some(fast) = parse_hot_method(&arbitrary) {
+                let (rest, generic) = parse_class(&arbitrary[..]).expect("amq-protocol accepts it");
+                proptest::prop_assert!(rest.is_empty());
+                proptest::prop_assert_eq!(fast, generic);
+            }
+            let well_formed = AMQPClass::Basic(if method == 40 {
+                basic::AMQPMethod::Publish(basic::Publish {
+                    exchange: exchange.into(),
+                    routing_key: routing_key.into(),
+                    mandatory: bits & 1 != 0,
+                    immediate: bits & 2 != 0,
+                })
+            } else {
+                basic::AMQPMethod::Ack(basic::Ack { delivery_tag, multiple: bits & 1 != 0 })
+            });
+            let mut frame = Vec::new();
+            write_method(&mut frame, 1, well_formed.clone());
+            let payload = &frame[7..frame.len() - 1];
+            proptest::prop_assert_eq!(parse_hot_method(payload), Some(well_formed));
+            // One byte changed (past the method id): accepted only where amq-protocol agrees.
+            let mut changed = payload.to_vec();
+            changed[4 + flip_at % (payload.len() - 4)] = flip_to;
+            if let Some(fast) = parse_hot_method(&changed) {
+                let (rest, generic) = parse_class(&changed[..]).expect("amq-protocol accepts it");
+                proptest::prop_assert!(rest.is_empty());
+                proptest::prop_assert_eq!(fast, generic);
+            }
+        }
+
         /// The hand-written basic.deliver is byte for byte what amq-protocol generates.
         #[test]
         fn deliver_matches_amq_protocol(
@@ -423,6 +517,17 @@ mod tests {
             let mut written = vec![7; 3];
             write_deliver(&mut written, channel, &deliver);
             proptest::prop_assert_eq!(&written[3..], &expected[..]);
+        }
+
+        /// So is the hand-written basic.ack.
+        #[test]
+        fn ack_matches_amq_protocol(channel: u16, delivery_tag: u64, multiple: bool) {
+            let method = AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag, multiple }));
+            let mut expected = Vec::new();
+            write_method(&mut expected, channel, method);
+            let mut written = Vec::new();
+            write_ack(&mut written, channel, delivery_tag, multiple);
+            proptest::prop_assert_eq!(written, expected);
         }
     }
 

@@ -491,14 +491,16 @@ impl Connection {
         else {
             return;
         };
-        send_basic(
-            self,
-            ch,
-            basic::AMQPMethod::Ack(basic::Ack {
+        let multiple = last > first;
+        if let Some(trace) = &self.shared.trace {
+            let ack = basic::Ack {
                 delivery_tag: last,
-                multiple: last > first,
-            }),
-        );
+                multiple,
+            };
+            let method = AMQPClass::Basic(basic::AMQPMethod::Ack(ack));
+            trace.record(self.id, Direction::Sent, ch, &method);
+        }
+        codec::write_ack(&mut self.out, ch, last, multiple);
     }
 
     /// Writes a delivery from the mailbox, or requeues it if its consumer is gone.
