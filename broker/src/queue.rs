@@ -30,9 +30,18 @@ impl ChannelCredit {
 
     /// Gives back one unit of credit.
     pub(crate) fn release(&self) {
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        self.release_many(1);
+    }
+
+    /// Gives back `n` units of credit.
+    pub(crate) fn release_many(&self, n: u32) {
+        if n > 0 {
+            let _ = self
+                .in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                    Some(f.saturating_sub(n))
+                });
+        }
     }
 }
 

@@ -11,11 +11,11 @@ use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
 use crate::queue::{Consumer, ConsumerTag};
 use crate::trace::Direction;
-use crate::vhost::{Routed, VhostState};
+use crate::vhost::Routed;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
 use bytes::Bytes;
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -25,6 +25,10 @@ use tokio::time::Instant;
 fn short(text: &str) -> ShortString {
     crate::error::short_string_lossy(text)
 }
+
+/// Deliveries settled at once for one queue and consumer: the queue, the consumer (`None` for
+/// basic.get), how many.
+type SettleCount = (Arc<str>, Option<ConsumerTag>, u32);
 
 fn send_basic(conn: &mut Connection, ch: u16, method: basic::AMQPMethod) {
     conn.send(ch, AMQPClass::Basic(method));
@@ -283,20 +287,16 @@ impl Connection {
         let credit = self.channel_mut(ch).credit.clone();
         let mut state = self.vhost.lock();
         let mut touched = FxHashSet::default();
-        // Acks come in runs from one queue and consumer: settle each run in one step.
-        let mut run: Option<(Arc<str>, Option<ConsumerTag>, u32)> = None;
         let conn = self.id;
-        let settle_run =
-            |state: &mut VhostState, run: Option<(Arc<str>, Option<ConsumerTag>, u32)>| {
-                if let Some((queue, tag, n)) = run
-                    && let Some(q) = state.queues.get_mut(&queue)
-                {
-                    q.settle(conn, ch, tag.as_deref(), n);
-                }
-            };
+        // Acked (or dropped) deliveries are counted per queue and consumer, told apart by their
+        // shared names' addresses, and each queue settles its count in one step: a multiple ack
+        // over deliveries from many queues then costs one queue lookup per queue, not per
+        // message.
+        let mut counts: FxHashMap<(usize, usize), SettleCount> = FxHashMap::default();
+        let mut released = 0;
         for (_, u) in settled {
             if u.consumer_tag.is_some() {
-                credit.release();
+                released += 1;
             }
             if let Settle::Reject { requeue: true } = how {
                 let tag = u.consumer_tag.as_deref();
@@ -304,18 +304,24 @@ impl Connection {
                 touched.insert(u.queue);
                 continue;
             }
-            match &mut run {
-                Some((queue, tag, n)) if Arc::ptr_eq(queue, &u.queue) && *tag == u.consumer_tag => {
-                    *n += 1;
-                }
-                _ => {
-                    settle_run(&mut state, run.take());
-                    touched.insert(u.queue.clone());
-                    run = Some((u.queue, u.consumer_tag, 1));
-                }
-            }
+            let key = (
+                Arc::as_ptr(&u.queue).cast::<u8>() as usize,
+                u.consumer_tag
+                    .as_ref()
+                    .map_or(0, |t| Arc::as_ptr(t).cast::<u8>() as usize),
+            );
+            counts
+                .entry(key)
+                .or_insert_with(|| (u.queue, u.consumer_tag, 0))
+                .2 += 1;
         }
-        settle_run(&mut state, run);
+        credit.release_many(released);
+        for (queue, tag, n) in counts.into_values() {
+            if let Some(q) = state.queues.get_mut(&queue) {
+                q.settle(conn, ch, tag.as_deref(), n);
+            }
+            touched.insert(queue);
+        }
         // Credit freed in a channel-wide window may serve any queue the channel consumes from.
         if credit.limit.load(Ordering::Relaxed) != 0
             && let Some(channel) = self.channels.get(&ch)
