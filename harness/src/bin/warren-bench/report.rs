@@ -354,52 +354,27 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
             ),
         ],
     );
-    let cpu = |scenario: &str, client: &str, metric: &str| {
-        ratio(
-            m(scenario, client, metric, Kind::Standalone),
-            m(scenario, client, metric, Kind::RabbitMq),
-        )
-    };
+    let per_msg = "broker CPU per msg";
+    let per_call = "broker CPU per call";
     check(
         "broker CPU per message (standalone) <= 1/10 of RabbitMQ's",
-        vec![
-            (
-                "pubsub 16 B lean, sa/rmq:".into(),
-                cpu("pubsub 16 B", "lean", "broker CPU per msg"),
-                0.1,
-                false,
-            ),
-            (
-                "pubsub 16 B lapin, sa/rmq:".into(),
-                cpu("pubsub 16 B", "lapin", "broker CPU per msg"),
-                0.1,
-                false,
-            ),
-            (
-                "pubsub 4 KiB lean, sa/rmq:".into(),
-                cpu("pubsub 4 KiB", "lean", "broker CPU per msg"),
-                0.1,
-                false,
-            ),
-            (
-                "pubsub 4 KiB lapin, sa/rmq:".into(),
-                cpu("pubsub 4 KiB", "lapin", "broker CPU per msg"),
-                0.1,
-                false,
-            ),
-            (
-                "rpc-64, sa/rmq:".into(),
-                cpu("rpc-64", "lapin (warren-rpc)", "broker CPU per call"),
-                0.1,
-                false,
-            ),
-            (
-                "rpc-64 lean, sa/rmq:".into(),
-                cpu("rpc-64", "lean", "broker CPU per call"),
-                0.1,
-                false,
-            ),
-        ],
+        [
+            ("pubsub 16 B", "lean", per_msg),
+            ("pubsub 16 B", "lapin", per_msg),
+            ("pubsub 4 KiB", "lean", per_msg),
+            ("pubsub 4 KiB", "lapin", per_msg),
+            ("rpc-64", "lapin (warren-rpc)", per_call),
+            ("rpc-64", "lean", per_call),
+        ]
+        .into_iter()
+        .map(|(scenario, client, metric)| {
+            let cpu = ratio(
+                m(scenario, client, metric, Kind::Standalone),
+                m(scenario, client, metric, Kind::RabbitMq),
+            );
+            (format!("{scenario} {client}, sa/rmq:"), cpu, 0.1, false)
+        })
+        .collect(),
     );
     let vs = |scenario: &str, client: &str, metric: &str, kind: Kind| {
         ratio(
