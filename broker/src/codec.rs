@@ -2,6 +2,11 @@
 //! its payload, then hands method and content-header payloads to amq-protocol's parsers. Body
 //! payloads and the raw property bytes of content headers are kept as [`Bytes`] slices so a
 //! queued message stores exactly what the publisher sent.
+//!
+//! The methods every message brings (basic.publish and basic.ack in, basic.deliver and the
+//! publisher confirm's basic.ack out) are parsed and written directly: amq-protocol's generic
+//! parser and generator allocate per flag and per field, which cost a quarter of the broker's
+//! time per message. Property tests hold the direct versions equal to amq-protocol's.
 
 use crate::error::AmqpError;
 use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parsing::parse_content_header};
