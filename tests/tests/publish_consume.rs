@@ -550,6 +550,140 @@ async fn basic_cancel_stops_deliveries() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    warren_external,
+    ignore = "embedded only: RabbitMQ 3.10 answers 541 to consume and cancel in one write (ORACLE.md)"
+)]
+async fn a_reused_consumer_tag_never_gets_the_cancelled_consumers_messages() {
+    // consume, cancel and consume again with the same tag on another queue, in one write: the
+    // first consumer's deliveries are still on their way to the connection when the second
+    // consumer appears. They must go back to their queue, not to the new consumer.
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::open(broker.url()).await;
+    c.open_channel(1).await;
+    let first = broker.unique_name("tag-first");
+    let second = broker.unique_name("tag-second");
+    c.declare_queue(1, &first).await;
+    c.declare_queue(1, &second).await;
+    for body in [b"a1", b"a2", b"a3"] {
+        c.publish(1, &first, body).await;
+    }
+    let consume = |queue: &str| {
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: queue.into(),
+                consumer_tag: "reused".into(),
+                no_local: false,
+                no_ack: false,
+                exclusive: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+        )
+    };
+    let cancel = AMQPFrame::Method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+            consumer_tag: "reused".into(),
+            nowait: false,
+        })),
+    );
+    let mut batch = RawClient::encode(&consume(&first));
+    batch.extend(RawClient::encode(&cancel));
+    batch.extend(RawClient::encode(&consume(&second)));
+    c.send_bytes(&batch).await;
+    c.publish(1, &second, b"b1").await;
+    // Everything up to the delivery of b1: no delivery may come from the first queue.
+    loop {
+        match c.recv_frame().await {
+            AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Deliver(d))) => {
+                assert_eq!(d.consumer_tag.as_str(), "reused");
+                assert_eq!(
+                    d.routing_key.as_str(),
+                    second,
+                    "a delivery from the cancelled consumer's queue reached the new consumer"
+                );
+                assert!(matches!(c.recv_frame().await, AMQPFrame::Header(1, _)));
+                assert!(matches!(c.recv_frame().await, AMQPFrame::Body(1, _)));
+                break;
+            }
+            AMQPFrame::Method(1, AMQPClass::Basic(_))
+            | AMQPFrame::Header(..)
+            | AMQPFrame::Body(..) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The first queue's three messages are back in it, ready.
+    let ok = c
+        .rpc(
+            1,
+            AMQPClass::Queue(amq_protocol::protocol::queue::AMQPMethod::Declare(
+                amq_protocol::protocol::queue::Declare {
+                    queue: first.as_str().into(),
+                    passive: true,
+                    ..Default::default()
+                },
+            )),
+        )
+        .await;
+    match ok {
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Queue(amq_protocol::protocol::queue::AMQPMethod::DeclareOk(ok)),
+        ) => assert_eq!(ok.message_count, 3),
+        other => panic!("expected declare-ok, got {other:?}"),
+    }
+    c.close().await;
+}
+
+#[tokio::test]
+async fn thousands_of_pipelined_gets_are_all_answered() {
+    // 2,000 basic.get in one write, each answered with 2 KiB: far more output than the broker
+    // buffers before it stops handling input, so it must come back to the gets it holds.
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::open(broker.url()).await;
+    c.open_channel(1).await;
+    let q = broker.unique_name("many-gets");
+    c.declare_queue(1, &q).await;
+    let body = vec![7u8; 2048];
+    let count = 2000;
+    for _ in 0..count {
+        c.publish(1, &q, &body).await;
+    }
+    let get = RawClient::encode(&AMQPFrame::Method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+            queue: q.as_str().into(),
+            no_ack: true,
+        })),
+    ));
+    c.send_bytes(&get.repeat(count)).await;
+    let mut answered = 0;
+    while answered < count {
+        match c.recv_frame().await {
+            AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok))) => {
+                assert_eq!(ok.message_count as usize, count - answered - 1);
+                answered += 1;
+            }
+            AMQPFrame::Header(1, h) => assert_eq!(h.body_size, 2048),
+            AMQPFrame::Body(1, b) => assert_eq!(b.len(), 2048),
+            other => panic!("after {answered} answers: unexpected {other:?}"),
+        }
+    }
+    assert!(
+        matches!(c.recv_frame().await, AMQPFrame::Header(1, _)),
+        "the last header"
+    );
+    assert!(
+        matches!(c.recv_frame().await, AMQPFrame::Body(1, _)),
+        "the last body"
+    );
+    c.delete_queue(1, &q).await;
+    c.close().await;
+}
+
+#[tokio::test]
 async fn basic_get_reports_remaining_count_and_get_empty() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;

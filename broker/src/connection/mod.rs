@@ -40,7 +40,7 @@ const OUT_COMPACT_AFTER: usize = 64 * 1024;
 /// Room for input offered to each socket read, normally. A read that fills it raises the room
 /// to [`READ_ROOM_BUSY`] for the next read: under load, each read is a system call and on
 /// loopback also a TCP window update that wakes the peer, so fewer and larger reads are much
-/// cheaper; an idle connection keeps the small buffer.
+/// cheaper. The large buffer is dropped after a read that did not fill it, once it is empty.
 const READ_ROOM: usize = 16 * 1024;
 /// Room for input offered to a read after a read that filled its room.
 const READ_ROOM_BUSY: usize = 128 * 1024;
@@ -91,6 +91,10 @@ pub(crate) struct Connection {
     pub(crate) channel_count: Arc<AtomicUsize>,
     /// Channels with publisher confirms to send once the current batch of frames is handled.
     pub(crate) confirms_due: Vec<u16>,
+    /// Frames read but not yet handled because the output reached [`OUT_HIGH_WATER`]: they are
+    /// handled once it drains (a read can hold thousands of basic.get, each answered with a
+    /// whole message).
+    input_held: bool,
 }
 
 /// Serves one client connection over any byte stream until it ends, then returns its
@@ -140,6 +144,7 @@ where
         state: ConnState::Open,
         channel_count,
         confirms_due: Vec::new(),
+        input_held: false,
     };
     // Frames the client pipelined behind connection.open are already buffered.
     conn.process_input(&mut rbuf);
@@ -243,6 +248,9 @@ impl Connection {
         let mut read_room = READ_ROOM;
         let mut read_since_yield = 0;
         loop {
+            if self.input_held && self.out_pending() < OUT_HIGH_WATER {
+                self.process_input(rbuf);
+            }
             if self.state == ConnState::Closed && self.out_pending() == 0 {
                 return CLOSED_CLEANLY;
             }
@@ -264,6 +272,13 @@ impl Connection {
                         read_room = if n == room { READ_ROOM_BUSY } else { READ_ROOM };
                         last_read = Instant::now();
                         self.process_input(rbuf);
+                        if read_room == READ_ROOM
+                            && rbuf.is_empty()
+                            && rbuf.capacity() > 2 * READ_ROOM
+                        {
+                            // Busy no more: give the large buffer back.
+                            *rbuf = BytesMut::new();
+                        }
                         read_since_yield += n;
                         if read_since_yield >= READ_PER_TURN {
                             read_since_yield = 0;
@@ -316,7 +331,8 @@ impl Connection {
         }
     }
 
-    /// Decodes and handles every complete frame in `rbuf`.
+    /// Decodes and handles the complete frames in `rbuf`, stopping early (see
+    /// [`Connection::input_held`]) while the output is above [`OUT_HIGH_WATER`].
     fn process_input(&mut self, rbuf: &mut BytesMut) {
         loop {
             if self.state == ConnState::Closed {
@@ -324,7 +340,13 @@ impl Connection {
                 self.flush_confirms();
                 return;
             }
-            match codec::decode(rbuf, self.tuning.frame_max) {
+            self.input_held = self.out_pending() >= OUT_HIGH_WATER;
+            let decoded = if self.input_held {
+                Ok(None)
+            } else {
+                codec::decode(rbuf, self.tuning.frame_max)
+            };
+            match decoded {
                 Ok(Some(frame)) => self.handle_frame(frame),
                 Ok(None) => {
                     self.flush_confirms();

@@ -518,10 +518,13 @@ impl Connection {
         queue: Arc<str>,
         message: QueuedMessage,
     ) {
-        let Some(channel) = self
-            .open_channel(ch)
-            .filter(|c| c.consumers.contains_key(&*consumer_tag))
-        else {
+        // The very consumer the delivery was dispatched to (the same shared tag), not a newer
+        // one that reuses its tag after a cancel.
+        let Some(channel) = self.open_channel(ch).filter(|c| {
+            c.consumers
+                .get_key_value(&*consumer_tag)
+                .is_some_and(|(tag, _)| Arc::ptr_eq(tag, &consumer_tag))
+        }) else {
             self.return_undelivered(ch, &consumer_tag, no_ack, queue, message);
             return;
         };

@@ -530,6 +530,7 @@ async fn lapin_consume(
             // Take what lapin already has before arming the linger timer: one timer per
             // batch of deliveries rather than one per message.
             let next = match consumer.next().now_or_never() {
+                Some(_) if *stop.borrow() => return Ok(()),
                 Some(next) => next,
                 None => tokio::select! {
                     next = consumer.next() => next,
