@@ -83,19 +83,6 @@ pub fn expect_err<T: std::fmt::Debug>(what: &str, res: lapin::Result<T>) -> lapi
     }
 }
 
-/// Polls `cond` every 5 ms until it holds, failing the test after [`TIMEOUT`].
-///
-/// # Panics
-/// On timeout, naming `what`.
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    within(what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
-
 /// A listener for the connection's events, to catch errors of asynchronous methods (ack,
 /// publish) that have no reply of their own. Create it *before* the failing method.
 pub struct ErrorEvents(std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>);
@@ -130,15 +117,25 @@ impl ErrorEvents {
 /// # Panics
 /// When the channel stays open or the connection does not work.
 pub async fn assert_channel_closed_only(conn: &Connection, ch: &Channel) {
-    wait_until("the channel to be closed by the server", || {
-        !ch.status().connected()
-    })
-    .await;
+    closed_by_server("the channel", || ch.status().connected()).await;
     assert!(
         conn.status().connected(),
         "a channel error must not close the connection"
     );
     assert_connection_works(conn).await;
+}
+
+/// Waits (up to [`TIMEOUT`]) until `open` says no more.
+async fn closed_by_server(what: &str, open: impl Fn() -> bool) {
+    let goal = format!("{what} is closed by the server");
+    warren_harness::wait_until(&goal, TIMEOUT, || async {
+        if open() {
+            Err("still open".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
 }
 
 /// Asserts that `conn` can still open a channel and move a message through a fresh queue.
@@ -178,10 +175,7 @@ pub async fn assert_connection_works(conn: &Connection) {
 /// # Panics
 /// When the connection is still open after [`TIMEOUT`].
 pub async fn assert_connection_closed(conn: &Connection) {
-    wait_until("the connection to be closed by the server", || {
-        !conn.status().connected()
-    })
-    .await;
+    closed_by_server("the connection", || conn.status().connected()).await;
     assert!(
         within("create_channel", conn.create_channel())
             .await
