@@ -379,31 +379,24 @@ pub(crate) fn write_deliver(out: &mut Vec<u8>, channel: u16, d: &Deliver<'_>) {
         out.push(s.len() as u8);
         out.extend_from_slice(s);
     }
-    let start = out.len();
-    out.push(FRAME_METHOD);
-    out.extend_from_slice(&channel.to_be_bytes());
-    out.extend_from_slice(&[0; 4]); // the payload size, set below
-    out.extend_from_slice(&[0, 60, 0, 60]); // basic.deliver
-    short_string(out, d.consumer_tag);
-    out.extend_from_slice(&d.delivery_tag.to_be_bytes());
-    out.push(u8::from(d.redelivered));
-    short_string(out, d.exchange);
-    short_string(out, d.routing_key);
-    let size = (out.len() - start - 7) as u32;
-    out[start + 3..start + 7].copy_from_slice(&size.to_be_bytes());
-    out.push(FRAME_END);
+    write_raw_frame(out, FRAME_METHOD, channel, |out| {
+        out.extend_from_slice(&[0, 60, 0, 60]); // basic.deliver
+        short_string(out, d.consumer_tag);
+        out.extend_from_slice(&d.delivery_tag.to_be_bytes());
+        out.push(u8::from(d.redelivered));
+        short_string(out, d.exchange);
+        short_string(out, d.routing_key);
+    });
 }
 
 /// Appends a basic.ack (a publisher confirm): the bytes amq-protocol writes for it (a unit test
 /// holds them equal), without its generator's allocation per flag.
 pub(crate) fn write_ack(out: &mut Vec<u8>, channel: u16, delivery_tag: u64, multiple: bool) {
-    out.push(FRAME_METHOD);
-    out.extend_from_slice(&channel.to_be_bytes());
-    out.extend_from_slice(&13u32.to_be_bytes());
-    out.extend_from_slice(&[0, 60, 0, 80]);
-    out.extend_from_slice(&delivery_tag.to_be_bytes());
-    out.push(u8::from(multiple));
-    out.push(FRAME_END);
+    write_raw_frame(out, FRAME_METHOD, channel, |out| {
+        out.extend_from_slice(&[0, 60, 0, 80]); // basic.ack
+        out.extend_from_slice(&delivery_tag.to_be_bytes());
+        out.push(u8::from(multiple));
+    });
 }
 
 /// Appends a content header (with the property bytes exactly as received) and the body split
@@ -415,25 +408,30 @@ pub(crate) fn write_content(
     body: &[u8],
     frame_max: u32,
 ) {
-    let header_size = 12 + raw_properties.len();
-    out.reserve(header_size + body.len() + 2 * FRAME_OVERHEAD);
-    out.push(FRAME_HEADER);
-    out.extend_from_slice(&channel.to_be_bytes());
-    out.extend_from_slice(&(header_size as u32).to_be_bytes());
-    out.extend_from_slice(&60u16.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_be_bytes());
-    out.extend_from_slice(raw_properties);
-    out.push(FRAME_END);
+    out.reserve(12 + raw_properties.len() + body.len() + 2 * FRAME_OVERHEAD);
+    write_raw_frame(out, FRAME_HEADER, channel, |out| {
+        out.extend_from_slice(&[0, 60, 0, 0]); // class basic, weight 0
+        out.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        out.extend_from_slice(raw_properties);
+    });
     let chunk = (frame_max as usize).saturating_sub(FRAME_OVERHEAD);
     let chunk = if chunk == 0 { usize::MAX } else { chunk };
     for piece in body.chunks(chunk) {
-        out.push(FRAME_BODY);
-        out.extend_from_slice(&channel.to_be_bytes());
-        out.extend_from_slice(&(piece.len() as u32).to_be_bytes());
-        out.extend_from_slice(piece);
-        out.push(FRAME_END);
+        write_raw_frame(out, FRAME_BODY, channel, |out| out.extend_from_slice(piece));
     }
+}
+
+/// Appends one frame around the payload `payload` writes: type, channel and size before it,
+/// the end octet after it.
+fn write_raw_frame(out: &mut Vec<u8>, kind: u8, channel: u16, payload: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.push(kind);
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&[0; 4]); // the payload size, set below
+    payload(out);
+    let size = (out.len() - start - 7) as u32;
+    out[start + 3..start + 7].copy_from_slice(&size.to_be_bytes());
+    out.push(FRAME_END);
 }
 
 /// Appends a heartbeat frame.

@@ -116,6 +116,12 @@ impl AmqpError {
         internal_error => Connection 541;
     }
 
+    /// 503 COMMAND_INVALID for a method only a server sends (or one RabbitMQ does not take
+    /// from a client), with RabbitMQ's text for it.
+    pub fn server_method() -> Self {
+        Self::command_invalid("unimplemented method")
+    }
+
     /// Records the method that caused the error.
     pub fn during(mut self, method: &AMQPClass) -> Self {
         self.class_id = method.get_amqp_class_id();

@@ -3,6 +3,7 @@
 //! lock is held across an `.await`; the vhost lock is taken briefly inside handlers.
 
 mod handshake;
+mod read_pacing;
 pub(crate) mod teardown;
 
 use crate::channel::{Channel, ChannelState};
@@ -17,6 +18,7 @@ use amq_protocol::protocol::{AMQPClass, channel, connection};
 use bytes::BytesMut;
 pub(crate) use handshake::method_name;
 use handshake::{HandshakeError, Tuning, handshake};
+use read_pacing::ReadPacing;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,20 +39,6 @@ const CLOSED_CLEANLY: &str = "closed";
 /// Written bytes are dropped from the front of the output once there are this many and they
 /// are at least half of it (so a slow socket never costs a move per partial write).
 const OUT_COMPACT_AFTER: usize = 64 * 1024;
-/// Room for input offered to each socket read, normally. A read that fills it raises the room
-/// to [`READ_ROOM_BUSY`] for the next read: under load, each read is a system call and on
-/// loopback also a TCP window update that wakes the peer, so fewer and larger reads are much
-/// cheaper. The large buffer is dropped after a read that did not fill it, once it is empty.
-const READ_ROOM: usize = 16 * 1024;
-/// Room for input offered to a read after a read that filled its room.
-const READ_ROOM_BUSY: usize = 128 * 1024;
-/// Input a connection reads before it lets other tasks run. Without a bound, a publisher that
-/// always has input reads up to tokio's budget (128 reads, 16 MiB) per turn while the consumers
-/// of what it publishes wait, and its queues swell (a 4 KiB pubsub run peaked at 1.4 GB RSS).
-/// A small bound costs throughput: consumers then run after every read, each with a few
-/// deliveries, so each write carries few (16 KiB: 14x the writes of 1 MiB with 100 consumer
-/// connections, and 35% fewer messages/s). 1 MiB of input is a few milliseconds of work.
-const READ_PER_TURN: usize = 1024 * 1024;
 /// How long to wait for connection.close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -245,8 +233,7 @@ impl Connection {
         let mut last_read = Instant::now();
         let mut wrote_since_tick = false;
         let mut shutting_down = false;
-        let mut read_room = READ_ROOM;
-        let mut read_since_yield = 0;
+        let mut pacing = ReadPacing::default();
         loop {
             if self.input_held && self.out_pending() < OUT_HIGH_WATER {
                 self.process_input(rbuf);
@@ -260,28 +247,18 @@ impl Connection {
             };
             let reading = self.state != ConnState::Closed && self.out_pending() < OUT_HIGH_WATER;
             let taking = self.state == ConnState::Open && self.out_pending() < OUT_HIGH_WATER;
-            if reading && rbuf.capacity() - rbuf.len() < read_room {
-                rbuf.reserve(read_room);
+            if reading {
+                pacing.prepare(rbuf);
             }
-            let room = rbuf.capacity() - rbuf.len();
             tokio::select! {
                 read = rd.read_buf(rbuf), if reading => match read {
                     Ok(0) => return "client closed the socket",
                     Err(_) => return "socket error",
                     Ok(n) => {
-                        read_room = if n == room { READ_ROOM_BUSY } else { READ_ROOM };
+                        pacing.read(n);
                         last_read = Instant::now();
                         self.process_input(rbuf);
-                        if read_room == READ_ROOM
-                            && rbuf.is_empty()
-                            && rbuf.capacity() > 2 * READ_ROOM
-                        {
-                            // Busy no more: give the large buffer back.
-                            *rbuf = BytesMut::new();
-                        }
-                        read_since_yield += n;
-                        if read_since_yield >= READ_PER_TURN {
-                            read_since_yield = 0;
+                        if pacing.after_handling(rbuf) {
                             // Let the consumers this input fed (and every other connection)
                             // run before reading more.
                             tokio::task::yield_now().await;
@@ -388,6 +365,14 @@ impl Connection {
             trace.record(self.id, Direction::Sent, channel, &method);
         }
         codec::write_method(&mut self.out, channel, method);
+    }
+
+    /// Records a method written directly rather than through [`Connection::send`] in the
+    /// trace, when one is kept; `method` is built only then.
+    pub(crate) fn trace_sent(&self, channel: u16, method: impl FnOnce() -> AMQPClass) {
+        if let Some(trace) = &self.shared.trace {
+            trace.record(self.id, Direction::Sent, channel, &method());
+        }
     }
 
     fn handle_frame(&mut self, frame: Frame) {

@@ -10,7 +10,6 @@ use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address, rewrite_repl
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
 use crate::queue::{Consumer, ConsumerTag};
-use crate::trace::Direction;
 use crate::vhost::Routed;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
@@ -67,7 +66,7 @@ impl Connection {
                 Ok(())
             }
             basic::AMQPMethod::RecoverAsync(m) => self.basic_recover(ch, m.requeue),
-            _ => Err(AmqpError::command_invalid("unimplemented method")),
+            _ => Err(AmqpError::server_method()),
         }
     }
 
@@ -335,26 +334,13 @@ impl Connection {
         if !requeue_them {
             return Err(AmqpError::not_implemented("requeue=false"));
         }
-        let channel = self.channel_mut(ch);
-        let unacked = std::mem::take(&mut channel.unacked);
-        let credit = channel.credit.clone();
-        let mut state = self.vhost.lock();
-        let mut touched = FxHashSet::default();
-        for (_, u) in unacked {
-            if u.consumer_tag.is_some() {
-                credit.release();
-            }
-            requeue(
-                &mut state,
-                &u.queue,
-                self.id,
-                ch,
-                u.consumer_tag.as_deref(),
-                u.message,
-            );
-            touched.insert(u.queue);
-        }
-        dispatch_all(&mut state, touched);
+        // Every unacknowledged delivery goes back, flagged redelivered: a reject with requeue.
+        let unacked = std::mem::take(&mut self.channel_mut(ch).unacked);
+        self.apply_settle(
+            ch,
+            unacked.into_iter().collect(),
+            Settle::Reject { requeue: true },
+        );
         Ok(())
     }
 
@@ -498,14 +484,12 @@ impl Connection {
             return;
         };
         let multiple = last > first;
-        if let Some(trace) = &self.shared.trace {
-            let ack = basic::Ack {
+        self.trace_sent(ch, || {
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
                 delivery_tag: last,
                 multiple,
-            };
-            let method = AMQPClass::Basic(basic::AMQPMethod::Ack(ack));
-            trace.record(self.id, Direction::Sent, ch, &method);
-        }
+            }))
+        });
         codec::write_ack(&mut self.out, ch, last, multiple);
     }
 
@@ -549,9 +533,7 @@ impl Connection {
             exchange: content.exchange(),
             routing_key: content.routing_key(),
         };
-        if let Some(trace) = &self.shared.trace {
-            trace.record(self.id, Direction::Sent, ch, &deliver.method());
-        }
+        self.trace_sent(ch, || deliver.method());
         codec::write_deliver(&mut self.out, ch, &deliver);
         self.write_content(ch, &content);
     }

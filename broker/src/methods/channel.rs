@@ -22,9 +22,7 @@ impl Connection {
             }
             // RabbitMQ 3.10 refuses to stop a channel's deliveries this way.
             channel::AMQPMethod::Flow(_) => Err(AmqpError::not_implemented("active=false")),
-            channel::AMQPMethod::FlowOk(_) => {
-                Err(AmqpError::command_invalid("unimplemented method"))
-            }
+            channel::AMQPMethod::FlowOk(_) => Err(AmqpError::server_method()),
             channel::AMQPMethod::Close(_) => {
                 self.flush_confirms_of(ch);
                 self.release_channel(ch);
@@ -36,9 +34,7 @@ impl Connection {
                 Ok(())
             }
             channel::AMQPMethod::CloseOk(_) => Ok(()),
-            channel::AMQPMethod::OpenOk(_) => {
-                Err(AmqpError::command_invalid("unimplemented method"))
-            }
+            channel::AMQPMethod::OpenOk(_) => Err(AmqpError::server_method()),
         }
     }
 
@@ -101,7 +97,7 @@ impl Connection {
                 tx::AMQPMethod::RollbackOk(tx::RollbackOk {})
             }
             _ => {
-                return Err(AmqpError::command_invalid("unimplemented method"));
+                return Err(AmqpError::server_method());
             }
         };
         self.send(ch, AMQPClass::Tx(reply));

@@ -30,7 +30,7 @@ impl Connection {
                     "exchange-to-exchange bindings are not implemented by Warren",
                 ))
             }
-            _ => Err(AmqpError::command_invalid("unimplemented method")),
+            _ => Err(AmqpError::server_method()),
         }
     }
 

@@ -87,7 +87,7 @@ impl Connection {
                     AMQPClass::Connection(_)
                     | AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::SelectOk(
                         _,
-                    )) => Err(AmqpError::command_invalid("unimplemented method")),
+                    )) => Err(AmqpError::server_method()),
                     other => Err(AmqpError::not_implemented(format!(
                         "{} is not implemented by Warren",
                         method_name(&other)

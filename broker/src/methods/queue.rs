@@ -229,7 +229,7 @@ impl Connection {
                 );
                 Ok(())
             }
-            _ => Err(AmqpError::command_invalid("unimplemented method")),
+            _ => Err(AmqpError::server_method()),
         }
     }
 
