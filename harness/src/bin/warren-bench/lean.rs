@@ -28,7 +28,7 @@ const FRAME_END: u8 = 0xCE;
 /// How long the handshake and each synchronous method may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Write when this much output is buffered.
-pub(crate) const WRITE_BATCH: usize = 64 * 1024;
+const WRITE_BATCH: usize = 64 * 1024;
 
 /// One connection.
 #[derive(Debug)]
@@ -216,9 +216,12 @@ impl Lean {
         Ok(())
     }
 
-    /// Bytes buffered for writing.
-    pub(crate) fn buffered_output(&self) -> usize {
-        self.wbuf.len()
+    /// Writes what is buffered once it makes a full batch ([`WRITE_BATCH`]).
+    pub(crate) async fn flush_when_full(&mut self) -> Result<()> {
+        if self.wbuf.len() >= WRITE_BATCH {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// Buffers one publish: the pre-encoded method and header (see [`publish_prefix`]), then
@@ -343,9 +346,7 @@ impl Lean {
         let n = methods.len();
         for method in methods {
             self.send_method(channel, method);
-            if self.wbuf.len() >= WRITE_BATCH {
-                self.flush().await?;
-            }
+            self.flush_when_full().await?;
         }
         self.flush().await?;
         let mut replies = Vec::with_capacity(n);

@@ -35,9 +35,6 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The bench's result type.
 pub(crate) type Result<T> = std::result::Result<T, BoxError>;
 
-/// The RabbitMQ used when `AMQP_URL` is not set.
-const LOCAL_RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2F";
-
 /// Benchmarks Warren (embedded and standalone) against RabbitMQ.
 #[derive(Debug, Parser)]
 #[command(name = "warren-bench")]
@@ -137,10 +134,7 @@ async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    let rabbit_url = std::env::var("AMQP_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| LOCAL_RABBITMQ.to_owned());
+    let rabbit_url = warren_rpc::url_from_env();
     let targets = Targets::start(&kinds, broker_bin.as_deref(), &rabbit_url).await;
     if targets.list.is_empty() {
         return Err("no target is up".into());

@@ -1,7 +1,9 @@
 //! The table, the verdict on each target of issue 6, and the JSON file.
 
 use crate::results::{Better, Metric, Results, Row, summarize};
+use crate::runner::{CPU_PER_CALL, CPU_PER_MSG};
 use crate::scenarios::floor::{CROSS_THREAD, IN_RUNTIME};
+use crate::scenarios::{flow, memory, rpc, start};
 use crate::target::Kind;
 use std::fmt::Write as _;
 
@@ -36,14 +38,14 @@ pub(crate) fn add_derived(results: &mut Results) {
     };
     let (in_runtime, cross) = (floor(IN_RUNTIME), floor(CROSS_THREAD));
     let mut derived = Vec::new();
-    for client in ["lapin (warren-rpc)", "lean"] {
+    for client in [rpc::CLIENT, "lean"] {
         for kind in Kind::ALL {
             let floor = match kind {
                 Kind::Embedded => in_runtime,
                 _ => cross,
             };
             if let (Some(p50), Some(floor)) = (
-                results.median("rpc-seq", client, "p50 latency", kind),
+                results.median("rpc-seq", client, rpc::P50.name, kind),
                 floor,
             ) {
                 derived.push((client, kind, p50 / (2.0 * floor)));
@@ -309,7 +311,7 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
         "start under 1 ms (embedded Broker::start to ready)",
         vec![(
             "embedded, us:".into(),
-            m("start", "lapin", "to ready", Kind::Embedded),
+            m("start", "lapin", start::READY.name, Kind::Embedded),
             1000.0,
             false,
         )],
@@ -319,29 +321,20 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
         vec![
             (
                 "embedded KiB added:".into(),
-                m(
-                    &memory_row,
-                    "lean",
-                    "idle RSS (embedded: added)",
-                    Kind::Embedded,
-                ),
+                m(&memory_row, "lean", memory::IDLE.name, Kind::Embedded),
                 2048.0,
                 false,
             ),
             (
                 "standalone KiB:".into(),
-                m(
-                    &memory_row,
-                    "lean",
-                    "idle RSS (embedded: added)",
-                    Kind::Standalone,
-                ),
+                m(&memory_row, "lean", memory::IDLE.name, Kind::Standalone),
                 10240.0,
                 false,
             ),
         ],
     );
-    let overhead = |kind| m(&memory_row, "lean", "RSS per queued msg", kind).map(|b| b - 16.0);
+    let overhead =
+        |kind| m(&memory_row, "lean", memory::PER_MSG.name, kind).map(|b| b - memory::BODY as f64);
     check(
         "< 200 bytes of overhead per queued message (RSS per message - 16 B body)",
         vec![
@@ -354,8 +347,8 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
             ),
         ],
     );
-    let per_msg = "broker CPU per msg";
-    let per_call = "broker CPU per call";
+    let per_msg = CPU_PER_MSG.name;
+    let per_call = CPU_PER_CALL.name;
     check(
         "broker CPU per message (standalone) <= 1/10 of RabbitMQ's",
         [
@@ -363,7 +356,7 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
             ("pubsub 16 B", "lapin", per_msg),
             ("pubsub 4 KiB", "lean", per_msg),
             ("pubsub 4 KiB", "lapin", per_msg),
-            ("rpc-64", "lapin (warren-rpc)", per_call),
+            ("rpc-64", rpc::CLIENT, per_call),
             ("rpc-64", "lean", per_call),
         ]
         .into_iter()
@@ -398,38 +391,47 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
             ),
         ]
     };
-    let rpc = "lapin (warren-rpc)";
     check(
         "rpc-64 and rpc-256 at least 3x RabbitMQ with warren-rpc on lapin (calls/s)",
         [
-            both("rpc-64", rpc, "calls/s", 3.0),
-            both("rpc-256", rpc, "calls/s", 3.0),
+            both("rpc-64", rpc::CLIENT, rpc::RATE.name, 3.0),
+            both("rpc-256", rpc::CLIENT, rpc::RATE.name, 3.0),
         ]
         .concat(),
     );
     check(
         "rpc-64 and rpc-256 at least 3x RabbitMQ with a client that is not the bottleneck (lean)",
         [
-            both("rpc-64", "lean", "calls/s", 3.0),
-            both("rpc-256", "lean", "calls/s", 3.0),
+            both("rpc-64", "lean", rpc::RATE.name, 3.0),
+            both("rpc-256", "lean", rpc::RATE.name, 3.0),
         ]
         .concat(),
     );
     check(
         "pubsub and fan-in at least 3x RabbitMQ with lapin",
         [
-            both("pubsub 16 B", "lapin", "msg/s", 3.0),
-            both("pubsub 4 KiB", "lapin", "msg/s", 3.0),
-            both("fan-in 8 pub -> 1 q -> 2 cons", "lapin", "msg/s", 3.0),
+            both("pubsub 16 B", "lapin", flow::RATE.name, 3.0),
+            both("pubsub 4 KiB", "lapin", flow::RATE.name, 3.0),
+            both(
+                "fan-in 8 pub -> 1 q -> 2 cons",
+                "lapin",
+                flow::RATE.name,
+                3.0,
+            ),
         ]
         .concat(),
     );
     check(
         "pubsub and fan-in at least 5x RabbitMQ with a client that is not the bottleneck (lean)",
         [
-            both("pubsub 16 B", "lean", "msg/s", 5.0),
-            both("pubsub 4 KiB", "lean", "msg/s", 5.0),
-            both("fan-in 8 pub -> 1 q -> 2 cons", "lean", "msg/s", 5.0),
+            both("pubsub 16 B", "lean", flow::RATE.name, 5.0),
+            both("pubsub 4 KiB", "lean", flow::RATE.name, 5.0),
+            both(
+                "fan-in 8 pub -> 1 q -> 2 cons",
+                "lean",
+                flow::RATE.name,
+                5.0,
+            ),
         ]
         .concat(),
     );
@@ -438,13 +440,13 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
         vec![
             (
                 "emb/rmq:".into(),
-                vs("rpc-seq", rpc, "calls/s", Kind::Embedded),
+                vs("rpc-seq", rpc::CLIENT, rpc::RATE.name, Kind::Embedded),
                 1.2,
                 true,
             ),
             (
                 "sa/rmq:".into(),
-                vs("rpc-seq", rpc, "calls/s", Kind::Standalone),
+                vs("rpc-seq", rpc::CLIENT, rpc::RATE.name, Kind::Standalone),
                 1.0,
                 true,
             ),
@@ -452,8 +454,8 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
     );
     let flat = |kind: Kind, many: &str| {
         ratio(
-            m(many, "lean", "msg/s", kind),
-            m("scale 1 q / 1 conn", "lean", "msg/s", kind),
+            m(many, "lean", flow::RATE.name, kind),
+            m("scale 1 q / 1 conn", "lean", flow::RATE.name, kind),
         )
     };
     check(

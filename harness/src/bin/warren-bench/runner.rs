@@ -101,11 +101,16 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 const MEASURE_TIMEOUT: Duration = Duration::from_secs(60);
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Broker CPU per RPC call.
+pub(crate) const CPU_PER_CALL: Metric = Metric::lower("broker CPU per call", "us/call");
+/// Broker CPU per message.
+pub(crate) const CPU_PER_MSG: Metric = Metric::lower("broker CPU per msg", "us/msg");
+
 /// The broker-CPU metric for a unit.
 fn broker_cpu_metric(unit: &'static str) -> Metric {
     match unit {
-        "call" => Metric::lower("broker CPU per call", "us/call"),
-        _ => Metric::lower("broker CPU per msg", "us/msg"),
+        "call" => CPU_PER_CALL,
+        _ => CPU_PER_MSG,
     }
 }
 

@@ -25,6 +25,11 @@ use tokio::task::JoinHandle;
 /// Messages per second, end to end.
 pub(crate) const RATE: Metric = Metric::higher("msg/s", "msg/s");
 
+/// Deliveries a consumer acks at once (with `multiple`): a quarter of its prefetch.
+fn ack_every(prefetch: u16) -> u64 {
+    (u64::from(prefetch) / 4).max(1)
+}
+
 /// Ack whatever is unacked after this long without input.
 const ACK_LINGER: Duration = Duration::from_millis(2);
 /// Publishes lapin keeps in flight per publisher (each one waits for lapin's I/O thread).
@@ -409,9 +414,7 @@ async fn lean_publish(
         if at == prefixes.len() {
             at = 0;
         }
-        if conn.buffered_output() >= lean::WRITE_BATCH {
-            conn.flush().await?;
-        }
+        conn.flush_when_full().await?;
     }
     conn.flush().await?;
     Ok(conn)
@@ -449,7 +452,7 @@ async fn lean_consume(
     progress: Arc<Progress>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let ack_every = (u64::from(prefetch) / 4).max(1);
+    let ack_every = ack_every(prefetch);
     let mut unacked = 0u64;
     // The tag of the delivery whose body is awaited, and of the last complete one.
     let mut arriving_tag = 0u64;
@@ -521,7 +524,7 @@ async fn lapin_consume(
     progress: Arc<Progress>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let ack_every = (u64::from(prefetch) / 4).max(1);
+    let ack_every = ack_every(prefetch);
     let mut unacked = 0u64;
     let mut last_tag = 0u64;
     let ack = |tag| channel.basic_ack(tag, BasicAckOptions { multiple: true });

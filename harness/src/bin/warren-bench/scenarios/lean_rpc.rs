@@ -124,6 +124,8 @@ impl Scenario for LeanRpc<'_> {
         client.flush().await?;
         let mut current: Option<u64> = None;
         let mut bad: Option<String> = None;
+        // Correlation ids of the replies of one read, reused across reads.
+        let mut completed: Vec<u64> = Vec::new();
         while (latencies.len() as u64) < calls {
             if let Some(e) = state
                 .server_error
@@ -134,7 +136,6 @@ impl Scenario for LeanRpc<'_> {
                 return Err(format!("lean RPC server: {e}").into());
             }
             client.read_more().await?;
-            let mut completed: Vec<u64> = Vec::new();
             client.scan(|kind, _channel, payload| {
                 match kind {
                     lean::HEADER => {
@@ -154,7 +155,7 @@ impl Scenario for LeanRpc<'_> {
             if let Some(e) = bad.take() {
                 return Err(e.into());
             }
-            for id in completed {
+            for id in completed.drain(..) {
                 let index = id
                     .checked_sub(first_id)
                     .ok_or("a reply from an earlier repeat")?;
@@ -207,8 +208,9 @@ async fn serve(mut conn: Lean, mut stop: watch::Receiver<bool>, error: Arc<Mutex
         let mut tag = 0u64;
         let mut reply: Option<(String, BasicProperties)> = None;
         let mut failure: Option<String> = None;
+        // The replies to the requests of one read, reused across reads.
+        let mut answers: Vec<(String, BasicProperties, Vec<u8>)> = Vec::new();
         loop {
-            let mut answers: Vec<(String, BasicProperties, Vec<u8>)> = Vec::new();
             let mut last_tag = None;
             conn.scan(|kind, _channel, payload| {
                 match kind {
@@ -245,7 +247,7 @@ async fn serve(mut conn: Lean, mut stop: watch::Receiver<bool>, error: Arc<Mutex
             if let Some(e) = failure.take() {
                 return Err(e.into());
             }
-            for (to, props, body) in answers {
+            for (to, props, body) in answers.drain(..) {
                 let prefix = lean::publish_prefix(1, &to, props, body.len());
                 conn.push_publish(1, &prefix, &body);
             }

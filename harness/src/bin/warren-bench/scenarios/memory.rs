@@ -22,12 +22,12 @@ use tokio::io::AsyncReadExt;
 use warren_broker::{Broker, BrokerConfig};
 
 /// Body size of the queued messages.
-const BODY: usize = 16;
+pub(crate) const BODY: usize = 16;
 /// How long filling a queue may take.
 const FILL_TIMEOUT: Duration = Duration::from_secs(180);
 
-const IDLE: Metric = Metric::lower("idle RSS (embedded: added)", "KiB");
-const PER_MSG: Metric = Metric::lower("RSS per queued msg", "B/msg");
+pub(crate) const IDLE: Metric = Metric::lower("idle RSS (embedded: added)", "KiB");
+pub(crate) const PER_MSG: Metric = Metric::lower("RSS per queued msg", "B/msg");
 
 /// Messages queued for the per-message figure.
 pub(crate) fn messages(plan: &Plan) -> u64 {
@@ -164,9 +164,7 @@ async fn fill(url: &str, queue: &str, n: u64) -> Result<Lean> {
     let work = async {
         for _ in 0..n {
             conn.push_publish(1, &prefix, &body);
-            if conn.buffered_output() >= lean::WRITE_BATCH {
-                conn.flush().await?;
-            }
+            conn.flush_when_full().await?;
         }
         conn.flush().await?;
         loop {

@@ -21,6 +21,9 @@ const REQUEST: &[u8] = b"10";
 const ANSWER: &[u8] = b"55";
 
 /// Calls per second.
+/// The client of these rows.
+pub(crate) const CLIENT: &str = "lapin (warren-rpc)";
+/// Calls per second.
 pub(crate) const RATE: Metric = Metric::higher("calls/s", "calls/s");
 /// Median latency.
 pub(crate) const P50: Metric = Metric::lower("p50 latency", "us");
@@ -57,7 +60,7 @@ impl Scenario for Rpc<'_> {
     }
 
     fn client(&self) -> &'static str {
-        "lapin (warren-rpc)"
+        CLIENT
     }
 
     fn broker_cpu_unit(&self) -> Option<&'static str> {

@@ -15,7 +15,7 @@ use warren_broker::{Broker, BrokerConfig};
 /// RabbitMQ 3.10's cold start on these machines (measured once, by hand), in microseconds.
 const RABBITMQ_COLD_START_US: f64 = 8.6e6;
 
-const READY: Metric = Metric::lower("to ready", "us");
+pub(crate) const READY: Metric = Metric::lower("to ready", "us");
 const LAPIN: Metric = Metric::lower("to first lapin handshake", "us");
 const LEAN: Metric = Metric::lower("to first lean handshake", "us");
 
