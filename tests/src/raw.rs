@@ -537,12 +537,24 @@ impl RawClient {
     /// # Panics
     /// When declare-ok does not come.
     pub async fn declare_queue(&mut self, channel: u16, name: &str) -> queue::DeclareOk {
+        self.declare(channel, name, false).await
+    }
+
+    /// queue.declare passive on `channel`, expecting declare-ok (its counts).
+    ///
+    /// # Panics
+    /// When declare-ok does not come.
+    pub async fn declare_passive(&mut self, channel: u16, name: &str) -> queue::DeclareOk {
+        self.declare(channel, name, true).await
+    }
+
+    async fn declare(&mut self, channel: u16, name: &str, passive: bool) -> queue::DeclareOk {
         match self
             .rpc(
                 channel,
                 AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
                     queue: name.into(),
-                    passive: false,
+                    passive,
                     durable: false,
                     exclusive: false,
                     auto_delete: false,
@@ -688,6 +700,27 @@ pub fn method_payload(class_id: u16, method_id: u16, args: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&method_id.to_be_bytes());
     out.extend_from_slice(args);
     out
+}
+
+/// basic.consume of `queue` with `tag` (not exclusive, no arguments, a consume-ok wanted).
+pub fn consume(queue: &str, tag: &str, no_ack: bool) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+        queue: queue.into(),
+        consumer_tag: tag.into(),
+        no_local: false,
+        no_ack,
+        exclusive: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }))
+}
+
+/// basic.cancel of `tag`, a cancel-ok wanted.
+pub fn cancel(tag: &str) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+        consumer_tag: tag.into(),
+        nowait: false,
+    }))
 }
 
 /// A `LongString` table value.

@@ -6,10 +6,10 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use std::time::Duration;
 use warren_harness::TestBroker;
 
-const WAIT: Duration = Duration::from_secs(10);
+// Every wait for the broker: the suite-wide bound.
+use warren_tests::TIMEOUT as WAIT;
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 #[tokio::test]

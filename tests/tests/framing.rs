@@ -536,18 +536,7 @@ async fn consume_ok_comes_before_the_first_delivery() {
     }
     // Messages are waiting: consume-ok must still be the very next frame.
     let first = c
-        .rpc(
-            1,
-            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-                queue: q.as_str().into(),
-                consumer_tag: "first-tag".into(),
-                no_local: false,
-                no_ack: true,
-                exclusive: false,
-                nowait: false,
-                arguments: FieldTable::default(),
-            })),
-        )
+        .rpc(1, warren_tests::raw::consume(&q, "first-tag", true))
         .await;
     match first {
         AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok))) => {

@@ -26,8 +26,8 @@ use warren_harness::TestBroker;
 use warren_rpc::{ClientConfig, HandlerError, RpcClient, RpcServer, ServerConfig};
 use warren_tests::raw::{Handshake, Incoming, PROTOCOL_HEADER, RawClient};
 
-/// Every wait for the broker.
-const WAIT: Duration = Duration::from_secs(10);
+// Every wait for the broker: the suite-wide bound.
+use warren_tests::TIMEOUT as WAIT;
 
 /// The timeout of each call: generous, 2 cores are shared by everything here.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);

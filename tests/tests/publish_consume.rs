@@ -17,7 +17,9 @@ use warren_tests::{
     ErrorEvents, assert_amqp_error, assert_channel_closed_only, assert_connection_closed,
     assert_connection_works, assert_no_delivery, channel, close_conn, confirm_channel, consume,
     declare, delete_quietly, drain_bodies, expect_err, get, get_eventually, next_delivery, passive,
-    publish, publish_confirmed, publish_with, raw::RawClient, within,
+    publish, publish_confirmed, publish_with,
+    raw::{self, RawClient},
+    within,
 };
 
 #[tokio::test]
@@ -568,37 +570,22 @@ async fn a_reused_consumer_tag_never_gets_the_cancelled_consumers_messages() {
     for body in [b"a1", b"a2", b"a3"] {
         c.publish(1, &first, body).await;
     }
-    let consume = |queue: &str| {
-        AMQPFrame::Method(
-            1,
-            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-                queue: queue.into(),
-                consumer_tag: "reused".into(),
-                no_local: false,
-                no_ack: false,
-                exclusive: false,
-                nowait: false,
-                arguments: FieldTable::default(),
-            })),
-        )
-    };
-    let cancel = AMQPFrame::Method(
-        1,
-        AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
-            consumer_tag: "reused".into(),
-            nowait: false,
-        })),
-    );
-    let mut batch = RawClient::encode(&consume(&first));
-    batch.extend(RawClient::encode(&cancel));
-    batch.extend(RawClient::encode(&consume(&second)));
+    let tag = "reused";
+    let mut batch = Vec::new();
+    for method in [
+        raw::consume(&first, tag, false),
+        raw::cancel(tag),
+        raw::consume(&second, tag, false),
+    ] {
+        batch.extend(RawClient::encode(&AMQPFrame::Method(1, method)));
+    }
     c.send_bytes(&batch).await;
     c.publish(1, &second, b"b1").await;
     // Everything up to the delivery of b1: no delivery may come from the first queue.
     loop {
         match c.recv_frame().await {
             AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Deliver(d))) => {
-                assert_eq!(d.consumer_tag.as_str(), "reused");
+                assert_eq!(d.consumer_tag.as_str(), tag);
                 assert_eq!(
                     d.routing_key.as_str(),
                     second,
@@ -615,25 +602,7 @@ async fn a_reused_consumer_tag_never_gets_the_cancelled_consumers_messages() {
         }
     }
     // The first queue's three messages are back in it, ready.
-    let ok = c
-        .rpc(
-            1,
-            AMQPClass::Queue(amq_protocol::protocol::queue::AMQPMethod::Declare(
-                amq_protocol::protocol::queue::Declare {
-                    queue: first.as_str().into(),
-                    passive: true,
-                    ..Default::default()
-                },
-            )),
-        )
-        .await;
-    match ok {
-        AMQPFrame::Method(
-            1,
-            AMQPClass::Queue(amq_protocol::protocol::queue::AMQPMethod::DeclareOk(ok)),
-        ) => assert_eq!(ok.message_count, 3),
-        other => panic!("expected declare-ok, got {other:?}"),
-    }
+    assert_eq!(c.declare_passive(1, &first).await.message_count, 3);
     c.close().await;
 }
 
@@ -646,9 +615,10 @@ async fn thousands_of_pipelined_gets_are_all_answered() {
     c.open_channel(1).await;
     let q = broker.unique_name("many-gets");
     c.declare_queue(1, &q).await;
-    let body = vec![7u8; 2048];
-    let count = 2000;
-    for _ in 0..count {
+    const BODY: usize = 2048;
+    const COUNT: usize = 2000;
+    let body = vec![7u8; BODY];
+    for _ in 0..COUNT {
         c.publish(1, &q, &body).await;
     }
     let get = RawClient::encode(&AMQPFrame::Method(
@@ -658,16 +628,16 @@ async fn thousands_of_pipelined_gets_are_all_answered() {
             no_ack: true,
         })),
     ));
-    c.send_bytes(&get.repeat(count)).await;
+    c.send_bytes(&get.repeat(COUNT)).await;
     let mut answered = 0;
-    while answered < count {
+    while answered < COUNT {
         match c.recv_frame().await {
             AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok))) => {
-                assert_eq!(ok.message_count as usize, count - answered - 1);
+                assert_eq!(ok.message_count as usize, COUNT - answered - 1);
                 answered += 1;
             }
-            AMQPFrame::Header(1, h) => assert_eq!(h.body_size, 2048),
-            AMQPFrame::Body(1, b) => assert_eq!(b.len(), 2048),
+            AMQPFrame::Header(1, h) => assert_eq!(h.body_size, BODY as u64),
+            AMQPFrame::Body(1, b) => assert_eq!(b.len(), BODY),
             other => panic!("after {answered} answers: unexpected {other:?}"),
         }
     }
