@@ -8,6 +8,7 @@
 //! - [`raw`]: a tiny raw-socket AMQP client built on amq-protocol's `gen_frame`/`parse_frame`,
 //!   for the handshake and framing details lapin hides.
 
+pub mod prop;
 pub mod raw;
 
 use futures_util::StreamExt;
@@ -29,7 +30,7 @@ pub use warren_harness::within;
 
 /// Whether `AMQP_URL` points the tests at an external broker.
 pub fn external() -> bool {
-    std::env::var(warren_harness::AMQP_URL_ENV).is_ok_and(|u| !u.is_empty())
+    warren_harness::external_url().is_some()
 }
 
 /// The AMQP reply code and text carried by a lapin error, if it is a protocol error.

@@ -46,34 +46,19 @@ use lapin::{
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use warren_harness::{Proxy, TestBroker};
+use warren_tests::external;
+use warren_tests::prop::step;
 
 // Every wait for the broker: the suite-wide bound.
 use warren_tests::TIMEOUT as WAIT;
 
 /// How long the consumers may take to ack every confirmed message once publishing is done.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
-
-fn external() -> bool {
-    warren_harness::external_url().is_some()
-}
-
-/// Awaits `fut` for at most [`WAIT`], naming `what` on timeout or error.
-async fn step<T, E: std::fmt::Display>(
-    what: &str,
-    fut: impl Future<Output = Result<T, E>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: nothing within {WAIT:?}")),
-    }
-}
 
 async fn connect(url: &str) -> Result<Connection, String> {
     step(

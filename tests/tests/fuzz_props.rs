@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren_broker::{Broker, BrokerConfig, BrokerHandle};
+use warren_tests::external;
 
 /// Cases per property, and most shrinking steps after a failure.
 const CASES: u32 = 256;
@@ -34,10 +35,6 @@ fn config() -> Config {
         failure_persistence: None,
         ..Config::default()
     }
-}
-
-fn external() -> bool {
-    std::env::var(warren_harness::AMQP_URL_ENV).is_ok_and(|u| !u.is_empty())
 }
 
 fn encode(frames: &[AMQPFrame]) -> Vec<u8> {

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warren_harness::TestBroker;
+use warren_tests::external;
 
 /// The longest any single network wait may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -485,10 +486,6 @@ async fn round_trip(conn: &Connection) {
     tokio::time::timeout(TIMEOUT, work)
         .await
         .expect("the witness round trip timed out: another client was affected");
-}
-
-fn external() -> bool {
-    std::env::var(warren_harness::AMQP_URL_ENV).is_ok_and(|u| !u.is_empty())
 }
 
 // ---------------------------------------------------------------------------------------------

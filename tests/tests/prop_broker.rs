@@ -47,77 +47,18 @@ use lapin::{
     types::{FieldTable, ShortString},
 };
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::Duration;
 use warren_harness::TestBroker;
+use warren_tests::prop::{run_property, step};
 
 // Every wait for the broker: the suite-wide bound.
 use warren_tests::TIMEOUT as WAIT;
 
 /// A whole case must end within this.
 const CASE_LIMIT: Duration = Duration::from_secs(60);
-
-/// Case counts: more on the embedded broker, fewer against RabbitMQ; `PROPTEST_CASES` wins.
-fn config(embedded_cases: u32, external_cases: u32) -> Config {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if warren_harness::external_url().is_some() {
-            external_cases
-        } else {
-            embedded_cases
-        });
-    Config {
-        cases,
-        max_shrink_iters: 128,
-        max_shrink_time: 30_000,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
-
-/// Runs a property on one current-thread runtime and one broker shared by every case.
-fn run_property<S, F>(cases: (u32, u32), strategy: S, case: F)
-where
-    S: Strategy,
-    S::Value: Clone + std::fmt::Debug,
-    F: AsyncFn(&TestBroker, S::Value) -> Result<(), String>,
-{
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let broker = runtime.block_on(TestBroker::start());
-    let mut runner = TestRunner::new(config(cases.0, cases.1));
-    let result = runner.run(&strategy, |value| {
-        let outcome = runtime
-            .block_on(async { tokio::time::timeout(CASE_LIMIT, case(&broker, value)).await });
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(TestCaseError::fail(e)),
-            Err(_) => Err(TestCaseError::fail(format!(
-                "the case did not end within {CASE_LIMIT:?}"
-            ))),
-        }
-    });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
-}
-
-/// Awaits `fut` for at most [`WAIT`], naming `what` on timeout or error.
-async fn step<T, E: std::fmt::Display>(
-    what: &str,
-    fut: impl Future<Output = Result<T, E>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: nothing within {WAIT:?}")),
-    }
-}
+/// Shrinking steps for a failing case.
+const SHRINK_ITERS: u32 = 128;
 
 async fn declare(ch: &Channel, queue: &str) -> Result<(), String> {
     step(
@@ -340,7 +281,7 @@ async fn fifo(broker: &TestBroker, case: FifoCase) -> Result<(), String> {
 
 #[test]
 fn one_publisher_is_delivered_in_order_whatever_the_sizes_and_prefetch() {
-    run_property((48, 12), fifo_case(), fifo);
+    run_property((48, 12), SHRINK_ITERS, CASE_LIMIT, fifo_case(), fifo);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -979,7 +920,7 @@ async fn model(broker: &TestBroker, case: ModelCase) -> Result<(), String> {
 
 #[test]
 fn generated_consume_ack_nack_cancel_close_sequences_keep_the_model() {
-    run_property((64, 16), model_case(), model);
+    run_property((64, 16), SHRINK_ITERS, CASE_LIMIT, model_case(), model);
 }
 
 /// Regression test of a bug this suite found in the embedded broker (at 5a8b77e: 1024 of 1465

@@ -27,12 +27,12 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::watch;
 use warren_harness::TestBroker;
 use warren_rpc::{ClientConfig, ERROR_HEADER, RpcClient, RpcError};
+use warren_tests::prop::run_property;
 
 /// The timeout of calls that must be answered: far above anything a healthy run needs.
 const ANSWERED_TIMEOUT: Duration = Duration::from_secs(20);
@@ -50,25 +50,6 @@ fn short_timeout() -> Duration {
         Duration::from_millis(100)
     } else {
         Duration::from_millis(50)
-    }
-}
-
-/// Case counts: more on the embedded broker, fewer against RabbitMQ; `PROPTEST_CASES` wins.
-fn config(embedded_cases: u32, external_cases: u32) -> Config {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if warren_harness::external_url().is_some() {
-            external_cases
-        } else {
-            embedded_cases
-        });
-    Config {
-        cases,
-        max_shrink_iters: 64,
-        max_shrink_time: 30_000,
-        failure_persistence: None,
-        ..Config::default()
     }
 }
 
@@ -499,27 +480,7 @@ async fn run_case(broker: &TestBroker, w: Workload) -> Result<(), String> {
 
 #[test]
 fn every_call_gets_exactly_its_own_reply_error_or_timeout_whatever_the_server_does() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let broker = runtime.block_on(TestBroker::start());
-    let mut runner = TestRunner::new(config(64, 16));
-    let result = runner.run(&workload(), |w| {
-        let outcome = runtime.block_on(async {
-            tokio::time::timeout(CASE_LIMIT, run_case(&broker, w.clone())).await
-        });
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(TestCaseError::fail(e)),
-            Err(_) => Err(TestCaseError::fail(format!(
-                "the case did not end within {CASE_LIMIT:?}"
-            ))),
-        }
-    });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
+    run_property((64, 16), 64, CASE_LIMIT, workload(), run_case);
 }
 
 #[test]
