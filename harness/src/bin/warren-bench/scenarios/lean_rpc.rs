@@ -8,7 +8,7 @@
 use crate::Result;
 use crate::lean::{self, Lean};
 use crate::runner::{Plan, Sample, Scenario};
-use crate::scenarios::rpc::{P50, P99, RATE};
+use crate::scenarios::rpc::{self, ANSWER, REQUEST};
 use crate::target::Target;
 use amq_protocol::frame::parsing::parse_content_header;
 use lapin::BasicProperties;
@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-const REQUEST: &[u8] = b"10";
-const ANSWER: &[u8] = b"55";
+/// Most calls in one repeat with the lean client.
+const MAX_CALLS: u64 = 5_000_000;
 
 /// A lean RPC scenario.
 #[derive(Debug)]
@@ -94,7 +94,7 @@ impl Scenario for LeanRpc<'_> {
             server: task,
             server_error,
             stop,
-            next_calls: (self.in_flight as u64 * 4).max(50),
+            next_calls: rpc::first_calls(self.in_flight),
             next_id: 0,
         })
     }
@@ -170,19 +170,16 @@ impl Scenario for LeanRpc<'_> {
             }
             client.flush().await?;
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        latencies.sort_by(f64::total_cmp);
-        let rate = calls as f64 / elapsed;
-        let min = (self.in_flight as u64 * 4).max(100);
-        state.next_calls = self.plan.size(rate, min, 5_000_000);
-        Ok(Sample {
-            figures: vec![
-                (RATE, rate),
-                (P50, crate::results::percentile_sorted(&latencies, 0.5)),
-                (P99, crate::results::percentile_sorted(&latencies, 0.99)),
-            ],
-            messages: calls,
-        })
+        let (sample, next) = rpc::finish(
+            self.plan,
+            self.in_flight,
+            calls,
+            started.elapsed(),
+            latencies,
+            MAX_CALLS,
+        );
+        state.next_calls = next;
+        Ok(sample)
     }
 
     async fn teardown(&self, state: LeanRpcState) {

@@ -16,9 +16,9 @@ use warren_rpc::fib::FibHandler;
 use warren_rpc::{ClientConfig, RpcClient, RpcServer, ServerConfig};
 
 /// The request: fib(10).
-const REQUEST: &[u8] = b"10";
+pub(crate) const REQUEST: &[u8] = b"10";
 /// Its answer.
-const ANSWER: &[u8] = b"55";
+pub(crate) const ANSWER: &[u8] = b"55";
 
 /// Calls per second.
 /// The client of these rows.
@@ -41,6 +41,38 @@ pub(crate) struct Rpc<'a> {
     pub(crate) cpu_per_call: bool,
     /// Run size.
     pub(crate) plan: &'a Plan,
+}
+
+/// Most calls in one repeat with warren-rpc.
+const MAX_CALLS: u64 = 2_000_000;
+
+/// Calls in the first (unrecorded) repeat, before a rate sizes the next.
+pub(crate) fn first_calls(in_flight: usize) -> u64 {
+    (in_flight as u64 * 4).max(50)
+}
+
+/// The figures of a repeat of `calls` calls that took `elapsed`, and the size of the next
+/// repeat (at most `max_calls`).
+pub(crate) fn finish(
+    plan: &Plan,
+    in_flight: usize,
+    calls: u64,
+    elapsed: Duration,
+    mut latencies: Vec<f64>,
+    max_calls: u64,
+) -> (Sample, u64) {
+    latencies.sort_by(f64::total_cmp);
+    let rate = calls as f64 / elapsed.as_secs_f64();
+    let next = plan.size(rate, (in_flight as u64 * 4).max(100), max_calls);
+    let sample = Sample {
+        figures: vec![
+            (RATE, rate),
+            (P50, crate::results::percentile_sorted(&latencies, 0.5)),
+            (P99, crate::results::percentile_sorted(&latencies, 0.99)),
+        ],
+        messages: calls,
+    };
+    (sample, next)
 }
 
 /// One target's server and client.
@@ -93,7 +125,7 @@ impl Scenario for Rpc<'_> {
             queue,
             server,
             client,
-            next_calls: (self.in_flight as u64 * 4).max(50),
+            next_calls: first_calls(self.in_flight),
         })
     }
 
@@ -127,19 +159,16 @@ impl Scenario for Rpc<'_> {
                 issued += 1;
             }
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        latencies.sort_by(f64::total_cmp);
-        let rate = calls as f64 / elapsed;
-        let min = (self.in_flight as u64 * 4).max(100);
-        state.next_calls = self.plan.size(rate, min, 2_000_000);
-        Ok(Sample {
-            figures: vec![
-                (RATE, rate),
-                (P50, crate::results::percentile_sorted(&latencies, 0.5)),
-                (P99, crate::results::percentile_sorted(&latencies, 0.99)),
-            ],
-            messages: calls,
-        })
+        let (sample, next) = finish(
+            self.plan,
+            self.in_flight,
+            calls,
+            started.elapsed(),
+            latencies,
+            MAX_CALLS,
+        );
+        state.next_calls = next;
+        Ok(sample)
     }
 
     async fn teardown(&self, state: RpcState) {
