@@ -29,7 +29,7 @@ use lapin::types::FieldTable;
 pub use proxy::{Flow, Proxy};
 use std::sync::Mutex;
 use std::time::Duration;
-pub use wait::{DEFAULT_TIMEOUT, wait_until, within};
+pub use wait::{DEFAULT_TIMEOUT, try_wait_until, wait_until, within};
 use warren_broker::{Broker, BrokerConfig, BrokerHandle};
 
 /// The environment variable that points tests at an external broker.

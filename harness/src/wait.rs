@@ -44,17 +44,34 @@ pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
 /// .await;
 /// # }
 /// ```
-pub async fn wait_until<T, Fut, F>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
+pub async fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    try_wait_until(what, timeout, check)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`wait_until`] that reports a timeout as an error instead of panicking: for property tests,
+/// whose failing cases must return their error to be shrunk.
+///
+/// # Errors
+/// On timeout: `what` and the last state seen.
+pub async fn try_wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> Result<T, String> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match check().await {
-            Ok(value) => return value,
+            Ok(value) => return Ok(value),
             Err(state) if tokio::time::Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting until {what}; last seen: {state}")
+                return Err(format!(
+                    "timed out after {timeout:?} waiting until {what}; last seen: {state}"
+                ));
             }
             Err(_) => tokio::time::sleep(POLL).await,
         }

@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use warren_harness::{Proxy, TestBroker};
+use warren_harness::{Proxy, TestBroker, try_wait_until};
 use warren_tests::external;
 use warren_tests::prop::step;
 
@@ -648,24 +648,6 @@ async fn consumer(ctx: Arc<Ctx>, plan: ConsumerPlan, index: usize) -> Result<(),
 // One schedule
 // ---------------------------------------------------------------------------------------------
 
-/// Waits until `check` holds, for at most `limit`; `Err` with the last state otherwise.
-async fn wait_for(
-    what: &str,
-    limit: Duration,
-    mut check: impl AsyncFnMut() -> Result<(), String>,
-) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(()) => return Ok(()),
-            Err(state) if Instant::now() >= deadline => {
-                return Err(format!("{what}: not after {limit:?}; last seen: {state}"));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-}
-
 async fn chaos(broker: &TestBroker, s: Schedule, per_case: usize) -> Result<Stats, String> {
     let queues: Vec<String> = (0..s.queues).map(|_| broker.unique_name("chaos")).collect();
     let admin = connect(broker.url()).await?;
@@ -717,7 +699,7 @@ async fn chaos(broker: &TestBroker, s: Schedule, per_case: usize) -> Result<Stat
             }
         }
         // Every confirmed message acked at least once.
-        wait_for("every confirmed message acked", DRAIN_LIMIT, async || {
+        try_wait_until("every confirmed message acked", DRAIN_LIMIT, async || {
             // A violation, or a consumer that stopped on an error: report it now.
             if consumers.iter().any(|c| c.is_finished()) {
                 return Ok(());
@@ -749,7 +731,7 @@ async fn chaos(broker: &TestBroker, s: Schedule, per_case: usize) -> Result<Stat
         }
         // What is left (unconfirmed messages, redeliveries) is consumed too.
         for q in &queues {
-            wait_for(&format!("{q} drained"), WAIT * 3, async || {
+            try_wait_until(&format!("{q} drained"), WAIT * 3, async || {
                 match broker.queue_counts(q).await {
                     Some((0, _)) => Ok(()),
                     other => Err(format!("(ready, consumers) = {other:?}")),
@@ -785,19 +767,18 @@ async fn chaos(broker: &TestBroker, s: Schedule, per_case: usize) -> Result<Stat
     // Every consumer connection has ended in the broker (severed ones included), so every
     // message it held is back in its queue.
     for q in &queues {
-        wait_for(
-            &format!("{q} has no consumer"),
-            WAIT,
-            async || match broker.queue_counts(q).await {
-                Some((_, 0)) => Ok(()),
-                other => Err(format!("(ready, consumers) = {other:?}")),
-            },
-        )
+        try_wait_until(&format!("{q} has no consumer"), WAIT, async || match broker
+            .queue_counts(q)
+            .await
+        {
+            Some((_, 0)) => Ok(()),
+            other => Err(format!("(ready, consumers) = {other:?}")),
+        })
         .await?;
     }
     if let Some(handle) = broker.embedded() {
         // Left: the harness's admin connection and ours.
-        wait_for("consumer connections gone", WAIT, async || {
+        try_wait_until("consumer connections gone", WAIT, async || {
             match handle.connections().len() {
                 n if n <= 2 => Ok(()),
                 n => Err(format!("{n} connections")),
@@ -1125,7 +1106,7 @@ fn embedded_only_shutdown_with_messages_in_flight_sends_320_and_returns_promptly
         let mut half_open = RawClient::connect(&url).await;
         half_open.send_bytes(&PROTOCOL_HEADER[..5]).await;
 
-        wait_for("traffic in flight", WAIT, async || {
+        try_wait_until("traffic in flight", WAIT, async || {
             let (c, r) = (
                 confirmed.load(Ordering::Relaxed),
                 received.load(Ordering::Relaxed),

@@ -220,10 +220,13 @@ impl Load {
         // A server counts a reply once its publish returned, which can be after the client
         // got it: wait for the count to settle, then it must be exact.
         let replies = || self.servers.iter().map(|s| s.stats().replies).sum::<u64>();
-        let deadline = Instant::now() + WAIT;
-        while replies() < expected && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let _ = warren_harness::try_wait_until("the servers count every reply", WAIT, async || {
+            match replies() {
+                n if n >= expected => Ok(()),
+                n => Err(format!("{n} of {expected}")),
+            }
+        })
+        .await;
         assert_eq!(replies(), expected, "requests answered by the servers");
         for server in self.servers {
             tokio::time::timeout(WAIT, server.shutdown())

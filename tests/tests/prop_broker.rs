@@ -49,7 +49,7 @@ use lapin::{
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use warren_harness::TestBroker;
+use warren_harness::{TestBroker, try_wait_until};
 use warren_tests::prop::{run_property, step};
 
 // Every wait for the broker: the suite-wide bound.
@@ -577,19 +577,18 @@ impl Sim<'_> {
     /// Waits until the broker's (ready, consumers) match the model.
     async fn sync_counts(&mut self) -> Result<(), String> {
         let expected = (self.ready().len() as u32, self.active_consumers());
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let counts = self.broker.queue_counts(&self.queue).await;
-            if counts == Some(expected) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
+        let (broker, queue) = (self.broker, &self.queue);
+        try_wait_until(
+            "the broker's counts match the model",
+            WAIT,
+            async || match broker.queue_counts(queue).await {
+                counts if counts == Some(expected) => Ok(()),
+                counts => Err(format!(
                     "the broker reports (ready, consumers) = {counts:?}, the model {expected:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+                )),
+            },
+        )
+        .await
     }
 
     /// The held deliveries an ack/nack/reject of the `pick`-th one covers.
