@@ -3,10 +3,10 @@
 
 use crate::message::{Message, MessageBuilder, QueuedMessage};
 use crate::queue::{ChannelCredit, ConsumerTag};
+use crate::unacked::UnackedDeliveries;
 use amq_protocol::protocol::basic;
 use amq_protocol::types::{FieldTable, ShortString};
 use rustc_hash::FxHashMap;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Whether a channel is usable or closing.
@@ -90,7 +90,7 @@ pub(crate) struct Channel {
     /// Next delivery tag (tags start at 1).
     pub(crate) next_delivery_tag: u64,
     /// Unacknowledged deliveries by tag, in order.
-    pub(crate) unacked: BTreeMap<u64, Unacked>,
+    pub(crate) unacked: UnackedDeliveries,
     /// Consumers by tag.
     pub(crate) consumers: FxHashMap<ConsumerTag, ChannelConsumer>,
     /// Prefetch for consumers created from now on (basic.qos global=false).
@@ -116,7 +116,7 @@ impl Channel {
             state: ChannelState::Open,
             assembly: Assembly::Idle,
             next_delivery_tag: 1,
-            unacked: BTreeMap::new(),
+            unacked: UnackedDeliveries::default(),
             consumers: FxHashMap::default(),
             consumer_prefetch: 0,
             credit: Arc::default(),
@@ -125,22 +125,6 @@ impl Channel {
             last_queue: None,
             tx: None,
             reply_address: None,
-        }
-    }
-
-    /// Takes the unacked deliveries selected by an ack/nack: one tag, every tag up to it
-    /// (`multiple`), or all of them (tag 0 with `multiple`). `None` if a named tag is unknown.
-    pub(crate) fn take_unacked(&mut self, tag: u64, multiple: bool) -> Option<Vec<(u64, Unacked)>> {
-        if multiple {
-            let upto = if tag == 0 { u64::MAX } else { tag };
-            if tag != 0 && !self.unacked.contains_key(&tag) {
-                return None;
-            }
-            let rest = self.unacked.split_off(&upto.saturating_add(1));
-            let taken = std::mem::replace(&mut self.unacked, rest);
-            Some(taken.into_iter().collect())
-        } else {
-            self.unacked.remove(&tag).map(|u| vec![(tag, u)])
         }
     }
 }

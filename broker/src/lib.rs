@@ -10,6 +10,7 @@
 //!   a direct path that property tests hold byte-equal to amq-protocol's.
 //! - `connection`: handshake, the connection task (owns its channels), teardown.
 //! - `channel`: per-channel state: content assembly, unacked deliveries, consumers, qos.
+//! - `unacked`: a channel's unacknowledged deliveries in tag order.
 //! - `methods`: one file of handlers per AMQP class.
 //! - `vhost`: queues and exchanges under one briefly held std mutex.
 //! - `queue`: ready messages, consumers and dispatch.
@@ -48,6 +49,7 @@ mod methods;
 mod queue;
 mod server;
 pub mod trace;
+mod unacked;
 mod vhost;
 
 pub use config::{BrokerConfig, User};

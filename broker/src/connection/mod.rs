@@ -6,7 +6,7 @@ mod handshake;
 mod read_pacing;
 pub(crate) mod teardown;
 
-use crate::channel::{Channel, ChannelState};
+use crate::channel::{Channel, ChannelState, Unacked};
 use crate::codec::{self, Frame};
 use crate::error::AmqpError;
 use crate::mailbox::{Mailbox, MailboxReceiver, Outbound, mailbox};
@@ -83,6 +83,8 @@ pub(crate) struct Connection {
     /// handled once it drains (a read can hold thousands of basic.get, each answered with a
     /// whole message).
     input_held: bool,
+    /// Deliveries taken by the ack being handled; kept between acks to reuse its allocation.
+    pub(crate) settled: Vec<(u64, Unacked)>,
 }
 
 /// Serves one client connection over any byte stream until it ends, then returns its
@@ -133,6 +135,7 @@ where
         channel_count,
         confirms_due: Vec::new(),
         input_held: false,
+        settled: Vec::new(),
     };
     // Frames the client pipelined behind connection.open are already buffered.
     conn.process_input(&mut rbuf);

@@ -34,7 +34,7 @@ impl Connection {
         for (tag, consumer) in consumers {
             self.detach_consumer(&mut state, channel, &tag, &consumer);
         }
-        for (_, u) in unacked {
+        for (_, u) in unacked.take_all() {
             requeue(&mut state, &u.queue, self.id, channel, None, u.message);
             touched.insert(u.queue);
         }

@@ -20,6 +20,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// The most deliveries whose room [`Connection::settled`] keeps between acks (a `multiple`
+/// ack of a million deliveries should not pin their room for the connection's life).
+const SETTLED_KEPT: usize = 4096;
+
 /// A short string from a message's exchange or routing key (which were short strings).
 fn short(text: &str) -> ShortString {
     crate::error::short_string_lossy(text)
@@ -267,22 +271,32 @@ impl Connection {
     }
 
     fn settle(&mut self, ch: u16, tag: u64, multiple: bool, how: Settle) -> AmqpResult {
+        let mut settled = std::mem::take(&mut self.settled);
         let channel = self.channel_mut(ch);
-        let Some(settled) = channel.take_unacked(tag, multiple) else {
+        if !channel.unacked.take(tag, multiple, &mut settled) {
+            self.settled = settled;
             return Err(AmqpError::precondition_failed(format!(
                 "unknown delivery tag {tag}"
             )));
-        };
+        }
         if let Some(tx) = &mut channel.tx {
             tx.settles.push((settled, how));
             return Ok(());
         }
-        self.apply_settle(ch, settled, how);
+        self.apply_settle(ch, settled.drain(..), how);
+        if settled.capacity() <= SETTLED_KEPT {
+            self.settled = settled;
+        }
         Ok(())
     }
 
-    /// Acks, rejects or requeues deliveries taken from the unacked map.
-    pub(crate) fn apply_settle(&mut self, ch: u16, settled: Vec<(u64, Unacked)>, how: Settle) {
+    /// Acks, rejects or requeues deliveries taken from the unacked ones.
+    pub(crate) fn apply_settle(
+        &mut self,
+        ch: u16,
+        settled: impl IntoIterator<Item = (u64, Unacked)>,
+        how: Settle,
+    ) {
         let credit = self.channel_mut(ch).credit.clone();
         let mut state = self.vhost.lock();
         let mut touched = FxHashSet::default();
@@ -335,12 +349,8 @@ impl Connection {
             return Err(AmqpError::not_implemented("requeue=false"));
         }
         // Every unacknowledged delivery goes back, flagged redelivered: a reject with requeue.
-        let unacked = std::mem::take(&mut self.channel_mut(ch).unacked);
-        self.apply_settle(
-            ch,
-            unacked.into_iter().collect(),
-            Settle::Reject { requeue: true },
-        );
+        let unacked = self.channel_mut(ch).unacked.take_all();
+        self.apply_settle(ch, unacked, Settle::Reject { requeue: true });
         Ok(())
     }
 

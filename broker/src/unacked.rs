@@ -1,0 +1,192 @@
+//! A channel's unacknowledged deliveries, in delivery-tag order.
+//!
+//! Tags only grow, so a delivery is a push at the back and a `multiple` ack drains the front:
+//! neither allocates per message (a `BTreeMap` allocated nodes on insert and, for a `multiple`
+//! ack, split itself and was collected into a fresh `Vec`). A single ack in the middle leaves a
+//! hole, dropped once it reaches either end, or compacted away when holes outnumber deliveries.
+
+use crate::channel::Unacked;
+use std::collections::VecDeque;
+
+/// Holes are compacted away once there are more than this many and more holes than
+/// deliveries: a client that acks everything but its oldest delivery one by one keeps memory
+/// in proportion to what it has not acked.
+const HOLES_BEFORE_COMPACTING: usize = 64;
+
+/// Unacknowledged deliveries by tag, in tag order.
+#[derive(Debug, Default)]
+pub(crate) struct UnackedDeliveries {
+    /// Ascending tags; `None` is a delivery settled out of order.
+    entries: VecDeque<(u64, Option<Unacked>)>,
+    /// How many entries are deliveries (not holes).
+    live: usize,
+}
+
+impl UnackedDeliveries {
+    /// Adds a delivery. New deliveries have the highest tag so far; a tag that goes back in
+    /// (a rolled-back transaction) takes its place in the order.
+    pub(crate) fn insert(&mut self, tag: u64, delivery: Unacked) {
+        let at = match self.entries.back() {
+            Some((last, _)) if *last >= tag => self.entries.binary_search_by_key(&tag, |e| e.0),
+            _ => Err(self.entries.len()),
+        };
+        match at {
+            Ok(i) => {
+                if self.entries[i].1.replace(delivery).is_none() {
+                    self.live += 1;
+                }
+            }
+            Err(i) => {
+                self.entries.insert(i, (tag, Some(delivery)));
+                self.live += 1;
+            }
+        }
+    }
+
+    /// Where the delivery with this tag is, if it awaits settlement.
+    fn position(&self, tag: u64) -> Option<usize> {
+        self.entries
+            .binary_search_by_key(&tag, |e| e.0)
+            .ok()
+            .filter(|&i| self.entries[i].1.is_some())
+    }
+
+    /// Moves the deliveries an ack, nack or reject selects into `out`, in tag order: one tag,
+    /// every tag up to it (`multiple`), or all of them (tag 0 with `multiple`). False, and
+    /// nothing moved, if a named tag is not awaiting settlement.
+    pub(crate) fn take(&mut self, tag: u64, multiple: bool, out: &mut Vec<(u64, Unacked)>) -> bool {
+        if multiple {
+            let end = if tag == 0 {
+                self.entries.len()
+            } else {
+                match self.position(tag) {
+                    Some(i) => i + 1,
+                    None => return false,
+                }
+            };
+            let before = out.len();
+            out.extend(
+                self.entries
+                    .drain(..end)
+                    .filter_map(|(t, u)| u.map(|u| (t, u))),
+            );
+            self.live -= out.len() - before;
+        } else {
+            let Some(i) = self.position(tag) else {
+                return false;
+            };
+            out.extend(self.entries[i].1.take().map(|u| (tag, u)));
+            self.live -= 1;
+            self.drop_holes();
+        }
+        true
+    }
+
+    /// Takes every delivery, in tag order.
+    pub(crate) fn take_all(&mut self) -> impl Iterator<Item = (u64, Unacked)> + use<> {
+        self.live = 0;
+        std::mem::take(&mut self.entries)
+            .into_iter()
+            .filter_map(|(t, u)| u.map(|u| (t, u)))
+    }
+
+    /// Drops holes at both ends, and all of them once they outnumber the deliveries.
+    fn drop_holes(&mut self) {
+        while self.entries.front().is_some_and(|e| e.1.is_none()) {
+            self.entries.pop_front();
+        }
+        while self.entries.back().is_some_and(|e| e.1.is_none()) {
+            self.entries.pop_back();
+        }
+        let holes = self.entries.len() - self.live;
+        if holes > HOLES_BEFORE_COMPACTING && holes > self.live {
+            self.entries.retain(|e| e.1.is_some());
+        }
+    }
+}
+
+impl Extend<(u64, Unacked)> for UnackedDeliveries {
+    fn extend<I: IntoIterator<Item = (u64, Unacked)>>(&mut self, deliveries: I) {
+        for (tag, delivery) in deliveries {
+            self.insert(tag, delivery);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{MessageBuilder, QueuedMessage};
+    use std::sync::Arc;
+
+    fn delivery() -> Unacked {
+        Unacked {
+            queue: Arc::from("q"),
+            consumer_tag: None,
+            message: QueuedMessage {
+                seq: 0,
+                redelivered: false,
+                expires_at: None,
+                message: Arc::new(MessageBuilder::new("", "q", &[], 0).finish()),
+            },
+        }
+    }
+
+    fn filled(tags: impl IntoIterator<Item = u64>) -> UnackedDeliveries {
+        let mut u = UnackedDeliveries::default();
+        u.extend(tags.into_iter().map(|t| (t, delivery())));
+        u
+    }
+
+    fn take(u: &mut UnackedDeliveries, tag: u64, multiple: bool) -> Option<Vec<u64>> {
+        let mut out = Vec::new();
+        u.take(tag, multiple, &mut out)
+            .then(|| out.into_iter().map(|(t, _)| t).collect())
+    }
+
+    fn tags(u: &mut UnackedDeliveries) -> Vec<u64> {
+        take(u, 0, true).unwrap()
+    }
+
+    #[test]
+    fn multiple_takes_every_tag_up_to_the_one_named_skipping_settled_ones() {
+        let mut u = filled(1..=6);
+        assert_eq!(take(&mut u, 3, false), Some(vec![3]));
+        assert_eq!(take(&mut u, 3, false), None, "already settled");
+        assert_eq!(take(&mut u, 3, true), None, "a settled tag is unknown");
+        assert_eq!(take(&mut u, 4, true), Some(vec![1, 2, 4]));
+        assert_eq!(u.live, 2);
+        assert_eq!(take(&mut u, 9, false), None, "never delivered");
+        assert_eq!(tags(&mut u), vec![5, 6]);
+        assert_eq!(u.live, 0);
+        assert_eq!(
+            take(&mut u, 0, true),
+            Some(vec![]),
+            "tag 0 with multiple: all of none"
+        );
+    }
+
+    #[test]
+    fn tags_put_back_take_their_place_in_the_order() {
+        let mut u = filled([2, 5]);
+        let mut back = Vec::new();
+        assert!(u.take(5, false, &mut back));
+        assert!(u.take(2, false, &mut back));
+        u.insert(7, delivery());
+        u.extend(back);
+        u.insert(1, delivery());
+        assert_eq!(u.live, 4);
+        assert_eq!(tags(&mut u), vec![1, 2, 5, 7]);
+    }
+
+    #[test]
+    fn holes_left_by_single_acks_do_not_accumulate() {
+        let mut u = filled(1..=10_000);
+        for tag in 2..=10_000 {
+            assert_eq!(take(&mut u, tag, false), Some(vec![tag]));
+        }
+        assert_eq!(u.live, 1);
+        assert!(u.entries.len() <= 1 + HOLES_BEFORE_COMPACTING + 1);
+        assert_eq!(u.take_all().map(|(t, _)| t).collect::<Vec<_>>(), vec![1]);
+    }
+}
