@@ -2,13 +2,13 @@
 //! received, the body, and the few decoded facts routing and expiry need.
 
 use bytes::{Bytes, BytesMut};
-use std::sync::Arc;
 use tokio::time::Instant;
 
-/// An immutable published message, shared (`Arc`) by every queue it was routed to. Exchange
-/// name, routing key, property bytes (as received) and body sit back to back in one buffer,
-/// so a queued message costs one allocation besides its `Arc`.
-#[derive(Debug)]
+/// An immutable published message. Exchange name, routing key, property bytes (as received)
+/// and body sit back to back in one buffer, so a queued message costs one allocation; the
+/// queues it was routed to share that buffer (a clone counts a reference, the first one also
+/// allocates the count).
+#[derive(Clone, Debug)]
 pub(crate) struct Message {
     data: Bytes,
     exchange_len: u8,
@@ -132,7 +132,7 @@ pub(crate) struct QueuedMessage {
     /// When it expires in this queue: the earlier of its own TTL and the queue's.
     pub(crate) expires_at: Option<Instant>,
     /// The message itself.
-    pub(crate) message: Arc<Message>,
+    pub(crate) message: Message,
 }
 
 impl QueuedMessage {

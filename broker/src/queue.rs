@@ -136,7 +136,7 @@ impl Queue {
 
     /// Appends a published message, then dispatches. A message that a consumer can take at
     /// once is delivered even with a TTL of 0, as RabbitMQ does.
-    pub(crate) fn publish(&mut self, message: Arc<Message>, now: Instant) {
+    pub(crate) fn publish(&mut self, message: Message, now: Instant) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let queue_expiry = self.message_ttl.map(|ttl| now + ttl);

@@ -127,7 +127,7 @@ mod tests {
                 seq: 0,
                 redelivered: false,
                 expires_at: None,
-                message: Arc::new(MessageBuilder::new("", "q", &[], 0).finish()),
+                message: MessageBuilder::new("", "q", &[], 0).finish(),
             },
         }
     }

@@ -33,15 +33,6 @@ pub(crate) struct VhostState {
     pub(crate) reply_consumers: FxHashMap<String, ReplyConsumer>,
 }
 
-/// Where a published message went.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Routed {
-    /// Enqueued on at least one queue.
-    Queued,
-    /// No queue matched.
-    Unroutable,
-}
-
 impl Vhost {
     /// A vhost with RabbitMQ's predeclared exchanges.
     pub(crate) fn new(name: &str) -> Self {
@@ -67,48 +58,55 @@ impl Vhost {
 }
 
 impl VhostState {
-    /// Routes a message from `exchange` (which must exist) and enqueues it.
+    /// Routes a message from its exchange (which must exist) and enqueues it; gives it back
+    /// if it routes to no queue.
     pub(crate) fn publish(
         &mut self,
-        exchange: &str,
         headers: Option<&FieldTable>,
-        message: Arc<Message>,
-    ) -> Routed {
+        message: Message,
+    ) -> Result<(), Message> {
         let now = Instant::now();
-        if is_default(exchange) {
+        if is_default(message.exchange()) {
             if message.routing_key().starts_with(ADDRESS_PREFIX) {
                 return self.reply(message);
             }
             return match self.queues.get_mut(message.routing_key()) {
                 Some(queue) => {
                     queue.publish(message, now);
-                    Routed::Queued
+                    Ok(())
                 }
-                None => Routed::Unroutable,
+                None => Err(message),
             };
         }
-        let Some(exchange) = self.exchanges.get(exchange) else {
-            return Routed::Unroutable;
+        let Some(exchange) = self.exchanges.get(message.exchange()) else {
+            return Err(message);
         };
-        let mut targets: Vec<&Arc<str>> = exchange.route(message.routing_key(), headers).collect();
+        let mut targets: Vec<&Arc<str>> = exchange
+            .route(message.routing_key(), headers)
+            .filter(|name| self.queues.contains_key(&***name))
+            .collect();
         if targets.len() > 1 {
             targets.sort();
             targets.dedup();
         }
-        let mut routed = Routed::Unroutable;
+        let Some(last) = targets.pop() else {
+            return Err(message);
+        };
         for name in targets {
             if let Some(queue) = self.queues.get_mut(name) {
                 queue.publish(message.clone(), now);
-                routed = Routed::Queued;
             }
         }
-        routed
+        if let Some(queue) = self.queues.get_mut(last) {
+            queue.publish(message, now);
+        }
+        Ok(())
     }
 
     /// Hands a reply straight to the direct reply-to consumer it is addressed to.
-    fn reply(&mut self, message: Arc<Message>) -> Routed {
+    fn reply(&mut self, message: Message) -> Result<(), Message> {
         let Some(consumer) = self.reply_consumers.get(message.routing_key()) else {
-            return Routed::Unroutable;
+            return Err(message);
         };
         let delivery = Outbound::Deliver {
             channel: consumer.channel,
@@ -122,10 +120,10 @@ impl VhostState {
                 message,
             },
         };
-        match consumer.mailbox.send(delivery) {
-            Ok(()) => Routed::Queued,
-            Err(_) => Routed::Unroutable,
-        }
+        let Err(Outbound::Deliver { message, .. }) = consumer.mailbox.send(delivery) else {
+            return Ok(());
+        };
+        Err(message.message)
     }
 
     /// Deletes a queue: its consumers are told (basic.cancel) and its messages dropped.

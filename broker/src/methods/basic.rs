@@ -10,7 +10,6 @@ use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address, rewrite_repl
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
 use crate::queue::{Consumer, ConsumerTag};
-use crate::vhost::Routed;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
 use bytes::Bytes;
@@ -245,16 +244,6 @@ impl Connection {
         let channel = self.channel_mut(ch);
         let delivery_tag = channel.next_delivery_tag;
         channel.next_delivery_tag += 1;
-        if !m.no_ack {
-            channel.unacked.insert(
-                delivery_tag,
-                Unacked {
-                    queue: queue_arc,
-                    consumer_tag: None,
-                    message: message.clone(),
-                },
-            );
-        }
         send_basic(
             self,
             ch,
@@ -267,6 +256,16 @@ impl Connection {
             }),
         );
         self.write_content(ch, &message.message);
+        if !m.no_ack {
+            self.channel_mut(ch).unacked.insert(
+                delivery_tag,
+                Unacked {
+                    queue: queue_arc,
+                    consumer_tag: None,
+                    message,
+                },
+            );
+        }
         Ok(())
     }
 
@@ -423,7 +422,6 @@ impl Connection {
         message.expires_at = publication
             .ttl
             .map(|ms| Instant::now() + Duration::from_millis(ms));
-        let message = Arc::new(message);
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
         let exchange = message.exchange();
@@ -445,9 +443,11 @@ impl Connection {
                 Some(_) => {}
             }
         }
-        let routed = state.publish(exchange, publication.headers.as_ref(), message.clone());
+        let routed = state.publish(publication.headers.as_ref(), message);
         drop(state);
-        if routed == Routed::Unroutable && publication.mandatory {
+        if let Err(message) = routed
+            && publication.mandatory
+        {
             send_basic(
                 self,
                 ch,
@@ -524,28 +524,26 @@ impl Connection {
         };
         let delivery_tag = channel.next_delivery_tag;
         channel.next_delivery_tag += 1;
-        let redelivered = message.redelivered;
-        let content = message.message.clone();
+        let deliver = codec::Deliver {
+            consumer_tag: &consumer_tag,
+            delivery_tag,
+            redelivered: message.redelivered,
+            exchange: message.message.exchange(),
+            routing_key: message.message.routing_key(),
+        };
+        self.trace_sent(ch, || deliver.method());
+        codec::write_deliver(&mut self.out, ch, &deliver);
+        self.write_content(ch, &message.message);
         if !no_ack {
-            channel.unacked.insert(
+            self.channel_mut(ch).unacked.insert(
                 delivery_tag,
                 Unacked {
                     queue,
-                    consumer_tag: Some(consumer_tag.clone()),
+                    consumer_tag: Some(consumer_tag),
                     message,
                 },
             );
         }
-        let deliver = codec::Deliver {
-            consumer_tag: &consumer_tag,
-            delivery_tag,
-            redelivered,
-            exchange: content.exchange(),
-            routing_key: content.routing_key(),
-        };
-        self.trace_sent(ch, || deliver.method());
-        codec::write_deliver(&mut self.out, ch, &deliver);
-        self.write_content(ch, &content);
     }
 
     /// The server cancels a consumer (its queue was deleted): tell the client.
