@@ -7,9 +7,10 @@
 use crate::error::AmqpError;
 use crate::message::QueuedMessage;
 use crate::queue::ConsumerTag;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use tokio::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
 
 /// Most deliveries waiting in one connection's mailbox before dispatch skips its consumers.
 pub(crate) const MAILBOX_LIMIT: usize = 1024;
@@ -44,35 +45,52 @@ pub(crate) enum Outbound {
 /// The sending side, cloned into every consumer of the connection.
 #[derive(Clone, Debug)]
 pub(crate) struct Mailbox {
-    tx: mpsc::UnboundedSender<Outbound>,
     shared: Arc<MailboxShared>,
 }
 
 #[derive(Debug, Default)]
 struct MailboxShared {
+    /// Items sent and not yet moved to the receiver's side; `None` once closed.
+    items: Mutex<Option<VecDeque<Outbound>>>,
+    /// Wakes the connection task when items arrive in an empty mailbox.
+    arrived: Notify,
     /// Deliveries sent and not yet taken by the connection.
     queued: AtomicUsize,
     /// Dispatch skipped a consumer because the mailbox was full.
     starved: AtomicBool,
+    /// The connection no longer takes items.
+    closed: AtomicBool,
 }
 
-/// The receiving side, owned by the connection task.
+impl MailboxShared {
+    fn items(&self) -> MutexGuard<'_, Option<VecDeque<Outbound>>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The receiving side, owned by the connection task. It takes everything sent so far in one
+/// step (swapping buffers, so neither side allocates once both have grown), then hands items
+/// out one by one.
 #[derive(Debug)]
 pub(crate) struct MailboxReceiver {
-    rx: mpsc::UnboundedReceiver<Outbound>,
+    taken: VecDeque<Outbound>,
     shared: Arc<MailboxShared>,
 }
 
 /// A new mailbox.
 pub(crate) fn mailbox() -> (Mailbox, MailboxReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let shared = Arc::new(MailboxShared::default());
+    let shared = Arc::new(MailboxShared {
+        items: Mutex::new(Some(VecDeque::new())),
+        ..MailboxShared::default()
+    });
     (
         Mailbox {
-            tx,
             shared: shared.clone(),
         },
-        MailboxReceiver { rx, shared },
+        MailboxReceiver {
+            taken: VecDeque::new(),
+            shared,
+        },
     )
 }
 
@@ -80,7 +98,7 @@ impl Mailbox {
     /// Whether the connection can take another delivery now; if not, remembers that dispatch
     /// was refused so the connection asks again when drained.
     pub(crate) fn has_room(&self) -> bool {
-        if self.tx.is_closed() {
+        if self.shared.closed.load(Ordering::Relaxed) {
             return false;
         }
         if self.shared.queued.load(Ordering::Relaxed) < MAILBOX_LIMIT {
@@ -94,37 +112,51 @@ impl Mailbox {
     /// Sends an item; gives it back if the connection is gone.
     pub(crate) fn send(&self, item: Outbound) -> Result<(), Outbound> {
         let is_delivery = matches!(item, Outbound::Deliver { .. });
+        let was_empty = {
+            let mut items = self.shared.items();
+            let Some(items) = items.as_mut() else {
+                return Err(item);
+            };
+            items.push_back(item);
+            items.len() == 1
+        };
         if is_delivery {
             self.shared.queued.fetch_add(1, Ordering::Relaxed);
         }
-        self.tx.send(item).map_err(|e| {
-            if is_delivery {
-                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-            }
-            e.0
-        })
+        if was_empty {
+            self.shared.arrived.notify_one();
+        }
+        Ok(())
     }
 }
 
 impl MailboxReceiver {
     /// The next item, waiting for one.
     pub(crate) async fn recv(&mut self) -> Option<Outbound> {
-        let item = self.rx.recv().await;
-        self.taken(&item);
-        item
+        loop {
+            if let Some(item) = self.try_recv() {
+                return Some(item);
+            }
+            if self.shared.closed.load(Ordering::Relaxed) {
+                return None;
+            }
+            // A send between the check above and this wait leaves a permit: no wake-up is lost.
+            self.shared.arrived.notified().await;
+        }
     }
 
     /// The next item if one is waiting.
     pub(crate) fn try_recv(&mut self) -> Option<Outbound> {
-        let item = self.rx.try_recv().ok();
-        self.taken(&item);
-        item
-    }
-
-    fn taken(&self, item: &Option<Outbound>) {
+        if self.taken.is_empty()
+            && let Some(items) = self.shared.items().as_mut()
+        {
+            std::mem::swap(items, &mut self.taken);
+        }
+        let item = self.taken.pop_front();
         if let Some(Outbound::Deliver { .. }) = item {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
         }
+        item
     }
 
     /// True once after dispatch was refused for lack of room and room has come back.
@@ -135,11 +167,64 @@ impl MailboxReceiver {
 
     /// Stops new items and returns those already sent.
     pub(crate) fn close_and_drain(&mut self) -> Vec<Outbound> {
-        self.rx.close();
-        let mut items = Vec::new();
-        while let Some(item) = self.try_recv() {
-            items.push(item);
-        }
+        self.shared.closed.store(true, Ordering::Relaxed);
+        let rest = self.shared.items().take().unwrap_or_default();
+        let items: Vec<Outbound> = self.taken.drain(..).chain(rest).collect();
+        let deliveries = items
+            .iter()
+            .filter(|item| matches!(item, Outbound::Deliver { .. }))
+            .count();
+        self.shared.queued.fetch_sub(deliveries, Ordering::Relaxed);
         items
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cancel(n: u16) -> Outbound {
+        Outbound::Cancel {
+            channel: n,
+            consumer_tag: Arc::from("t"),
+        }
+    }
+
+    fn channel_of(item: Option<Outbound>) -> Option<u16> {
+        match item {
+            Some(Outbound::Cancel { channel, .. }) => Some(channel),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn items_sent_from_another_thread_wake_the_receiver_in_order() {
+        let (tx, mut rx) = mailbox();
+        let sender = std::thread::spawn(move || {
+            for n in 0..10_000 {
+                tx.send(cancel(n % 100)).map_err(|_| "closed").unwrap();
+                if n % 1000 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            tx
+        });
+        for n in 0..10_000u16 {
+            let item = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a sent item wakes the receiver");
+            assert_eq!(channel_of(item), Some(n % 100));
+        }
+        let tx = sender.join().unwrap();
+        assert!(rx.try_recv().is_none());
+        tx.send(cancel(7)).map_err(|_| "closed").unwrap();
+        assert_eq!(rx.close_and_drain().len(), 1);
+        assert!(
+            tx.send(cancel(8)).is_err(),
+            "a closed mailbox gives items back"
+        );
+        assert!(!tx.has_room());
+        assert!(rx.recv().await.is_none());
     }
 }
