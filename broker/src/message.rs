@@ -14,8 +14,6 @@ pub(crate) struct Message {
     exchange_len: u8,
     routing_key_len: u8,
     properties_len: u32,
-    /// When the per-message TTL (`expiration`) runs out, if it has one.
-    pub(crate) expires_at: Option<Instant>,
 }
 
 impl Message {
@@ -117,7 +115,6 @@ impl MessageBuilder {
             exchange_len: self.exchange_len,
             routing_key_len: self.routing_key_len,
             properties_len: self.properties_len,
-            expires_at: None,
         }
     }
 }

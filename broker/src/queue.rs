@@ -136,11 +136,11 @@ impl Queue {
 
     /// Appends a published message, then dispatches. A message that a consumer can take at
     /// once is delivered even with a TTL of 0, as RabbitMQ does.
-    pub(crate) fn publish(&mut self, message: Message, now: Instant) {
+    pub(crate) fn publish(&mut self, message: Message, expires_at: Option<Instant>, now: Instant) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let queue_expiry = self.message_ttl.map(|ttl| now + ttl);
-        let expires_at = match (message.expires_at, queue_expiry) {
+        let expires_at = match (expires_at, queue_expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };

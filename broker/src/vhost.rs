@@ -10,6 +10,7 @@ use crate::queue::{ConnId, Queue};
 use amq_protocol::types::FieldTable;
 use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// A virtual host.
@@ -58,21 +59,24 @@ impl Vhost {
 }
 
 impl VhostState {
-    /// Routes a message from its exchange (which must exist) and enqueues it; gives it back
-    /// if it routes to no queue.
+    /// Routes a message from its exchange (which must exist) and enqueues it, with its
+    /// `expiration` (`ttl`, in milliseconds) counted from now; gives it back if it routes to no
+    /// queue.
     pub(crate) fn publish(
         &mut self,
         headers: Option<&FieldTable>,
+        ttl: Option<u64>,
         message: Message,
     ) -> Result<(), Message> {
         let now = Instant::now();
+        let expires_at = ttl.map(|ms| now + Duration::from_millis(ms));
         if is_default(message.exchange()) {
             if message.routing_key().starts_with(ADDRESS_PREFIX) {
                 return self.reply(message);
             }
             return match self.queues.get_mut(message.routing_key()) {
                 Some(queue) => {
-                    queue.publish(message, now);
+                    queue.publish(message, expires_at, now);
                     Ok(())
                 }
                 None => Err(message),
@@ -94,11 +98,11 @@ impl VhostState {
         };
         for name in targets {
             if let Some(queue) = self.queues.get_mut(name) {
-                queue.publish(message.clone(), now);
+                queue.publish(message.clone(), expires_at, now);
             }
         }
         if let Some(queue) = self.queues.get_mut(last) {
-            queue.publish(message, now);
+            queue.publish(message, expires_at, now);
         }
         Ok(())
     }

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 use tokio::time::Instant;
 
 /// The most deliveries whose room [`Connection::settled`] keeps between acks (a `multiple`
@@ -418,10 +417,6 @@ impl Connection {
         publication: Publication,
         message: Message,
     ) -> AmqpResult {
-        let mut message = message;
-        message.expires_at = publication
-            .ttl
-            .map(|ms| Instant::now() + Duration::from_millis(ms));
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
         let exchange = message.exchange();
@@ -443,7 +438,7 @@ impl Connection {
                 Some(_) => {}
             }
         }
-        let routed = state.publish(publication.headers.as_ref(), message);
+        let routed = state.publish(publication.headers.as_ref(), publication.ttl, message);
         drop(state);
         if let Err(message) = routed
             && publication.mandatory
