@@ -111,18 +111,18 @@ impl Mailbox {
 
     /// Sends an item; gives it back if the connection is gone.
     pub(crate) fn send(&self, item: Outbound) -> Result<(), Outbound> {
-        let is_delivery = matches!(item, Outbound::Deliver { .. });
         let was_empty = {
             let mut items = self.shared.items();
             let Some(items) = items.as_mut() else {
                 return Err(item);
             };
+            // Counted before the receiver can take it, so the count never goes below zero.
+            if let Outbound::Deliver { .. } = item {
+                self.shared.queued.fetch_add(1, Ordering::Relaxed);
+            }
             items.push_back(item);
             items.len() == 1
         };
-        if is_delivery {
-            self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        }
         if was_empty {
             self.shared.arrived.notify_one();
         }

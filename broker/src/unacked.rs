@@ -106,10 +106,40 @@ impl UnackedDeliveries {
 }
 
 impl Extend<(u64, Unacked)> for UnackedDeliveries {
+    /// Puts deliveries back (a rolled-back transaction's acks) in one merge, not one insert
+    /// each: a delivery that goes back below others moves them, so a rollback of k acks under
+    /// n unacked deliveries would cost k times n moves.
     fn extend<I: IntoIterator<Item = (u64, Unacked)>>(&mut self, deliveries: I) {
-        for (tag, delivery) in deliveries {
-            self.insert(tag, delivery);
+        let mut back: Vec<(u64, Unacked)> = deliveries.into_iter().collect();
+        back.sort_by_key(|d| d.0);
+        if self
+            .entries
+            .back()
+            .is_none_or(|last| back.first().is_none_or(|first| first.0 > last.0))
+        {
+            self.live += back.len();
+            self.entries
+                .extend(back.into_iter().map(|(t, u)| (t, Some(u))));
+            return;
         }
+        let mut merged = VecDeque::with_capacity(self.entries.len() + back.len());
+        let mut back = back.into_iter().peekable();
+        for (tag, delivery) in std::mem::take(&mut self.entries) {
+            while let Some((t, u)) = back.next_if(|b| b.0 <= tag) {
+                merged.push_back((t, Some(u)));
+                self.live += 1;
+            }
+            // A hole whose delivery just came back is not kept beside it.
+            if delivery.is_some() || merged.back().is_none_or(|m: &(u64, _)| m.0 != tag) {
+                merged.push_back((tag, delivery));
+            }
+        }
+        for (t, u) in back {
+            merged.push_back((t, Some(u)));
+            self.live += 1;
+        }
+        self.entries = merged;
+        self.drop_holes();
     }
 }
 
@@ -177,6 +207,23 @@ mod tests {
         u.insert(1, delivery());
         assert_eq!(u.live, 4);
         assert_eq!(tags(&mut u), vec![1, 2, 5, 7]);
+    }
+
+    #[test]
+    fn many_deliveries_put_back_below_others_are_merged_in_order() {
+        let mut u = filled(1..=20_000);
+        let mut back = Vec::new();
+        assert!(u.take(10_000, true, &mut back));
+        assert!(u.take(15_000, false, &mut back));
+        assert_eq!(back.len(), 10_001);
+        u.extend(back);
+        assert_eq!(u.live, 20_000);
+        assert_eq!(
+            u.entries.len(),
+            20_000,
+            "no hole is left beside its delivery"
+        );
+        assert_eq!(tags(&mut u), (1..=20_000).collect::<Vec<_>>());
     }
 
     #[test]

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
-/// The most deliveries whose room [`Connection::settled`] keeps between acks (a `multiple`
-/// ack of a million deliveries should not pin their room for the connection's life).
-const SETTLED_KEPT: usize = 4096;
+/// The most deliveries whose room [`Connection::settled`] keeps between acks (about 28 KB; a
+/// `multiple` ack of a million deliveries should not pin their room for the connection's life).
+const SETTLED_KEPT: usize = 256;
 
 /// A short string from a message's exchange or routing key (which were short strings).
 fn short(text: &str) -> ShortString {
