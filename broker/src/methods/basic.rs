@@ -327,11 +327,13 @@ impl Connection {
                 .2 += 1;
         }
         credit.release_many(released);
+        // Each queue settles and dispatches with one lookup.
+        let now = Instant::now();
         for (queue, tag, n) in counts.into_values() {
             if let Some(q) = state.queues.get_mut(&queue) {
                 q.settle(conn, ch, tag.as_deref(), n);
+                q.dispatch(now);
             }
-            touched.insert(queue);
         }
         // Credit freed in a channel-wide window may serve any queue the channel consumes from.
         if credit.limit.load(Ordering::Relaxed) != 0
