@@ -52,6 +52,9 @@ pub(crate) struct Unacked {
     pub(crate) message: QueuedMessage,
 }
 
+/// Deliveries settled at once from one queue and consumer (its queue, its tag, how many).
+pub(crate) type SettleCount = (Arc<str>, Option<ConsumerTag>, u32);
+
 /// What an ack, nack or reject does.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Settle {

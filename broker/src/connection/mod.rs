@@ -6,7 +6,7 @@ mod handshake;
 mod read_pacing;
 pub(crate) mod teardown;
 
-use crate::channel::{Channel, ChannelState, Unacked};
+use crate::channel::{Channel, ChannelState, SettleCount, Unacked};
 use crate::codec::{self, Frame};
 use crate::error::AmqpError;
 use crate::mailbox::{Mailbox, MailboxReceiver, Outbound, mailbox};
@@ -85,6 +85,9 @@ pub(crate) struct Connection {
     input_held: bool,
     /// Deliveries taken by the ack being handled; kept between acks to reuse its allocation.
     pub(crate) settled: Vec<(u64, Unacked)>,
+    /// Per (queue, consumer) counts of the ack being handled, by the shared names' addresses;
+    /// kept between acks to reuse its table.
+    pub(crate) settle_counts: FxHashMap<(usize, usize), SettleCount>,
 }
 
 /// Serves one client connection over any byte stream until it ends, then returns its
@@ -136,6 +139,7 @@ where
         confirms_due: Vec::new(),
         input_held: false,
         settled: Vec::new(),
+        settle_counts: FxHashMap::default(),
     };
     // Frames the client pipelined behind connection.open are already buffered.
     conn.process_input(&mut rbuf);

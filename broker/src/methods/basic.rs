@@ -2,7 +2,7 @@
 //! two directions of content: completing a publish and writing a delivery.
 
 use super::queue::{generated_tag, usable_queue};
-use crate::channel::{Assembly, ChannelConsumer, Publication, Settle, Unacked};
+use crate::channel::{Assembly, ChannelConsumer, Publication, Settle, SettleCount, Unacked};
 use crate::codec;
 use crate::connection::Connection;
 use crate::connection::teardown::{dispatch_all, requeue};
@@ -29,7 +29,18 @@ fn short(text: &str) -> ShortString {
 
 /// Deliveries settled at once for one queue and consumer: the queue, the consumer (`None` for
 /// basic.get), how many.
-type SettleCount = (Arc<str>, Option<ConsumerTag>, u32);
+
+/// Adds a run of settled deliveries to the counts per (queue, consumer).
+fn add_count(
+    counts: &mut FxHashMap<(usize, usize), SettleCount>,
+    key: (usize, usize),
+    count: SettleCount,
+) {
+    counts
+        .entry(key)
+        .and_modify(|c| c.2 += count.2)
+        .or_insert(count);
+}
 
 fn send_basic(conn: &mut Connection, ch: u16, method: basic::AMQPMethod) {
     conn.send(ch, AMQPClass::Basic(method));
@@ -303,7 +314,9 @@ impl Connection {
         // shared names' addresses, and each queue settles its count in one step: a multiple ack
         // over deliveries from many queues then costs one queue lookup per queue, not per
         // message.
-        let mut counts: FxHashMap<(usize, usize), SettleCount> = FxHashMap::default();
+        // Kept between acks (cleared), so an ack over many queues does not grow a new table.
+        let mut counts = std::mem::take(&mut self.settle_counts);
+        let mut run: Option<((usize, usize), SettleCount)> = None;
         let mut released = 0;
         for (_, u) in settled {
             if u.consumer_tag.is_some() {
@@ -321,20 +334,30 @@ impl Connection {
                     .as_ref()
                     .map_or(0, |t| Arc::as_ptr(t).cast::<u8>() as usize),
             );
-            counts
-                .entry(key)
-                .or_insert_with(|| (u.queue, u.consumer_tag, 0))
-                .2 += 1;
+            // Consecutive deliveries of one queue and consumer (the usual case) are counted
+            // without a table lookup each.
+            match &mut run {
+                Some((k, count)) if *k == key => count.2 += 1,
+                _ => {
+                    if let Some((k, count)) = run.replace((key, (u.queue, u.consumer_tag, 1))) {
+                        add_count(&mut counts, k, count);
+                    }
+                }
+            }
+        }
+        if let Some((k, count)) = run {
+            add_count(&mut counts, k, count);
         }
         credit.release_many(released);
         // Each queue settles and dispatches with one lookup.
         let now = Instant::now();
-        for (queue, tag, n) in counts.into_values() {
+        for (_, (queue, tag, n)) in counts.drain() {
             if let Some(q) = state.queues.get_mut(&queue) {
                 q.settle(conn, ch, tag.as_deref(), n);
                 q.dispatch(now);
             }
         }
+        self.settle_counts = counts;
         // Credit freed in a channel-wide window may serve any queue the channel consumes from.
         if credit.limit.load(Ordering::Relaxed) != 0
             && let Some(channel) = self.channels.get(&ch)
