@@ -52,7 +52,8 @@ pub(crate) struct Unacked {
     pub(crate) message: QueuedMessage,
 }
 
-/// Deliveries settled at once from one queue and consumer (its queue, its tag, how many).
+/// Deliveries settled at once for one queue and consumer: the queue, the consumer (`None` for
+/// basic.get), how many.
 pub(crate) type SettleCount = (Arc<str>, Option<ConsumerTag>, u32);
 
 /// What an ack, nack or reject does.

@@ -27,9 +27,6 @@ fn short(text: &str) -> ShortString {
     crate::error::short_string_lossy(text)
 }
 
-/// Deliveries settled at once for one queue and consumer: the queue, the consumer (`None` for
-/// basic.get), how many.
-
 /// Adds a run of settled deliveries to the counts per (queue, consumer).
 fn add_count(
     counts: &mut FxHashMap<(usize, usize), SettleCount>,
