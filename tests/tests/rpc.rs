@@ -184,6 +184,15 @@ impl Fixture {
         }
     }
 
+    /// Shuts the server down (it must stop cleanly), closes the client, deletes the queue.
+    async fn finish(&self, server: RpcServer, client: RpcClient) {
+        within("shutdown", server.shutdown())
+            .await
+            .expect("clean shutdown");
+        client.close().await;
+        self.delete_queue().await;
+    }
+
     async fn delete_queue(&self) {
         within(
             "queue.delete",
@@ -262,6 +271,11 @@ fn echo(body: &str) -> Vec<u8> {
     format!("re:{body}").into_bytes()
 }
 
+/// The client still works: a call with `body` gets the switchboard's answer.
+async fn answers(client: &RpcClient, body: &str) {
+    assert_eq!(within("call", client.call(body)).await, Ok(echo(body)));
+}
+
 #[tokio::test]
 async fn fib_over_rpc_is_exact_at_the_edges() {
     let f = Fixture::new("rpc-fib").await;
@@ -277,11 +291,7 @@ async fn fib_over_rpc_is_exact_at_the_edges() {
             fib::FibError::TooLarge("187".into()).to_string()
         ))
     );
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    client.close().await;
-    f.delete_queue().await;
+    f.finish(server, client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,11 +337,7 @@ async fn a_thousand_concurrent_calls_from_eight_tasks_each_get_their_own_answer(
         server.stats().replies == (TASKS * CALLS_PER_TASK) as u64
     })
     .await;
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    client.close().await;
-    f.delete_queue().await;
+    f.finish(server, client).await;
 }
 
 #[tokio::test]
@@ -367,11 +373,7 @@ async fn replies_in_reverse_order_are_matched_to_their_calls() {
         assert_eq!(reply, Ok(echo(&format!("hold-{i}"))), "call {i}");
     }
     assert_eq!(client.stats().pending, 0);
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    client.close().await;
-    f.delete_queue().await;
+    f.finish(server, client).await;
 }
 
 #[tokio::test]
@@ -413,11 +415,7 @@ async fn default_prefetch_of_one_serves_one_request_at_a_time() {
         let reply = within("reply", call).await.expect("call task");
         assert!(reply.is_ok(), "{reply:?}");
     }
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    client.close().await;
-    f.delete_queue().await;
+    f.finish(server, client).await;
 }
 
 #[tokio::test]
@@ -451,11 +449,7 @@ async fn a_prefetch_of_three_handles_exactly_three_requests_at_once() {
         PREFETCH,
         "most requests at once"
     );
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    client.close().await;
-    f.delete_queue().await;
+    f.finish(server, client).await;
 }
 
 #[tokio::test]
@@ -483,15 +477,8 @@ async fn a_timed_out_call_removes_its_entry_and_its_late_reply_is_counted() {
     })
     .await;
     assert_eq!(client.stats().unknown_replies, 0);
-    assert_eq!(
-        within("call", client.call("after")).await,
-        Ok(echo("after"))
-    );
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    client.close().await;
-    f.delete_queue().await;
+    answers(&client, "after").await;
+    f.finish(server, client).await;
 }
 
 #[tokio::test]
@@ -518,15 +505,8 @@ async fn a_dropped_call_removes_its_entry_and_its_late_reply_is_counted() {
         client.stats().late_replies == 1
     })
     .await;
-    assert_eq!(
-        within("call", client.call("after")).await,
-        Ok(echo("after"))
-    );
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    client.close().await;
-    f.delete_queue().await;
+    answers(&client, "after").await;
+    f.finish(server, client).await;
 }
 
 #[tokio::test]
@@ -546,15 +526,8 @@ async fn replies_with_unknown_correlation_ids_are_dropped_and_counted() {
     })
     .await;
     assert_eq!(client.stats().late_replies, 0);
-    assert_eq!(
-        within("call", client.call("after")).await,
-        Ok(echo("after"))
-    );
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    client.close().await;
-    f.delete_queue().await;
+    answers(&client, "after").await;
+    f.finish(server, client).await;
 }
 
 #[tokio::test]
@@ -614,11 +587,7 @@ async fn a_queue_without_consumer_times_out_and_the_request_expires_unserved() {
         "fresh",
         "the expired request was never served"
     );
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    client.close().await;
-    f.delete_queue().await;
+    f.finish(server, client).await;
 }
 
 #[tokio::test]
@@ -699,10 +668,7 @@ async fn a_request_without_reply_to_is_acked_and_dropped() {
         server.stats().dropped == 1
     })
     .await;
-    assert_eq!(
-        within("call", client.call("after")).await,
-        Ok(echo("after"))
-    );
+    answers(&client, "after").await;
     assert_eq!(
         arrivals.next().await,
         "after",
