@@ -108,7 +108,7 @@ impl UnackedDeliveries {
 impl Extend<(u64, Unacked)> for UnackedDeliveries {
     /// Puts deliveries back (a rolled-back transaction's acks) in one merge, not one insert
     /// each: a delivery that goes back below others moves them, so a rollback of k acks under
-    /// n unacked deliveries would cost k times n moves.
+    /// n unacked deliveries would cost k times n moves. Callers pass all of them in one call.
     fn extend<I: IntoIterator<Item = (u64, Unacked)>>(&mut self, deliveries: I) {
         let mut back: Vec<(u64, Unacked)> = deliveries.into_iter().collect();
         back.sort_by_key(|d| d.0);

@@ -949,7 +949,7 @@ fn generated_consume_ack_nack_cancel_close_sequences_keep_the_model() {
 /// others were back, so the model no longer expects queue order right after such a requeue
 /// (see `Sim::requeued_in_groups`); every other check still holds.
 #[tokio::test]
-async fn nacked_deliveries_of_a_cancelled_consumer_and_a_get_go_back_in_order() {
+async fn nacked_deliveries_of_a_cancelled_consumer_and_a_get_go_back() {
     let broker = TestBroker::start().await;
     let case = ModelCase {
         prefetch: [1, 3, 1],

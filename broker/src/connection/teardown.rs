@@ -23,9 +23,7 @@ impl Connection {
         let mut unacked = std::mem::take(&mut ch.unacked);
         // Uncommitted acks are void: those deliveries are unacknowledged still.
         if let Some(tx) = ch.tx.take() {
-            for (settled, _) in tx.settles {
-                unacked.extend(settled);
-            }
+            unacked.extend(tx.settles.into_iter().flat_map(|(settled, _)| settled));
         }
         ch.assembly = Default::default();
         let vhost = self.vhost.clone();

@@ -22,6 +22,10 @@ use tokio::time::Instant;
 /// `multiple` ack of a million deliveries should not pin their room for the connection's life).
 const SETTLED_KEPT: usize = 256;
 
+/// The most (queue, consumer) entries [`Connection::settle_counts`] keeps between acks (about
+/// 230 KB; an ack spanning 1,000 queues, as in the bench's scale rows, fits).
+const SETTLE_COUNTS_KEPT: usize = 4096;
+
 /// A short string from a message's exchange or routing key (which were short strings).
 fn short(text: &str) -> ShortString {
     crate::error::short_string_lossy(text)
@@ -354,7 +358,10 @@ impl Connection {
                 q.dispatch(now);
             }
         }
-        self.settle_counts = counts;
+        // Kept unless an ack over very many queues grew it.
+        if counts.capacity() <= SETTLE_COUNTS_KEPT {
+            self.settle_counts = counts;
+        }
         // Credit freed in a channel-wide window may serve any queue the channel consumes from.
         if credit.limit.load(Ordering::Relaxed) != 0
             && let Some(channel) = self.channels.get(&ch)

@@ -90,10 +90,10 @@ impl Connection {
                 let Some(buffer) = channel.tx.replace(TxBuffer::default()) else {
                     return Err(not_transactional());
                 };
-                // Acks taken back: the deliveries are unacknowledged again.
-                for (settled, _) in buffer.settles {
-                    channel.unacked.extend(settled);
-                }
+                // Acks taken back: the deliveries are unacknowledged again (in one merge).
+                channel
+                    .unacked
+                    .extend(buffer.settles.into_iter().flat_map(|(settled, _)| settled));
                 tx::AMQPMethod::RollbackOk(tx::RollbackOk {})
             }
             _ => {
