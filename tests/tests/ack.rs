@@ -1,6 +1,7 @@
 //! basic.ack / basic.nack / basic.reject: single, multiple, tag 0, requeue to the original
 //! position with redelivered=true, unknown and double acks (406), and requeue of unacked
-//! messages when a channel or connection ends (cleanly or by a dropped socket).
+//! messages when a channel or connection ends (cleanly or by a dropped socket), and acks
+//! taken back by tx.rollback.
 
 use lapin::{
     Channel, Connection,
@@ -537,5 +538,47 @@ async fn delivery_tags_are_per_channel_and_shared_by_get_and_consume() {
     sync(&a).await;
     sync(&b).await;
     delete_quietly(&a, &q).await;
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn rolled_back_acks_leave_each_delivery_unacknowledged_once() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let q = filled_queue(&broker, &conn, "tx-rollback", 6).await;
+    let ch = channel(&conn).await;
+    within("tx.select", ch.tx_select())
+        .await
+        .expect("tx.select");
+    let mut consumer = consume(&ch, &q, false).await;
+    let mut tags = Vec::new();
+    for _ in 0..6 {
+        tags.push(next_delivery(&mut consumer).await.delivery_tag);
+    }
+    // Acks out of order: single ones above and below a multiple one, all rolled back.
+    ack(&ch, tags[4], false).await;
+    ack(&ch, tags[1], false).await;
+    ack(&ch, tags[3], true).await;
+    within("tx.rollback", ch.tx_rollback())
+        .await
+        .expect("tx.rollback");
+    // Still unacknowledged: an ack of one is accepted and committed.
+    ack(&ch, tags[1], false).await;
+    within("tx.commit", ch.tx_commit())
+        .await
+        .expect("tx.commit of an ack of a rolled-back delivery");
+    // The other five go back when the channel closes: each once, flagged redelivered.
+    within("close", ch.close(200, "OK".into()))
+        .await
+        .expect("close the consuming channel");
+    wait_ready(&conn, &q, 5).await;
+    let check = channel(&conn).await;
+    let mut left = drain(&check, &q).await;
+    left.sort_unstable();
+    assert_eq!(
+        left,
+        vec![(0, true), (2, true), (3, true), (4, true), (5, true)]
+    );
+    delete_quietly(&check, &q).await;
     close_conn(&conn).await;
 }
