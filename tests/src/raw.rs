@@ -415,6 +415,14 @@ impl RawClient {
         }
     }
 
+    /// Closes the sending side of the socket (the server reads EOF), keeping the reading side.
+    ///
+    /// # Panics
+    /// When the shutdown fails.
+    pub async fn shutdown_write(&mut self) {
+        self.stream.shutdown().await.expect("shutdown");
+    }
+
     /// Reads raw bytes until the server closes the socket (for the protocol-header reply).
     ///
     /// # Panics

@@ -9,18 +9,16 @@
 //! headers, absurd long-string lengths), any connection-level close or a socket close is
 //! accepted, as ORACLE.md records.
 
-use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parse_frame};
-use amq_protocol::protocol::{AMQPClass, basic, connection};
+use amq_protocol::frame::AMQPFrame;
+use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
-use std::io::ErrorKind;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use warren_harness::TestBroker;
 use warren_tests::external;
+use warren_tests::raw::{Incoming, PROTOCOL_HEADER, RawClient, method_payload, raw_frame};
 
 /// The longest any single network wait may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,22 +27,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 // Bytes on the wire
 // ---------------------------------------------------------------------------------------------
 
-/// A frame with a raw type, channel, payload and end octet.
-fn frame(kind: u8, channel: u16, payload: &[u8], end: u8) -> Vec<u8> {
-    let mut out = vec![kind];
-    out.extend_from_slice(&channel.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
-    out.push(end);
-    out
-}
-
 /// A well-formed method frame from raw class/method ids and argument bytes.
 fn method(channel: u16, class_id: u16, method_id: u16, args: &[u8]) -> Vec<u8> {
-    let mut payload = class_id.to_be_bytes().to_vec();
-    payload.extend_from_slice(&method_id.to_be_bytes());
-    payload.extend_from_slice(args);
-    frame(1, channel, &payload, 0xCE)
+    raw_frame(1, channel, &method_payload(class_id, method_id, args), 0xCE)
 }
 
 /// A short string: length octet and bytes (any bytes, valid UTF-8 or not).
@@ -59,13 +44,6 @@ fn long(bytes: &[u8]) -> Vec<u8> {
     let mut out = (bytes.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(bytes);
     out
-}
-
-fn encode(frame: AMQPFrame) -> Vec<u8> {
-    gen_frame(&frame)(WriteContext::from(Vec::new()))
-        .expect("encode frame")
-        .into_inner()
-        .0
 }
 
 /// queue.declare on channel 1 with raw name bytes, flag octet and argument-table body.
@@ -96,11 +74,11 @@ fn header(channel: u16, class_id: u16, body_size: u64, flags: u16, props: &[u8])
     payload.extend_from_slice(&body_size.to_be_bytes());
     payload.extend_from_slice(&flags.to_be_bytes());
     payload.extend_from_slice(props);
-    frame(2, channel, &payload, 0xCE)
+    raw_frame(2, channel, &payload, 0xCE)
 }
 
 fn body(channel: u16, data: &[u8]) -> Vec<u8> {
-    frame(3, channel, data, 0xCE)
+    raw_frame(3, channel, data, 0xCE)
 }
 
 /// basic.qos prefetch_count=5 on `channel`: a harmless method that gets qos-ok.
@@ -148,12 +126,6 @@ enum Reply {
     Nothing,
 }
 
-/// A raw AMQP connection that can send anything.
-struct Raw {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
 /// The PLAIN start-ok with the `authentication_failure_close` capability.
 fn start_ok(user: &str, password: &str, client_properties: Option<&[u8]>) -> Vec<u8> {
     let caps = concat(&[
@@ -188,108 +160,36 @@ fn channel_open(channel: u16) -> Vec<u8> {
     method(channel, 20, 10, &sstr(b""))
 }
 
-const PROTOCOL_HEADER: &[u8] = b"AMQP\x00\x00\x09\x01";
+/// What this file asks of the suite's raw client beyond its own methods: replies sorted into
+/// [`Reply`], and the close handshake as RabbitMQ's answers need it.
+trait RawReplies {
+    /// The next frame (heartbeats skipped), a socket close, or nothing within `wait`.
+    async fn next(&mut self, wait: Duration) -> Reply;
+    /// The next reply, which must come within [`TIMEOUT`].
+    async fn reply(&mut self) -> Reply;
+    /// The next reply, which must be the method `class_id`.`method_id`.
+    async fn expect_method(&mut self, class_id: u16, method_id: u16) -> AMQPFrame;
+    /// After a connection.close: answer close-ok; the socket must then close.
+    async fn finish_close(&mut self) -> Result<(), String>;
+}
 
-impl Raw {
-    async fn connect(url: &str) -> Raw {
-        let uri: amq_protocol::uri::AMQPUri = url.parse().expect("AMQP URL");
-        let addr = format!("{}:{}", uri.authority.host, uri.authority.port);
-        let stream = tokio::time::timeout(TIMEOUT, TcpStream::connect(&addr))
-            .await
-            .expect("TCP connect timed out")
-            .expect("TCP connect");
-        stream.set_nodelay(true).expect("nodelay");
-        Raw {
-            stream,
-            buf: Vec::new(),
+impl RawReplies for RawClient {
+    async fn next(&mut self, wait: Duration) -> Reply {
+        match self.recv_timeout(wait).await {
+            None => Reply::Nothing,
+            Some(Incoming::Closed) => Reply::SocketClosed,
+            Some(Incoming::Frame(AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Close(c)),
+            ))) => Reply::ConnectionClose(c),
+            Some(Incoming::Frame(AMQPFrame::Method(
+                ch,
+                AMQPClass::Channel(channel::AMQPMethod::Close(c)),
+            ))) => Reply::ChannelClose(ch, c.reply_code, c.reply_text.to_string()),
+            Some(Incoming::Frame(frame)) => Reply::Frame(frame),
         }
     }
 
-    /// Connects, logs in as guest (frame_max 131072, channel_max 2047, no heartbeats), waits for
-    /// each reply in turn, and opens channel 1.
-    async fn open(url: &str) -> Raw {
-        let mut c = Raw::connect(url).await;
-        c.send(PROTOCOL_HEADER).await;
-        c.expect_method(10, 10).await;
-        c.send(&start_ok("guest", "guest", None)).await;
-        c.expect_method(10, 30).await;
-        c.send(&concat(&[&tune_ok(), &connection_open()])).await;
-        c.expect_method(10, 41).await;
-        c.send(&channel_open(1)).await;
-        c.expect_method(20, 11).await;
-        c
-    }
-
-    /// Writes bytes; false when the server has closed the socket.
-    async fn try_send(&mut self, bytes: &[u8]) -> bool {
-        matches!(
-            tokio::time::timeout(TIMEOUT, self.stream.write_all(bytes)).await,
-            Ok(Ok(()))
-        )
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        assert!(self.try_send(bytes).await, "write failed");
-    }
-
-    /// The next frame (heartbeats skipped), a socket close, or nothing within `wait`.
-    async fn next(&mut self, wait: Duration) -> Reply {
-        let read = async {
-            loop {
-                if self.buf.len() >= 8 {
-                    let size = u32::from_be_bytes(self.buf[3..7].try_into().expect("4")) as usize;
-                    if self.buf.len() >= size + 8 {
-                        let bytes: Vec<u8> = self.buf.drain(..size + 8).collect();
-                        let frame = match parse_frame(&bytes[..]) {
-                            Ok((_, f)) => f,
-                            Err(e) => panic!("unparsable frame from the server ({e}): {bytes:?}"),
-                        };
-                        match frame {
-                            AMQPFrame::Heartbeat => continue,
-                            AMQPFrame::Method(
-                                0,
-                                AMQPClass::Connection(connection::AMQPMethod::Close(c)),
-                            ) => return Reply::ConnectionClose(c),
-                            AMQPFrame::Method(
-                                ch,
-                                AMQPClass::Channel(
-                                    amq_protocol::protocol::channel::AMQPMethod::Close(c),
-                                ),
-                            ) => {
-                                return Reply::ChannelClose(
-                                    ch,
-                                    c.reply_code,
-                                    c.reply_text.to_string(),
-                                );
-                            }
-                            other => return Reply::Frame(other),
-                        }
-                    }
-                }
-                self.buf.reserve(64 * 1024);
-                match self.stream.read_buf(&mut self.buf).await {
-                    Ok(0) => return Reply::SocketClosed,
-                    Ok(_) => {}
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            ErrorKind::ConnectionReset
-                                | ErrorKind::ConnectionAborted
-                                | ErrorKind::BrokenPipe
-                        ) =>
-                    {
-                        return Reply::SocketClosed;
-                    }
-                    Err(e) => panic!("read: {e}"),
-                }
-            }
-        };
-        tokio::time::timeout(wait, read)
-            .await
-            .unwrap_or(Reply::Nothing)
-    }
-
-    /// The next reply, which must come within [`TIMEOUT`].
     async fn reply(&mut self) -> Reply {
         match self.next(TIMEOUT).await {
             Reply::Nothing => panic!("no reply within {TIMEOUT:?}"),
@@ -314,19 +214,25 @@ impl Raw {
         }
     }
 
-    /// After a connection.close: answer close-ok; the socket must then close.
     async fn finish_close(&mut self) -> Result<(), String> {
-        let close_ok = encode(AMQPFrame::Method(
+        let close_ok = RawClient::encode(&AMQPFrame::Method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
         ));
-        let _ = self.try_send(&close_ok).await;
+        let _ = self.try_send_bytes(&close_ok).await;
         match self.next(TIMEOUT).await {
             Reply::SocketClosed => Ok(()),
             Reply::Nothing => Err("socket still open after close-ok".into()),
             other => Err(format!("after close-ok: {other:?}")),
         }
     }
+}
+
+/// A raw connection logged in as the URL's user, with channel 1 open.
+async fn open_raw(url: &str) -> RawClient {
+    let mut c = RawClient::open(url).await;
+    c.open_channel(1).await;
+    c
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,13 +253,13 @@ enum Answer {
 
 /// Sends `input` on a fresh connection (channel 1 open) and checks the answer.
 async fn case(url: &str, name: &str, input: &[u8], answer: Answer) -> Result<(), String> {
-    let mut c = Raw::open(url).await;
+    let mut c = open_raw(url).await;
     let input = match answer {
         Answer::Accepted => concat(&[input, &qos(1)]),
         _ => input.to_vec(),
     };
     // The server may close before reading everything: a failed write is fine.
-    let _ = c.try_send(&input).await;
+    let _ = c.try_send_bytes(&input).await;
     let fail = |why: String| Err(format!("{name}: {why}"));
     // Replies to the valid methods of the input (channel.open-ok, declare-ok, ...) come first.
     let got = loop {
@@ -535,7 +441,7 @@ async fn unknown_frame_types_are_501() {
         vec![
             (
                 "type 4",
-                frame(4, 1, b"", 0xCE),
+                raw_frame(4, 1, b"", 0xCE),
                 Answer::Close(
                     501,
                     (0, 0),
@@ -544,7 +450,7 @@ async fn unknown_frame_types_are_501() {
             ),
             (
                 "type 9",
-                frame(9, 0, b"", 0xCE),
+                raw_frame(9, 0, b"", 0xCE),
                 Answer::Close(
                     501,
                     (0, 0),
@@ -553,7 +459,7 @@ async fn unknown_frame_types_are_501() {
             ),
             (
                 "type 255",
-                frame(255, 1, b"", 0xCE),
+                raw_frame(255, 1, b"", 0xCE),
                 Answer::Close(
                     501,
                     (0, 0),
@@ -741,7 +647,7 @@ async fn frames_on_unopened_channels() {
             ),
             (
                 "heartbeat on channel 5",
-                frame(8, 5, b"", 0xCE),
+                raw_frame(8, 5, b"", 0xCE),
                 Answer::Close(505, (0, 0), "UNEXPECTED_FRAME - type 8, all octets = <<>>"),
             ),
         ],
@@ -749,12 +655,12 @@ async fn frames_on_unopened_channels() {
     .await;
 
     // A method on a channel the client closed (close-ok received).
-    let mut c = Raw::open(broker.url()).await;
-    c.send(&channel_open(2)).await;
+    let mut c = open_raw(broker.url()).await;
+    c.send_bytes(&channel_open(2)).await;
     c.expect_method(20, 11).await;
-    c.send(&close_ch2).await;
+    c.send_bytes(&close_ch2).await;
     c.expect_method(20, 41).await;
-    c.send(&qos(2)).await;
+    c.send_bytes(&qos(2)).await;
     match c.reply().await {
         Reply::ConnectionClose(close) => {
             assert_eq!(
@@ -855,7 +761,10 @@ async fn truncated_frames() {
             ),
             (
                 "content header of 3 octets",
-                concat(&[&publish(b"", b"nowhere"), &frame(2, 1, &[0, 60, 0], 0xCE)]),
+                concat(&[
+                    &publish(b"", b"nowhere"),
+                    &raw_frame(2, 1, &[0, 60, 0], 0xCE),
+                ]),
                 Answer::Close(
                     501,
                     (0, 0),
@@ -867,19 +776,19 @@ async fn truncated_frames() {
     .await;
 
     // A frame cut short, then the client closes its side: the server closes too, silently.
-    let mut c = Raw::open(broker.url()).await;
-    c.send(&qos(1)[..6]).await;
-    c.stream.shutdown().await.expect("shutdown");
+    let mut c = open_raw(broker.url()).await;
+    c.send_bytes(&qos(1)[..6]).await;
+    c.shutdown_write().await;
     match c.reply().await {
         Reply::SocketClosed => {}
         other => panic!("a cut frame then EOF: expected the socket to close, got {other:?}"),
     }
 
-    // A frame sent one octet per write is a frame like any other.
-    let mut c = Raw::open(broker.url()).await;
+    // A frame sent one octet per write (each its own segment: no delay) is a frame like any
+    // other.
+    let mut c = open_raw(broker.url()).await;
     for octet in qos(1) {
-        c.send(&[octet]).await;
-        c.stream.flush().await.expect("flush");
+        c.send_bytes(&[octet]).await;
     }
     c.expect_method(60, 11).await;
 
@@ -1044,10 +953,10 @@ async fn deeply_nested_field_tables_child() {
     .await;
     // Before authentication, within the handshake's 4096-octet frames: nested client
     // properties in start-ok.
-    let mut c = Raw::connect(broker.url()).await;
-    c.send(PROTOCOL_HEADER).await;
+    let mut c = RawClient::connect(broker.url()).await;
+    c.send_bytes(PROTOCOL_HEADER).await;
     c.expect_method(10, 10).await;
-    c.send(&start_ok("guest", "guest", Some(&nested_tables(500))))
+    c.send_bytes(&start_ok("guest", "guest", Some(&nested_tables(500))))
         .await;
     c.expect_method(10, 30).await;
     witness.check(&broker).await;
@@ -1161,10 +1070,11 @@ async fn property_flags_with_unknown_bits() {
 
     // A message whose header has the reserved bit set is routed and delivered.
     let queue = unique("hostile-flags");
-    let mut c = Raw::open(broker.url()).await;
-    c.send(&declare(queue.as_bytes(), EXCLUSIVE, b"")).await;
+    let mut c = open_raw(broker.url()).await;
+    c.send_bytes(&declare(queue.as_bytes(), EXCLUSIVE, b""))
+        .await;
     c.expect_method(50, 11).await;
-    c.send(&concat(&[
+    c.send_bytes(&concat(&[
         &publish(b"", queue.as_bytes()),
         &header(1, 60, 3, 0x0002, b""),
         &body(1, b"abc"),
@@ -1188,12 +1098,12 @@ async fn frames_pipelined_behind_connection_open_are_processed() {
     let broker = TestBroker::start().await;
     let witness = Witness::new(&broker).await;
     // Everything up to channel.open and a basic.qos in one write, after start-ok.
-    let mut c = Raw::connect(broker.url()).await;
-    c.send(PROTOCOL_HEADER).await;
+    let mut c = RawClient::connect(broker.url()).await;
+    c.send_bytes(PROTOCOL_HEADER).await;
     c.expect_method(10, 10).await;
-    c.send(&start_ok("guest", "guest", None)).await;
+    c.send_bytes(&start_ok("guest", "guest", None)).await;
     c.expect_method(10, 30).await;
-    c.send(&concat(&[
+    c.send_bytes(&concat(&[
         &tune_ok(),
         &connection_open(),
         &channel_open(1),
@@ -1210,21 +1120,22 @@ async fn frames_pipelined_behind_connection_open_are_processed() {
 async fn failed_login_then_an_oversize_frame_is_not_buffered() {
     let broker = TestBroker::start().await;
     let witness = Witness::new(&broker).await;
-    let mut c = Raw::connect(broker.url()).await;
-    c.send(PROTOCOL_HEADER).await;
+    let mut c = RawClient::connect(broker.url()).await;
+    c.send_bytes(PROTOCOL_HEADER).await;
     c.expect_method(10, 10).await;
-    c.send(&start_ok("guest", "wrong password", None)).await;
+    c.send_bytes(&start_ok("guest", "wrong password", None))
+        .await;
     match c.reply().await {
         Reply::ConnectionClose(close) => assert_eq!(close.reply_code, 403),
         other => panic!("expected connection.close 403, got {other:?}"),
     }
     // Instead of close-ok: a frame header announcing 2 GiB, then 256 MiB of it. The server
     // must not take it in (RabbitMQ resets the socket at once).
-    let mut accepted = c.try_send(&[3, 0, 1, 0x7f, 0xff, 0xff, 0xff]).await;
+    let mut accepted = c.try_send_bytes(&[3, 0, 1, 0x7f, 0xff, 0xff, 0xff]).await;
     let chunk = vec![b'x'; 1 << 20];
     let mut sent_mib = 0;
     while accepted && sent_mib < 256 {
-        accepted = c.try_send(&chunk).await;
+        accepted = c.try_send_bytes(&chunk).await;
         if accepted {
             sent_mib += 1;
         }
@@ -1245,14 +1156,14 @@ async fn many_hostile_connections_at_once_leave_others_working() {
     for i in 0..20u16 {
         let url = url.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = Raw::open(&url).await;
+            let mut c = open_raw(&url).await;
             let input = match i % 4 {
                 0 => vec![9, 0, 0, 0, 0, 0, 0, 0xCE],
                 1 => qos(7),
                 2 => vec![3, 0, 1, 0x7f, 0, 0, 0],
                 _ => body(1, b"abc"),
             };
-            let _ = c.try_send(&input).await;
+            let _ = c.try_send_bytes(&input).await;
             match c.reply().await {
                 Reply::ConnectionClose(close) => {
                     assert!(matches!(close.reply_code, 501 | 504 | 505), "{close:?}");
@@ -1284,8 +1195,8 @@ async fn hostile_connections_leave_no_state_behind_embedded_only() {
         concat(&[&publish(b"", b"nowhere"), &body(1, b"abc")]),
         vec![3, 0, 1, 0x7f, 0, 0, 0],
     ] {
-        let mut c = Raw::open(broker.url()).await;
-        let _ = c.try_send(&input).await;
+        let mut c = open_raw(broker.url()).await;
+        let _ = c.try_send_bytes(&input).await;
         match c.reply().await {
             Reply::ConnectionClose(_) => c.finish_close().await.expect("close handshake"),
             other => panic!("expected a connection.close, got {other:?}"),
