@@ -23,24 +23,15 @@ pub(crate) struct UnackedDeliveries {
 }
 
 impl UnackedDeliveries {
-    /// Adds a delivery. New deliveries have the highest tag so far; a tag that goes back in
-    /// (a rolled-back transaction) takes its place in the order.
+    /// Adds a delivery. New deliveries have the highest tag so far; any other goes through
+    /// the merge of [`Extend::extend`].
     pub(crate) fn insert(&mut self, tag: u64, delivery: Unacked) {
-        let at = match self.entries.back() {
-            Some((last, _)) if *last >= tag => self.entries.binary_search_by_key(&tag, |e| e.0),
-            _ => Err(self.entries.len()),
-        };
-        match at {
-            Ok(i) => {
-                if self.entries[i].1.replace(delivery).is_none() {
-                    self.live += 1;
-                }
-            }
-            Err(i) => {
-                self.entries.insert(i, (tag, Some(delivery)));
-                self.live += 1;
-            }
+        if self.entries.back().is_some_and(|last| last.0 >= tag) {
+            self.extend([(tag, delivery)]);
+            return;
         }
+        self.entries.push_back((tag, Some(delivery)));
+        self.live += 1;
     }
 
     /// Where the delivery with this tag is, if it awaits settlement.

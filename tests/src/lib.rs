@@ -338,13 +338,10 @@ pub async fn get(ch: &Channel, queue: &str, no_ack: bool) -> Option<BasicGetMess
 /// # Panics
 /// When no message comes.
 pub async fn get_eventually(ch: &Channel, queue: &str, no_ack: bool) -> BasicGetMessage {
-    within(&format!("a message on {queue}"), async {
-        loop {
-            if let Some(m) = get(ch, queue, no_ack).await {
-                return m;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    warren_harness::wait_until(&format!("a message on {queue}"), TIMEOUT, async || {
+        get(ch, queue, no_ack)
+            .await
+            .ok_or_else(|| "the queue is empty".to_owned())
     })
     .await
 }

@@ -135,6 +135,16 @@ impl RawClient {
         }
     }
 
+    /// Connects, completes the handshake with `Handshake::from_url(url)` and opens `channel`.
+    ///
+    /// # Panics
+    /// When the handshake or channel.open does not succeed.
+    pub async fn open_on_channel(url: &str, channel: u16) -> Self {
+        let mut c = Self::open(url).await;
+        c.open_channel(channel).await;
+        c
+    }
+
     /// Sends the protocol header, reads connection.start, sends start-ok (credentials of
     /// `hs`) and returns what came next (connection.tune when the login is accepted).
     ///

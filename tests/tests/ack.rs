@@ -7,10 +7,9 @@ use lapin::{
     Channel, Connection,
     options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
 };
-use std::time::Duration;
-use warren_harness::TestBroker;
+use warren_harness::{TestBroker, wait_until};
 use warren_tests::{
-    ErrorEvents, assert_amqp_error, assert_channel_closed_only, channel, close_conn,
+    ErrorEvents, TIMEOUT, assert_amqp_error, assert_channel_closed_only, channel, close_conn,
     confirm_channel, consume, declare, delete_quietly, get, next_delivery, passive, publish,
     publish_confirmed, within,
 };
@@ -41,14 +40,14 @@ async fn drain(ch: &Channel, q: &str) -> Vec<(u8, bool)> {
 /// Waits until `q` holds `n` ready messages (requeues after a close are asynchronous).
 async fn wait_ready(conn: &Connection, q: &str, n: u32) {
     let ch = channel(conn).await;
-    within(&format!("{q} to hold {n} ready messages"), async {
-        loop {
-            if passive(&ch, q).await.expect("passive").message_count() == n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    wait_until(
+        &format!("{q} holds {n} ready messages"),
+        TIMEOUT,
+        async || match passive(&ch, q).await.expect("passive").message_count() {
+            ready if ready == n => Ok(()),
+            ready => Err(format!("{ready} ready")),
+        },
+    )
     .await;
     let _ = ch.close(200, "OK".into()).await;
 }

@@ -1069,8 +1069,7 @@ fn embedded_only_shutdown_with_messages_in_flight_sends_320_and_returns_promptly
         // client: lapin reports a close that arrives together with the end of the socket as
         // ConnectionAborted, not as the 320 it read.
         let proxy = Proxy::start(&url).await;
-        let mut stalled = RawClient::open(proxy.url()).await;
-        stalled.open_channel(1).await;
+        let mut stalled = RawClient::open_on_channel(proxy.url(), 1).await;
         let reply = stalled
             .rpc(
                 1,
@@ -1097,8 +1096,7 @@ fn embedded_only_shutdown_with_messages_in_flight_sends_320_and_returns_promptly
         );
         proxy.stall();
         // A raw client consuming without ack that reads nothing: the broker's writes to it block.
-        let mut silent = RawClient::open(&url).await;
-        silent.open_channel(1).await;
+        let mut silent = RawClient::open_on_channel(&url, 1).await;
         silent
             .send_method(1, consume(queues[0], "silent", true))
             .await;

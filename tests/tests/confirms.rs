@@ -63,8 +63,7 @@ impl Pending {
 #[tokio::test]
 async fn confirm_select_then_every_publish_is_acked_exactly_once() {
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let ok = c.rpc(1, select(false)).await;
     assert_eq!(
         ok,
@@ -96,8 +95,7 @@ async fn confirm_select_then_every_publish_is_acked_exactly_once() {
 #[tokio::test]
 async fn confirm_select_nowait_has_no_reply_but_takes_effect() {
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.send_method(1, select(true)).await;
     let q = broker.unique_name("confirms-nowait");
     // The next frame is declare-ok, not select-ok.
@@ -116,8 +114,7 @@ async fn confirm_select_nowait_has_no_reply_but_takes_effect() {
 #[tokio::test]
 async fn basic_return_is_written_before_the_ack_of_an_unroutable_mandatory_publish() {
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.rpc(1, select(false)).await;
     let q = broker.unique_name("confirm-return");
     c.declare_queue(1, &q).await;

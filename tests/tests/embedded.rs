@@ -61,8 +61,7 @@ async fn embedded_only_message_over_max_size_is_406() {
         ..BrokerConfig::default()
     })
     .await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let q = broker.unique_name("max-size");
     c.declare_queue(1, &q).await;
     c.publish(1, &q, &[1u8; 1024]).await;
@@ -197,8 +196,7 @@ async fn embedded_only_shutdown_closes_connections_with_320() {
     .await
     .expect("connect");
     let mut events = warren_tests::ErrorEvents::new(&conn);
-    let mut raw = RawClient::open(&url).await;
-    raw.open_channel(1).await;
+    let mut raw = RawClient::open_on_channel(&url, 1).await;
     let shutdown = tokio::spawn(handle.shutdown());
     // RabbitMQ's own text on shutdown is
     // "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'".

@@ -133,8 +133,7 @@ async fn a_channel_error_on_one_connection_does_not_touch_another() {
 #[tokio::test]
 async fn after_a_server_channel_close_only_close_ok_counts_then_the_channel_reopens() {
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.open_channel(2).await;
     let missing = broker.unique_name("missing");
     c.send_method(
@@ -196,8 +195,7 @@ async fn after_a_server_channel_close_only_close_ok_counts_then_the_channel_reop
 #[tokio::test]
 async fn a_connection_error_closes_every_channel_of_that_connection() {
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.open_channel(2).await;
     // Second channel.open on channel 2: 504, connection-level.
     c.send_method(2, AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})))
@@ -205,8 +203,7 @@ async fn a_connection_error_closes_every_channel_of_that_connection() {
     c.expect_connection_close_and_eof(504, Some("CHANNEL_ERROR - second 'channel.open' seen"))
         .await;
     // A new connection is fine.
-    let mut fresh = RawClient::open(broker.url()).await;
-    fresh.open_channel(1).await;
+    let fresh = RawClient::open_on_channel(broker.url(), 1).await;
     fresh.close().await;
 }
 

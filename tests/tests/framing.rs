@@ -11,13 +11,6 @@ use amq_protocol::{
 use warren_harness::TestBroker;
 use warren_tests::raw::{Handshake, Incoming, RawClient, method_payload, raw_frame};
 
-/// A raw connection with channel 1 open.
-async fn open1(broker: &TestBroker) -> RawClient {
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
-    c
-}
-
 fn qos(count: u16) -> AMQPClass {
     AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
         prefetch_count: count,
@@ -109,7 +102,7 @@ async fn content_frames_on_an_unopened_channel_are_505() {
 #[tokio::test]
 async fn second_channel_open_is_504() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.send_method(
         1,
         AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
@@ -125,7 +118,7 @@ async fn second_channel_open_is_504() {
 async fn content_header_or_body_without_publish_is_505() {
     let broker = TestBroker::start().await;
     for body in [false, true] {
-        let mut c = open1(&broker).await;
+        let mut c = RawClient::open_on_channel(broker.url(), 1).await;
         if body {
             c.send_body(1, b"abc").await;
         } else {
@@ -145,7 +138,7 @@ async fn content_header_or_body_without_publish_is_505() {
 async fn publish_followed_by_a_body_or_a_method_instead_of_a_header_is_505() {
     let broker = TestBroker::start().await;
     for body in [false, true] {
-        let mut c = open1(&broker).await;
+        let mut c = RawClient::open_on_channel(broker.url(), 1).await;
         c.send_method(1, publish_method("nowhere")).await;
         if body {
             c.send_body(1, b"abc").await;
@@ -168,7 +161,7 @@ async fn publish_followed_by_a_body_or_a_method_instead_of_a_header_is_505() {
 #[tokio::test]
 async fn a_method_before_the_body_is_complete_is_505() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.send_method(1, publish_method("nowhere")).await;
     c.send_header(1, 3, Default::default()).await;
     c.send_method(1, qos(1)).await;
@@ -253,7 +246,7 @@ async fn content_frames_on_channel_zero_and_heartbeats_off_channel_zero_are_505(
     )
     .await;
 
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.send_bytes(&raw_frame(8, 1, b"", 0xCE)).await;
     c.expect_connection_close_and_eof(505, Some("UNEXPECTED_FRAME - type 8, all octets = <<>>"))
         .await;
@@ -262,7 +255,7 @@ async fn content_frames_on_channel_zero_and_heartbeats_off_channel_zero_are_505(
 #[tokio::test]
 async fn bad_frame_end_byte_is_501() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     // basic.qos prefetch_count=1 with a frame end of 0x00 instead of 0xCE.
     let payload = method_payload(60, 10, &[0, 0, 0, 0, 0, 1, 0]);
     c.send_bytes(&raw_frame(1, 1, &payload, 0x00)).await;
@@ -282,7 +275,7 @@ async fn bad_frame_end_byte_is_501() {
 async fn unknown_frame_type_is_501() {
     let broker = TestBroker::start().await;
     for frame_type in [4u8, 9] {
-        let mut c = open1(&broker).await;
+        let mut c = RawClient::open_on_channel(broker.url(), 1).await;
         c.send_bytes(&raw_frame(frame_type, 1, b"", 0xCE)).await;
         let ids = c
             .expect_connection_close_and_eof(
@@ -318,7 +311,7 @@ async fn oversize_frame_is_501() {
     assert_eq!(ids, (0, 0));
 
     // A method frame over the default 131072 (a queue.declare with a big argument table).
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let mut args = FieldTable::default();
     args.insert(
         "x-padding".into(),
@@ -343,7 +336,7 @@ async fn oversize_frame_is_501() {
 #[tokio::test]
 async fn channel_flow_active_false_is_540_and_active_true_is_flow_ok() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let reply = c
         .rpc(
             1,
@@ -373,7 +366,7 @@ async fn channel_flow_active_false_is_540_and_active_true_is_flow_ok() {
 #[tokio::test]
 async fn qos_with_prefetch_size_is_540() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     // basic.qos prefetch_size=1 prefetch_count=1 global=false (amq-protocol cannot encode
     // prefetch_size, so the frame is made by hand).
     let payload = method_payload(60, 10, &[0, 0, 0, 1, 0, 1, 0]);
@@ -431,7 +424,7 @@ async fn unknown_method_closes_the_connection() {
     // no connection.close. A connection.close 503 or 540 is accepted too (better behaviour).
     let broker = TestBroker::start().await;
     for (class_id, method_id) in [(60u16, 99u16), (99, 10)] {
-        let mut c = open1(&broker).await;
+        let mut c = RawClient::open_on_channel(broker.url(), 1).await;
         c.send_bytes(&raw_frame(
             1,
             1,
@@ -456,7 +449,7 @@ async fn unknown_method_closes_the_connection() {
 #[tokio::test]
 async fn truncated_method_arguments_are_501() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     // queue.declare with no argument bytes at all.
     c.send_bytes(&raw_frame(1, 1, &method_payload(50, 10, &[]), 0xCE))
         .await;
@@ -528,7 +521,7 @@ async fn deliveries_are_split_to_the_negotiated_frame_max() {
 #[tokio::test]
 async fn consume_ok_comes_before_the_first_delivery() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let q = unique("consume-ok-first");
     c.declare_queue(1, &q).await;
     for i in 0..20u8 {
@@ -561,7 +554,7 @@ async fn consume_ok_comes_before_the_first_delivery() {
 async fn unknown_exchange_type_is_503_command_invalid() {
     use amq_protocol::protocol::exchange;
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.send_method(
         1,
         AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
@@ -588,7 +581,7 @@ async fn unknown_exchange_type_is_503_command_invalid() {
 #[tokio::test]
 async fn publish_with_immediate_is_540() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.send_method(
         1,
         AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
@@ -610,7 +603,7 @@ async fn publish_with_immediate_is_540() {
 #[tokio::test]
 async fn message_over_the_default_128_mib_limit_is_406_on_the_channel() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.open_channel(2).await;
     let size: u64 = 128 * 1024 * 1024 + 1;
     c.send_method(1, publish_method("nowhere")).await;
@@ -648,7 +641,7 @@ async fn message_over_the_default_128_mib_limit_is_406_on_the_channel() {
 #[tokio::test]
 async fn a_method_on_a_channel_closed_by_the_client_is_504() {
     let broker = TestBroker::start().await;
-    let mut c = open1(&broker).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let reply = c
         .rpc(
             1,

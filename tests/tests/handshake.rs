@@ -328,8 +328,7 @@ async fn a_client_sending_heartbeats_is_kept() {
 #[tokio::test]
 async fn client_connection_close_gets_close_ok() {
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let reply = c
         .rpc(
             0,

@@ -228,13 +228,6 @@ impl RawReplies for RawClient {
     }
 }
 
-/// A raw connection logged in as the URL's user, with channel 1 open.
-async fn open_raw(url: &str) -> RawClient {
-    let mut c = RawClient::open(url).await;
-    c.open_channel(1).await;
-    c
-}
-
 // ---------------------------------------------------------------------------------------------
 // Expected answers
 // ---------------------------------------------------------------------------------------------
@@ -253,7 +246,7 @@ enum Answer {
 
 /// Sends `input` on a fresh connection (channel 1 open) and checks the answer.
 async fn case(url: &str, name: &str, input: &[u8], answer: Answer) -> Result<(), String> {
-    let mut c = open_raw(url).await;
+    let mut c = RawClient::open_on_channel(url, 1).await;
     let input = match answer {
         Answer::Accepted => concat(&[input, &qos(1)]),
         _ => input.to_vec(),
@@ -655,7 +648,7 @@ async fn frames_on_unopened_channels() {
     .await;
 
     // A method on a channel the client closed (close-ok received).
-    let mut c = open_raw(broker.url()).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.send_bytes(&channel_open(2)).await;
     c.expect_method(20, 11).await;
     c.send_bytes(&close_ch2).await;
@@ -776,7 +769,7 @@ async fn truncated_frames() {
     .await;
 
     // A frame cut short, then the client closes its side: the server closes too, silently.
-    let mut c = open_raw(broker.url()).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.send_bytes(&qos(1)[..6]).await;
     c.shutdown_write().await;
     match c.reply().await {
@@ -786,7 +779,7 @@ async fn truncated_frames() {
 
     // A frame sent one octet per write (each its own segment: no delay) is a frame like any
     // other.
-    let mut c = open_raw(broker.url()).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     for octet in qos(1) {
         c.send_bytes(&[octet]).await;
     }
@@ -1070,7 +1063,7 @@ async fn property_flags_with_unknown_bits() {
 
     // A message whose header has the reserved bit set is routed and delivered.
     let queue = unique("hostile-flags");
-    let mut c = open_raw(broker.url()).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     c.send_bytes(&declare(queue.as_bytes(), EXCLUSIVE, b""))
         .await;
     c.expect_method(50, 11).await;
@@ -1156,7 +1149,7 @@ async fn many_hostile_connections_at_once_leave_others_working() {
     for i in 0..20u16 {
         let url = url.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = open_raw(&url).await;
+            let mut c = RawClient::open_on_channel(&url, 1).await;
             let input = match i % 4 {
                 0 => vec![9, 0, 0, 0, 0, 0, 0, 0xCE],
                 1 => qos(7),
@@ -1195,7 +1188,7 @@ async fn hostile_connections_leave_no_state_behind_embedded_only() {
         concat(&[&publish(b"", b"nowhere"), &body(1, b"abc")]),
         vec![3, 0, 1, 0x7f, 0, 0, 0],
     ] {
-        let mut c = open_raw(broker.url()).await;
+        let mut c = RawClient::open_on_channel(broker.url(), 1).await;
         let _ = c.try_send_bytes(&input).await;
         match c.reply().await {
             Reply::ConnectionClose(_) => c.finish_close().await.expect("close handshake"),

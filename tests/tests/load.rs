@@ -326,8 +326,7 @@ async fn embedded_only_slow_loris_sockets_are_closed_by_the_handshake_timeout_un
     );
     load.stop(40 * 5 * 4).await;
     // A prompt client is still welcome.
-    let mut late = RawClient::open(broker.url()).await;
-    late.open_channel(1).await;
+    let late = RawClient::open_on_channel(broker.url(), 1).await;
     late.close().await;
     let mut loris = slow_loris(broker.url(), Loris::AfterTune).await;
     let life = closed_within(&mut loris, LORIS_LIMIT).await;

@@ -1021,8 +1021,7 @@ async fn messages_never_sent_before_cancel_ok_are_not_flagged_redelivered() {
         .await
         .unwrap();
 
-    let mut raw = RawClient::open(broker.url()).await;
-    raw.open_channel(1).await;
+    let mut raw = RawClient::open_on_channel(broker.url(), 1).await;
     let consume = AMQPFrame::Method(1, raw::consume(&queue, "doomed", false));
     let cancel = AMQPFrame::Method(1, raw::cancel("doomed"));
     raw.send(consume).await;

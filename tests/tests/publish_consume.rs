@@ -110,8 +110,7 @@ async fn publishing_to_a_missing_exchange_is_404_on_the_channel_only() {
 async fn mandatory_publish_with_no_route_comes_back_as_basic_return_312() {
     // Raw client: without confirms lapin does not surface basic.return.
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let nowhere = broker.unique_name("no-route");
     let props = basic::AMQPProperties::default()
         .with_correlation_id("corr-1".into())
@@ -299,8 +298,7 @@ async fn bodies_of_any_size_are_reassembled() {
 #[tokio::test]
 async fn empty_body_is_a_header_with_no_body_frame() {
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let q = broker.unique_name("empty-body");
     c.declare_queue(1, &q).await;
     c.publish(1, &q, b"").await;
@@ -561,8 +559,7 @@ async fn a_reused_consumer_tag_never_gets_the_cancelled_consumers_messages() {
     // first consumer's deliveries are still on their way to the connection when the second
     // consumer appears. They must go back to their queue, not to the new consumer.
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let first = broker.unique_name("tag-first");
     let second = broker.unique_name("tag-second");
     c.declare_queue(1, &first).await;
@@ -611,8 +608,7 @@ async fn thousands_of_pipelined_gets_are_all_answered() {
     // 2,000 basic.get in one write, each answered with 2 KiB: far more output than the broker
     // buffers before it stops handling input, so it must come back to the gets it holds.
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
     let q = broker.unique_name("many-gets");
     c.declare_queue(1, &q).await;
     const BODY: usize = 2048;

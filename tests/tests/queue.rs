@@ -11,10 +11,10 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use std::time::Duration;
-use warren_harness::TestBroker;
+use warren_harness::{TestBroker, wait_until};
 use warren_tests::{
-    ErrorEvents, assert_amqp_error, assert_channel_closed_only, channel, cleanup, close_conn,
-    confirm_channel, consume, declare, declare_with, delete_quietly, expect_err, get,
+    ErrorEvents, TIMEOUT, assert_amqp_error, assert_channel_closed_only, channel, cleanup,
+    close_conn, confirm_channel, consume, declare, declare_with, delete_quietly, expect_err, get,
     get_eventually, next_delivery, passive, publish, publish_confirmed, within,
 };
 
@@ -38,18 +38,16 @@ fn ttl_args(ttl: i32) -> FieldTable {
 
 /// Waits until `q` no longer exists (passive declare answers 404), opening a channel per try.
 async fn wait_queue_gone(conn: &Connection, q: &str) {
-    within(&format!("queue {q} to be deleted"), async {
-        loop {
-            let ch = channel(conn).await;
-            match passive(&ch, q).await {
-                Err(e) => {
-                    assert_amqp_error(&e, 404, Some(&no_queue_text(q)));
-                    return;
-                }
-                Ok(_) => {
-                    let _ = ch.close(200, "OK".into()).await;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+    wait_until(&format!("queue {q} is deleted"), TIMEOUT, async || {
+        let ch = channel(conn).await;
+        match passive(&ch, q).await {
+            Err(e) => {
+                assert_amqp_error(&e, 404, Some(&no_queue_text(q)));
+                Ok(())
+            }
+            Ok(_) => {
+                let _ = ch.close(200, "OK".into()).await;
+                Err("it still exists".into())
             }
         }
     })
@@ -1073,8 +1071,7 @@ async fn purge_nowait_takes_effect() {
     // Raw client: lapin 4.12's queue_purge with nowait=true waits for a purge-ok forever.
     use amq_protocol::protocol::{AMQPClass, queue};
     let broker = TestBroker::start().await;
-    let mut c = warren_tests::raw::RawClient::open(broker.url()).await;
-    c.open_channel(1).await;
+    let mut c = warren_tests::raw::RawClient::open_on_channel(broker.url(), 1).await;
     let q = broker.unique_name("purge-nowait");
     c.declare_queue(1, &q).await;
     c.publish(1, &q, b"a").await;

@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::sync::{Barrier, mpsc, oneshot};
-use warren_harness::{Proxy, TestBroker, connect_to, within};
+use warren_harness::{Proxy, TestBroker, connect_to, wait_until, within};
 use warren_rpc::{
     ClientConfig, Handler, HandlerError, RpcClient, RpcError, RpcServer, ServerConfig,
     fib::{self, FibHandler},
@@ -37,20 +37,17 @@ use warren_tests::TIMEOUT as WAIT;
 /// arriving past a prefetch of 1).
 const QUIET_WINDOW: Duration = Duration::from_millis(300);
 
-/// How often [`eventually`] checks its condition.
-const POLL_EVERY: Duration = Duration::from_millis(10);
-
-/// Waits until `condition` holds, checking every [`POLL_EVERY`], failing the test after
-/// [`WAIT`]. For states with no event to await (counters, queue depths).
+/// Waits until `condition` holds, failing the test after [`WAIT`]. For states with no event
+/// to await (counters, queue depths).
 async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still false after {WAIT:?}"
-        );
-        tokio::time::sleep(POLL_EVERY).await;
-    }
+    wait_until(what, WAIT, async || {
+        if condition().await {
+            Ok(())
+        } else {
+            Err("still false".into())
+        }
+    })
+    .await;
 }
 
 /// One test's broker, request queue and an admin channel to inspect and clean up.
@@ -164,24 +161,17 @@ impl Fixture {
 
     /// Takes the next message of `queue` (no ack), waiting for one to arrive.
     async fn get(&self, queue: &str) -> lapin::message::BasicGetMessage {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let got = within(
+        wait_until(&format!("a message in {queue}"), WAIT, async || {
+            within(
                 "basic.get",
                 self.admin
                     .basic_get(queue.into(), BasicGetOptions { no_ack: true }),
             )
             .await
-            .expect("basic.get");
-            if let Some(message) = got {
-                return message;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no message in {queue} after {WAIT:?}"
-            );
-            tokio::time::sleep(POLL_EVERY).await;
-        }
+            .expect("basic.get")
+            .ok_or_else(|| "the queue is empty".to_owned())
+        })
+        .await
     }
 
     /// Shuts the server down (it must stop cleanly), closes the client, deletes the queue.

@@ -10,8 +10,10 @@ use lapin::{
 };
 use std::collections::HashMap;
 use tokio::task::JoinHandle;
-use warren_harness::TestBroker;
-use warren_tests::{channel, close_conn, declare_with, delete_quietly, publish_with, within};
+use warren_harness::{TestBroker, wait_until};
+use warren_tests::{
+    TIMEOUT, channel, close_conn, declare_with, delete_quietly, publish_with, within,
+};
 
 fn fib(n: u64) -> u64 {
     let (mut a, mut b) = (0u64, 1u64);
@@ -189,15 +191,13 @@ async fn fib_rpc_round_trips_with_correlation_ids() {
     // The reply queue is exclusive to the client's connection and goes with it.
     let reply_queue = client.reply_queue.clone();
     close_conn(&client_conn).await;
-    within("reply queue deletion", async {
-        loop {
-            let ch = channel(&server_conn).await;
-            if warren_tests::passive(&ch, &reply_queue).await.is_err() {
-                return;
-            }
-            let _ = ch.close(200, "OK".into()).await;
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    wait_until("the reply queue is deleted", TIMEOUT, async || {
+        let ch = channel(&server_conn).await;
+        if warren_tests::passive(&ch, &reply_queue).await.is_err() {
+            return Ok(());
         }
+        let _ = ch.close(200, "OK".into()).await;
+        Err("it still exists".into())
     })
     .await;
 

@@ -3,7 +3,7 @@
 use crate::results::{Better, Metric, Results, Row, summarize};
 use crate::runner::{CPU_PER_CALL, CPU_PER_MSG};
 use crate::scenarios::floor::{CROSS_THREAD, IN_RUNTIME};
-use crate::scenarios::{flow, memory, rpc, start};
+use crate::scenarios::{FAN_IN, PUBSUB_4KIB, PUBSUB_16B, flow, memory, rpc, scale_name, start};
 use crate::target::Kind;
 use std::fmt::Write as _;
 
@@ -352,10 +352,10 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
     check(
         "broker CPU per message (standalone) <= 1/10 of RabbitMQ's",
         [
-            ("pubsub 16 B", "lean", per_msg),
-            ("pubsub 16 B", "lapin", per_msg),
-            ("pubsub 4 KiB", "lean", per_msg),
-            ("pubsub 4 KiB", "lapin", per_msg),
+            (PUBSUB_16B, "lean", per_msg),
+            (PUBSUB_16B, "lapin", per_msg),
+            (PUBSUB_4KIB, "lean", per_msg),
+            (PUBSUB_4KIB, "lapin", per_msg),
             ("rpc-64", rpc::CLIENT, per_call),
             ("rpc-64", "lean", per_call),
         ]
@@ -407,33 +407,19 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
         ]
         .concat(),
     );
+    let flow_rows = |client: &str, bound: f64| {
+        [PUBSUB_16B, PUBSUB_4KIB, FAN_IN]
+            .into_iter()
+            .flat_map(|scenario| both(scenario, client, flow::RATE.name, bound))
+            .collect()
+    };
     check(
         "pubsub and fan-in at least 3x RabbitMQ with lapin",
-        [
-            both("pubsub 16 B", "lapin", flow::RATE.name, 3.0),
-            both("pubsub 4 KiB", "lapin", flow::RATE.name, 3.0),
-            both(
-                "fan-in 8 pub -> 1 q -> 2 cons",
-                "lapin",
-                flow::RATE.name,
-                3.0,
-            ),
-        ]
-        .concat(),
+        flow_rows("lapin", 3.0),
     );
     check(
         "pubsub and fan-in at least 5x RabbitMQ with a client that is not the bottleneck (lean)",
-        [
-            both("pubsub 16 B", "lean", flow::RATE.name, 5.0),
-            both("pubsub 4 KiB", "lean", flow::RATE.name, 5.0),
-            both(
-                "fan-in 8 pub -> 1 q -> 2 cons",
-                "lean",
-                flow::RATE.name,
-                5.0,
-            ),
-        ]
-        .concat(),
+        flow_rows("lean", 5.0),
     );
     check(
         "rpc-seq: embedded >= 1.2x RabbitMQ's calls/s, standalone never slower",
@@ -452,40 +438,31 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
             ),
         ],
     );
-    let flat = |kind: Kind, many: &str| {
-        ratio(
-            m(many, "lean", flow::RATE.name, kind),
-            m("scale 1 q / 1 conn", "lean", flow::RATE.name, kind),
-        )
-    };
+    let one_queue = scale_name(1, 1);
     check(
         "scale flat: 1,000 queues deliver >= 80% of the single-queue rate",
-        vec![
-            (
-                "embedded 1000q/1c vs 1q:".into(),
-                flat(Kind::Embedded, "scale 1000 q / 1 conn"),
-                0.8,
-                true,
-            ),
-            (
-                "standalone 1000q/1c vs 1q:".into(),
-                flat(Kind::Standalone, "scale 1000 q / 1 conn"),
-                0.8,
-                true,
-            ),
-            (
-                "embedded 1000q/100c vs 1q:".into(),
-                flat(Kind::Embedded, "scale 1000 q / 100 conn"),
-                0.8,
-                true,
-            ),
-            (
-                "standalone 1000q/100c vs 1q:".into(),
-                flat(Kind::Standalone, "scale 1000 q / 100 conn"),
-                0.8,
-                true,
-            ),
-        ],
+        [(1000, 1), (1000, 100)]
+            .into_iter()
+            .flat_map(|(queues, conns)| {
+                let many = scale_name(queues, conns);
+                [
+                    (Kind::Embedded, "embedded"),
+                    (Kind::Standalone, "standalone"),
+                ]
+                .map(|(kind, label)| {
+                    let flat = ratio(
+                        m(&many, "lean", flow::RATE.name, kind),
+                        m(&one_queue, "lean", flow::RATE.name, kind),
+                    );
+                    (
+                        format!("{label} {queues}q/{conns}c vs 1q:"),
+                        flat,
+                        0.8,
+                        true,
+                    )
+                })
+            })
+            .collect(),
     );
     out
 }

@@ -170,16 +170,15 @@ impl Scenario for LeanRpc<'_> {
             }
             client.flush().await?;
         }
-        let (sample, next) = rpc::finish(
+        Ok(rpc::finish(
             self.plan,
             self.in_flight,
             calls,
             started.elapsed(),
             latencies,
+            &mut state.next_calls,
             MAX_CALLS,
-        );
-        state.next_calls = next;
-        Ok(sample)
+        ))
     }
 
     async fn teardown(&self, state: LeanRpcState) {

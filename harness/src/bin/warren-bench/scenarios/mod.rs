@@ -20,6 +20,18 @@ pub(crate) const GROUPS: [&str; 7] = [
     "floor", "start", "rpc", "pubsub", "fan-in", "scale", "memory",
 ];
 
+/// The throughput scenarios' names, which the verdicts (report.rs) look rows up by.
+pub(crate) const PUBSUB_16B: &str = "pubsub 16 B";
+/// See [`PUBSUB_16B`].
+pub(crate) const PUBSUB_4KIB: &str = "pubsub 4 KiB";
+/// See [`PUBSUB_16B`].
+pub(crate) const FAN_IN: &str = "fan-in 8 pub -> 1 q -> 2 cons";
+
+/// The name of the scale scenario with `queues` queues on `connections` consumer connections.
+pub(crate) fn scale_name(queues: usize, connections: usize) -> String {
+    format!("scale {queues} q / {connections} conn")
+}
+
 /// Prefetch of every throughput consumer.
 const PREFETCH: u16 = 1000;
 
@@ -72,7 +84,7 @@ pub(crate) async fn run_all(
         };
     if wants("pubsub") {
         for client in [Client::Lean, Client::Lapin] {
-            for (name, body) in [("pubsub 16 B", 16), ("pubsub 4 KiB", 4096)] {
+            for (name, body) in [(PUBSUB_16B, 16), (PUBSUB_4KIB, 4096)] {
                 let scenario = Flow {
                     cpu_per_msg: true,
                     ..flow(name, client, body, 1, 1, 1, 1)
@@ -83,13 +95,13 @@ pub(crate) async fn run_all(
     }
     if wants("fan-in") {
         for client in [Client::Lean, Client::Lapin] {
-            let scenario = flow("fan-in 8 pub -> 1 q -> 2 cons", client, 16, 1, 2, 2, 8);
+            let scenario = flow(FAN_IN, client, 16, 1, 2, 2, 8);
             runner::run(&scenario, targets, plan, results).await;
         }
     }
     if wants("scale") {
         for (queues, connections) in [(1, 1), (100, 1), (1000, 1), (100, 100), (1000, 100)] {
-            let name = format!("scale {queues} q / {connections} conn");
+            let name = scale_name(queues, connections);
             let scenario = flow(&name, Client::Lean, 16, queues, 1, connections, 1);
             runner::run(&scenario, targets, plan, results).await;
         }

@@ -51,28 +51,28 @@ pub(crate) fn first_calls(in_flight: usize) -> u64 {
     (in_flight as u64 * 4).max(50)
 }
 
-/// The figures of a repeat of `calls` calls that took `elapsed`, and the size of the next
-/// repeat (at most `max_calls`).
+/// The figures of a repeat of `calls` calls that took `elapsed`; sets `next_calls` to the size
+/// of the next repeat (at most `max_calls`).
 pub(crate) fn finish(
     plan: &Plan,
     in_flight: usize,
     calls: u64,
     elapsed: Duration,
     mut latencies: Vec<f64>,
+    next_calls: &mut u64,
     max_calls: u64,
-) -> (Sample, u64) {
+) -> Sample {
     latencies.sort_by(f64::total_cmp);
     let rate = calls as f64 / elapsed.as_secs_f64();
-    let next = plan.size(rate, (in_flight as u64 * 4).max(100), max_calls);
-    let sample = Sample {
+    *next_calls = plan.size(rate, (in_flight as u64 * 4).max(100), max_calls);
+    Sample {
         figures: vec![
             (RATE, rate),
             (P50, crate::results::percentile_sorted(&latencies, 0.5)),
             (P99, crate::results::percentile_sorted(&latencies, 0.99)),
         ],
         messages: calls,
-    };
-    (sample, next)
+    }
 }
 
 /// One target's server and client.
@@ -159,16 +159,15 @@ impl Scenario for Rpc<'_> {
                 issued += 1;
             }
         }
-        let (sample, next) = finish(
+        Ok(finish(
             self.plan,
             self.in_flight,
             calls,
             started.elapsed(),
             latencies,
+            &mut state.next_calls,
             MAX_CALLS,
-        );
-        state.next_calls = next;
-        Ok(sample)
+        ))
     }
 
     async fn teardown(&self, state: RpcState) {
