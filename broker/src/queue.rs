@@ -172,11 +172,9 @@ impl Queue {
     }
 
     fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>) {
-        while !self.consumers.is_empty() {
-            self.drop_expired_head(now, fresh);
-            if self.ready.is_empty() {
-                return;
-            }
+        while !self.ready.is_empty() {
+            // A consumer with credit first: when none has any (a full mailbox), the messages,
+            // whose memory is likely cold, are not touched at all.
             let n = self.consumers.len();
             let Some(index) = (0..n)
                 .map(|i| (self.next_consumer + i) % n)
@@ -184,7 +182,10 @@ impl Queue {
             else {
                 return;
             };
-            let message = self.ready.pop_front().expect("not empty");
+            self.drop_expired_head(now, fresh);
+            let Some(message) = self.ready.pop_front() else {
+                return;
+            };
             let consumer = &mut self.consumers[index];
             let item = Outbound::Deliver {
                 channel: consumer.channel,

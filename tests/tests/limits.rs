@@ -131,3 +131,85 @@ async fn embedded_only_a_stalled_no_ack_consumer_leaves_deliveries_in_the_queue(
     }
     assert_eq!(handle.queue(&queue).unwrap().ready, 0);
 }
+
+/// One connection consuming many queues whose ready messages far outnumber what its mailbox
+/// holds (1024 deliveries): dispatch stops at the full mailbox and resumes, queue after queue,
+/// as the connection drains it. Every message of every queue must arrive.
+#[tokio::test]
+async fn a_connection_consuming_many_backlogged_queues_receives_every_message() {
+    const QUEUES: usize = 30;
+    const PER_QUEUE: usize = 200;
+    let broker = warren_harness::TestBroker::start().await;
+    let conn = broker.connect().await;
+    let publisher = conn.create_channel().await.unwrap();
+    publisher.confirm_select(Default::default()).await.unwrap();
+    let mut queues = Vec::new();
+    for i in 0..QUEUES {
+        let queue = broker.unique_name(&format!("backlog-{i}"));
+        publisher
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for n in 0..PER_QUEUE {
+            publisher
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    format!("{i}:{n}").as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap();
+        }
+        queues.push(queue);
+    }
+    within("the confirms", publisher.wait_for_confirms())
+        .await
+        .unwrap();
+
+    // All the consumes at once (lapin pipelines them), so the broker handles them in one go
+    // and the mailbox is full long before the last queue gets its turn.
+    let consuming = conn.create_channel().await.unwrap();
+    let consumes = queues.iter().map(|queue| {
+        consuming.basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+    });
+    let streams: Vec<_> = within("the consume-oks", futures_util::future::join_all(consumes))
+        .await
+        .into_iter()
+        .map(|consumer| consumer.unwrap())
+        .collect();
+    let mut all = futures_util::stream::select_all(streams);
+    let mut next_of_queue = vec![0usize; QUEUES];
+    for _ in 0..QUEUES * PER_QUEUE {
+        let delivery = within("the next delivery", all.next())
+            .await
+            .expect("a consumer ended")
+            .expect("delivery");
+        let text = String::from_utf8(delivery.data.clone()).unwrap();
+        let (queue, n) = text.split_once(':').unwrap();
+        let (queue, n): (usize, usize) = (queue.parse().unwrap(), n.parse().unwrap());
+        assert_eq!(
+            n, next_of_queue[queue],
+            "queue {queue} delivered out of order"
+        );
+        next_of_queue[queue] += 1;
+    }
+    assert!(next_of_queue.iter().all(|&n| n == PER_QUEUE));
+    conn.close(200, "bye".into()).await.unwrap();
+}

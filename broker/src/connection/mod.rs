@@ -88,6 +88,8 @@ pub(crate) struct Connection {
     /// Per (queue, consumer) counts of the ack being handled, by the shared names' addresses;
     /// kept between acks to reuse its table.
     pub(crate) settle_counts: FxHashMap<(usize, usize), SettleCount>,
+    /// Where the next [`Connection::redispatch`] starts among the connection's consumers.
+    redispatch_from: usize,
 }
 
 /// Serves one client connection over any byte stream until it ends, then returns its
@@ -140,6 +142,7 @@ where
         input_held: false,
         settled: Vec::new(),
         settle_counts: FxHashMap::default(),
+        redispatch_from: 0,
     };
     // Frames the client pipelined behind connection.open are already buffered.
     conn.process_input(&mut rbuf);
@@ -508,21 +511,30 @@ impl Connection {
         }
     }
 
-    /// Asks every queue this connection consumes from to dispatch again (its mailbox has room
-    /// after being full).
+    /// Asks the queues this connection consumes from to dispatch again (its mailbox has room
+    /// after being full), until the mailbox is full again. Each call starts where the last one
+    /// stopped, so every queue gets its turn, and the queues after the one that filled the
+    /// mailbox are not looked at (with a thousand queues, that is most of them).
     fn redispatch(&mut self) {
-        let queues: Vec<Arc<str>> = self
-            .channels
-            .values()
-            .flat_map(|ch| ch.consumers.values().map(|c| c.queue.clone()))
-            .collect();
         let now = Instant::now();
         let mut state = self.vhost.lock();
-        for name in queues {
-            if let Some(queue) = state.queues.get_mut(&name) {
+        let consumed = self.channels.values().flat_map(|ch| ch.consumers.values());
+        let total = consumed.clone().count();
+        if total == 0 {
+            return;
+        }
+        let start = self.redispatch_from % total;
+        let mut visited = 0;
+        for consumer in consumed.cycle().skip(start).take(total) {
+            if !self.mailbox.has_room() {
+                break;
+            }
+            if let Some(queue) = state.queues.get_mut(&consumer.queue) {
                 queue.dispatch(now);
             }
+            visited += 1;
         }
+        self.redispatch_from = start + visited;
     }
 
     /// Acts on an item from the mailbox.
