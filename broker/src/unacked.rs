@@ -42,35 +42,37 @@ impl UnackedDeliveries {
             .filter(|&i| self.entries[i].1.is_some())
     }
 
-    /// Moves the deliveries an ack, nack or reject selects into `out`, in tag order: one tag,
-    /// every tag up to it (`multiple`), or all of them (tag 0 with `multiple`). False, and
-    /// nothing moved, if a named tag is not awaiting settlement.
-    pub(crate) fn take(&mut self, tag: u64, multiple: bool, out: &mut Vec<(u64, Unacked)>) -> bool {
-        if multiple {
+    /// Takes the deliveries an ack, nack or reject selects, in tag order: one tag, every tag
+    /// up to it (`multiple`), or all of them (tag 0 with `multiple`). `None`, and nothing
+    /// taken, if a named tag is not awaiting settlement. The deliveries leave as the iterator
+    /// yields them (no buffer is filled first); those it did not yield are dropped with it.
+    pub(crate) fn take(
+        &mut self,
+        tag: u64,
+        multiple: bool,
+    ) -> Option<impl Iterator<Item = (u64, Unacked)> + '_> {
+        let (one, end) = if multiple {
             let end = if tag == 0 {
                 self.entries.len()
             } else {
-                match self.position(tag) {
-                    Some(i) => i + 1,
-                    None => return false,
-                }
+                self.position(tag)? + 1
             };
-            let before = out.len();
-            out.extend(
+            self.live -= self.entries.range(..end).filter(|e| e.1.is_some()).count();
+            (None, end)
+        } else {
+            let i = self.position(tag)?;
+            let one = self.entries[i].1.take().map(|u| (tag, u));
+            self.live -= 1;
+            self.drop_holes();
+            (one, 0)
+        };
+        Some(
+            one.into_iter().chain(
                 self.entries
                     .drain(..end)
                     .filter_map(|(t, u)| u.map(|u| (t, u))),
-            );
-            self.live -= out.len() - before;
-        } else {
-            let Some(i) = self.position(tag) else {
-                return false;
-            };
-            out.extend(self.entries[i].1.take().map(|u| (tag, u)));
-            self.live -= 1;
-            self.drop_holes();
-        }
-        true
+            ),
+        )
     }
 
     /// Takes every delivery, in tag order.
@@ -160,9 +162,7 @@ mod tests {
     }
 
     fn take(u: &mut UnackedDeliveries, tag: u64, multiple: bool) -> Option<Vec<u64>> {
-        let mut out = Vec::new();
-        u.take(tag, multiple, &mut out)
-            .then(|| out.into_iter().map(|(t, _)| t).collect())
+        Some(u.take(tag, multiple)?.map(|(t, _)| t).collect())
     }
 
     fn tags(u: &mut UnackedDeliveries) -> Vec<u64> {
@@ -190,9 +190,8 @@ mod tests {
     #[test]
     fn tags_put_back_take_their_place_in_the_order() {
         let mut u = filled([2, 5]);
-        let mut back = Vec::new();
-        assert!(u.take(5, false, &mut back));
-        assert!(u.take(2, false, &mut back));
+        let mut back: Vec<_> = u.take(5, false).unwrap().collect();
+        back.extend(u.take(2, false).unwrap());
         u.insert(7, delivery());
         u.extend(back);
         u.insert(1, delivery());
@@ -203,9 +202,8 @@ mod tests {
     #[test]
     fn many_deliveries_put_back_below_others_are_merged_in_order() {
         let mut u = filled(1..=20_000);
-        let mut back = Vec::new();
-        assert!(u.take(10_000, true, &mut back));
-        assert!(u.take(15_000, false, &mut back));
+        let mut back: Vec<_> = u.take(10_000, true).unwrap().collect();
+        back.extend(u.take(15_000, false).unwrap());
         assert_eq!(back.len(), 10_001);
         u.extend(back);
         assert_eq!(u.live, 20_000);

@@ -6,7 +6,7 @@ mod handshake;
 mod read_pacing;
 pub(crate) mod teardown;
 
-use crate::channel::{Channel, ChannelState, SettleCount, Unacked};
+use crate::channel::{Channel, ChannelState, SettleCount};
 use crate::codec::{self, Frame};
 use crate::error::AmqpError;
 use crate::mailbox::{Mailbox, MailboxReceiver, Outbound, mailbox};
@@ -83,8 +83,6 @@ pub(crate) struct Connection {
     /// handled once it drains (a read can hold thousands of basic.get, each answered with a
     /// whole message).
     input_held: bool,
-    /// Deliveries taken by the ack being handled; kept between acks to reuse its allocation.
-    pub(crate) settled: Vec<(u64, Unacked)>,
     /// Per (queue, consumer) counts of the ack being handled, by the shared names' addresses;
     /// kept between acks to reuse its table.
     pub(crate) settle_counts: FxHashMap<(usize, usize), SettleCount>,
@@ -140,7 +138,6 @@ where
         channel_count,
         confirms_due: Vec::new(),
         input_held: false,
-        settled: Vec::new(),
         settle_counts: FxHashMap::default(),
         redispatch_from: 0,
     };

@@ -18,10 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
-/// The most deliveries whose room [`Connection::settled`] keeps between acks (about 28 KB; a
-/// `multiple` ack of a million deliveries should not pin their room for the connection's life).
-const SETTLED_KEPT: usize = 256;
-
 /// The most (queue, consumer) entries [`Connection::settle_counts`] keeps between acks (about
 /// 230 KB; an ack spanning 1,000 queues, as in the bench's scale rows, fits).
 const SETTLE_COUNTS_KEPT: usize = 4096;
@@ -281,23 +277,23 @@ impl Connection {
     }
 
     fn settle(&mut self, ch: u16, tag: u64, multiple: bool, how: Settle) -> AmqpResult {
-        let mut settled = std::mem::take(&mut self.settled);
-        let channel = self.channel_mut(ch);
-        if !channel.unacked.take(tag, multiple, &mut settled) {
-            self.settled = settled;
-            return Err(AmqpError::precondition_failed(format!(
+        // The channel's unacked deliveries are moved out while the ones taken are settled, so
+        // settling them can borrow the connection; they go back whatever happens.
+        let mut unacked = std::mem::take(&mut self.channel_mut(ch).unacked);
+        let outcome = match unacked.take(tag, multiple) {
+            None => Err(AmqpError::precondition_failed(format!(
                 "unknown delivery tag {tag}"
-            )));
-        }
-        if let Some(tx) = &mut channel.tx {
-            tx.settles.push((settled, how));
-            return Ok(());
-        }
-        self.apply_settle(ch, settled.drain(..), how);
-        if settled.capacity() <= SETTLED_KEPT {
-            self.settled = settled;
-        }
-        Ok(())
+            ))),
+            Some(taken) => {
+                match &mut self.channel_mut(ch).tx {
+                    Some(tx) => tx.settles.push((taken.collect(), how)),
+                    None => self.apply_settle(ch, taken, how),
+                }
+                Ok(())
+            }
+        };
+        self.channel_mut(ch).unacked = unacked;
+        outcome
     }
 
     /// Acks, rejects or requeues deliveries taken from the unacked ones.
