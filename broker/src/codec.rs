@@ -13,13 +13,14 @@ use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parsing::parse_con
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, parse_class};
 use amq_protocol::types::ShortString;
 use bytes::{Buf, Bytes, BytesMut};
+use std::ops::Range;
 
 /// Frame type octets (AMQP 0-9-1 section 4.2.3).
 const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
 const FRAME_BODY: u8 = 3;
 const FRAME_HEARTBEAT: u8 = 8;
-const FRAME_END: u8 = 0xCE;
+pub(crate) const FRAME_END: u8 = 0xCE;
 /// Type, channel and size before the payload, and the end octet after it.
 pub(crate) const FRAME_OVERHEAD: usize = 8;
 
@@ -400,7 +401,7 @@ pub(crate) fn write_ack(out: &mut Vec<u8>, channel: u16, delivery_tag: u64, mult
 }
 
 /// Appends a content header (with the property bytes exactly as received) and the body split
-/// into frames of at most `frame_max` bytes.
+/// into frames of at most `frame_max` bytes, copied.
 pub(crate) fn write_content(
     out: &mut Vec<u8>,
     channel: u16,
@@ -409,16 +410,44 @@ pub(crate) fn write_content(
     frame_max: u32,
 ) {
     out.reserve(12 + raw_properties.len() + body.len() + 2 * FRAME_OVERHEAD);
+    write_content_header(out, channel, raw_properties, body.len());
+    for piece in body_frames(body.len(), frame_max) {
+        write_raw_frame(out, FRAME_BODY, channel, |out| {
+            out.extend_from_slice(&body[piece]);
+        });
+    }
+}
+
+/// Appends a content header (class basic) with the property bytes exactly as received.
+pub(crate) fn write_content_header(
+    out: &mut Vec<u8>,
+    channel: u16,
+    raw_properties: &[u8],
+    body_size: usize,
+) {
     write_raw_frame(out, FRAME_HEADER, channel, |out| {
         out.extend_from_slice(&[0, 60, 0, 0]); // class basic, weight 0
-        out.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        out.extend_from_slice(&(body_size as u64).to_be_bytes());
         out.extend_from_slice(raw_properties);
     });
+}
+
+/// The parts of a body of `len` bytes that go in one frame each, for frames of at most
+/// `frame_max` bytes (0: no limit).
+pub(crate) fn body_frames(len: usize, frame_max: u32) -> impl Iterator<Item = Range<usize>> {
     let chunk = (frame_max as usize).saturating_sub(FRAME_OVERHEAD);
     let chunk = if chunk == 0 { usize::MAX } else { chunk };
-    for piece in body.chunks(chunk) {
-        write_raw_frame(out, FRAME_BODY, channel, |out| out.extend_from_slice(piece));
-    }
+    (0..len)
+        .step_by(chunk)
+        .map(move |start| start..start.saturating_add(chunk).min(len))
+}
+
+/// Appends the type, channel and size of a body frame whose `len` bytes of payload the caller
+/// writes itself, followed by [`FRAME_END`].
+pub(crate) fn write_body_frame_head(out: &mut Vec<u8>, channel: u16, len: usize) {
+    out.push(FRAME_BODY);
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&(len as u32).to_be_bytes());
 }
 
 /// Appends one frame around the payload `payload` writes: type, channel and size before it,

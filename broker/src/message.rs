@@ -40,10 +40,17 @@ impl Message {
 
     /// The whole body.
     pub(crate) fn body(&self) -> &[u8] {
-        let start = self.exchange_len as usize
-            + self.routing_key_len as usize
-            + self.properties_len as usize;
-        &self.data[start..]
+        &self.data[self.body_start()..]
+    }
+
+    /// Part of the body, sharing the message's buffer.
+    pub(crate) fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
+        let start = self.body_start();
+        self.data.slice(start + range.start..start + range.end)
+    }
+
+    fn body_start(&self) -> usize {
+        self.exchange_len as usize + self.routing_key_len as usize + self.properties_len as usize
     }
 }
 

@@ -3,6 +3,7 @@
 //! lock is held across an `.await`; the vhost lock is taken briefly inside handlers.
 
 mod handshake;
+mod output;
 mod read_pacing;
 pub(crate) mod teardown;
 
@@ -18,8 +19,10 @@ use amq_protocol::protocol::{AMQPClass, channel, connection};
 use bytes::BytesMut;
 pub(crate) use handshake::method_name;
 use handshake::{HandshakeError, Tuning, handshake};
+use output::{MAX_SLICES, Output};
 use read_pacing::ReadPacing;
 use rustc_hash::FxHashMap;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -36,9 +39,6 @@ pub(crate) const HANDSHAKE_FRAME_MAX: u32 = 4096;
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Why a connection ended when its close handshake completed.
 const CLOSED_CLEANLY: &str = "closed";
-/// Written bytes are dropped from the front of the output once there are this many and they
-/// are at least half of it (so a slow socket never costs a move per partial write).
-const OUT_COMPACT_AFTER: usize = 64 * 1024;
 /// How long to wait for connection.close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -62,11 +62,8 @@ pub(crate) struct Connection {
     pub(crate) shared: Arc<BrokerShared>,
     /// Its vhost.
     pub(crate) vhost: Arc<Vhost>,
-    /// Frames waiting to be written: `out[out_sent..]`.
-    pub(crate) out: Vec<u8>,
-    /// How much of `out` the socket already took (the rest is compacted away now and then,
-    /// rather than moved after every partial write).
-    out_sent: usize,
+    /// Frames waiting to be written.
+    pub(crate) out: Output,
     /// Open (or closing) channels.
     pub(crate) channels: FxHashMap<u16, Channel>,
     /// Negotiated limits.
@@ -129,8 +126,7 @@ where
         id,
         shared: shared.clone(),
         vhost,
-        out: Vec::with_capacity(16 * 1024),
-        out_sent: 0,
+        out: Output::with_capacity(16 * 1024),
         channels: FxHashMap::default(),
         tuning,
         mailbox,
@@ -257,6 +253,8 @@ impl Connection {
             if reading {
                 pacing.prepare(rbuf);
             }
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let filled = self.out.slices(&mut slices);
             tokio::select! {
                 read = rd.read_buf(rbuf), if reading => match read {
                     Ok(0) => return "client closed the socket",
@@ -272,10 +270,10 @@ impl Connection {
                         }
                     }
                 },
-                written = wr.write(&self.out[self.out_sent..]), if self.out_pending() > 0 => match written {
+                written = wr.write_vectored(&slices[..filled]), if filled > 0 => match written {
                     Ok(0) | Err(_) => return "socket error while writing",
                     Ok(n) => {
-                        self.wrote(n);
+                        self.out.wrote(n);
                         wrote_since_tick = true;
                     }
                 },
@@ -298,7 +296,7 @@ impl Connection {
                         return "missed heartbeats";
                     }
                     if !wrote_since_tick && self.out_pending() == 0 {
-                        codec::write_heartbeat(&mut self.out);
+                        codec::write_heartbeat(&mut self.out.bytes);
                     }
                     wrote_since_tick = false;
                 },
@@ -351,19 +349,7 @@ impl Connection {
 
     /// Bytes waiting to be written.
     fn out_pending(&self) -> usize {
-        self.out.len() - self.out_sent
-    }
-
-    /// The socket took `n` more bytes.
-    fn wrote(&mut self, n: usize) {
-        self.out_sent += n;
-        if self.out_sent == self.out.len() {
-            self.out.clear();
-            self.out_sent = 0;
-        } else if self.out_sent >= OUT_COMPACT_AFTER && self.out_sent * 2 >= self.out.len() {
-            self.out.drain(..self.out_sent);
-            self.out_sent = 0;
-        }
+        self.out.pending()
     }
 
     /// Appends a method frame to the output.
@@ -371,7 +357,7 @@ impl Connection {
         if let Some(trace) = &self.shared.trace {
             trace.record(self.id, Direction::Sent, channel, &method);
         }
-        codec::write_method(&mut self.out, channel, method);
+        codec::write_method(&mut self.out.bytes, channel, method);
     }
 
     /// Records a method written directly rather than through [`Connection::send`] in the

@@ -520,7 +520,7 @@ impl Connection {
                 multiple,
             }))
         });
-        codec::write_ack(&mut self.out, ch, last, multiple);
+        codec::write_ack(&mut self.out.bytes, ch, last, multiple);
     }
 
     /// Writes a delivery from the mailbox, or requeues it if its consumer is gone.
@@ -552,7 +552,7 @@ impl Connection {
             routing_key: message.message.routing_key(),
         };
         self.trace_sent(ch, || deliver.method());
-        codec::write_deliver(&mut self.out, ch, &deliver);
+        codec::write_deliver(&mut self.out.bytes, ch, &deliver);
         self.write_content(ch, &message.message);
         if !no_ack {
             self.channel_mut(ch).unacked.insert(
@@ -584,12 +584,6 @@ impl Connection {
     }
 
     fn write_content(&mut self, ch: u16, message: &Message) {
-        codec::write_content(
-            &mut self.out,
-            ch,
-            message.properties(),
-            message.body(),
-            self.tuning.frame_max,
-        );
+        self.out.write_content(ch, message, self.tuning.frame_max);
     }
 }
