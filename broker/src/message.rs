@@ -38,6 +38,11 @@ impl Message {
         &self.data[start..start + self.properties_len as usize]
     }
 
+    /// The first byte of its buffer (0 if empty), to bring it into cache.
+    pub(crate) fn first_byte(&self) -> u8 {
+        self.data.first().copied().unwrap_or(0)
+    }
+
     /// The whole body.
     pub(crate) fn body(&self) -> &[u8] {
         &self.data[self.body_start()..]
