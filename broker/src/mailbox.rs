@@ -1,8 +1,8 @@
 //! A connection's inbound mailbox: what other tasks (dispatch from any connection, queue
 //! deletion, an operator) hand to a connection. Dispatch runs under the vhost lock, so sending
 //! never blocks; the mailbox is bounded by credit instead: dispatch skips a consumer whose
-//! connection already holds [`MAILBOX_LIMIT`] undelivered messages, and the connection asks for
-//! dispatch again once it has drained them.
+//! connection already holds [`MAILBOX_BYTES`] of undelivered messages, and the connection asks
+//! for dispatch again once it has drained half of them.
 
 use crate::error::AmqpError;
 use crate::message::QueuedMessage;
@@ -12,8 +12,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
-/// Most deliveries waiting in one connection's mailbox before dispatch skips its consumers.
-pub(crate) const MAILBOX_LIMIT: usize = 1024;
+/// Memory of the deliveries (messages and their mailbox entries) waiting in one connection's
+/// mailbox beyond which dispatch skips its consumers: about 13,000 small messages, or 500 of
+/// 4 KiB. Room for a publisher's whole turn of small messages matters: when the mailbox fills
+/// mid-turn, the rest of the turn waits in the queues and is delivered queue by queue when the
+/// connection drains it, an order unlike the one the messages were allocated in, which makes
+/// reading and freeing them much slower (1,000 queues on a connection: -16% broker CPU per
+/// message with the room for the turn).
+pub(crate) const MAILBOX_BYTES: usize = 2 * 1024 * 1024;
 
 /// Something for a connection task to act on.
 #[derive(Debug)]
@@ -42,6 +48,17 @@ pub(crate) enum Outbound {
     Close(AmqpError),
 }
 
+/// What an item counts against [`MAILBOX_BYTES`]: a delivery, its message and its entry; other
+/// items nothing.
+fn cost(item: &Outbound) -> usize {
+    match item {
+        Outbound::Deliver { message, .. } => {
+            message.message.size() + std::mem::size_of::<Outbound>()
+        }
+        _ => 0,
+    }
+}
+
 /// The sending side, cloned into every consumer of the connection.
 #[derive(Clone, Debug)]
 pub(crate) struct Mailbox {
@@ -54,7 +71,7 @@ struct MailboxShared {
     items: Mutex<Option<VecDeque<Outbound>>>,
     /// Wakes the connection task when items arrive in an empty mailbox.
     arrived: Notify,
-    /// Deliveries sent and not yet taken by the connection.
+    /// Memory of the deliveries sent and not yet taken by the connection (see [`cost`]).
     queued: AtomicUsize,
     /// Dispatch skipped a consumer because the mailbox was full.
     starved: AtomicBool,
@@ -101,7 +118,7 @@ impl Mailbox {
         if self.shared.closed.load(Ordering::Relaxed) {
             return false;
         }
-        if self.shared.queued.load(Ordering::Relaxed) < MAILBOX_LIMIT {
+        if self.shared.queued.load(Ordering::Relaxed) < MAILBOX_BYTES {
             true
         } else {
             self.shared.starved.store(true, Ordering::Relaxed);
@@ -117,9 +134,7 @@ impl Mailbox {
                 return Err(item);
             };
             // Counted before the receiver can take it, so the count never goes below zero.
-            if let Outbound::Deliver { .. } = item {
-                self.shared.queued.fetch_add(1, Ordering::Relaxed);
-            }
+            self.shared.queued.fetch_add(cost(&item), Ordering::Relaxed);
             items.push_back(item);
             items.len() == 1
         };
@@ -153,11 +168,9 @@ impl MailboxReceiver {
             std::mem::swap(items, &mut self.taken);
             self.touch_taken();
         }
-        let item = self.taken.pop_front();
-        if let Some(Outbound::Deliver { .. }) = item {
-            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-        }
-        item
+        let item = self.taken.pop_front()?;
+        self.shared.queued.fetch_sub(cost(&item), Ordering::Relaxed);
+        Some(item)
     }
 
     /// Reads a byte of each delivery just taken (its message and its consumer tag): the
@@ -181,7 +194,7 @@ impl MailboxReceiver {
 
     /// True once after dispatch was refused for lack of room and room has come back.
     pub(crate) fn take_starved(&self) -> bool {
-        self.shared.queued.load(Ordering::Relaxed) < MAILBOX_LIMIT / 2
+        self.shared.queued.load(Ordering::Relaxed) < MAILBOX_BYTES / 2
             && self.shared.starved.swap(false, Ordering::Relaxed)
     }
 
@@ -190,11 +203,8 @@ impl MailboxReceiver {
         self.shared.closed.store(true, Ordering::Relaxed);
         let rest = self.shared.items().take().unwrap_or_default();
         let items: Vec<Outbound> = self.taken.drain(..).chain(rest).collect();
-        let deliveries = items
-            .iter()
-            .filter(|item| matches!(item, Outbound::Deliver { .. }))
-            .count();
-        self.shared.queued.fetch_sub(deliveries, Ordering::Relaxed);
+        let queued: usize = items.iter().map(cost).sum();
+        self.shared.queued.fetch_sub(queued, Ordering::Relaxed);
         items
     }
 }

@@ -43,6 +43,11 @@ impl Message {
         self.data.first().copied().unwrap_or(0)
     }
 
+    /// Bytes it holds: exchange, routing key, properties and body.
+    pub(crate) fn size(&self) -> usize {
+        self.data.len()
+    }
+
     /// The whole body.
     pub(crate) fn body(&self) -> &[u8] {
         &self.data[self.body_start()..]

@@ -67,7 +67,7 @@ async fn embedded_only_a_stalled_no_ack_consumer_leaves_deliveries_in_the_queue(
         .await
         .unwrap();
 
-    // Bounded in flight: the mailbox (1024), the connection's output buffer (256 KiB) and the
+    // Bounded in flight: the mailbox (2 MiB), the connection's output buffer (256 KiB) and the
     // sockets' buffers hold a few thousand 1 KiB deliveries at most; the rest stay queued.
     let info = handle.queue(&queue).unwrap();
     println!(
