@@ -133,7 +133,7 @@ async fn embedded_only_a_stalled_no_ack_consumer_leaves_deliveries_in_the_queue(
 }
 
 /// One connection consuming many queues whose ready messages far outnumber what its mailbox
-/// holds (1024 deliveries): dispatch stops at the full mailbox and resumes, queue after queue,
+/// holds (2 MiB; here 6,000 messages of 1 KiB): dispatch stops at the full mailbox and resumes, queue after queue,
 /// as the connection drains it. Every message of every queue must arrive.
 #[tokio::test]
 async fn a_connection_consuming_many_backlogged_queues_receives_every_message() {
@@ -163,7 +163,7 @@ async fn a_connection_consuming_many_backlogged_queues_receives_every_message() 
                     "".into(),
                     queue.as_str().into(),
                     BasicPublishOptions::default(),
-                    format!("{i}:{n}").as_bytes(),
+                    format!("{i}:{n}:{}", ".".repeat(BODY)).as_bytes(),
                     BasicProperties::default(),
                 )
                 .await
@@ -202,7 +202,8 @@ async fn a_connection_consuming_many_backlogged_queues_receives_every_message() 
             .expect("a consumer ended")
             .expect("delivery");
         let text = String::from_utf8(delivery.data.clone()).unwrap();
-        let (queue, n) = text.split_once(':').unwrap();
+        let mut fields = text.split(':');
+        let (queue, n) = (fields.next().unwrap(), fields.next().unwrap());
         let (queue, n): (usize, usize) = (queue.parse().unwrap(), n.parse().unwrap());
         assert_eq!(
             n, next_of_queue[queue],
