@@ -133,8 +133,9 @@ async fn embedded_only_a_stalled_no_ack_consumer_leaves_deliveries_in_the_queue(
 }
 
 /// One connection consuming many queues whose ready messages far outnumber what its mailbox
-/// holds (2 MiB; here 6,000 messages of 1 KiB): dispatch stops at the full mailbox and resumes, queue after queue,
-/// as the connection drains it. Every message of every queue must arrive.
+/// holds (2 MiB; here 6,000 messages of 1 KiB): dispatch stops at the full mailbox and
+/// resumes, queue after queue, as the connection drains it. Every message of every queue must
+/// arrive.
 #[tokio::test]
 async fn a_connection_consuming_many_backlogged_queues_receives_every_message() {
     const QUEUES: usize = 30;
