@@ -73,7 +73,7 @@ pub(crate) enum Settle {
 pub(crate) struct TxBuffer {
     /// Publishes, in order.
     pub(crate) publishes: Vec<(Publication, Message)>,
-    /// Acks, nacks and rejects, with the deliveries they took from the unacked map.
+    /// Acks, nacks and rejects, with the deliveries they took from the unacked ones.
     pub(crate) settles: Vec<(Vec<(u64, Unacked)>, Settle)>,
 }
 

@@ -20,6 +20,7 @@ const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
 const FRAME_BODY: u8 = 3;
 const FRAME_HEARTBEAT: u8 = 8;
+/// The octet that ends every frame.
 pub(crate) const FRAME_END: u8 = 0xCE;
 /// Type, channel and size before the payload, and the end octet after it.
 pub(crate) const FRAME_OVERHEAD: usize = 8;

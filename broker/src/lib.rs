@@ -8,7 +8,8 @@
 //! - `codec`: frames in and out through amq-protocol, sizes checked before buffering; the
 //!   per-message methods (basic.publish and basic.ack in, basic.deliver and confirms out) take
 //!   a direct path that property tests hold byte-equal to amq-protocol's.
-//! - `connection`: handshake, the connection task (owns its channels), teardown.
+//! - `connection`: handshake, the connection task (owns its channels), its output (large
+//!   bodies written by reference), teardown.
 //! - `channel`: per-channel state: content assembly, unacked deliveries, consumers, qos.
 //! - `unacked`: a channel's unacknowledged deliveries in tag order.
 //! - `methods`: one file of handlers per AMQP class.

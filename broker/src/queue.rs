@@ -150,6 +150,12 @@ impl Queue {
             expires_at,
             message,
         });
+        // Dispatch drops expired messages only when a consumer can take one; a publish with a
+        // TTL drops those at the head too, so they do not pile up in a queue whose consumers
+        // are all blocked (or that has none).
+        if expires_at.is_some() {
+            self.drop_expired_head(now, Some(seq));
+        }
         self.dispatch_inner(now, Some(seq));
     }
 

@@ -4,7 +4,7 @@
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use warren_harness::{DEFAULT_TIMEOUT, TestBroker, connect_to, wait_until, within};
@@ -213,5 +213,82 @@ async fn a_connection_consuming_many_backlogged_queues_receives_every_message() 
         next_of_queue[queue] += 1;
     }
     assert!(next_of_queue.iter().all(|&n| n == PER_QUEUE));
+    conn.close(200, "bye".into()).await.unwrap();
+}
+
+/// Expired messages do not pile up behind a blocked consumer (prefetch 1, never acks): the
+/// next publish with a TTL drops those at the head of the queue.
+#[tokio::test]
+#[cfg_attr(
+    warren_external,
+    ignore = "embedded only: reads the broker's queue snapshot"
+)]
+async fn embedded_only_expired_messages_do_not_pile_up_behind_a_blocked_consumer() {
+    let broker = TestBroker::start().await;
+    let handle = broker.embedded().expect("embedded");
+    let queue = broker.unique_name("blocked-ttl");
+    let conn = broker.connect().await;
+    let publisher = conn.create_channel().await.unwrap();
+    publisher.confirm_select(Default::default()).await.unwrap();
+    publisher
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let consuming = conn.create_channel().await.unwrap();
+    consuming
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut deliveries = consuming
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let publish = async |expiration: Option<&str>| {
+        let properties = match expiration {
+            Some(ms) => BasicProperties::default().with_expiration(ms.into()),
+            None => BasicProperties::default(),
+        };
+        publisher
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                b"m",
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    };
+    publish(None).await;
+    within("the first delivery", deliveries.next())
+        .await
+        .expect("consumer ended")
+        .expect("delivery");
+    // The consumer now holds its one unacked delivery: nothing more can go to it.
+    for _ in 0..100 {
+        publish(Some("1")).await;
+    }
+    // Let the 1 ms TTL run out (the point of the test, not a stand-in for a condition).
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    publish(Some("60000")).await;
+    assert_eq!(
+        handle.queue(&queue).unwrap().ready,
+        1,
+        "only the message published last is left"
+    );
     conn.close(200, "bye".into()).await.unwrap();
 }

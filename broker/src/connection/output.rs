@@ -160,10 +160,13 @@ mod tests {
         builder.finish()
     }
 
-    /// Everything `output` would write, taken `step` bytes at a time (as partial writes).
-    fn drain(output: &mut Output, step: usize) -> Vec<u8> {
+    /// Everything `output` would write, taken `step` bytes at a time (as partial writes), and
+    /// whether written bytes were compacted away while splices were pending.
+    fn drain(output: &mut Output, step: usize) -> (Vec<u8>, bool) {
         let mut written = Vec::new();
+        let mut compacted = false;
         while output.pending() > 0 {
+            let before = output.bytes.len();
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let filled = output.slices(&mut slices);
             assert!(filled > 0, "pending output offers a slice");
@@ -179,8 +182,9 @@ mod tests {
                 }
             }
             output.wrote(took);
+            compacted |= !output.splices.is_empty() && output.bytes.len() < before;
         }
-        written
+        (written, compacted)
     }
 
     #[test]
@@ -203,10 +207,27 @@ mod tests {
             }
             assert_eq!(output.pending(), expected.len());
             assert!(!output.splices.is_empty(), "large bodies are spliced");
-            assert_eq!(drain(&mut output, step), expected, "steps of {step}");
+            assert_eq!(drain(&mut output, step).0, expected, "steps of {step}");
             assert_eq!(output.pending(), 0);
             assert!(output.bytes.is_empty() && output.splices.is_empty());
         }
+    }
+
+    #[test]
+    fn written_bytes_are_compacted_away_while_splices_wait() {
+        let body = vec![5u8; 5000];
+        let filler = vec![1u8; 10_000];
+        let mut expected = Vec::new();
+        let mut output = Output::default();
+        for _ in 0..20 {
+            codec::write_content(&mut expected, 2, &[0, 0], &body, 131_072);
+            expected.extend_from_slice(&filler);
+            output.write_content(2, &message(&body), 131_072);
+            output.bytes.extend_from_slice(&filler);
+        }
+        let (written, compacted) = drain(&mut output, 7000);
+        assert!(compacted, "written bytes went while splices were pending");
+        assert_eq!(written, expected);
     }
 
     #[test]
@@ -218,6 +239,6 @@ mod tests {
             codec::write_content(&mut expected, 1, &[0, 0], &body, 131_072);
             output.write_content(1, &message(&body), 131_072);
         }
-        assert_eq!(drain(&mut output, usize::MAX), expected);
+        assert_eq!(drain(&mut output, usize::MAX).0, expected);
     }
 }
