@@ -8,6 +8,10 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use warren_harness::{DEFAULT_TIMEOUT, TestBroker, connect_to, wait_until, within};
+use warren_tests::{
+    channel, close_conn, confirm_channel, consume, declare_with, next_delivery, publish,
+    publish_with,
+};
 
 const MESSAGES: usize = 20_000;
 const BODY: usize = 1024;
@@ -140,35 +144,16 @@ async fn embedded_only_a_stalled_no_ack_consumer_leaves_deliveries_in_the_queue(
 async fn a_connection_consuming_many_backlogged_queues_receives_every_message() {
     const QUEUES: usize = 30;
     const PER_QUEUE: usize = 200;
-    let broker = warren_harness::TestBroker::start().await;
+    let broker = TestBroker::start().await;
     let conn = broker.connect().await;
-    let publisher = conn.create_channel().await.unwrap();
-    publisher.confirm_select(Default::default()).await.unwrap();
+    let publisher = confirm_channel(&conn).await;
     let mut queues = Vec::new();
     for i in 0..QUEUES {
         let queue = broker.unique_name(&format!("backlog-{i}"));
-        publisher
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        declare_exclusive(&publisher, &queue).await;
         for n in 0..PER_QUEUE {
-            publisher
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    format!("{i}:{n}:{}", ".".repeat(BODY)).as_bytes(),
-                    BasicProperties::default(),
-                )
-                .await
-                .unwrap();
+            let body = format!("{i}:{n}:{}", ".".repeat(BODY));
+            publish(&publisher, &queue, body.as_bytes()).await;
         }
         queues.push(queue);
     }
@@ -178,24 +163,9 @@ async fn a_connection_consuming_many_backlogged_queues_receives_every_message() 
 
     // All the consumes at once (lapin pipelines them), so the broker handles them in one go
     // and the mailbox is full long before the last queue gets its turn.
-    let consuming = conn.create_channel().await.unwrap();
-    let consumes = queues.iter().map(|queue| {
-        consuming.basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-    });
-    let streams: Vec<_> = within("the consume-oks", futures_util::future::join_all(consumes))
-        .await
-        .into_iter()
-        .map(|consumer| consumer.unwrap())
-        .collect();
-    let mut all = futures_util::stream::select_all(streams);
+    let consuming = channel(&conn).await;
+    let consumes = queues.iter().map(|queue| consume(&consuming, queue, true));
+    let mut all = futures_util::stream::select_all(futures_util::future::join_all(consumes).await);
     let mut next_of_queue = vec![0usize; QUEUES];
     for _ in 0..QUEUES * PER_QUEUE {
         let delivery = within("the next delivery", all.next())
@@ -213,7 +183,7 @@ async fn a_connection_consuming_many_backlogged_queues_receives_every_message() 
         next_of_queue[queue] += 1;
     }
     assert!(next_of_queue.iter().all(|&n| n == PER_QUEUE));
-    conn.close(200, "bye".into()).await.unwrap();
+    close_conn(&conn).await;
 }
 
 /// Expired messages do not pile up behind a blocked consumer (prefetch 1, never acks): the
@@ -224,71 +194,57 @@ async fn a_connection_consuming_many_backlogged_queues_receives_every_message() 
     ignore = "embedded only: reads the broker's queue snapshot"
 )]
 async fn embedded_only_expired_messages_do_not_pile_up_behind_a_blocked_consumer() {
+    /// Messages published with [`SHORT_TTL`] while the consumer is blocked.
+    const EXPIRING: usize = 100;
+    /// Their TTL, in milliseconds (an `expiration` property).
+    const SHORT_TTL: &str = "1";
+    /// The TTL of the last message, which must outlive the test.
+    const LONG_TTL: &str = "60000";
+    /// How long the test lets [`SHORT_TTL`] run out.
+    const TTL_RUNS_OUT: std::time::Duration = std::time::Duration::from_millis(50);
     let broker = TestBroker::start().await;
     let handle = broker.embedded().expect("embedded");
     let queue = broker.unique_name("blocked-ttl");
     let conn = broker.connect().await;
-    let publisher = conn.create_channel().await.unwrap();
-    publisher.confirm_select(Default::default()).await.unwrap();
-    publisher
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let consuming = conn.create_channel().await.unwrap();
+    let publisher = confirm_channel(&conn).await;
+    declare_exclusive(&publisher, &queue).await;
+    let consuming = channel(&conn).await;
     consuming
         .basic_qos(1, BasicQosOptions::default())
         .await
         .unwrap();
-    let mut deliveries = consuming
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+    let mut deliveries = consume(&consuming, &queue, false).await;
+    let expiring = |ttl: &str| BasicProperties::default().with_expiration(ttl.into());
+    publish(&publisher, &queue, b"m").await;
+    next_delivery(&mut deliveries).await;
+    // The consumer now holds its one unacked delivery: nothing more can go to it.
+    for _ in 0..EXPIRING {
+        publish_with(&publisher, &queue, b"m", expiring(SHORT_TTL)).await;
+    }
+    within("the confirms", publisher.wait_for_confirms())
         .await
         .unwrap();
-    let publish = async |expiration: Option<&str>| {
-        let properties = match expiration {
-            Some(ms) => BasicProperties::default().with_expiration(ms.into()),
-            None => BasicProperties::default(),
-        };
-        publisher
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                b"m",
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    };
-    publish(None).await;
-    within("the first delivery", deliveries.next())
+    // Let the TTL run out (the point of the test, not a stand-in for a condition).
+    tokio::time::sleep(TTL_RUNS_OUT).await;
+    publish_with(&publisher, &queue, b"m", expiring(LONG_TTL)).await;
+    within("the confirms", publisher.wait_for_confirms())
         .await
-        .expect("consumer ended")
-        .expect("delivery");
-    // The consumer now holds its one unacked delivery: nothing more can go to it.
-    for _ in 0..100 {
-        publish(Some("1")).await;
-    }
-    // Let the 1 ms TTL run out (the point of the test, not a stand-in for a condition).
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    publish(Some("60000")).await;
+        .unwrap();
     assert_eq!(
         handle.queue(&queue).unwrap().ready,
         1,
         "only the message published last is left"
     );
-    conn.close(200, "bye".into()).await.unwrap();
+    close_conn(&conn).await;
+}
+
+/// Declares an exclusive queue (gone with the test's connection, on both targets).
+async fn declare_exclusive(ch: &lapin::Channel, queue: &str) {
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    declare_with(ch, queue, options, FieldTable::default())
+        .await
+        .unwrap_or_else(|e| panic!("queue.declare {queue}: {e}"));
 }
