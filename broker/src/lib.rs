@@ -17,7 +17,8 @@
 //! - `queue`: ready messages, consumers and dispatch.
 //! - `exchange`: exchanges and routing.
 //! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
-//! - `mailbox`: what other tasks hand a connection (deliveries, cancels, forced close).
+//! - `mailbox`: what other tasks hand a connection (deliveries, cancels, forced close), and
+//!   the outbox that gathers them while the vhost lock is held.
 //! - `message`: a published message as kept: raw property bytes and body.
 //! - [`error`]: the protocol error type (scope, code, text, class/method).
 //! - [`inspect`]: read-only snapshots for tests.

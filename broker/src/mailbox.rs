@@ -1,12 +1,14 @@
 //! A connection's inbound mailbox: what other tasks (dispatch from any connection, queue
-//! deletion, an operator) hand to a connection. Dispatch runs under the vhost lock, so sending
-//! never blocks; the mailbox is bounded by credit instead: dispatch skips a consumer whose
-//! connection already holds [`MAILBOX_BYTES`] of undelivered messages, and the connection asks
-//! for dispatch again once it has drained half of them.
+//! deletion, an operator) hand to a connection. Dispatch runs under the vhost lock and gathers
+//! its items in an [`Outbox`], which hands each mailbox its batch when the lock is released.
+//! Sending never blocks; the mailbox is bounded by credit instead: dispatch skips a consumer
+//! whose connection already holds [`MAILBOX_BYTES`] of undelivered messages, and the
+//! connection asks for dispatch again once it has drained half of them.
 
 use crate::error::AmqpError;
 use crate::message::QueuedMessage;
 use crate::queue::ConsumerTag;
+use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -145,7 +147,81 @@ impl Mailbox {
         }
         Ok(())
     }
+
+    /// Moves `items` (already counted against the room) into the mailbox under one lock; false
+    /// (leaving them in `items`) if the connection is gone.
+    fn send_all(&self, items: &mut Vec<Outbound>) -> bool {
+        let was_empty = {
+            let mut guard = self.shared.items();
+            let Some(queue) = guard.as_mut() else {
+                return false;
+            };
+            let was_empty = queue.is_empty();
+            queue.extend(items.drain(..));
+            was_empty
+        };
+        if was_empty {
+            self.shared.arrived.notify_one();
+        }
+        true
+    }
 }
+
+/// Items for mailboxes, gathered while the vhost lock is held and handed over, one batch per
+/// mailbox, before it is released (see [`crate::vhost::VhostGuard`]), so the order in which
+/// any one mailbox receives items is the order they were sent in. With many consumer
+/// connections, a delivery stored straight into its mailbox lands in memory not touched since
+/// the connection last drained it, and the mailbox's mutex then waits for that store; gathered
+/// here, each mailbox takes its batch in one copy and one lock.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    /// Each mailbox sent to since the last flush, with its items in order.
+    batches: Vec<(Mailbox, Vec<Outbound>)>,
+    /// Index in `batches` by mailbox.
+    index: FxHashMap<usize, usize>,
+    /// Emptied item buffers, kept for the next batches.
+    spare: Vec<Vec<Outbound>>,
+}
+
+impl Outbox {
+    /// Gathers an item for `mailbox`. A delivery counts against the mailbox's room at once.
+    pub(crate) fn send(&mut self, mailbox: &Mailbox, item: Outbound) {
+        mailbox
+            .shared
+            .queued
+            .fetch_add(bytes_held(&item), Ordering::Relaxed);
+        let key = Arc::as_ptr(&mailbox.shared) as usize;
+        let at = *self.index.entry(key).or_insert_with(|| {
+            let items = self.spare.pop().unwrap_or_default();
+            self.batches.push((mailbox.clone(), items));
+            self.batches.len() - 1
+        });
+        self.batches[at].1.push(item);
+    }
+
+    /// Whether nothing waits to be handed over.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Hands every gathered item to its mailbox; returns those whose connection is gone.
+    pub(crate) fn flush(&mut self) -> Vec<Outbound> {
+        let mut undelivered = Vec::new();
+        self.index.clear();
+        for (mailbox, mut items) in self.batches.drain(..) {
+            if !mailbox.send_all(&mut items) {
+                undelivered.append(&mut items);
+            }
+            if self.spare.len() < MAX_SPARE_BATCHES {
+                self.spare.push(items);
+            }
+        }
+        undelivered
+    }
+}
+
+/// Emptied batch buffers an [`Outbox`] keeps.
+const MAX_SPARE_BATCHES: usize = 256;
 
 impl MailboxReceiver {
     /// The next item, waiting for one.
@@ -260,5 +336,37 @@ mod tests {
         );
         assert!(!tx.has_room());
         assert!(rx.recv().await.is_none());
+    }
+
+    #[test]
+    fn an_outbox_hands_each_mailbox_its_items_in_order_when_flushed() {
+        let (a, mut a_rx) = mailbox();
+        let (b, mut b_rx) = mailbox();
+        let (gone, mut gone_rx) = mailbox();
+        drop(gone_rx.close_and_drain());
+        let mut outbox = Outbox::default();
+        for n in 0..6 {
+            outbox.send(&a, cancel(n));
+            outbox.send(&b, cancel(100 + n));
+        }
+        outbox.send(&gone, cancel(7));
+        assert!(
+            a_rx.try_recv().is_none(),
+            "nothing arrives before the flush"
+        );
+        let undelivered = outbox.flush();
+        assert!(outbox.is_empty());
+        assert_eq!(undelivered.len(), 1, "the closed mailbox's item comes back");
+        for n in 0..6 {
+            assert_eq!(channel_of(a_rx.try_recv()), Some(n));
+            assert_eq!(channel_of(b_rx.try_recv()), Some(100 + n));
+        }
+        assert!(a_rx.try_recv().is_none() && b_rx.try_recv().is_none());
+        // A second round reuses the buffers and still keeps the order.
+        outbox.send(&b, cancel(1));
+        outbox.send(&b, cancel(2));
+        assert!(outbox.flush().is_empty());
+        assert_eq!(channel_of(b_rx.try_recv()), Some(1));
+        assert_eq!(channel_of(b_rx.try_recv()), Some(2));
     }
 }

@@ -1,7 +1,7 @@
 //! A queue: ready messages in order, its consumers, and dispatch, the single place that takes
 //! messages off a queue for consumers.
 
-use crate::mailbox::{Mailbox, Outbound};
+use crate::mailbox::{Mailbox, Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
 use amq_protocol::types::FieldTable;
 use std::collections::VecDeque;
@@ -136,7 +136,13 @@ impl Queue {
 
     /// Appends a published message, then dispatches. A message that a consumer can take at
     /// once is delivered even with a TTL of 0, as RabbitMQ does.
-    pub(crate) fn publish(&mut self, message: Message, expires_at: Option<Instant>, now: Instant) {
+    pub(crate) fn publish(
+        &mut self,
+        message: Message,
+        expires_at: Option<Instant>,
+        now: Instant,
+        outbox: &mut Outbox,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let queue_expiry = self.message_ttl.map(|ttl| now + ttl);
@@ -156,7 +162,7 @@ impl Queue {
         if expires_at.is_some() {
             self.drop_expired_head(now, Some(seq));
         }
-        self.dispatch_inner(now, Some(seq));
+        self.dispatch_inner(now, Some(seq), outbox);
     }
 
     /// Puts a delivered message back at its original position, flagged redelivered.
@@ -172,12 +178,21 @@ impl Queue {
         self.ready.insert(at, message);
     }
 
-    /// Hands ready messages to consumers with credit, round-robin.
-    pub(crate) fn dispatch(&mut self, now: Instant) {
-        self.dispatch_inner(now, None);
+    /// A delivery that never reached its consumer's connection (it was gone): back at its
+    /// position, no longer counted as unacknowledged.
+    pub(crate) fn undo_dispatch(&mut self, message: QueuedMessage, no_ack: bool) {
+        if !no_ack {
+            self.unacked = self.unacked.saturating_sub(1);
+        }
+        self.put_back(message);
     }
 
-    fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>) {
+    /// Hands ready messages to consumers with credit, round-robin.
+    pub(crate) fn dispatch(&mut self, now: Instant, outbox: &mut Outbox) {
+        self.dispatch_inner(now, None, outbox);
+    }
+
+    fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>, outbox: &mut Outbox) {
         while !self.ready.is_empty() {
             // A consumer with credit first: when none has any (a full mailbox), the messages,
             // whose memory is likely cold, are not touched at all.
@@ -200,25 +215,16 @@ impl Queue {
                 queue: self.name.clone(),
                 message,
             };
-            match consumer.mailbox.send(item) {
-                Ok(()) => {
-                    if !consumer.no_ack {
-                        consumer.in_flight += 1;
-                        consumer
-                            .channel_credit
-                            .in_flight
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.unacked += 1;
-                    }
-                    self.next_consumer = (index + 1) % n;
-                }
-                Err(Outbound::Deliver { message, .. }) => {
-                    // The connection is gone; its teardown removes the consumer.
-                    self.ready.push_front(message);
-                    return;
-                }
-                Err(_) => unreachable!("sent a delivery"),
+            outbox.send(&consumer.mailbox, item);
+            if !consumer.no_ack {
+                consumer.in_flight += 1;
+                consumer
+                    .channel_credit
+                    .in_flight
+                    .fetch_add(1, Ordering::Relaxed);
+                self.unacked += 1;
             }
+            self.next_consumer = (index + 1) % n;
         }
     }
 

@@ -4,11 +4,12 @@
 
 use crate::direct_reply::{ADDRESS_PREFIX, PSEUDO_QUEUE, ReplyConsumer};
 use crate::exchange::{Exchange, builtin_exchanges, is_default};
-use crate::mailbox::Outbound;
+use crate::mailbox::{Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
 use crate::queue::{ConnId, Queue};
 use amq_protocol::types::FieldTable;
 use rustc_hash::FxHashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -32,6 +33,32 @@ pub(crate) struct VhostState {
     pub(crate) exchanges: FxHashMap<String, Exchange>,
     /// Direct reply-to consumers by reply address.
     pub(crate) reply_consumers: FxHashMap<String, ReplyConsumer>,
+    /// Items for connections' mailboxes, handed over when the lock is released.
+    pub(crate) outbox: Outbox,
+}
+
+/// The vhost lock, held. Items sent to mailboxes while it is held (deliveries, server-sent
+/// cancels) reach them when it is released, in the order they were sent.
+pub(crate) struct VhostGuard<'a>(MutexGuard<'a, VhostState>);
+
+impl Deref for VhostGuard<'_> {
+    type Target = VhostState;
+
+    fn deref(&self) -> &VhostState {
+        &self.0
+    }
+}
+
+impl DerefMut for VhostGuard<'_> {
+    fn deref_mut(&mut self) -> &mut VhostState {
+        &mut self.0
+    }
+}
+
+impl Drop for VhostGuard<'_> {
+    fn drop(&mut self) {
+        self.0.flush_outbox();
+    }
 }
 
 impl Vhost {
@@ -47,18 +74,51 @@ impl Vhost {
                 queues: FxHashMap::default(),
                 exchanges,
                 reply_consumers: FxHashMap::default(),
+                outbox: Outbox::default(),
             }),
         }
     }
 
     /// Takes the lock. A panic while it was held cannot leave the maps half-updated in a way
     /// that matters more than stopping service, so poisoning is ignored.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, VhostState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn lock(&self) -> VhostGuard<'_> {
+        VhostGuard(self.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
 impl VhostState {
+    /// Dispatches a queue, if it exists.
+    pub(crate) fn dispatch(&mut self, queue: &str, now: Instant) {
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.dispatch(now, &mut self.outbox);
+        }
+    }
+
+    /// Hands the gathered items to their mailboxes. A delivery whose connection has gone
+    /// meanwhile goes back to its queue, which dispatches again.
+    fn flush_outbox(&mut self) {
+        while !self.outbox.is_empty() {
+            let undelivered = self.outbox.flush();
+            if undelivered.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            for item in undelivered {
+                if let Outbound::Deliver {
+                    queue,
+                    no_ack,
+                    message,
+                    ..
+                } = item
+                    && let Some(q) = self.queues.get_mut(&queue)
+                {
+                    q.undo_dispatch(message, no_ack);
+                    q.dispatch(now, &mut self.outbox);
+                }
+            }
+        }
+    }
+
     /// Routes a message from its exchange (which must exist) and enqueues it, with its
     /// `expiration` (`ttl`, in milliseconds) counted from now; gives it back if it routes to no
     /// queue.
@@ -76,7 +136,7 @@ impl VhostState {
             }
             return match self.queues.get_mut(message.routing_key()) {
                 Some(queue) => {
-                    queue.publish(message, expires_at, now);
+                    queue.publish(message, expires_at, now, &mut self.outbox);
                     Ok(())
                 }
                 None => Err(message),
@@ -98,11 +158,11 @@ impl VhostState {
         };
         for name in targets {
             if let Some(queue) = self.queues.get_mut(name) {
-                queue.publish(message.clone(), expires_at, now);
+                queue.publish(message.clone(), expires_at, now, &mut self.outbox);
             }
         }
         if let Some(queue) = self.queues.get_mut(last) {
-            queue.publish(message, expires_at, now);
+            queue.publish(message, expires_at, now, &mut self.outbox);
         }
         Ok(())
     }
@@ -137,10 +197,13 @@ impl VhostState {
         self.remove_bindings_to(name);
         let count = queue.ready_len() as u32;
         for consumer in queue.take_consumers() {
-            let _ = consumer.mailbox.send(Outbound::Cancel {
-                channel: consumer.channel,
-                consumer_tag: consumer.tag,
-            });
+            self.outbox.send(
+                &consumer.mailbox,
+                Outbound::Cancel {
+                    channel: consumer.channel,
+                    consumer_tag: consumer.tag,
+                },
+            );
         }
         Some(count)
     }
@@ -179,5 +242,56 @@ impl VhostState {
         for name in owned {
             self.delete_queue(&name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailbox::mailbox;
+    use crate::message::MessageBuilder;
+    use crate::queue::{Consumer, QueueOptions};
+
+    fn options() -> QueueOptions {
+        QueueOptions {
+            durable: false,
+            exclusive: None,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    #[test]
+    fn a_delivery_whose_connection_goes_before_the_lock_is_released_returns_to_its_queue() {
+        let vhost = Vhost::new("/");
+        let (tx, mut rx) = mailbox();
+        let mut state = vhost.lock();
+        let mut queue = Queue::new("jobs", options(), None);
+        queue.add_consumer(Consumer {
+            tag: "c".into(),
+            conn: 1,
+            channel: 1,
+            no_ack: false,
+            exclusive: false,
+            prefetch: 0,
+            in_flight: 0,
+            channel_credit: Arc::default(),
+            mailbox: tx,
+        });
+        state.queues.insert("jobs".into(), queue);
+        let message = MessageBuilder::new("", "jobs", &[0, 0], 0).finish();
+        assert!(state.publish(None, None, message).is_ok());
+        let queue = &state.queues["jobs"];
+        assert_eq!((queue.ready_len(), queue.unacked), (0, 1), "dispatched");
+        // The connection closes its mailbox (as its teardown does) while the lock is held.
+        assert!(rx.close_and_drain().is_empty(), "nothing arrives early");
+        drop(state);
+        let state = vhost.lock();
+        let queue = &state.queues["jobs"];
+        assert_eq!(
+            (queue.ready_len(), queue.unacked),
+            (1, 0),
+            "back in the queue"
+        );
     }
 }

@@ -300,6 +300,21 @@ impl RawClient {
         body: &[u8],
         properties: basic::AMQPProperties,
     ) {
+        let bytes =
+            Self::publish_frames(channel, exchange, routing_key, mandatory, body, properties);
+        self.send_bytes(&bytes).await;
+    }
+
+    /// The frames of a publish (method, header, one body frame if non-empty), to send later,
+    /// e.g. several publishes in one write.
+    pub fn publish_frames(
+        channel: u16,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        body: &[u8],
+        properties: basic::AMQPProperties,
+    ) -> Vec<u8> {
         let mut bytes = Self::encode(&AMQPFrame::Method(
             channel,
             AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
@@ -320,7 +335,7 @@ impl RawClient {
         if !body.is_empty() {
             bytes.extend(Self::encode(&AMQPFrame::Body(channel, body.to_vec())));
         }
-        self.send_bytes(&bytes).await;
+        bytes
     }
 
     /// Sends channel.open on `channel` and expects channel.open-ok.

@@ -232,3 +232,34 @@ async fn unacked_messages_of_a_failed_channel_are_requeued() {
     delete_quietly(&other, &q).await;
     close_conn(&conn).await;
 }
+
+/// Publishes pipelined in one write around a publish to a missing exchange (the broker routes
+/// a run of publishes together): those before it are routed, its channel closes with 404, the
+/// channel's later publishes are dropped, and another channel's publish in the same write is
+/// routed.
+#[tokio::test]
+async fn a_failing_publish_among_pipelined_ones_closes_its_channel_and_drops_only_what_follows() {
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
+    c.open_channel(2).await;
+    let q = broker.unique_name("pipelined");
+    c.declare_queue(2, &q).await;
+    let missing = broker.unique_name("no-such-exchange");
+    let publish = |ch, exchange: &str, body: &[u8]| {
+        RawClient::publish_frames(ch, exchange, &q, false, body, Default::default())
+    };
+    let mut batch = publish(1, "", b"routed");
+    batch.extend(publish(1, &missing, b"fails"));
+    batch.extend(publish(1, "", b"dropped: its channel is closing"));
+    batch.extend(publish(2, "", b"routed: another channel"));
+    c.send_bytes(&batch).await;
+    c.expect_channel_close(
+        1,
+        404,
+        Some(&format!("NOT_FOUND - no exchange '{missing}' in vhost '/'")),
+    )
+    .await;
+    assert_eq!(c.purge(2, &q).await, 2, "the first and the last publish");
+    c.delete_queue(2, &q).await;
+    c.close().await;
+}

@@ -15,7 +15,7 @@ use crate::queue::ConnId;
 use crate::server::{BrokerShared, ConnectionEntry};
 use crate::trace::Direction;
 use crate::vhost::Vhost;
-use amq_protocol::protocol::{AMQPClass, channel, connection};
+use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 use bytes::BytesMut;
 pub(crate) use handshake::method_name;
 use handshake::{HandshakeError, Tuning, handshake};
@@ -85,6 +85,11 @@ pub(crate) struct Connection {
     pub(crate) settle_counts: FxHashMap<(usize, usize), SettleCount>,
     /// Where the next [`Connection::redispatch`] starts among the connection's consumers.
     redispatch_from: usize,
+    /// Complete publishes not yet routed: a run of publishes is routed under one hold of the
+    /// vhost lock, and each mailbox then takes its share of the deliveries at once (see
+    /// [`crate::mailbox::Outbox`]). Routed before any other frame is handled, and when the
+    /// input read is done, so nothing else this connection does can tell.
+    pub(crate) staged: Vec<(u16, crate::channel::Publication, crate::message::Message)>,
 }
 
 /// Serves one client connection over any byte stream until it ends, then returns its
@@ -136,6 +141,7 @@ where
         input_held: false,
         settle_counts: FxHashMap::default(),
         redispatch_from: 0,
+        staged: Vec::new(),
     };
     // Frames the client pipelined behind connection.open are already buffered.
     conn.process_input(&mut rbuf);
@@ -319,6 +325,7 @@ impl Connection {
         loop {
             if self.state == ConnState::Closed {
                 rbuf.clear();
+                self.route_staged();
                 self.flush_confirms();
                 return;
             }
@@ -331,6 +338,7 @@ impl Connection {
             match decoded {
                 Ok(Some(frame)) => self.handle_frame(frame),
                 Ok(None) => {
+                    self.route_staged();
                     self.flush_confirms();
                     self.channel_count
                         .store(self.channels.len(), Ordering::Relaxed);
@@ -339,6 +347,7 @@ impl Connection {
                 Err(e) => {
                     // The stream cannot be resynchronised after a framing error.
                     rbuf.clear();
+                    self.route_staged();
                     self.flush_confirms();
                     self.close_connection(e);
                     return;
@@ -391,6 +400,14 @@ impl Connection {
             }
             return;
         }
+        if !matches!(
+            frame,
+            Frame::Header { .. }
+                | Frame::Body(..)
+                | Frame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Publish(_)))
+        ) {
+            self.route_staged();
+        }
         let result = match frame {
             Frame::Heartbeat => Ok(()),
             Frame::Method(0, method) => self.connection_method(method),
@@ -428,8 +445,9 @@ impl Connection {
     }
 
     /// Reports an error in its scope: channel.close, or connection.close.
-    fn fail(&mut self, channel: u16, e: AmqpError) {
-        // Publishes handled before the error are confirmed before the close.
+    pub(crate) fn fail(&mut self, channel: u16, e: AmqpError) {
+        // Publishes handled before the error are routed and confirmed before the close.
+        self.route_staged();
         self.flush_confirms();
         if e.is_connection_error() || channel == 0 {
             self.close_connection(e);
@@ -512,9 +530,7 @@ impl Connection {
             if !self.mailbox.has_room() {
                 break;
             }
-            if let Some(queue) = state.queues.get_mut(&consumer.queue) {
-                queue.dispatch(now);
-            }
+            state.dispatch(&consumer.queue, now);
             visited += 1;
         }
         self.redispatch_from = start + visited;

@@ -108,9 +108,7 @@ impl Connection {
         let mut state = self.vhost.lock();
         let tag = (!no_ack).then_some(consumer_tag);
         requeue_undelivered(&mut state, &queue, self.id, channel, tag, no_ack, message);
-        if let Some(q) = state.queues.get_mut(&queue) {
-            q.dispatch(Instant::now());
-        }
+        state.dispatch(&queue, Instant::now());
     }
 
     /// The channel, if open.
@@ -159,8 +157,6 @@ pub(crate) fn requeue(
 pub(crate) fn dispatch_all(state: &mut VhostState, queues: FxHashSet<Arc<str>>) {
     let now = Instant::now();
     for name in queues {
-        if let Some(q) = state.queues.get_mut(&name) {
-            q.dispatch(now);
-        }
+        state.dispatch(&name, now);
     }
 }
