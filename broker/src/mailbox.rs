@@ -73,7 +73,8 @@ struct MailboxShared {
     items: Mutex<Option<VecDeque<Outbound>>>,
     /// Wakes the connection task when items arrive in an empty mailbox.
     arrived: Notify,
-    /// Memory of the deliveries sent and not yet taken by the connection (see [`bytes_held`]).
+    /// Memory of the deliveries sent (or gathered in an [`Outbox`] for it) and not yet taken
+    /// by the connection (see [`bytes_held`]); meaningless once closed.
     queued: AtomicUsize,
     /// Dispatch skipped a consumer because the mailbox was full.
     starved: AtomicBool,
@@ -168,8 +169,11 @@ impl Mailbox {
 }
 
 /// Items for mailboxes, gathered while the vhost lock is held and handed over, one batch per
-/// mailbox, before it is released (see [`crate::vhost::VhostGuard`]), so the order in which
-/// any one mailbox receives items is the order they were sent in. With many consumer
+/// mailbox, before it is released (see [`crate::vhost::VhostGuard`]), so each mailbox receives
+/// the items sent through the outbox in the order they were sent. (A direct reply-to reply is
+/// sent straight to its mailbox, to return it to a mandatory publisher if the connection is
+/// gone: it may overtake queue deliveries of the same lock hold, which RabbitMQ does not
+/// order against it either.) With many consumer
 /// connections, a delivery stored straight into its mailbox lands in memory not touched since
 /// the connection last drained it, and the mailbox's mutex then waits for that store; gathered
 /// here, each mailbox takes its batch in one copy and one lock.
@@ -212,7 +216,7 @@ impl Outbox {
             if !mailbox.send_all(&mut items) {
                 undelivered.append(&mut items);
             }
-            if self.spare.len() < MAX_SPARE_BATCHES {
+            if self.spare.len() < MAX_SPARE_BATCHES && items.capacity() <= MAX_SPARE_ITEMS {
                 self.spare.push(items);
             }
         }
@@ -222,6 +226,8 @@ impl Outbox {
 
 /// Emptied batch buffers an [`Outbox`] keeps.
 const MAX_SPARE_BATCHES: usize = 256;
+/// Largest batch buffer kept (a catch-up after a full mailbox can gather thousands).
+const MAX_SPARE_ITEMS: usize = 1024;
 
 impl MailboxReceiver {
     /// The next item, waiting for one.

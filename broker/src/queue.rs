@@ -179,7 +179,9 @@ impl Queue {
     }
 
     /// A delivery that never reached its consumer's connection (it was gone): back at its
-    /// position, no longer counted as unacknowledged.
+    /// position, no longer counted as unacknowledged, its redelivered flag unchanged (the
+    /// client never saw it). The consumer's own credit is not given back: a mailbox closes
+    /// only when its connection ends, which removes the consumer.
     pub(crate) fn undo_dispatch(&mut self, message: QueuedMessage, no_ack: bool) {
         if !no_ack {
             self.unacked = self.unacked.saturating_sub(1);

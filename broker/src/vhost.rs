@@ -37,8 +37,9 @@ pub(crate) struct VhostState {
     pub(crate) outbox: Outbox,
 }
 
-/// The vhost lock, held. Items sent to mailboxes while it is held (deliveries, server-sent
-/// cancels) reach them when it is released, in the order they were sent.
+/// The vhost lock, held. Items sent to mailboxes through the outbox while it is held
+/// (deliveries from queues, server-sent cancels) reach them when it is released, in the order
+/// they were sent.
 pub(crate) struct VhostGuard<'a>(MutexGuard<'a, VhostState>);
 
 impl Deref for VhostGuard<'_> {

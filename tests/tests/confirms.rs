@@ -263,3 +263,43 @@ async fn publish_to_a_missing_exchange_in_confirm_mode_closes_the_channel_404() 
     let _ = channel(&conn).await;
     close_conn(&conn).await;
 }
+
+/// Publishes read in the same write as connection.close are confirmed before close-ok.
+/// Embedded only: RabbitMQ may drop confirms still pending when the connection closes.
+#[tokio::test]
+async fn publishes_sent_with_connection_close_are_confirmed_before_close_ok() {
+    if warren_tests::external() {
+        return;
+    }
+    use amq_protocol::protocol::connection;
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
+    c.rpc(1, select(false)).await;
+    let q = broker.unique_name("confirm-close");
+    c.declare_queue(1, &q).await;
+    let mut batch = RawClient::publish_frames(1, "", &q, false, b"x", Default::default());
+    batch.extend(RawClient::encode(&AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    )));
+    c.send_bytes(&batch).await;
+    match c.recv_frame().await {
+        AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Ack(a))) => {
+            assert_eq!(a.delivery_tag, 1)
+        }
+        other => panic!("expected basic.ack 1 before close-ok, got {other:?}"),
+    }
+    match c.recv_frame().await {
+        AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) => {}
+        other => panic!("expected connection.close-ok, got {other:?}"),
+    }
+    let admin = broker.connect().await;
+    let ch = channel(&admin).await;
+    delete_quietly(&ch, &q).await;
+    close_conn(&admin).await;
+}

@@ -87,8 +87,9 @@ pub(crate) struct Connection {
     redispatch_from: usize,
     /// Complete publishes not yet routed: a run of publishes is routed under one hold of the
     /// vhost lock, and each mailbox then takes its share of the deliveries at once (see
-    /// [`crate::mailbox::Outbox`]). Routed before any other frame is handled, and when the
-    /// input read is done, so nothing else this connection does can tell.
+    /// [`crate::mailbox::Outbox`]). Routed when 256 are staged, before any other frame is
+    /// handled, before a channel or connection error is reported, and when the input read is
+    /// done, so nothing else this connection does can tell.
     pub(crate) staged: Vec<(u16, crate::channel::Publication, crate::message::Message)>,
 }
 
@@ -286,7 +287,7 @@ impl Connection {
                 item = inbox.recv(), if taking => {
                     if let Some(item) = item {
                         self.handle_outbound(item);
-                        while self.out_pending() < OUT_HIGH_WATER
+                        while self.state == ConnState::Open && self.out_pending() < OUT_HIGH_WATER
                             && let Some(item) = inbox.try_recv()
                         {
                             self.handle_outbound(item);
@@ -378,6 +379,15 @@ impl Connection {
     }
 
     fn handle_frame(&mut self, frame: Frame) {
+        // Staged publishes are routed (and answered) before anything else is handled.
+        if !matches!(
+            frame,
+            Frame::Header { .. }
+                | Frame::Body(..)
+                | Frame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Publish(_)))
+        ) {
+            self.route_staged();
+        }
         if let (Some(trace), Frame::Method(channel, method)) = (&self.shared.trace, &frame) {
             trace.record(self.id, Direction::Received, *channel, method);
         }
@@ -399,14 +409,6 @@ impl Connection {
                 _ => {}
             }
             return;
-        }
-        if !matches!(
-            frame,
-            Frame::Header { .. }
-                | Frame::Body(..)
-                | Frame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Publish(_)))
-        ) {
-            self.route_staged();
         }
         let result = match frame {
             Frame::Heartbeat => Ok(()),
@@ -487,6 +489,8 @@ impl Connection {
     fn connection_method(&mut self, method: AMQPClass) -> Result<(), (u16, AmqpError)> {
         match method {
             AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
+                // Publishes read before the close are confirmed before close-ok.
+                self.flush_confirms();
                 self.send(
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),

@@ -446,7 +446,7 @@ impl Connection {
     }
 
     /// Routes the staged publishes, in order, under one hold of the vhost lock. A publish that
-    /// fails (no such exchange) closes its channel; the channel's later publishes are dropped,
+    /// fails (no such exchange, or an internal one) closes its channel; the channel's later publishes are dropped,
     /// as frames on a closing channel are.
     pub(crate) fn route_staged(&mut self) {
         if self.staged.is_empty() {
