@@ -173,10 +173,11 @@ impl Mailbox {
 /// the items sent through the outbox in the order they were sent. (A direct reply-to reply is
 /// sent straight to its mailbox, to return it to a mandatory publisher if the connection is
 /// gone: it may overtake queue deliveries of the same lock hold, which RabbitMQ does not
-/// order against it either.) With many consumer
-/// connections, a delivery stored straight into its mailbox lands in memory not touched since
-/// the connection last drained it, and the mailbox's mutex then waits for that store; gathered
-/// here, each mailbox takes its batch in one copy and one lock.
+/// order against it either.)
+///
+/// With many consumer connections, a delivery stored straight into its mailbox lands in memory
+/// not touched since the connection last drained it, and the mailbox's mutex then waits for
+/// that store; gathered here, each mailbox takes its batch in one copy and one lock.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     /// Each mailbox sent to since the last flush, with its items in order.

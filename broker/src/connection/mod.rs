@@ -87,7 +87,7 @@ pub(crate) struct Connection {
     redispatch_from: usize,
     /// Complete publishes not yet routed: a run of publishes is routed under one hold of the
     /// vhost lock, and each mailbox then takes its share of the deliveries at once (see
-    /// [`crate::mailbox::Outbox`]). Routed when 256 are staged, before any other frame is
+    /// [`crate::mailbox::Outbox`]). Routed once `MAX_STAGED` wait, before any other frame is
     /// handled, before a channel or connection error is reported, and when the input read is
     /// done, so nothing else this connection does can tell.
     pub(crate) staged: Vec<(u16, crate::channel::Publication, crate::message::Message)>,

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 /// The most (queue, consumer) entries [`Connection::settle_counts`] keeps between acks (about
 /// 230 KB; an ack spanning 1,000 queues, as in the bench's scale rows, fits).
 const SETTLE_COUNTS_KEPT: usize = 4096;
-/// Most publishes staged before they are routed (see [`Connection::staged`]): about 100 us of
-/// routing under one hold of the vhost lock.
+/// Most publishes staged before they are routed (see [`Connection::staged`]), which bounds how
+/// long one hold of the vhost lock lasts. 1,024 measured no better (BENCHMARKS.md, session 5).
 const MAX_STAGED: usize = 256;
 
 /// A short string from a message's exchange or routing key (which were short strings).
@@ -446,8 +446,8 @@ impl Connection {
     }
 
     /// Routes the staged publishes, in order, under one hold of the vhost lock. A publish that
-    /// fails (no such exchange, or an internal one) closes its channel; the channel's later publishes are dropped,
-    /// as frames on a closing channel are.
+    /// fails (no such exchange, or an internal one) closes its channel; the channel's later
+    /// publishes are dropped, as frames on a closing channel are.
     pub(crate) fn route_staged(&mut self) {
         if self.staged.is_empty() {
             return;
