@@ -17,19 +17,30 @@ pub(crate) struct Message {
 }
 
 impl Message {
-    fn text(&self, from: usize, len: u8) -> &str {
+    fn text(bytes: &[u8]) -> &str {
         // Both were short strings, so valid UTF-8; an empty string cannot happen otherwise.
-        std::str::from_utf8(&self.data[from..from + len as usize]).unwrap_or_default()
+        std::str::from_utf8(bytes).unwrap_or_default()
     }
 
     /// The exchange it was published to.
     pub(crate) fn exchange(&self) -> &str {
-        self.text(0, self.exchange_len)
+        Self::text(self.exchange_bytes())
     }
 
     /// The routing key it was published with.
     pub(crate) fn routing_key(&self) -> &str {
-        self.text(self.exchange_len as usize, self.routing_key_len)
+        Self::text(self.routing_key_bytes())
+    }
+
+    /// The exchange's bytes, for writing it out (no UTF-8 check, unlike [`Self::exchange`]).
+    pub(crate) fn exchange_bytes(&self) -> &[u8] {
+        &self.data[..self.exchange_len as usize]
+    }
+
+    /// The routing key's bytes, likewise.
+    pub(crate) fn routing_key_bytes(&self) -> &[u8] {
+        let start = self.exchange_len as usize;
+        &self.data[start..start + self.routing_key_len as usize]
     }
 
     /// Property flags and list, as received.

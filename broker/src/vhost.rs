@@ -121,21 +121,22 @@ impl VhostState {
     }
 
     /// Routes a message from its exchange (which must exist) and enqueues it, with its
-    /// `expiration` (`ttl`, in milliseconds) counted from now; gives it back if it routes to no
-    /// queue.
+    /// `expiration` (`ttl`, in milliseconds) counted from `now`; gives it back if it routes to
+    /// no queue.
     pub(crate) fn publish(
         &mut self,
         headers: Option<&FieldTable>,
         ttl: Option<u64>,
         message: Message,
+        now: Instant,
     ) -> Result<(), Message> {
-        let now = Instant::now();
         let expires_at = ttl.map(|ms| now + Duration::from_millis(ms));
         if is_default(message.exchange()) {
-            if message.routing_key().starts_with(ADDRESS_PREFIX) {
+            let routing_key = message.routing_key();
+            if routing_key.starts_with(ADDRESS_PREFIX) {
                 return self.reply(message);
             }
-            return match self.queues.get_mut(message.routing_key()) {
+            return match self.queues.get_mut(routing_key) {
                 Some(queue) => {
                     queue.publish(message, expires_at, now, &mut self.outbox);
                     Ok(())
@@ -281,7 +282,7 @@ mod tests {
         });
         state.queues.insert("jobs".into(), queue);
         let message = MessageBuilder::new("", "jobs", &[0, 0], 0).finish();
-        assert!(state.publish(None, None, message).is_ok());
+        assert!(state.publish(None, None, message, Instant::now()).is_ok());
         let queue = &state.queues["jobs"];
         assert_eq!((queue.ready_len(), queue.unacked), (0, 1), "dispatched");
         // The connection closes its mailbox (as its teardown does) while the lock is held.

@@ -455,11 +455,14 @@ impl Connection {
         let mut staged = std::mem::take(&mut self.staged);
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
+        // One clock read for the batch (TTLs count in milliseconds; a clock read per publish
+        // was 3.5% of the broker's time).
+        let now = Instant::now();
         for (ch, publication, message) in staged.drain(..) {
             if self.open_channel(ch).is_none() {
                 continue;
             }
-            if let Err(e) = self.route_locked(&mut state, ch, publication, message) {
+            if let Err(e) = self.route_locked(&mut state, now, ch, publication, message) {
                 drop(state);
                 self.fail(ch, e.during_ids(60, 40));
                 state = vhost.lock();
@@ -478,13 +481,14 @@ impl Connection {
     ) -> AmqpResult {
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
-        self.route_locked(&mut state, ch, publication, message)
+        self.route_locked(&mut state, Instant::now(), ch, publication, message)
     }
 
-    /// Routes a publish under the vhost lock, then answers it (basic.return, confirm).
+    /// Routes a publish under the vhost lock at `now`, then answers it (basic.return, confirm).
     fn route_locked(
         &mut self,
         state: &mut VhostState,
+        now: Instant,
         ch: u16,
         publication: Publication,
         message: Message,
@@ -509,7 +513,7 @@ impl Connection {
                 Some(_) => {}
             }
         }
-        let routed = state.publish(publication.headers.as_ref(), publication.ttl, message);
+        let routed = state.publish(publication.headers.as_ref(), publication.ttl, message, now);
         if let Err(message) = routed
             && publication.mandatory
         {
@@ -593,8 +597,8 @@ impl Connection {
             consumer_tag: &consumer_tag,
             delivery_tag,
             redelivered: message.redelivered,
-            exchange: message.message.exchange(),
-            routing_key: message.message.routing_key(),
+            exchange: message.message.exchange_bytes(),
+            routing_key: message.message.routing_key_bytes(),
         };
         self.trace_sent(ch, || deliver.method());
         codec::write_deliver(&mut self.out.bytes, ch, &deliver);
