@@ -27,7 +27,8 @@ pub(crate) const PUBSUB_4KIB: &str = "pubsub 4 KiB";
 /// See [`PUBSUB_16B`].
 pub(crate) const FAN_IN: &str = "fan-in 8 pub -> 1 q -> 2 cons";
 
-/// The name of the scale scenario with `queues` queues on `connections` consumer connections.
+/// The name of the scale scenario with `queues` queues on `connections` consumer connections
+/// (one consumer per queue, or per connection when there are fewer queues than connections).
 pub(crate) fn scale_name(queues: usize, connections: usize) -> String {
     format!("scale {queues} q / {connections} conn")
 }
@@ -100,9 +101,27 @@ pub(crate) async fn run_all(
         }
     }
     if wants("scale") {
-        for (queues, connections) in [(1, 1), (100, 1), (1000, 1), (100, 100), (1000, 100)] {
+        // 1 q / 100 conn has 100 consumers on its queue, one per connection: beside
+        // 1000 q / 100 conn it tells the cost of many queues from that of many connections.
+        for (queues, connections) in [
+            (1, 1),
+            (100, 1),
+            (1000, 1),
+            (1, 100),
+            (100, 100),
+            (1000, 100),
+        ] {
             let name = scale_name(queues, connections);
-            let scenario = flow(&name, Client::Lean, 16, queues, 1, connections, 1);
+            let consumers_per_queue = (connections / queues).max(1);
+            let scenario = flow(
+                &name,
+                Client::Lean,
+                16,
+                queues,
+                consumers_per_queue,
+                connections,
+                1,
+            );
             runner::run(&scenario, targets, plan, results).await;
         }
     }
