@@ -2,7 +2,7 @@
 //! deliveries (ordered by delivery tag), consumers, prefetch and confirm mode.
 
 use crate::message::{Message, MessageBuilder, QueuedMessage};
-use crate::queue::{ChannelCredit, ConsumerTag};
+use crate::queue::{ChannelCredit, ConsumerTag, Source};
 use crate::unacked::UnackedDeliveries;
 use amq_protocol::protocol::basic;
 use amq_protocol::types::{FieldTable, ShortString};
@@ -44,17 +44,14 @@ pub(crate) struct Publication {
 /// A delivery awaiting ack, nack or reject.
 #[derive(Debug)]
 pub(crate) struct Unacked {
-    /// The queue it came from.
-    pub(crate) queue: Arc<str>,
-    /// The consumer it went to (`None` for basic.get).
-    pub(crate) consumer_tag: Option<ConsumerTag>,
+    /// The queue it came from and the consumer it went to.
+    pub(crate) source: Arc<Source>,
     /// The message, to requeue.
     pub(crate) message: QueuedMessage,
 }
 
-/// Deliveries settled at once for one queue and consumer: the queue, the consumer (`None` for
-/// basic.get), how many.
-pub(crate) type SettleCount = (Arc<str>, Option<ConsumerTag>, u32);
+/// Deliveries settled at once from one source (queue and consumer): the source, how many.
+pub(crate) type SettleCount = (Arc<Source>, u32);
 
 /// What an ack, nack or reject does.
 #[derive(Clone, Copy, Debug)]

@@ -22,8 +22,8 @@ pub(crate) struct ReplyConsumer {
     pub(crate) mailbox: Mailbox,
     /// Its channel.
     pub(crate) channel: u16,
-    /// Its consumer tag.
-    pub(crate) tag: crate::queue::ConsumerTag,
+    /// The pseudo-queue and its consumer tag, as its deliveries carry them.
+    pub(crate) source: std::sync::Arc<crate::queue::Source>,
 }
 
 /// A fresh reply address.

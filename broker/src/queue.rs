@@ -45,15 +45,38 @@ impl ChannelCredit {
     }
 }
 
-/// A consumer's tag, shared by its queue, its channel and every delivery in flight (cloned per
-/// delivery, so a reference count rather than a string).
+/// A consumer's tag, shared by its queue, its channel and its [`Source`].
 pub(crate) type ConsumerTag = Arc<str>;
+
+/// Where a delivery came from: its queue, and the consumer it went to (`None` for basic.get).
+/// One per consumer, shared by all its deliveries in flight and unacknowledged: a delivery
+/// counts one reference to it rather than cloning two names (each clone an atomic on a cache
+/// line other connections' deliveries also touch).
+#[derive(Debug)]
+pub(crate) struct Source {
+    /// The queue (the pseudo-queue for direct reply-to).
+    pub(crate) queue: Arc<str>,
+    /// The consumer's tag; `None` for basic.get.
+    pub(crate) consumer_tag: Option<ConsumerTag>,
+}
+
+impl Source {
+    /// The source of a consumer's deliveries.
+    pub(crate) fn consumer(queue: Arc<str>, tag: ConsumerTag) -> Arc<Self> {
+        Arc::new(Self {
+            queue,
+            consumer_tag: Some(tag),
+        })
+    }
+}
 
 /// A consumer attached to a queue.
 #[derive(Debug)]
 pub(crate) struct Consumer {
     /// Its tag, unique within its channel.
     pub(crate) tag: ConsumerTag,
+    /// Its queue and tag, as its deliveries carry them.
+    pub(crate) source: Arc<Source>,
     /// Its connection.
     pub(crate) conn: ConnId,
     /// Its channel.
@@ -212,9 +235,8 @@ impl Queue {
             let consumer = &mut self.consumers[index];
             let item = Outbound::Deliver {
                 channel: consumer.channel,
-                consumer_tag: consumer.tag.clone(),
+                source: consumer.source.clone(),
                 no_ack: consumer.no_ack,
-                queue: self.name.clone(),
                 message,
             };
             outbox.send(&consumer.mailbox, item);

@@ -144,8 +144,10 @@ mod tests {
 
     fn delivery() -> Unacked {
         Unacked {
-            queue: Arc::from("q"),
-            consumer_tag: None,
+            source: Arc::new(crate::queue::Source {
+                queue: Arc::from("q"),
+                consumer_tag: None,
+            }),
             message: QueuedMessage {
                 seq: 0,
                 redelivered: false,

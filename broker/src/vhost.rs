@@ -2,7 +2,7 @@
 //! across an `.await`. Every operation that touches more than one queue or a queue and its
 //! consumers takes the lock once.
 
-use crate::direct_reply::{ADDRESS_PREFIX, PSEUDO_QUEUE, ReplyConsumer};
+use crate::direct_reply::{ADDRESS_PREFIX, ReplyConsumer};
 use crate::exchange::{Exchange, builtin_exchanges, is_default};
 use crate::mailbox::{Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
@@ -106,12 +106,12 @@ impl VhostState {
             let now = Instant::now();
             for item in undelivered {
                 if let Outbound::Deliver {
-                    queue,
+                    source,
                     no_ack,
                     message,
                     ..
                 } = item
-                    && let Some(q) = self.queues.get_mut(&queue)
+                    && let Some(q) = self.queues.get_mut(&source.queue)
                 {
                     q.undo_dispatch(message, no_ack);
                     q.dispatch(now, &mut self.outbox);
@@ -176,9 +176,8 @@ impl VhostState {
         };
         let delivery = Outbound::Deliver {
             channel: consumer.channel,
-            consumer_tag: consumer.tag.clone(),
+            source: consumer.source.clone(),
             no_ack: true,
-            queue: PSEUDO_QUEUE.into(),
             message: QueuedMessage {
                 seq: 0,
                 redelivered: false,
@@ -252,7 +251,7 @@ mod tests {
     use super::*;
     use crate::mailbox::mailbox;
     use crate::message::MessageBuilder;
-    use crate::queue::{Consumer, QueueOptions};
+    use crate::queue::{Consumer, QueueOptions, Source};
 
     fn options() -> QueueOptions {
         QueueOptions {
@@ -271,6 +270,7 @@ mod tests {
         let mut queue = Queue::new("jobs", options(), None);
         queue.add_consumer(Consumer {
             tag: "c".into(),
+            source: Source::consumer("jobs".into(), "c".into()),
             conn: 1,
             channel: 1,
             no_ack: false,

@@ -82,7 +82,7 @@ pub(crate) struct Connection {
     input_held: bool,
     /// Per (queue, consumer) counts of the ack being handled, by the shared names' addresses;
     /// kept between acks to reuse its table.
-    pub(crate) settle_counts: FxHashMap<(usize, usize), SettleCount>,
+    pub(crate) settle_counts: FxHashMap<usize, SettleCount>,
     /// Where the next [`Connection::redispatch`] starts among the connection's consumers.
     redispatch_from: usize,
     /// Complete publishes not yet routed: a run of publishes is routed under one hold of the
@@ -545,11 +545,10 @@ impl Connection {
         match item {
             Outbound::Deliver {
                 channel,
-                consumer_tag,
+                source,
                 no_ack,
-                queue,
                 message,
-            } => self.deliver(channel, consumer_tag, no_ack, queue, message),
+            } => self.deliver(channel, source, no_ack, message),
             Outbound::Cancel {
                 channel,
                 consumer_tag,

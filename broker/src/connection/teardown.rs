@@ -8,6 +8,7 @@ use crate::channel::{Channel, ChannelConsumer};
 use crate::direct_reply::PSEUDO_QUEUE;
 use crate::mailbox::{MailboxReceiver, Outbound};
 use crate::message::QueuedMessage;
+use crate::queue::Source;
 use crate::vhost::VhostState;
 use rustc_hash::FxHashSet;
 use std::sync::Arc;
@@ -33,8 +34,15 @@ impl Connection {
             self.detach_consumer(&mut state, channel, &tag, &consumer);
         }
         for (_, u) in unacked.take_all() {
-            requeue(&mut state, &u.queue, self.id, channel, None, u.message);
-            touched.insert(u.queue);
+            requeue(
+                &mut state,
+                &u.source.queue,
+                self.id,
+                channel,
+                None,
+                u.message,
+            );
+            touched.insert(u.source.queue.clone());
         }
         dispatch_all(&mut state, touched);
     }
@@ -77,15 +85,13 @@ impl Connection {
         for item in pending {
             if let Outbound::Deliver {
                 channel,
-                consumer_tag,
+                source,
                 no_ack,
-                queue,
                 message,
             } = item
             {
-                let tag = (!no_ack).then_some(&*consumer_tag);
-                requeue_undelivered(&mut state, &queue, self.id, channel, tag, no_ack, message);
-                touched.insert(queue);
+                requeue_undelivered(&mut state, &source, self.id, channel, no_ack, message);
+                touched.insert(source.queue.clone());
             }
         }
         state.delete_exclusive_queues(self.id);
@@ -97,18 +103,16 @@ impl Connection {
     pub(crate) fn return_undelivered(
         &mut self,
         channel: u16,
-        consumer_tag: &str,
+        source: Arc<Source>,
         no_ack: bool,
-        queue: Arc<str>,
         message: QueuedMessage,
     ) {
         if !no_ack && let Some(ch) = self.channels.get(&channel) {
             ch.credit.release();
         }
         let mut state = self.vhost.lock();
-        let tag = (!no_ack).then_some(consumer_tag);
-        requeue_undelivered(&mut state, &queue, self.id, channel, tag, no_ack, message);
-        state.dispatch(&queue, Instant::now());
+        requeue_undelivered(&mut state, &source, self.id, channel, no_ack, message);
+        state.dispatch(&source.queue, Instant::now());
     }
 
     /// The channel, if open.
@@ -123,16 +127,15 @@ impl Connection {
 /// saw it, so it is not flagged redelivered (RabbitMQ flags only messages a client received).
 fn requeue_undelivered(
     state: &mut VhostState,
-    queue: &str,
+    source: &Source,
     conn: u64,
     channel: u16,
-    consumer_tag: Option<&str>,
     no_ack: bool,
     message: QueuedMessage,
 ) {
-    if let Some(q) = state.queues.get_mut(queue) {
+    if let Some(q) = state.queues.get_mut(&source.queue) {
         if !no_ack {
-            q.settle(conn, channel, consumer_tag, 1);
+            q.settle(conn, channel, source.consumer_tag.as_deref(), 1);
         }
         q.put_back(message);
     }

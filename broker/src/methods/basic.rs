@@ -9,7 +9,7 @@ use crate::connection::teardown::{dispatch_all, requeue};
 use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address, rewrite_reply_to};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
-use crate::queue::{Consumer, ConsumerTag};
+use crate::queue::{Consumer, ConsumerTag, Source};
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
-/// The most (queue, consumer) entries [`Connection::settle_counts`] keeps between acks (about
+/// The most sources (queue and consumer) [`Connection::settle_counts`] keeps between acks (about
 /// 230 KB; an ack spanning 1,000 queues, as in the bench's scale rows, fits).
 const SETTLE_COUNTS_KEPT: usize = 4096;
 /// Most publishes staged before they are routed (see [`Connection::staged`]), which bounds how
@@ -31,15 +31,11 @@ fn short(text: &str) -> ShortString {
     crate::error::short_string_lossy(text)
 }
 
-/// Adds a run of settled deliveries to the counts per (queue, consumer).
-fn add_count(
-    counts: &mut FxHashMap<(usize, usize), SettleCount>,
-    key: (usize, usize),
-    count: SettleCount,
-) {
+/// Adds a run of settled deliveries to the counts per source.
+fn add_count(counts: &mut FxHashMap<usize, SettleCount>, key: usize, count: SettleCount) {
     counts
         .entry(key)
-        .and_modify(|c| c.2 += count.2)
+        .and_modify(|c| c.1 += count.1)
         .or_insert(count);
 }
 
@@ -152,8 +148,10 @@ impl Connection {
             .queues
             .get_mut(queue_name.as_str())
             .expect("found above");
+        let source = Source::consumer(queue.name.clone(), tag.clone());
         queue.add_consumer(Consumer {
             tag: tag.clone(),
+            source,
             conn: self.id,
             channel: ch,
             no_ack: m.no_ack,
@@ -194,7 +192,7 @@ impl Connection {
             ReplyConsumer {
                 mailbox: self.mailbox.clone(),
                 channel: ch,
-                tag: tag.clone(),
+                source: Source::consumer(PSEUDO_QUEUE.into(), tag.clone()),
             },
         );
         let channel = self.channel_mut(ch);
@@ -271,8 +269,10 @@ impl Connection {
             self.channel_mut(ch).unacked.insert(
                 delivery_tag,
                 Unacked {
-                    queue: queue_arc,
-                    consumer_tag: None,
+                    source: Arc::new(Source {
+                        queue: queue_arc,
+                        consumer_tag: None,
+                    }),
                     message,
                 },
             );
@@ -311,36 +311,31 @@ impl Connection {
         let mut state = self.vhost.lock();
         let mut touched = FxHashSet::default();
         let conn = self.id;
-        // Acked (or dropped) deliveries are counted per queue and consumer, told apart by their
-        // shared names' addresses, and each queue settles its count in one step: a multiple ack
-        // over deliveries from many queues then costs one queue lookup per queue, not per
-        // message.
+        // Acked (or dropped) deliveries are counted per source (queue and consumer), told apart
+        // by its address, and each queue settles its count in one step: a multiple ack over
+        // deliveries from many queues then costs one queue lookup per queue, not per message.
         // Kept between acks (cleared), so an ack over many queues does not grow a new table.
         let mut counts = std::mem::take(&mut self.settle_counts);
-        let mut run: Option<((usize, usize), SettleCount)> = None;
+        let mut run: Option<(usize, SettleCount)> = None;
         let mut released = 0;
         for (_, u) in settled {
-            if u.consumer_tag.is_some() {
+            let source = u.source;
+            if source.consumer_tag.is_some() {
                 released += 1;
             }
             if let Settle::Reject { requeue: true } = how {
-                let tag = u.consumer_tag.as_deref();
-                requeue(&mut state, &u.queue, conn, ch, tag, u.message);
-                touched.insert(u.queue);
+                let tag = source.consumer_tag.as_deref();
+                requeue(&mut state, &source.queue, conn, ch, tag, u.message);
+                touched.insert(source.queue.clone());
                 continue;
             }
-            let key = (
-                Arc::as_ptr(&u.queue).cast::<u8>() as usize,
-                u.consumer_tag
-                    .as_ref()
-                    .map_or(0, |t| Arc::as_ptr(t).cast::<u8>() as usize),
-            );
-            // Consecutive deliveries of one queue and consumer (the usual case) are counted
-            // without a table lookup each.
+            let key = Arc::as_ptr(&source) as usize;
+            // Consecutive deliveries from one source (the usual case) are counted without a
+            // table lookup each.
             match &mut run {
-                Some((k, count)) if *k == key => count.2 += 1,
+                Some((k, count)) if *k == key => count.1 += 1,
                 _ => {
-                    if let Some((k, count)) = run.replace((key, (u.queue, u.consumer_tag, 1))) {
+                    if let Some((k, count)) = run.replace((key, (source, 1))) {
                         add_count(&mut counts, k, count);
                     }
                 }
@@ -353,9 +348,9 @@ impl Connection {
         // Each queue settles and dispatches with one lookup.
         let now = Instant::now();
         let VhostState { queues, outbox, .. } = &mut *state;
-        for (_, (queue, tag, n)) in counts.drain() {
-            if let Some(q) = queues.get_mut(&queue) {
-                q.settle(conn, ch, tag.as_deref(), n);
+        for (_, (source, n)) in counts.drain() {
+            if let Some(q) = queues.get_mut(&source.queue) {
+                q.settle(conn, ch, source.consumer_tag.as_deref(), n);
                 q.dispatch(now, outbox);
             }
         }
@@ -576,25 +571,27 @@ impl Connection {
     pub(crate) fn deliver(
         &mut self,
         ch: u16,
-        consumer_tag: ConsumerTag,
+        source: Arc<Source>,
         no_ack: bool,
-        queue: Arc<str>,
         message: QueuedMessage,
     ) {
+        let Some(consumer_tag) = source.consumer_tag.as_ref() else {
+            // Dispatch sends only consumers' deliveries.
+            return self.return_undelivered(ch, source, no_ack, message);
+        };
         // The very consumer the delivery was dispatched to (the same shared tag), not a newer
         // one that reuses its tag after a cancel.
         let Some(channel) = self.open_channel(ch).filter(|c| {
             c.consumers
-                .get_key_value(&*consumer_tag)
-                .is_some_and(|(tag, _)| Arc::ptr_eq(tag, &consumer_tag))
+                .get_key_value(&**consumer_tag)
+                .is_some_and(|(tag, _)| Arc::ptr_eq(tag, consumer_tag))
         }) else {
-            self.return_undelivered(ch, &consumer_tag, no_ack, queue, message);
-            return;
+            return self.return_undelivered(ch, source, no_ack, message);
         };
         let delivery_tag = channel.next_delivery_tag;
         channel.next_delivery_tag += 1;
         let deliver = codec::Deliver {
-            consumer_tag: &consumer_tag,
+            consumer_tag,
             delivery_tag,
             redelivered: message.redelivered,
             exchange: message.message.exchange_bytes(),
@@ -604,14 +601,9 @@ impl Connection {
         codec::write_deliver(&mut self.out.bytes, ch, &deliver);
         self.write_content(ch, &message.message);
         if !no_ack {
-            self.channel_mut(ch).unacked.insert(
-                delivery_tag,
-                Unacked {
-                    queue,
-                    consumer_tag: Some(consumer_tag),
-                    message,
-                },
-            );
+            self.channel_mut(ch)
+                .unacked
+                .insert(delivery_tag, Unacked { source, message });
         }
     }
 
