@@ -258,7 +258,7 @@ impl MailboxReceiver {
         Some(item)
     }
 
-    /// Reads a byte of each delivery just taken (its message and its source): the
+    /// Reads a byte of each delivery just taken (its message and its consumer tag): the
     /// loads are independent, so their cache misses overlap here rather than stalling the
     /// writing of each delivery in turn (with many queues and connections, the messages were
     /// written long enough ago to have left the cache).
@@ -269,7 +269,8 @@ impl MailboxReceiver {
                 source, message, ..
             } = item
             {
-                sum ^= message.message.first_byte() ^ source.queue.as_bytes().first().unwrap_or(&0);
+                let tag = source.consumer_tag.as_deref().unwrap_or_default();
+                sum ^= message.message.first_byte() ^ tag.as_bytes().first().unwrap_or(&0);
             }
         }
         std::hint::black_box(sum);

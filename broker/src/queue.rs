@@ -49,7 +49,8 @@ impl ChannelCredit {
 pub(crate) type ConsumerTag = Arc<str>;
 
 /// Where a delivery came from: its queue, and the consumer it went to (`None` for basic.get).
-/// One per consumer, shared by all its deliveries in flight and unacknowledged: a delivery
+/// One per consumer, and one per queue for basic.get, shared by all their deliveries in
+/// flight and unacknowledged: a delivery
 /// counts one reference to it rather than cloning two names (each clone an atomic on a cache
 /// line other connections' deliveries also touch).
 #[derive(Debug)]
@@ -129,6 +130,8 @@ pub(crate) struct Queue {
     pub(crate) name: Arc<str>,
     /// How it was declared.
     pub(crate) options: QueueOptions,
+    /// The source of its basic.get deliveries, shared by them.
+    get_source: Arc<Source>,
     ready: VecDeque<QueuedMessage>,
     next_seq: u64,
     consumers: Vec<Consumer>,
@@ -144,9 +147,14 @@ pub(crate) struct Queue {
 impl Queue {
     /// An empty queue.
     pub(crate) fn new(name: &str, options: QueueOptions, message_ttl: Option<u64>) -> Self {
+        let name: Arc<str> = name.into();
         Self {
             message_ttl: message_ttl.map(std::time::Duration::from_millis),
-            name: name.into(),
+            get_source: Arc::new(Source {
+                queue: name.clone(),
+                consumer_tag: None,
+            }),
+            name,
             options,
             ready: VecDeque::new(),
             next_seq: 0,
@@ -260,6 +268,11 @@ impl Queue {
                 return;
             }
         }
+    }
+
+    /// The source of its basic.get deliveries.
+    pub(crate) fn get_source(&self) -> Arc<Source> {
+        self.get_source.clone()
     }
 
     /// Takes the head message for basic.get.

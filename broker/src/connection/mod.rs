@@ -80,8 +80,8 @@ pub(crate) struct Connection {
     /// handled once it drains (a read can hold thousands of basic.get, each answered with a
     /// whole message).
     input_held: bool,
-    /// Per (queue, consumer) counts of the ack being handled, by the shared names' addresses;
-    /// kept between acks to reuse its table.
+    /// Per-source (queue and consumer) counts of the ack being handled, by the shared
+    /// [`Source`](crate::queue::Source)'s address; kept between acks to reuse its table.
     pub(crate) settle_counts: FxHashMap<usize, SettleCount>,
     /// Where the next [`Connection::redispatch`] starts among the connection's consumers.
     redispatch_from: usize,

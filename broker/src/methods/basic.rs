@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 /// The most sources (queue and consumer) [`Connection::settle_counts`] keeps between acks (about
-/// 230 KB; an ack spanning 1,000 queues, as in the bench's scale rows, fits).
+/// 100 KB; an ack spanning 1,000 queues, as in the bench's scale rows, fits).
 const SETTLE_COUNTS_KEPT: usize = 4096;
 /// Most publishes staged before they are routed (see [`Connection::staged`]), which bounds how
 /// long one hold of the vhost lock lasts. 1,024 measured no better (BENCHMARKS.md, session 5).
@@ -244,7 +244,7 @@ impl Connection {
         let now = Instant::now();
         let taken = queue.get(now, m.no_ack);
         let remaining = queue.message_count(now);
-        let queue_arc = queue.name.clone();
+        let source = queue.get_source();
         drop(state);
         let Some(message) = taken else {
             send_basic(self, ch, basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
@@ -266,16 +266,9 @@ impl Connection {
         );
         self.write_content(ch, &message.message);
         if !m.no_ack {
-            self.channel_mut(ch).unacked.insert(
-                delivery_tag,
-                Unacked {
-                    source: Arc::new(Source {
-                        queue: queue_arc,
-                        consumer_tag: None,
-                    }),
-                    message,
-                },
-            );
+            self.channel_mut(ch)
+                .unacked
+                .insert(delivery_tag, Unacked { source, message });
         }
         Ok(())
     }
@@ -452,7 +445,7 @@ impl Connection {
         let mut state = vhost.lock();
         // One clock read for the batch (TTLs count in milliseconds; a clock read per publish
         // was 3.5% of the broker's time).
-        let now = Instant::now();
+        let mut now = Instant::now();
         for (ch, publication, message) in staged.drain(..) {
             if self.open_channel(ch).is_none() {
                 continue;
@@ -461,6 +454,7 @@ impl Connection {
                 drop(state);
                 self.fail(ch, e.during_ids(60, 40));
                 state = vhost.lock();
+                now = Instant::now();
             }
         }
         drop(state);
