@@ -49,10 +49,9 @@ impl ChannelCredit {
 pub(crate) type ConsumerTag = Arc<str>;
 
 /// Where a delivery came from: its queue, and the consumer it went to (`None` for basic.get).
-/// One per consumer, and one per queue for basic.get, shared by all their deliveries in
-/// flight and unacknowledged: a delivery
-/// counts one reference to it rather than cloning two names (each clone an atomic on a cache
-/// line other connections' deliveries also touch).
+/// One per consumer, and one per queue for basic.get, shared by all their deliveries in flight
+/// and unacknowledged: a delivery counts one reference to it (one atomic increment, one
+/// decrement) rather than cloning two names.
 #[derive(Debug)]
 pub(crate) struct Source {
     /// The queue (the pseudo-queue for direct reply-to).
