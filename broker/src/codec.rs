@@ -1,7 +1,8 @@
 //! Frames in and out. Decoding checks a frame's size from its 7-byte header before buffering
 //! its payload, then hands method and content-header payloads to amq-protocol's parsers. Body
-//! payloads and the raw property bytes of content headers are kept as [`Bytes`] slices so a
-//! queued message stores exactly what the publisher sent.
+//! payloads and the raw property bytes of content headers are borrowed from the input buffer
+//! (the connection copies them into the message, so a queued message stores exactly what the
+//! publisher sent, in one allocation).
 //!
 //! The methods every message brings (basic.publish and basic.ack in, basic.deliver and the
 //! publisher confirm's basic.ack out) are parsed and written directly: amq-protocol's generic
@@ -12,7 +13,8 @@ use crate::error::AmqpError;
 use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parsing::parse_content_header};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, parse_class};
 use amq_protocol::types::ShortString;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// Frame type octets (AMQP 0-9-1 section 4.2.3).
@@ -106,9 +108,10 @@ fn parse_nested<T: Send>(
 /// The protocol header a client must send, and the one a server answers a wrong header with.
 pub(crate) const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
 
-/// One decoded inbound frame.
+/// One decoded inbound frame; its payload bytes borrowed from the input (or owned, see
+/// [`Frame::into_owned`]).
 #[derive(Debug)]
-pub(crate) enum Frame {
+pub(crate) enum Frame<'a> {
     /// A method frame.
     Method(u16, AMQPClass),
     /// A content header, decoded (to validate it and read what routing and expiry need) and
@@ -118,20 +121,79 @@ pub(crate) enum Frame {
         class_id: u16,
         body_size: u64,
         properties: Box<BasicProperties>,
-        raw_properties: Bytes,
+        raw_properties: Cow<'a, [u8]>,
     },
     /// A content body frame.
-    Body(u16, Bytes),
+    Body(u16, Cow<'a, [u8]>),
     /// A heartbeat on channel 0.
     Heartbeat,
 }
 
-/// Decodes one frame from the front of `buf`, or returns `Ok(None)` when more bytes are needed.
+impl Frame<'_> {
+    /// The frame with its payload copied out of the input buffer.
+    pub(crate) fn into_owned(self) -> Frame<'static> {
+        match self {
+            Frame::Method(channel, method) => Frame::Method(channel, method),
+            Frame::Header {
+                channel,
+                class_id,
+                body_size,
+                properties,
+                raw_properties,
+            } => Frame::Header {
+                channel,
+                class_id,
+                body_size,
+                properties,
+                raw_properties: Cow::Owned(raw_properties.into_owned()),
+            },
+            Frame::Body(channel, body) => Frame::Body(channel, Cow::Owned(body.into_owned())),
+            Frame::Heartbeat => Frame::Heartbeat,
+        }
+    }
+}
+
+/// What [`decode_at`] found at the front of the input.
+#[derive(Debug)]
+pub(crate) enum Decoded<'a> {
+    /// A frame, and how many input bytes it took.
+    Frame(Frame<'a>, usize),
+    /// The next frame is not complete: it needs this many bytes in all.
+    Incomplete(usize),
+}
+
+/// Decodes one frame from the front of `buf` into an owned [`Frame`], consuming it, or returns
+/// `Ok(None)` (having reserved room for the rest) when more bytes are needed. For the
+/// handshake and other places off the hot path; the connection uses [`decode_at`].
+pub(crate) fn decode(
+    buf: &mut BytesMut,
+    frame_max: u32,
+) -> Result<Option<Frame<'static>>, AmqpError> {
+    match decode_at(buf, frame_max)? {
+        Decoded::Frame(frame, len) => {
+            let frame = frame.into_owned();
+            buf.advance(len);
+            Ok(Some(frame))
+        }
+        Decoded::Incomplete(needed) => {
+            reserve_for(buf, needed);
+            Ok(None)
+        }
+    }
+}
+
+/// Reserves room for an incomplete frame of `needed` bytes, but never much ahead of the bytes
+/// actually sent.
+pub(crate) fn reserve_for(buf: &mut BytesMut, needed: usize) {
+    buf.reserve(needed.saturating_sub(buf.len()).min(MAX_RESERVE));
+}
+
+/// Decodes the frame at the front of `buf`, borrowing its payload, without consuming it.
 /// `frame_max` bounds the whole frame (0: no limit); a larger frame is refused from its header,
 /// before its payload is buffered.
-pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, AmqpError> {
+pub(crate) fn decode_at(buf: &[u8], frame_max: u32) -> Result<Decoded<'_>, AmqpError> {
     if buf.len() < 7 {
-        return Ok(None);
+        return Ok(Decoded::Incomplete(7));
     }
     let kind = buf[0];
     let channel = u16::from_be_bytes([buf[1], buf[2]]);
@@ -153,9 +215,7 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
         )));
     }
     if buf.len() < size + FRAME_OVERHEAD {
-        // Reserve what the frame needs, but never much ahead of the bytes actually sent.
-        buf.reserve((size + FRAME_OVERHEAD - buf.len()).min(MAX_RESERVE));
-        return Ok(None);
+        return Ok(Decoded::Incomplete(size + FRAME_OVERHEAD));
     }
     if buf[size + 7] != FRAME_END {
         return Err(AmqpError::frame_error(format!(
@@ -164,10 +224,10 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
             buf[size + 7]
         )));
     }
-    buf.advance(7);
     // No copy: a message copies its parts into one buffer of its own when it is assembled.
-    let payload = buf.split_to(size).freeze();
-    buf.advance(1);
+    let payload = &buf[7..7 + size];
+    let len = size + FRAME_OVERHEAD;
+    let frame = |frame| Ok(Decoded::Frame(frame, len));
     match kind {
         FRAME_METHOD
             if payload.len() >= 8 && payload[..4] == [0, 60, 0, 10] && payload[4..8] != [0; 4] =>
@@ -178,18 +238,18 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
             Err(AmqpError::not_implemented(format!("prefetch_size!=0 ({size})")).during_ids(60, 10))
         }
         FRAME_METHOD => {
-            if let Some(method) = parse_hot_method(&payload) {
-                return Ok(Some(Frame::Method(channel, method)));
+            if let Some(method) = parse_hot_method(payload) {
+                return frame(Frame::Method(channel, method));
             }
-            let method = parse_nested(&payload, |p| match parse_class(p) {
+            let method = parse_nested(payload, |p| match parse_class(p) {
                 Ok(([], method)) => Ok(method),
                 Err(e) if is_utf8_error(&e) => Err(malformed_utf8()),
                 _ => Err(malformed_method(p)),
             })?;
-            Ok(Some(Frame::Method(channel, method)))
+            frame(Frame::Method(channel, method))
         }
         FRAME_HEADER => {
-            let header = parse_nested(&payload, |p| match parse_content_header(p) {
+            let header = parse_nested(payload, |p| match parse_content_header(p) {
                 Ok(([], header)) => Ok(header),
                 Err(e) if is_utf8_error(&e) => Err(malformed_utf8()),
                 _ => Err(AmqpError::frame_error(format!(
@@ -197,20 +257,20 @@ pub(crate) fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
                     erlang_binary(&p[..p.len().min(SHOWN_OCTETS)])
                 ))),
             })?;
-            Ok(Some(Frame::Header {
+            frame(Frame::Header {
                 channel,
                 class_id: header.class_id,
                 body_size: header.body_size,
                 properties: Box::new(header.properties),
-                raw_properties: payload.slice(12..),
-            }))
+                raw_properties: Cow::Borrowed(&payload[12..]),
+            })
         }
-        FRAME_BODY => Ok(Some(Frame::Body(channel, payload))),
+        FRAME_BODY => frame(Frame::Body(channel, Cow::Borrowed(payload))),
         _ if channel != 0 || size != 0 => Err(AmqpError::unexpected_frame(format!(
             "type {kind}, all octets = {}",
             erlang_binary(&payload[..payload.len().min(SHOWN_OCTETS)])
         ))),
-        _ => Ok(Some(Frame::Heartbeat)),
+        _ => frame(Frame::Heartbeat),
     }
 }
 
@@ -474,7 +534,7 @@ mod tests {
     use super::*;
     use amq_protocol::protocol::{basic, queue};
 
-    fn round_trip(frame: AMQPFrame) -> Frame {
+    fn round_trip(frame: AMQPFrame) -> Frame<'static> {
         let mut out = Vec::new();
         write_frame(&mut out, &frame);
         let mut buf = BytesMut::from(&out[..]);

@@ -8,7 +8,6 @@ use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::protocol::basic::gen_properties;
 use amq_protocol::types::ShortString;
-use bytes::Bytes;
 
 /// The pseudo-queue a client consumes from.
 pub(crate) const PSEUDO_QUEUE: &str = "amq.rabbitmq.reply-to";
@@ -32,12 +31,12 @@ pub(crate) fn new_address() -> String {
 }
 
 /// The property bytes with `reply_to` replaced by `address`.
-pub(crate) fn rewrite_reply_to(properties: &BasicProperties, address: &str) -> Bytes {
+pub(crate) fn rewrite_reply_to(properties: &BasicProperties, address: &str) -> Vec<u8> {
     let props = properties
         .clone()
         .with_reply_to(ShortString::try_new(address).expect("address is short"));
     match gen_properties(&props)(WriteContext::from(Vec::new())) {
-        Ok(ctx) => Bytes::from(ctx.into_inner().0),
+        Ok(ctx) => ctx.into_inner().0,
         Err(e) => unreachable!("serialising into a Vec cannot fail: {e}"),
     }
 }

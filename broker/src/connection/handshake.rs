@@ -88,7 +88,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     frame_max: u32,
-) -> Result<Frame, HandshakeError> {
+) -> Result<Frame<'static>, HandshakeError> {
     loop {
         if let Some(frame) = codec::decode(buf, frame_max)? {
             return Ok(frame);

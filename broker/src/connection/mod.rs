@@ -8,7 +8,7 @@ mod read_pacing;
 pub(crate) mod teardown;
 
 use crate::channel::{Channel, ChannelState, SettleCount};
-use crate::codec::{self, Frame};
+use crate::codec::{self, Decoded, Frame};
 use crate::error::AmqpError;
 use crate::mailbox::{Mailbox, MailboxReceiver, Outbound, mailbox};
 use crate::queue::ConnId;
@@ -16,7 +16,7 @@ use crate::server::{BrokerShared, ConnectionEntry};
 use crate::trace::Direction;
 use crate::vhost::Vhost;
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 pub(crate) use handshake::method_name;
 use handshake::{HandshakeError, Tuning, handshake};
 use output::{MAX_SLICES, Output};
@@ -334,11 +334,17 @@ impl Connection {
             let decoded = if self.input_held {
                 Ok(None)
             } else {
-                codec::decode(rbuf, self.tuning.frame_max)
+                codec::decode_at(rbuf, self.tuning.frame_max).map(Some)
             };
             match decoded {
-                Ok(Some(frame)) => self.handle_frame(frame),
-                Ok(None) => {
+                Ok(Some(Decoded::Frame(frame, len))) => {
+                    self.handle_frame(frame);
+                    rbuf.advance(len);
+                }
+                Ok(incomplete) => {
+                    if let Some(Decoded::Incomplete(needed)) = incomplete {
+                        codec::reserve_for(rbuf, needed);
+                    }
                     self.route_staged();
                     self.flush_confirms();
                     self.channel_count
@@ -378,7 +384,7 @@ impl Connection {
         }
     }
 
-    fn handle_frame(&mut self, frame: Frame) {
+    fn handle_frame(&mut self, frame: Frame<'_>) {
         // Staged publishes are routed (and answered) before anything else is handled.
         if !matches!(
             frame,

@@ -13,8 +13,8 @@ use crate::queue::{Consumer, ConsumerTag, Source};
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
-use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
@@ -373,12 +373,12 @@ impl Connection {
     /// Checks a content header's properties as RabbitMQ does (user_id, expiration) and
     /// rewrites a direct reply-to `reply_to`; returns what routing needs and the property
     /// bytes to keep.
-    pub(crate) fn prepare_content(
+    pub(crate) fn prepare_content<'a>(
         &mut self,
         ch: u16,
         properties: &BasicProperties,
-        raw_properties: Bytes,
-    ) -> AmqpResult<(Publication, Bytes)> {
+        raw_properties: Cow<'a, [u8]>,
+    ) -> AmqpResult<(Publication, Cow<'a, [u8]>)> {
         if let Some(user_id) = properties.user_id()
             && user_id.as_str() != self.tuning.user
         {
@@ -404,7 +404,7 @@ impl Connection {
                     "fast reply consumer does not exist",
                 ));
             };
-            raw_properties = rewrite_reply_to(properties, &address);
+            raw_properties = Cow::Owned(rewrite_reply_to(properties, &address));
         }
         let publication = Publication {
             mandatory: false,

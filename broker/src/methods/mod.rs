@@ -11,7 +11,7 @@ use crate::connection::{Connection, method_name};
 use crate::error::AmqpError;
 use crate::message::MessageBuilder;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
-use bytes::Bytes;
+use std::borrow::Cow;
 
 /// RabbitMQ's text for a content frame where a method was due.
 const EXPECTED_METHOD: &str = "expected method frame, got non method frame instead";
@@ -125,7 +125,7 @@ impl Connection {
         class_id: u16,
         body_size: u64,
         properties: Box<BasicProperties>,
-        raw_properties: Bytes,
+        raw_properties: Cow<'_, [u8]>,
     ) -> Result<(), Failed> {
         let max_size = self.shared.config.max_message_size;
         let Some(channel) = self.content_channel(ch)? else {
@@ -178,7 +178,7 @@ impl Connection {
     }
 
     /// A content body frame: part of the body announced by the header.
-    pub(crate) fn content_body(&mut self, ch: u16, chunk: Bytes) -> Result<(), Failed> {
+    pub(crate) fn content_body(&mut self, ch: u16, chunk: Cow<'_, [u8]>) -> Result<(), Failed> {
         let Some(channel) = self.content_channel(ch)? else {
             return Ok(());
         };
