@@ -33,15 +33,9 @@ impl Connection {
         for (tag, consumer) in consumers {
             self.detach_consumer(&mut state, channel, &tag, &consumer);
         }
+        // The channel's consumers are detached above, so settling finds none of them.
         for (_, u) in unacked.take_all() {
-            requeue(
-                &mut state,
-                &u.source.queue,
-                self.id,
-                channel,
-                None,
-                u.message,
-            );
+            requeue(&mut state, &u.source, self.id, channel, u.message);
             touched.insert(u.source.queue.clone());
         }
         dispatch_all(&mut state, touched);
@@ -141,17 +135,16 @@ fn requeue_undelivered(
     }
 }
 
-/// Settles a delivery and puts its message back (if the queue still exists).
+/// Settles a delivery from `source` and puts its message back (if the queue still exists).
 pub(crate) fn requeue(
     state: &mut VhostState,
-    queue: &str,
+    source: &Source,
     conn: u64,
     channel: u16,
-    consumer_tag: Option<&str>,
     message: QueuedMessage,
 ) {
-    if let Some(q) = state.queues.get_mut(queue) {
-        q.settle(conn, channel, consumer_tag, 1);
+    if let Some(q) = state.queues.get_mut(&source.queue) {
+        q.settle(conn, channel, source.consumer_tag.as_deref(), 1);
         q.requeue(message);
     }
 }

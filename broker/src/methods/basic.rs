@@ -317,8 +317,7 @@ impl Connection {
                 released += 1;
             }
             if let Settle::Reject { requeue: true } = how {
-                let tag = source.consumer_tag.as_deref();
-                requeue(&mut state, &source.queue, conn, ch, tag, u.message);
+                requeue(&mut state, &source, conn, ch, u.message);
                 touched.insert(source.queue.clone());
                 continue;
             }
