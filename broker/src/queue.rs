@@ -228,9 +228,15 @@ impl Queue {
         while !self.ready.is_empty() {
             // A consumer with credit first: when none has any (a full mailbox), the messages,
             // whose memory is likely cold, are not touched at all.
+            // Round robin from `next_consumer`, without a division per step.
             let n = self.consumers.len();
-            let Some(index) = (0..n)
-                .map(|i| (self.next_consumer + i) % n)
+            let start = if self.next_consumer < n {
+                self.next_consumer
+            } else {
+                0
+            };
+            let Some(index) = (start..n)
+                .chain(0..start)
                 .find(|&i| self.consumers[i].can_take())
             else {
                 return;
@@ -255,7 +261,7 @@ impl Queue {
                     .fetch_add(1, Ordering::Relaxed);
                 self.unacked += 1;
             }
-            self.next_consumer = (index + 1) % n;
+            self.next_consumer = if index + 1 == n { 0 } else { index + 1 };
         }
     }
 

@@ -573,10 +573,11 @@ impl Connection {
             return self.return_undelivered(ch, source, no_ack, message);
         };
         // The very consumer the delivery was dispatched to (the same shared tag), not a newer
-        // one that reuses its tag after a cancel.
+        // one that reuses its tag after a cancel. Looked up by the `Arc`, whose equality
+        // compares pointers before bytes.
         let Some(channel) = self.open_channel(ch).filter(|c| {
             c.consumers
-                .get_key_value(&**consumer_tag)
+                .get_key_value(consumer_tag)
                 .is_some_and(|(tag, _)| Arc::ptr_eq(tag, consumer_tag))
         }) else {
             return self.return_undelivered(ch, source, no_ack, message);

@@ -310,10 +310,10 @@ impl Connection {
                     auto_delete: m.auto_delete,
                     arguments: m.arguments.clone(),
                 };
-                state.queues.insert(
-                    name.as_str().into(),
-                    Queue::new(name.as_str(), options, message_ttl),
-                );
+                // Keyed by the queue's own name: lookups with a delivery's `Source::queue` (the
+                // same allocation) then compare pointers, not bytes.
+                let queue = Queue::new(name.as_str(), options, message_ttl);
+                state.queues.insert(queue.name.clone(), queue);
                 (0, 0)
             }
         };
