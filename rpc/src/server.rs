@@ -398,7 +398,9 @@ async fn serve<H: Handler>(
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    in_flight.spawn(handle_request(shared.clone(), delivery));
+                    // Boxed: the request's future (~2.5 KiB, lapin's publish inside) would
+                    // otherwise be copied several times by spawning and completing its task.
+                    in_flight.spawn(Box::pin(handle_request(shared.clone(), delivery)));
                 }
                 Some(Err(e)) => {
                     break Err(RpcError::ConnectionLost(format!("request consumer failed: {e}")));
