@@ -360,6 +360,9 @@ impl Queue {
         n: u32,
     ) {
         self.unacked = self.unacked.saturating_sub(n as usize);
+        // By channel and tag, not by consumer: as in RabbitMQ, acks for a cancelled consumer's
+        // deliveries free the window of a later consumer that reuses its tag on the channel
+        // (tests/tests/work_queue.rs holds both brokers to it).
         if let Some(tag) = consumer_tag
             && let Some(c) = self
                 .consumers

@@ -3,7 +3,8 @@
 
 use lapin::{
     Channel, Connection,
-    options::{BasicAckOptions, BasicQosOptions},
+    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
 };
 use std::time::Duration;
 use warren_harness::TestBroker;
@@ -64,6 +65,56 @@ async fn prefetch_count_limits_unacked_deliveries_per_consumer() {
     assert_eq!(next_delivery(&mut consumer).await.data, [3]);
     assert_eq!(next_delivery(&mut consumer).await.data, [4]);
     delete_quietly(&counter, &q).await;
+    close_conn(&conn).await;
+}
+
+/// RabbitMQ counts a consumer's prefetch window by channel and consumer tag: acks for the
+/// deliveries of a cancelled consumer free the window of a later consumer that reuses its tag
+/// on the same channel.
+#[tokio::test]
+async fn acks_for_a_cancelled_consumer_credit_a_new_consumer_with_its_tag() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let q = filled(&broker, &conn, "qos-reused-tag", 7).await;
+    let ch = channel(&conn).await;
+    qos(&ch, 2, false).await;
+    let consume_as_t = || {
+        within(
+            "basic.consume",
+            ch.basic_consume(
+                q.as_str().into(),
+                "t".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+    };
+    let mut first = consume_as_t().await.expect("basic.consume");
+    assert_eq!(next_delivery(&mut first).await.data, [0]);
+    let d1 = next_delivery(&mut first).await;
+    assert_eq!(d1.data, [1]);
+    within(
+        "basic.cancel",
+        ch.basic_cancel("t".into(), BasicCancelOptions::default()),
+    )
+    .await
+    .expect("basic.cancel");
+    // A new consumer under the same tag starts with an empty window: two deliveries.
+    let mut second = consume_as_t().await.expect("basic.consume again");
+    assert_eq!(next_delivery(&mut second).await.data, [2]);
+    assert_eq!(next_delivery(&mut second).await.data, [3]);
+    assert_no_delivery(&mut second, QUIET).await;
+    // Acking the first consumer's two deliveries frees two places in the second's window.
+    within(
+        "ack",
+        ch.basic_ack(d1.delivery_tag, BasicAckOptions { multiple: true }),
+    )
+    .await
+    .expect("ack the first consumer's deliveries");
+    assert_eq!(next_delivery(&mut second).await.data, [4]);
+    assert_eq!(next_delivery(&mut second).await.data, [5]);
+    assert_no_delivery(&mut second, QUIET).await;
+    delete_quietly(&ch, &q).await;
     close_conn(&conn).await;
 }
 
