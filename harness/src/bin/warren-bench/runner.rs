@@ -1,6 +1,6 @@
-//! Runs a scenario against every target, alternating: set up on every target, one unrecorded
-//! warm-up (which also sizes the run), then each repeat on each target in turn (the order
-//! rotating), then tear down. Every step is bounded by a timeout; a target that fails or
+//! Runs a scenario (or a group of scenarios measured together) against every target,
+//! alternating: set up on every target, one unrecorded warm-up (which also sizes the run), then
+//! each repeat on each target in turn (the order rotating), then tear down. Every step is bounded by a timeout; a target that fails or
 //! times out is skipped for the rest of the scenario, with a message.
 
 use crate::Result;
@@ -121,87 +121,121 @@ pub(crate) async fn run<S: Scenario>(
     plan: &Plan,
     results: &mut Results,
 ) {
-    let name = scenario.name();
-    let client = scenario.client();
-    if let Some(filter) = &plan.filter
-        && !format!("{name} ({client})").contains(filter.as_str())
-    {
+    run_group(std::slice::from_ref(scenario), targets, plan, results).await;
+}
+
+/// One scenario set up on one target; `None` once it failed.
+struct Live<'a, S: Scenario> {
+    scenario: &'a S,
+    target: &'a Target,
+    state: Option<S::State>,
+}
+
+/// Runs `scenarios` together on `targets` and records their figures: all are set up first,
+/// and each round of repeats measures every scenario in turn (each on every target, in
+/// rotating order). Rows that are compared with each other (the scale rows) are so measured
+/// in the same phases of a noisy machine rather than minutes apart.
+pub(crate) async fn run_group<S: Scenario>(
+    scenarios: &[S],
+    targets: &[Target],
+    plan: &Plan,
+    results: &mut Results,
+) {
+    let chosen: Vec<&S> = scenarios
+        .iter()
+        .filter(|s| {
+            plan.filter.as_ref().is_none_or(|filter| {
+                format!("{} ({})", s.name(), s.client()).contains(filter.as_str())
+            })
+        })
+        .collect();
+    if chosen.is_empty() {
         return;
     }
     let started = std::time::Instant::now();
-    let mut live: Vec<(&Target, Option<S::State>)> = Vec::new();
-    for target in targets {
-        let kind = target.kind.name();
-        let state = match tokio::time::timeout(SETUP_TIMEOUT, scenario.setup(target)).await {
-            Ok(Ok(state)) => state,
-            Ok(Err(e)) => {
-                eprintln!("warren-bench: {name} on {kind}: setup failed, skipped: {e}");
-                continue;
+    // Per scenario, its live targets.
+    let mut groups: Vec<Vec<Live<'_, S>>> = Vec::new();
+    for &scenario in &chosen {
+        let name = scenario.name();
+        let mut live = Vec::new();
+        for target in targets {
+            let kind = target.kind.name();
+            match tokio::time::timeout(SETUP_TIMEOUT, scenario.setup(target)).await {
+                Ok(Ok(state)) => live.push(Live {
+                    scenario,
+                    target,
+                    state: Some(state),
+                }),
+                Ok(Err(e)) => {
+                    eprintln!("warren-bench: {name} on {kind}: setup failed, skipped: {e}");
+                }
+                Err(_) => eprintln!("warren-bench: {name} on {kind}: setup timed out, skipped"),
             }
-            Err(_) => {
-                eprintln!("warren-bench: {name} on {kind}: setup timed out, skipped");
-                continue;
-            }
-        };
-        live.push((target, Some(state)));
+        }
+        groups.push(live);
     }
     let set_up = started.elapsed();
     // Warm-up (unrecorded), which also sizes the recorded repeats.
-    for (target, state) in &mut live {
-        if let Some(s) = state.as_mut()
-            && let Err(e) = measure_once(scenario, s).await
+    for live in groups.iter_mut().flatten() {
+        if let Some(s) = live.state.as_mut()
+            && let Err(e) = measure_once(live.scenario, s).await
         {
-            eprintln!(
-                "warren-bench: {name} on {}: {e}; skipped",
-                target.kind.name()
-            );
-            fail(scenario, state).await;
+            skip(live, &e).await;
         }
     }
     for rep in 0..plan.repeats {
-        let n = live.len();
-        for i in 0..n {
-            let (target, state) = &mut live[(i + rep) % n];
-            let Some(s) = state.as_mut() else { continue };
-            let before = CpuSnapshot::take(target.pid);
-            let outcome = measure_once(scenario, s).await;
-            let cpu = before.until(&CpuSnapshot::take(target.pid));
-            match outcome {
-                Ok(sample) => record(results, scenario, target, &sample, &cpu),
-                Err(e) => {
-                    eprintln!(
-                        "warren-bench: {name} on {}: {e}; skipped",
-                        target.kind.name()
-                    );
-                    fail(scenario, state).await;
+        for group in &mut groups {
+            let n = group.len();
+            for i in 0..n {
+                let live = &mut group[(i + rep) % n];
+                let Some(s) = live.state.as_mut() else {
+                    continue;
+                };
+                let before = CpuSnapshot::take(live.target.pid);
+                let outcome = measure_once(live.scenario, s).await;
+                let cpu = before.until(&CpuSnapshot::take(live.target.pid));
+                match outcome {
+                    Ok(sample) => record(results, live.scenario, live.target, &sample, &cpu),
+                    Err(e) => skip(live, &e).await,
                 }
             }
         }
     }
     let measured = started.elapsed();
-    for (_, state) in live {
-        if let Some(s) = state {
-            let _ = tokio::time::timeout(TEARDOWN_TIMEOUT, scenario.teardown(s)).await;
+    for live in groups.into_iter().flatten() {
+        if let Some(s) = live.state {
+            let _ = tokio::time::timeout(TEARDOWN_TIMEOUT, live.scenario.teardown(s)).await;
         }
     }
+    let names: Vec<String> = chosen
+        .iter()
+        .map(|s| format!("{} ({})", s.name(), s.client()))
+        .collect();
     eprintln!(
-        "warren-bench: {name} ({client}) done in {:.1} s (setup {:.1} s, teardown {:.1} s)",
+        "warren-bench: {} done in {:.1} s (setup {:.1} s, teardown {:.1} s)",
+        names.join(", "),
         started.elapsed().as_secs_f64(),
         set_up.as_secs_f64(),
         (started.elapsed() - measured).as_secs_f64()
     );
 }
 
+/// Reports a failed step and tears the scenario down on that target for the rest of the run.
+async fn skip<S: Scenario>(live: &mut Live<'_, S>, error: &crate::BoxError) {
+    eprintln!(
+        "warren-bench: {} on {}: {error}; skipped",
+        live.scenario.name(),
+        live.target.kind.name()
+    );
+    if let Some(s) = live.state.take() {
+        let _ = tokio::time::timeout(TEARDOWN_TIMEOUT, live.scenario.teardown(s)).await;
+    }
+}
+
 async fn measure_once<S: Scenario>(scenario: &S, state: &mut S::State) -> Result<Sample> {
     tokio::time::timeout(MEASURE_TIMEOUT, scenario.measure(state))
         .await
         .map_err(|_| format!("no result within {MEASURE_TIMEOUT:?}"))?
-}
-
-async fn fail<S: Scenario>(scenario: &S, state: &mut Option<S::State>) {
-    if let Some(s) = state.take() {
-        let _ = tokio::time::timeout(TEARDOWN_TIMEOUT, scenario.teardown(s)).await;
-    }
 }
 
 fn record<S: Scenario>(

@@ -103,27 +103,29 @@ pub(crate) async fn run_all(
     if wants("scale") {
         // 1 q / 100 conn has 100 consumers on its queue, one per connection: beside
         // 1000 q / 100 conn it tells the cost of many queues from that of many connections.
-        for (queues, connections) in [
+        // The rows are measured together (round by round), since the target compares them.
+        let scale: Vec<Flow> = [
             (1, 1),
             (100, 1),
             (1000, 1),
             (1, 100),
             (100, 100),
             (1000, 100),
-        ] {
-            let name = scale_name(queues, connections);
-            let consumers_per_queue = (connections / queues).max(1);
-            let scenario = flow(
-                &name,
+        ]
+        .into_iter()
+        .map(|(queues, connections)| {
+            flow(
+                &scale_name(queues, connections),
                 Client::Lean,
                 16,
                 queues,
-                consumers_per_queue,
+                (connections / queues).max(1),
                 connections,
                 1,
-            );
-            runner::run(&scenario, targets, plan, results).await;
-        }
+            )
+        })
+        .collect();
+        runner::run_group(&scale, targets, plan, results).await;
     }
     if wants("memory") {
         memory::run(plan, targets, broker_bin, results).await;
