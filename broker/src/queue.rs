@@ -226,9 +226,9 @@ impl Queue {
 
     fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>, outbox: &mut Outbox) {
         while !self.ready.is_empty() {
-            // A consumer with credit first: when none has any (a full mailbox), the messages,
-            // whose memory is likely cold, are not touched at all.
-            // Round robin from `next_consumer`, without a division per step.
+            // A consumer with credit first, round robin from `next_consumer` (no division per
+            // step): when none has any (a full mailbox), the messages, whose memory is likely
+            // cold, are not touched at all.
             let n = self.consumers.len();
             let start = if self.next_consumer < n {
                 self.next_consumer
