@@ -66,7 +66,7 @@ pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {
                 .consumers()
                 .iter()
                 .map(|c| ConsumerInfo {
-                    tag: c.tag.to_string(),
+                    tag: c.tag().to_owned(),
                     connection: c.conn,
                     channel: c.channel,
                     no_ack: c.no_ack,

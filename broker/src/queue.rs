@@ -61,6 +61,14 @@ pub(crate) struct Source {
 }
 
 impl Source {
+    /// The source of a queue's basic.get deliveries.
+    pub(crate) fn basic_get(queue: Arc<str>) -> Arc<Self> {
+        Arc::new(Self {
+            queue,
+            consumer_tag: None,
+        })
+    }
+
     /// The source of a consumer's deliveries.
     pub(crate) fn consumer(queue: Arc<str>, tag: ConsumerTag) -> Arc<Self> {
         Arc::new(Self {
@@ -73,9 +81,7 @@ impl Source {
 /// A consumer attached to a queue.
 #[derive(Debug)]
 pub(crate) struct Consumer {
-    /// Its tag, unique within its channel.
-    pub(crate) tag: ConsumerTag,
-    /// Its queue and tag, as its deliveries carry them.
+    /// Its queue and tag (unique within its channel), as its deliveries carry them.
     pub(crate) source: Arc<Source>,
     /// Its connection.
     pub(crate) conn: ConnId,
@@ -96,6 +102,11 @@ pub(crate) struct Consumer {
 }
 
 impl Consumer {
+    /// Its tag.
+    pub(crate) fn tag(&self) -> &str {
+        self.source.consumer_tag.as_deref().unwrap_or_default()
+    }
+
     fn can_take(&self) -> bool {
         if !self.no_ack {
             if self.prefetch != 0 && self.in_flight >= self.prefetch {
@@ -149,10 +160,7 @@ impl Queue {
         let name: Arc<str> = name.into();
         Self {
             message_ttl: message_ttl.map(std::time::Duration::from_millis),
-            get_source: Arc::new(Source {
-                queue: name.clone(),
-                consumer_tag: None,
-            }),
+            get_source: Source::basic_get(name.clone()),
             name,
             options,
             ready: VecDeque::new(),
@@ -334,7 +342,7 @@ impl Queue {
         let index = self
             .consumers
             .iter()
-            .position(|c| c.conn == conn && c.channel == channel && &*c.tag == tag)?;
+            .position(|c| c.conn == conn && c.channel == channel && c.tag() == tag)?;
         let consumer = self.consumers.remove(index);
         if self.next_consumer > index {
             self.next_consumer -= 1;
@@ -350,24 +358,18 @@ impl Queue {
         self.options.auto_delete && self.had_consumer && self.consumers.is_empty()
     }
 
-    /// Settles `n` deliveries to `consumer_tag` (acked, rejected or requeued): frees their
-    /// prefetch credit.
-    pub(crate) fn settle(
-        &mut self,
-        conn: ConnId,
-        channel: u16,
-        consumer_tag: Option<&str>,
-        n: u32,
-    ) {
+    /// Settles `n` deliveries from `source` on `conn`'s `channel` (acked, rejected or
+    /// requeued): frees their prefetch credit.
+    pub(crate) fn settle(&mut self, conn: ConnId, channel: u16, source: &Source, n: u32) {
         self.unacked = self.unacked.saturating_sub(n as usize);
         // By channel and tag, not by consumer: as in RabbitMQ, acks for a cancelled consumer's
         // deliveries free the window of a later consumer that reuses its tag on the channel
         // (tests/tests/work_queue.rs holds both brokers to it).
-        if let Some(tag) = consumer_tag
+        if let Some(tag) = source.consumer_tag.as_deref()
             && let Some(c) = self
                 .consumers
                 .iter_mut()
-                .find(|c| c.conn == conn && c.channel == channel && &*c.tag == tag)
+                .find(|c| c.conn == conn && c.channel == channel && c.tag() == tag)
         {
             c.in_flight = c.in_flight.saturating_sub(n);
         }

@@ -144,10 +144,7 @@ mod tests {
 
     fn delivery() -> Unacked {
         Unacked {
-            source: Arc::new(crate::queue::Source {
-                queue: Arc::from("q"),
-                consumer_tag: None,
-            }),
+            source: crate::queue::Source::basic_get(Arc::from("q")),
             message: QueuedMessage {
                 seq: 0,
                 redelivered: false,

@@ -202,7 +202,7 @@ impl VhostState {
                 &consumer.mailbox,
                 Outbound::Cancel {
                     channel: consumer.channel,
-                    consumer_tag: consumer.tag,
+                    consumer_tag: consumer.tag().into(),
                 },
             );
         }
@@ -269,7 +269,6 @@ mod tests {
         let mut state = vhost.lock();
         let mut queue = Queue::new("jobs", options(), None);
         queue.add_consumer(Consumer {
-            tag: "c".into(),
             source: Source::consumer("jobs".into(), "c".into()),
             conn: 1,
             channel: 1,

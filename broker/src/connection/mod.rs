@@ -445,7 +445,7 @@ impl Connection {
                 properties,
                 raw_properties,
             } => self.content_header(channel, class_id, body_size, properties, raw_properties),
-            Frame::Body(channel, body) => self.content_body(channel, body),
+            Frame::Body(channel, body) => self.content_body(channel, &body),
         };
         if let Err((channel, e)) = result {
             self.fail(channel, e);

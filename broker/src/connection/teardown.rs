@@ -129,7 +129,7 @@ fn requeue_undelivered(
 ) {
     if let Some(q) = state.queues.get_mut(&source.queue) {
         if !no_ack {
-            q.settle(conn, channel, source.consumer_tag.as_deref(), 1);
+            q.settle(conn, channel, source, 1);
         }
         q.put_back(message);
     }
@@ -144,7 +144,7 @@ pub(crate) fn requeue(
     message: QueuedMessage,
 ) {
     if let Some(q) = state.queues.get_mut(&source.queue) {
-        q.settle(conn, channel, source.consumer_tag.as_deref(), 1);
+        q.settle(conn, channel, source, 1);
         q.requeue(message);
     }
 }

@@ -150,7 +150,6 @@ impl Connection {
             .expect("found above");
         let source = Source::consumer(queue.name.clone(), tag.clone());
         queue.add_consumer(Consumer {
-            tag: tag.clone(),
             source,
             conn: self.id,
             channel: ch,
@@ -342,7 +341,7 @@ impl Connection {
         let VhostState { queues, outbox, .. } = &mut *state;
         for (_, (source, n)) in counts.drain() {
             if let Some(q) = queues.get_mut(&source.queue) {
-                q.settle(conn, ch, source.consumer_tag.as_deref(), n);
+                q.settle(conn, ch, &source, n);
                 q.dispatch(now, outbox);
             }
         }

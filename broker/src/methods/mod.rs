@@ -178,7 +178,7 @@ impl Connection {
     }
 
     /// A content body frame: part of the body announced by the header.
-    pub(crate) fn content_body(&mut self, ch: u16, chunk: Cow<'_, [u8]>) -> Result<(), Failed> {
+    pub(crate) fn content_body(&mut self, ch: u16, chunk: &[u8]) -> Result<(), Failed> {
         let Some(channel) = self.content_channel(ch)? else {
             return Ok(());
         };
@@ -210,7 +210,7 @@ impl Connection {
             pending.1.overflow();
             return Ok(());
         }
-        pending.1.push(&chunk);
+        pending.1.push(chunk);
         if (chunk.len() as u64) < remaining || pending.1.overflowed() {
             return Ok(());
         }
