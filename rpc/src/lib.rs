@@ -8,6 +8,8 @@
 //!   ([`fib::parse_request`]), and the fib service as a handler ([`fib::FibHandler`]).
 //! - `server`: [`RpcServer`], generic over a [`Handler`] (bytes in, bytes or [`HandlerError`]
 //!   out); prefetch, concurrent handling, reply-then-ack, graceful shutdown.
+//! - `acks`: the server's ack task; acks answered requests in order, a run of them in one
+//!   `multiple` ack, never one whose reply is not published.
 //! - [`client`]: [`RpcClient`], one connection, one reply queue, one router task, many
 //!   concurrent calls; timeouts, cancellation, no-route detection, connection loss.
 //! - `error`: [`RpcError`], the one error type of a call, and [`ERROR_HEADER`].
@@ -43,6 +45,7 @@
 //! # }
 //! ```
 
+mod acks;
 pub mod client;
 mod error;
 pub mod fib;

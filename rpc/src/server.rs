@@ -2,19 +2,23 @@
 //!
 //! Per request: run the handler, publish the reply (result, or error with
 //! [`ERROR_HEADER`]) to the default exchange with routing key = the request's `reply_to` and the
-//! request's `correlation_id`, and only then ack the request. Reply and ack go out on the
-//! channel the request came in on, in that order, so the broker never sees the ack of a request
-//! whose reply it has not received: if the connection dies in between, the request is
-//! redelivered, never lost.
+//! request's `correlation_id`, and only then hand the request to the server's ack task
+//! ([`crate::acks`]), which acks answered requests in order, a run of them in one `multiple`
+//! ack. Reply and ack go out on the channel the request came in on, in that order, so the broker
+//! never sees the ack of a request whose reply it has not received: if the connection dies in
+//! between, the request is redelivered, never lost.
 
-use crate::error::{ERROR_HEADER, RpcError};
+use crate::{
+    acks::{AckReceiver, AckSender, ack_channel, send_acks},
+    error::{ERROR_HEADER, RpcError},
+};
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
     BasicProperties, Channel, Connection, Consumer,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-        BasicQosOptions, QueueDeclareOptions,
+        BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable, ShortString},
 };
@@ -194,6 +198,7 @@ struct Shared<H> {
     channel: Channel,
     handler: H,
     counters: Arc<Counters>,
+    acks: AckSender,
 }
 
 /// A running server. [`shutdown`](Self::shutdown) stops it gracefully; dropping it instead
@@ -256,13 +261,15 @@ impl RpcServer {
         handler: H,
     ) -> Self {
         let counters = Arc::new(Counters::default());
+        let (acks, answered) = ack_channel();
         let shared = Arc::new(Shared {
             channel,
             handler,
             counters: counters.clone(),
+            acks,
         });
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(serve(shared, consumer, stopped, owned));
+        let task = tokio::spawn(serve(shared, consumer, answered, stopped, owned));
         Self {
             queue: config.queue,
             counters,
@@ -368,13 +375,17 @@ async fn open(conn: &Connection, config: &ServerConfig) -> Result<(Channel, Cons
 }
 
 /// The consume loop: one task per request (at most `prefetch` at once, the broker's credit),
-/// until shutdown or until the consumer ends.
+/// and the ack task, until shutdown or until the consumer ends.
 async fn serve<H: Handler>(
     shared: Arc<Shared<H>>,
     mut consumer: Consumer,
+    answered: AckReceiver,
     mut stop: oneshot::Receiver<()>,
     owned: Option<Connection>,
 ) -> Result<(), RpcError> {
+    // In a set, so that aborting the server aborts it too.
+    let mut ack_task = JoinSet::new();
+    ack_task.spawn(send_acks(shared.channel.clone(), answered));
     let mut in_flight = JoinSet::new();
     let mut cancelling = false;
     let result = loop {
@@ -417,8 +428,12 @@ async fn serve<H: Handler>(
     match &result {
         Ok(()) => {
             while in_flight.join_next().await.is_some() {}
+            // The last `AckSender` goes with `shared`: the ack task acks what is left and ends.
+            let channel = shared.channel.clone();
+            drop(shared);
+            while ack_task.join_next().await.is_some() {}
             let reply_text = ShortString::from("server shutdown");
-            if let Err(e) = shared.channel.close(200, reply_text.clone()).await {
+            if let Err(e) = channel.close(200, reply_text.clone()).await {
                 warn!(error = %e, "closing the server channel");
             }
             if let Some(conn) = owned
@@ -461,9 +476,7 @@ async fn handle_request<H: Handler>(shared: Arc<Shared<H>>, delivery: Delivery) 
                 delivery_tag, "request without reply_to: acked and dropped"
             );
             Counters::bump(&counters.dropped);
-            if let Err(e) = ack(&shared.channel, delivery_tag).await {
-                warn!(error = %e, delivery_tag, "acking a dropped request");
-            }
+            shared.acks.answered(delivery_tag);
             return;
         }
     };
@@ -508,16 +521,5 @@ async fn handle_request<H: Handler>(shared: Arc<Shared<H>>, delivery: Delivery) 
         return;
     }
     Counters::bump(counter);
-    if let Err(e) = ack(&shared.channel, delivery_tag).await {
-        warn!(correlation_id = corr, error = %e, "acking the request failed");
-    }
-}
-
-/// Acks one request on the server's channel. Directly, not through the delivery's `Acker`:
-/// lapin settles an `Acker`'s ack through its internal RPC task, which spawns a task per ack
-/// (~12% of an embedded rpc-64 bench's runtime thread).
-async fn ack(channel: &Channel, delivery_tag: u64) -> Result<(), lapin::Error> {
-    channel
-        .basic_ack(delivery_tag, BasicAckOptions::default())
-        .await
+    shared.acks.answered(delivery_tag);
 }

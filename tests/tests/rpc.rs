@@ -875,6 +875,48 @@ async fn graceful_shutdown_stops_consuming_and_finishes_requests_in_flight() {
 }
 
 #[tokio::test]
+async fn requests_answered_past_a_held_one_are_acked_at_once_and_all_acks_are_valid() {
+    // The server folds a run of answered requests into one `multiple` ack. Requests answered
+    // while an earlier one is still running must be acked anyway (else they would hold the
+    // prefetch credit), and no `multiple` ack may cover the running one (RabbitMQ would also
+    // close the channel with 406 for an ack of an already acked tag).
+    const PREFETCH: u16 = 3;
+    const FAST_CALLS: usize = 50;
+    let f = Fixture::new("rpc-ack-fold").await;
+    let (board, mut arrivals) = Switchboard::new();
+    let server = f.server(PREFETCH, board.handler()).await;
+    let client = f.client().await;
+    let held = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call("hold-first").await })
+    };
+    assert_eq!(arrivals.next().await, "hold-first");
+    // Many more calls than the prefetch, in waves of concurrent calls: each is served only if
+    // the broker got the acks of those before it, while `hold-first` holds one credit.
+    for wave in 0..FAST_CALLS / 10 {
+        let bodies: Vec<String> = (0..10).map(|i| format!("fast-{wave}-{i}")).collect();
+        join_all(bodies.iter().map(|body| answers(&client, body))).await;
+    }
+    assert!(!held.is_finished(), "the held request is still running");
+    board.release("hold-first");
+    let reply = within("reply", held).await.expect("call task");
+    assert_eq!(reply, Ok(echo("hold-first")));
+    // One more run after the gap closed.
+    let bodies: Vec<String> = (0..10).map(|i| format!("after-{i}")).collect();
+    join_all(bodies.iter().map(|body| answers(&client, body))).await;
+    let stats = server.stats();
+    assert_eq!(stats.replies, 1 + FAST_CALLS as u64 + 10);
+    // A bad ack would have closed the server's channel: shutdown would fail, and the
+    // requests left unacked would be back in the queue.
+    within("shutdown", server.shutdown())
+        .await
+        .expect("clean shutdown");
+    assert_eq!(f.queue_counts().await, (0, 0), "all acked, no consumer");
+    client.close().await;
+    f.delete_queue().await;
+}
+
+#[tokio::test]
 async fn requests_carry_reply_to_correlation_id_and_expiration() {
     let f = Fixture::new("rpc-wire-request").await;
     f.declare_queue().await;
