@@ -162,7 +162,7 @@ pub(crate) fn table(results: &Results, info: &RunInfo) -> String {
     }
     let _ = writeln!(
         out,
-        "\n(arrows: ^ higher is better, v lower is better; ratios are Warren / RabbitMQ; client CPU = cores used by the bench process \
+        "\n(arrows: ^ higher is better, v lower is better; ratios are Warren / RabbitMQ, the median of the per-round ratios (each round measures the targets back to back); client CPU = cores used by the bench process \
          (embedded: client + broker), * = one of its threads was >= 90% busy; spread = largest (max-min)/median over the targets)"
     );
     out
@@ -181,17 +181,10 @@ fn row_cells(row: &Row) -> Vec<String> {
         },
         None => "-".into(),
     };
-    let median = |kind: Kind| {
-        row.by_target
-            .get(&kind)
-            .and_then(|s| s.summary())
-            .map(|s| s.median)
-    };
     // Multiples of different floors are not comparable across targets: no ratio.
     let comparable = row.metric.unit != FLOOR_MULTIPLE.unit;
-    let ratio = |kind: Kind| match (median(kind), median(Kind::RabbitMq)) {
-        (Some(w), Some(r)) if r != 0.0 && comparable => {
-            let q = w / r;
+    let ratio = |kind: Kind| match (row.by_target.get(&kind), row.by_target.get(&Kind::RabbitMq)) {
+        (Some(w), Some(r)) if comparable && let Some(q) = w.ratio_to(r) => {
             if q.abs() < 0.01 {
                 format!("{q:.1e}")
             } else {
@@ -297,9 +290,11 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
             detail: detail.join("; "),
         });
     };
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
-        _ => None,
+    // Per-round ratios where the values pair up (see `Series::ratio_to`).
+    let ratio = |scenario: &str, client: &str, metric: &str, kind: Kind, base: Kind| {
+        results
+            .series(scenario, client, metric, kind)?
+            .ratio_to(results.series(scenario, client, metric, base)?)
     };
     let memory_row = results
         .rows
@@ -361,19 +356,13 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
         ]
         .into_iter()
         .map(|(scenario, client, metric)| {
-            let cpu = ratio(
-                m(scenario, client, metric, Kind::Standalone),
-                m(scenario, client, metric, Kind::RabbitMq),
-            );
+            let cpu = ratio(scenario, client, metric, Kind::Standalone, Kind::RabbitMq);
             (format!("{scenario} {client}, sa/rmq:"), cpu, 0.1, false)
         })
         .collect(),
     );
     let vs = |scenario: &str, client: &str, metric: &str, kind: Kind| {
-        ratio(
-            m(scenario, client, metric, kind),
-            m(scenario, client, metric, Kind::RabbitMq),
-        )
+        ratio(scenario, client, metric, kind, Kind::RabbitMq)
     };
     let both = |scenario: &str, client: &str, metric: &str, bound: f64| {
         vec![
@@ -450,10 +439,12 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
                     (Kind::Standalone, "standalone"),
                 ]
                 .map(|(kind, label)| {
-                    let flat = ratio(
-                        m(&many, "lean", flow::RATE.name, kind),
-                        m(&one_queue, "lean", flow::RATE.name, kind),
-                    );
+                    let rate =
+                        |scenario: &str| results.series(scenario, "lean", flow::RATE.name, kind);
+                    // The scale rows are measured round by round together: paired too.
+                    let flat = rate(&many)
+                        .zip(rate(&one_queue))
+                        .and_then(|(a, b)| a.ratio_to(b));
                     (
                         format!("{label} {queues}q/{conns}c vs 1q:"),
                         flat,

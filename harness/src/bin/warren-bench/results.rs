@@ -102,6 +102,31 @@ impl Series {
     pub(crate) fn summary(&self) -> Option<Summary> {
         summarize(&self.values)
     }
+
+    /// This series over `base`: the median of the ratios of the values measured in the same
+    /// round (the runner measures every target of a scenario, and every row of a group, back to
+    /// back in each round, so a slow phase of the machine falls on both), or the ratio of the
+    /// medians when the values do not pair up (a reference value, a target skipped midway).
+    pub(crate) fn ratio_to(&self, base: &Series) -> Option<f64> {
+        let paired = !self.reference
+            && !base.reference
+            && !self.values.is_empty()
+            && self.values.len() == base.values.len()
+            && base.values.iter().all(|&b| b != 0.0);
+        if paired {
+            let ratios: Vec<f64> = self
+                .values
+                .iter()
+                .zip(&base.values)
+                .map(|(a, b)| a / b)
+                .collect();
+            return summarize(&ratios).map(|s| s.median);
+        }
+        match (self.summary(), base.summary()) {
+            (Some(a), Some(b)) if b.median != 0.0 => Some(a.median / b.median),
+            _ => None,
+        }
+    }
 }
 
 /// One row of the table.
@@ -205,6 +230,21 @@ impl Results {
         series.reference = true;
     }
 
+    /// The values of a row for a target.
+    pub(crate) fn series(
+        &self,
+        scenario: &str,
+        client: &str,
+        metric: &str,
+        target: Kind,
+    ) -> Option<&Series> {
+        self.rows
+            .iter()
+            .find(|r| r.scenario == scenario && r.client == client && r.metric.name == metric)?
+            .by_target
+            .get(&target)
+    }
+
     /// The median of a row for a target.
     pub(crate) fn median(
         &self,
@@ -213,11 +253,7 @@ impl Results {
         metric: &str,
         target: Kind,
     ) -> Option<f64> {
-        self.rows
-            .iter()
-            .find(|r| r.scenario == scenario && r.client == client && r.metric.name == metric)?
-            .by_target
-            .get(&target)?
+        self.series(scenario, client, metric, target)?
             .summary()
             .map(|s| s.median)
     }
@@ -235,5 +271,30 @@ mod tests {
         assert!(summarize(&[]).is_none());
         let sorted: Vec<f64> = (1..=100).map(f64::from).collect();
         assert!((percentile_sorted(&sorted, 0.99) - 99.01).abs() < 1e-9);
+    }
+
+    fn series(values: &[f64]) -> Series {
+        Series {
+            values: values.to_vec(),
+            ..Series::default()
+        }
+    }
+
+    #[test]
+    fn ratios_pair_the_values_of_each_round() {
+        // Round 2 is a slow phase for both: the per-round ratios are all 2.
+        let fast = series(&[20.0, 8.0, 22.0]);
+        let slow = series(&[10.0, 4.0, 11.0]);
+        assert_eq!(fast.ratio_to(&slow), Some(2.0));
+        // One row in a slow phase the other missed: the medians would say 8 / 10.
+        let shifted = series(&[20.0, 8.0, 8.0]);
+        assert_eq!(shifted.ratio_to(&slow), Some(2.0));
+        // Unpaired (a target skipped midway, or a reference): the ratio of the medians.
+        assert_eq!(series(&[30.0, 10.0]).ratio_to(&slow), Some(2.0));
+        let reference = Series {
+            reference: true,
+            ..series(&[5.0])
+        };
+        assert_eq!(series(&[1.0, 2.0, 3.0]).ratio_to(&reference), Some(0.4));
     }
 }
