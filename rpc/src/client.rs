@@ -137,7 +137,8 @@ struct Publisher {
 }
 
 impl Inner {
-    /// Opens the client's channel: confirm mode, reply queue, reply consumer, router task.
+    /// Opens the client's channel: confirm mode, reply queue, reply consumer, router task,
+    /// publisher task.
     async fn open(conn: &Connection, config: ClientConfig) -> Result<Self, RpcError> {
         let queue = crate::short_string("queue name", &config.queue)?;
         let lapin_err = |context: &'static str| move |e| RpcError::from_lapin(context, &e);

@@ -10,8 +10,9 @@
 //!   out); prefetch, concurrent handling, reply-then-ack, graceful shutdown.
 //! - `acks`: the server's ack task; acks answered requests in order, a run of them in one
 //!   `multiple` ack, never one whose reply is not published.
-//! - [`client`]: [`RpcClient`], one connection, one reply queue, one router task, many
-//!   concurrent calls; timeouts, cancellation, no-route detection, connection loss.
+//! - [`client`]: [`RpcClient`], one connection, one reply queue, one router task and one
+//!   publisher task, many concurrent calls; timeouts, cancellation, no-route detection,
+//!   connection loss.
 //! - `error`: [`RpcError`], the one error type of a call, and [`ERROR_HEADER`].
 //! - `src/bin/`: `fib-server`, `fib-client` and `fib-demo` (an embedded Warren broker, a
 //!   server and a client in one process).
