@@ -260,7 +260,13 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
                     all &= ok;
                     detail.push(format!(
                         "{label} {} ({} {})",
-                        num(v),
+                        // A value that would print as the bound shows its next digits, so
+                        // that "0.10 (<= 0.10)" never stands beside NOT MET.
+                        if num(v) == num(bound) && v != bound {
+                            format!("{v:.4}")
+                        } else {
+                            num(v)
+                        },
                         if at_least { ">=" } else { "<=" },
                         num(bound)
                     ));
