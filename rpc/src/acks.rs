@@ -18,7 +18,7 @@ use tracing::warn;
 
 /// Where request tasks hand over the delivery tags of answered requests. The ack task ends
 /// once every `AckSender` is gone and the tags handed over are acked.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct AckSender(mpsc::UnboundedSender<u64>);
 
 /// The receiving end, for [`send_acks`].
