@@ -175,6 +175,17 @@ impl Fixture {
     }
 
     /// Shuts the server down (it must stop cleanly), closes the client, deletes the queue.
+    /// Like [`finish`](Self::finish), after checking that the server acked every request: a
+    /// request left unacked would be back in the queue once the server's channel closed.
+    async fn finish_all_acked(&self, server: RpcServer, client: RpcClient) {
+        within("shutdown", server.shutdown())
+            .await
+            .expect("clean shutdown");
+        assert_eq!(self.queue_counts().await, (0, 0), "all acked, no consumer");
+        client.close().await;
+        self.delete_queue().await;
+    }
+
     async fn finish(&self, server: RpcServer, client: RpcClient) {
         within("shutdown", server.shutdown())
             .await
@@ -264,6 +275,15 @@ fn echo(body: &str) -> Vec<u8> {
 /// The client still works: a call with `body` gets the switchboard's answer.
 async fn answers(client: &RpcClient, body: &str) {
     assert_eq!(within("call", client.call(body)).await, Ok(echo(body)));
+}
+
+/// Calls in one wave of [`answer_wave`].
+const WAVE: usize = 10;
+
+/// A wave of concurrent calls `{prefix}-0`, `{prefix}-1`, ...: each gets its answer.
+async fn answer_wave(client: &RpcClient, prefix: &str) {
+    let bodies: Vec<String> = (0..WAVE).map(|i| format!("{prefix}-{i}")).collect();
+    join_all(bodies.iter().map(|body| answers(client, body))).await;
 }
 
 #[tokio::test]
@@ -611,12 +631,7 @@ async fn bad_requests_get_remote_errors_and_the_server_keeps_serving() {
         (stats.error_replies, stats.replies) == (bad.len() as u64, 1)
     })
     .await;
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    assert_eq!(f.queue_counts().await, (0, 0), "every request was acked");
-    client.close().await;
-    f.delete_queue().await;
+    f.finish_all_acked(server, client).await;
 }
 
 #[tokio::test]
@@ -893,30 +908,23 @@ async fn requests_answered_past_a_held_one_are_acked_at_once_and_all_acks_are_va
     assert_eq!(arrivals.next().await, "hold-first");
     // Many more calls than the prefetch, in waves of concurrent calls: each is served only if
     // the broker got the acks of those before it, while `hold-first` holds one credit.
-    for wave in 0..FAST_CALLS / 10 {
-        let bodies: Vec<String> = (0..10).map(|i| format!("fast-{wave}-{i}")).collect();
-        join_all(bodies.iter().map(|body| answers(&client, body))).await;
+    for wave in 0..FAST_CALLS / WAVE {
+        answer_wave(&client, &format!("fast-{wave}")).await;
     }
     assert!(!held.is_finished(), "the held request is still running");
     board.release("hold-first");
     let reply = within("reply", held).await.expect("call task");
     assert_eq!(reply, Ok(echo("hold-first")));
     // One more run after the gap closed.
-    let bodies: Vec<String> = (0..10).map(|i| format!("after-{i}")).collect();
-    join_all(bodies.iter().map(|body| answers(&client, body))).await;
+    answer_wave(&client, "after").await;
     // The server counts a reply once its publish returns, which may be after the reply arrived.
     eventually("every reply counted", async || {
-        server.stats().replies == 1 + FAST_CALLS as u64 + 10
+        server.stats().replies == (1 + FAST_CALLS + WAVE) as u64
     })
     .await;
     // A bad ack would have closed the server's channel: shutdown would fail, and the
     // requests left unacked would be back in the queue.
-    within("shutdown", server.shutdown())
-        .await
-        .expect("clean shutdown");
-    assert_eq!(f.queue_counts().await, (0, 0), "all acked, no consumer");
-    client.close().await;
-    f.delete_queue().await;
+    f.finish_all_acked(server, client).await;
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! Runs a scenario (or a group of scenarios measured together) against every target,
 //! alternating: set up on every target, one unrecorded warm-up (which also sizes the run), then
-//! each repeat on each target in turn (the order rotating), then tear down. Every step is bounded by a timeout; a target that fails or
-//! times out is skipped for the rest of the scenario, with a message.
+//! each repeat on each target in turn (the order rotating), then tear down. Every step is
+//! bounded by a timeout; a target that fails or times out is skipped for the rest of the
+//! scenario, with a message.
 
 use crate::Result;
 use crate::results::{Metric, Results};
