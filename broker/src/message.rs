@@ -8,18 +8,44 @@ use tokio::time::Instant;
 /// and body sit back to back in one buffer, so a queued message costs one allocation; the
 /// queues it was routed to share that buffer (a clone counts a reference, the first one also
 /// allocates the count).
+///
+/// A large body that arrived in one frame is not copied: it stays a slice of the connection's
+/// read buffer ([`MessageBuilder::wants_shared`]), and the rest sits in a small `head` of its
+/// own. Such a message pins the read buffer it came in, so a queue that keeps it calls
+/// [`Message::unpin`] to copy it into a buffer of its own.
 #[derive(Clone, Debug)]
 pub(crate) struct Message {
+    /// Exchange, routing key, properties and body; only the body when `head` holds the rest.
     data: Bytes,
+    /// Exchange, routing key and properties of a message whose body is shared.
+    head: Option<Box<Head>>,
     exchange_len: u8,
     routing_key_len: u8,
     properties_len: u32,
 }
 
+/// The exchange, routing key and property bytes of a message whose body is a shared slice.
+#[derive(Clone, Debug)]
+struct Head(Box<[u8]>);
+
+/// Smallest body kept as a slice of the read buffer rather than copied: below it, copying
+/// costs less than the slice's bookkeeping. It also bounds what a delivered but unacked
+/// message can pin: its read buffer (at most 128 KiB of read room besides its own frame) is at
+/// most about 64 times its size. Queued messages pin nothing ([`Message::unpin`]).
+pub(crate) const SHARED_BODY_MIN: usize = 2048;
+
 impl Message {
     fn text(bytes: &[u8]) -> &str {
         // Both were short strings, so valid UTF-8; an empty string cannot happen otherwise.
         std::str::from_utf8(bytes).unwrap_or_default()
+    }
+
+    /// Exchange, routing key and properties, back to back.
+    fn head(&self) -> &[u8] {
+        match &self.head {
+            Some(head) => &head.0,
+            None => &self.data,
+        }
     }
 
     /// The exchange it was published to.
@@ -34,29 +60,29 @@ impl Message {
 
     /// The exchange's bytes, for writing it out (no UTF-8 check, unlike [`Self::exchange`]).
     pub(crate) fn exchange_bytes(&self) -> &[u8] {
-        &self.data[..self.exchange_len as usize]
+        &self.head()[..self.exchange_len as usize]
     }
 
     /// The routing key's bytes, likewise.
     pub(crate) fn routing_key_bytes(&self) -> &[u8] {
         let start = self.exchange_len as usize;
-        &self.data[start..start + self.routing_key_len as usize]
+        &self.head()[start..start + self.routing_key_len as usize]
     }
 
     /// Property flags and list, as received.
     pub(crate) fn properties(&self) -> &[u8] {
         let start = self.exchange_len as usize + self.routing_key_len as usize;
-        &self.data[start..start + self.properties_len as usize]
+        &self.head()[start..start + self.properties_len as usize]
     }
 
     /// The first byte of its buffer (0 if empty), to bring it into cache.
     pub(crate) fn first_byte(&self) -> u8 {
-        self.data.first().copied().unwrap_or(0)
+        self.head().first().copied().unwrap_or(0)
     }
 
     /// Bytes it holds: exchange, routing key, properties and body.
     pub(crate) fn size(&self) -> usize {
-        self.data.len()
+        self.data.len() + self.head.as_ref().map_or(0, |head| head.0.len())
     }
 
     /// The whole body.
@@ -71,7 +97,29 @@ impl Message {
     }
 
     fn body_start(&self) -> usize {
+        if self.head.is_some() {
+            return 0;
+        }
         self.exchange_len as usize + self.routing_key_len as usize + self.properties_len as usize
+    }
+
+    /// Whether its body is a slice of a read buffer (see [`Message::unpin`]).
+    #[cfg(test)]
+    pub(crate) fn is_pinning(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// Copies a shared body and the head into one buffer of its own, so that a message that
+    /// stays queued does not keep the whole read buffer it came in alive. A no-op for a
+    /// message that has its own buffer already.
+    pub(crate) fn unpin(&mut self) {
+        let Some(head) = self.head.take() else {
+            return;
+        };
+        let mut data = BytesMut::with_capacity(head.0.len() + self.data.len());
+        data.extend_from_slice(&head.0);
+        data.extend_from_slice(&self.data);
+        self.data = data.freeze();
     }
 }
 
@@ -83,6 +131,8 @@ const MAX_RESERVE: usize = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct MessageBuilder {
     data: BytesMut,
+    /// A body that came whole in one frame of at least [`SHARED_BODY_MIN`] bytes.
+    shared_body: Option<Bytes>,
     exchange_len: u8,
     routing_key_len: u8,
     properties_len: u32,
@@ -100,12 +150,20 @@ impl MessageBuilder {
         body_size: u64,
     ) -> Self {
         let head = exchange.len() + routing_key.len() + properties.len();
-        let mut data = BytesMut::with_capacity(head + (body_size as usize).min(MAX_RESERVE));
+        // A large body will likely come whole in one frame and be shared: room is made for
+        // it only if it comes in pieces after all (see `push`).
+        let body_room = if Self::is_large(body_size) {
+            0
+        } else {
+            body_size as usize
+        };
+        let mut data = BytesMut::with_capacity(head + body_room);
         data.extend_from_slice(exchange.as_bytes());
         data.extend_from_slice(routing_key.as_bytes());
         data.extend_from_slice(properties);
         Self {
             data,
+            shared_body: None,
             exchange_len: exchange.len() as u8,
             routing_key_len: routing_key.len() as u8,
             properties_len: properties.len() as u32,
@@ -113,6 +171,10 @@ impl MessageBuilder {
             body_len: 0,
             overflowed: false,
         }
+    }
+
+    fn is_large(body_size: u64) -> bool {
+        body_size >= SHARED_BODY_MIN as u64
     }
 
     /// A body frame went past the declared size: the message can never complete.
@@ -130,16 +192,44 @@ impl MessageBuilder {
         self.body_size - self.body_len
     }
 
+    /// Whether a body frame of `len` bytes would be the whole of a large body: then the
+    /// caller hands it over with [`Self::push_shared`] rather than [`Self::push`].
+    pub(crate) fn wants_shared(&self, len: usize) -> bool {
+        self.body_len == 0
+            && !self.overflowed
+            && len as u64 == self.body_size
+            && Self::is_large(self.body_size)
+    }
+
     /// Appends a body frame's payload (the caller checks it fits in [`Self::remaining`]).
     pub(crate) fn push(&mut self, chunk: &[u8]) {
+        if self.body_len == 0 && Self::is_large(self.body_size) {
+            self.data
+                .reserve((self.body_size as usize).min(MAX_RESERVE));
+        }
         self.data.extend_from_slice(chunk);
         self.body_len += chunk.len() as u64;
     }
 
+    /// Takes the whole body as a slice of the read buffer (see [`Self::wants_shared`]).
+    pub(crate) fn push_shared(&mut self, body: Bytes) {
+        debug_assert!(self.wants_shared(body.len()));
+        self.body_len = body.len() as u64;
+        self.shared_body = Some(body);
+    }
+
     /// The finished message (TTL not yet applied).
     pub(crate) fn finish(self) -> Message {
+        let (data, head) = match self.shared_body {
+            Some(body) => (
+                body,
+                Some(Box::new(Head(Vec::from(self.data).into_boxed_slice()))),
+            ),
+            None => (self.data.freeze(), None),
+        };
         Message {
-            data: self.data.freeze(),
+            data,
+            head,
             exchange_len: self.exchange_len,
             routing_key_len: self.routing_key_len,
             properties_len: self.properties_len,
@@ -221,6 +311,64 @@ mod tests {
         assert_eq!(message.routing_key(), "jobs");
         assert_eq!(message.properties(), &[0x10, 0]);
         assert_eq!(message.body(), b"hello");
+    }
+
+    /// A large body handed over as one shared slice: not copied until `unpin`.
+    fn shared_message(body: &bytes::Bytes) -> super::Message {
+        let mut builder = super::MessageBuilder::new("", "jobs", &[0x10, 0], body.len() as u64);
+        assert!(builder.wants_shared(body.len()));
+        builder.push_shared(body.clone());
+        builder.finish()
+    }
+
+    #[test]
+    fn a_large_body_in_one_frame_is_shared_until_unpinned() {
+        let read_buffer = bytes::Bytes::from((0..10_000).map(|i| i as u8).collect::<Vec<_>>());
+        let body = read_buffer.slice(100..100 + super::SHARED_BODY_MIN);
+        let mut message = shared_message(&body);
+        assert!(message.is_pinning());
+        assert_eq!(
+            message.body().as_ptr(),
+            body.as_ptr(),
+            "the body was copied"
+        );
+        assert_eq!(message.routing_key(), "jobs");
+        assert_eq!(message.properties(), &[0x10, 0]);
+        assert_eq!(message.size(), 4 + 2 + body.len());
+        assert_eq!(message.body_slice(10..20), body.slice(10..20));
+
+        message.unpin();
+        assert!(!message.is_pinning());
+        assert_ne!(
+            message.body().as_ptr(),
+            body.as_ptr(),
+            "still in the read buffer"
+        );
+        assert_eq!(message.body(), &body[..]);
+        assert_eq!(message.routing_key(), "jobs");
+        assert_eq!(message.properties(), &[0x10, 0]);
+        assert_eq!(message.size(), 4 + 2 + body.len());
+        assert_eq!(message.body_slice(10..20), body.slice(10..20));
+    }
+
+    #[test]
+    fn small_bodies_and_bodies_in_pieces_are_copied() {
+        let small = super::MessageBuilder::new("", "q", &[], super::SHARED_BODY_MIN as u64 - 1);
+        assert!(!small.wants_shared(super::SHARED_BODY_MIN - 1));
+
+        let size = super::SHARED_BODY_MIN * 2;
+        let mut pieces = super::MessageBuilder::new("", "q", &[], size as u64);
+        assert!(
+            !pieces.wants_shared(size / 2),
+            "half a body is not the body"
+        );
+        pieces.push(&vec![1; size / 2]);
+        assert!(!pieces.wants_shared(size / 2));
+        pieces.push(&vec![2; size / 2]);
+        let message = pieces.finish();
+        assert!(!message.is_pinning());
+        assert_eq!(message.body().len(), size);
+        assert_eq!(message.body()[size / 2], 2);
     }
 
     #[test]

@@ -201,6 +201,12 @@ impl Queue {
             self.drop_expired_head(now, Some(seq));
         }
         self.dispatch_inner(now, Some(seq), outbox);
+        // Kept rather than delivered at once: it must not pin the read buffer it came in.
+        if let Some(kept) = self.ready.back_mut()
+            && kept.seq == seq
+        {
+            kept.message.unpin();
+        }
     }
 
     /// Puts a delivered message back at its original position, flagged redelivered.
@@ -211,7 +217,8 @@ impl Queue {
 
     /// Puts a message that was never written to its consumer back at its original position,
     /// its redelivered flag unchanged: the client never saw it.
-    pub(crate) fn put_back(&mut self, message: QueuedMessage) {
+    pub(crate) fn put_back(&mut self, mut message: QueuedMessage) {
+        message.message.unpin();
         let at = self.ready.partition_point(|m| m.seq < message.seq);
         self.ready.insert(at, message);
     }
@@ -383,5 +390,53 @@ impl Queue {
     /// Takes every consumer (the queue is being deleted).
     pub(crate) fn take_consumers(&mut self) -> Vec<Consumer> {
         std::mem::take(&mut self.consumers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Queue, QueueOptions};
+    use crate::mailbox::Outbox;
+    use crate::message::{MessageBuilder, SHARED_BODY_MIN};
+    use amq_protocol::types::FieldTable;
+    use tokio::time::Instant;
+
+    #[test]
+    fn a_kept_message_does_not_pin_its_read_buffer() {
+        let options = QueueOptions {
+            durable: false,
+            exclusive: None,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+        };
+        let mut queue = Queue::new("q", options, None);
+        let read_buffer = bytes::Bytes::from(vec![7u8; SHARED_BODY_MIN * 4]);
+        let body = read_buffer.slice(..SHARED_BODY_MIN);
+        let mut builder = MessageBuilder::new("", "q", &[], body.len() as u64);
+        builder.push_shared(body);
+        let message = builder.finish();
+        assert!(message.is_pinning());
+
+        // No consumer: the message stays in the queue, in a buffer of its own.
+        let mut outbox = Outbox::default();
+        queue.publish(message, None, Instant::now(), &mut outbox);
+        let kept = queue
+            .get(Instant::now(), true)
+            .expect("the message was kept");
+        assert!(!kept.message.is_pinning());
+        assert_eq!(kept.message.body(), &read_buffer[..SHARED_BODY_MIN]);
+
+        // Nor does one put back after a delivery.
+        let mut builder = MessageBuilder::new("", "q", &[], SHARED_BODY_MIN as u64);
+        builder.push_shared(read_buffer.slice(SHARED_BODY_MIN..SHARED_BODY_MIN * 2));
+        let mut delivered = kept;
+        delivered.message = builder.finish();
+        assert!(delivered.message.is_pinning());
+        queue.requeue(delivered);
+        let requeued = queue
+            .get(Instant::now(), true)
+            .expect("the message was requeued");
+        assert!(requeued.redelivered);
+        assert!(!requeued.message.is_pinning());
     }
 }

@@ -11,17 +11,19 @@ use crate::channel::{Channel, ChannelState, SettleCount};
 use crate::codec::{self, Decoded, Frame};
 use crate::error::AmqpError;
 use crate::mailbox::{Mailbox, MailboxReceiver, Outbound, mailbox};
+use crate::message::SHARED_BODY_MIN;
 use crate::queue::ConnId;
 use crate::server::{BrokerShared, ConnectionEntry};
 use crate::trace::Direction;
 use crate::vhost::Vhost;
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 pub(crate) use handshake::method_name;
 use handshake::{HandshakeError, Tuning, handshake};
 use output::{MAX_SLICES, Output};
 use read_pacing::ReadPacing;
 use rustc_hash::FxHashMap;
+use std::borrow::Cow;
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -337,8 +339,20 @@ impl Connection {
                 codec::decode_at(rbuf, self.tuning.frame_max).map(Some)
             };
             match decoded {
+                Ok(Some(Decoded::Frame(Frame::Body(channel, body), len)))
+                    if body.len() >= SHARED_BODY_MIN =>
+                {
+                    // A large body is taken as a slice of the read buffer, not copied.
+                    let payload_len = body.len();
+                    let frame = rbuf.split_to(len).freeze();
+                    let payload = frame.slice(len - 1 - payload_len..len - 1);
+                    self.handle_frame(
+                        Frame::Body(channel, Cow::Borrowed(&payload)),
+                        Some(&payload),
+                    );
+                }
                 Ok(Some(Decoded::Frame(frame, len))) => {
-                    self.handle_frame(frame);
+                    self.handle_frame(frame, None);
                     rbuf.advance(len);
                 }
                 Ok(incomplete) => {
@@ -384,7 +398,9 @@ impl Connection {
         }
     }
 
-    fn handle_frame(&mut self, frame: Frame<'_>) {
+    /// Handles one frame; `shared_body` is a body frame's payload as a slice of the read
+    /// buffer, when it was split off (see [`SHARED_BODY_MIN`]).
+    fn handle_frame(&mut self, frame: Frame<'_>, shared_body: Option<&Bytes>) {
         // Staged publishes are routed (and answered) before anything else is handled.
         if !matches!(
             frame,
@@ -445,7 +461,7 @@ impl Connection {
                 properties,
                 raw_properties,
             } => self.content_header(channel, class_id, body_size, properties, raw_properties),
-            Frame::Body(channel, body) => self.content_body(channel, &body),
+            Frame::Body(channel, body) => self.content_body(channel, &body, shared_body),
         };
         if let Err((channel, e)) = result {
             self.fail(channel, e);

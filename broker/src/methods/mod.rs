@@ -11,6 +11,7 @@ use crate::connection::{Connection, method_name};
 use crate::error::AmqpError;
 use crate::message::MessageBuilder;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
+use bytes::Bytes;
 use std::borrow::Cow;
 
 /// RabbitMQ's text for a content frame where a method was due.
@@ -177,8 +178,15 @@ impl Connection {
         }
     }
 
-    /// A content body frame: part of the body announced by the header.
-    pub(crate) fn content_body(&mut self, ch: u16, chunk: &[u8]) -> Result<(), Failed> {
+    /// A content body frame: part of the body announced by the header. `shared` is the same
+    /// payload as a slice of the read buffer, when one was split off: a large body that comes
+    /// whole in this frame is kept as that slice rather than copied.
+    pub(crate) fn content_body(
+        &mut self,
+        ch: u16,
+        chunk: &[u8],
+        shared: Option<&Bytes>,
+    ) -> Result<(), Failed> {
         let Some(channel) = self.content_channel(ch)? else {
             return Ok(());
         };
@@ -210,7 +218,10 @@ impl Connection {
             pending.1.overflow();
             return Ok(());
         }
-        pending.1.push(chunk);
+        match shared {
+            Some(body) if pending.1.wants_shared(body.len()) => pending.1.push_shared(body.clone()),
+            _ => pending.1.push(chunk),
+        }
         if (chunk.len() as u64) < remaining || pending.1.overflowed() {
             return Ok(());
         }
