@@ -11,7 +11,7 @@ use crate::channel::{Channel, ChannelState, SettleCount};
 use crate::codec::{self, Decoded, Frame};
 use crate::error::AmqpError;
 use crate::mailbox::{Mailbox, MailboxReceiver, Outbound, mailbox};
-use crate::message::SHARED_BODY_MIN;
+use crate::message::{Message, SHARED_BODY_MIN};
 use crate::queue::ConnId;
 use crate::server::{BrokerShared, ConnectionEntry};
 use crate::trace::Direction;
@@ -85,6 +85,9 @@ pub(crate) struct Connection {
     /// Per-source (queue and consumer) counts of the ack being handled, by the shared
     /// [`Source`](crate::queue::Source)'s address; kept between acks to reuse its table.
     pub(crate) settle_counts: FxHashMap<usize, SettleCount>,
+    /// Messages an ack settled, freed once the vhost lock is released (see
+    /// `methods::basic::free_settled`); kept empty between acks for its capacity.
+    pub(crate) settled_messages: Vec<Message>,
     /// Where the next [`Connection::redispatch`] starts among the connection's consumers.
     redispatch_from: usize,
     /// Complete publishes not yet routed: a run of publishes is routed under one hold of the
@@ -143,6 +146,7 @@ where
         confirms_due: Vec::new(),
         input_held: false,
         settle_counts: FxHashMap::default(),
+        settled_messages: Vec::new(),
         redispatch_from: 0,
         staged: Vec::new(),
     };
