@@ -134,11 +134,11 @@ impl Exchange {
     }
 
     /// The queues a message with this routing key and headers goes to (with repeats).
-    pub(crate) fn route<'a>(
+    pub(crate) fn route<'a, 'k>(
         &'a self,
-        routing_key: &'a str,
-        headers: Option<&'a FieldTable>,
-    ) -> impl Iterator<Item = &'a Arc<str>> + 'a {
+        routing_key: &'k str,
+        headers: Option<&'k FieldTable>,
+    ) -> impl Iterator<Item = &'a Arc<str>> {
         self.bindings
             .iter()
             .filter(move |b| match self.kind {

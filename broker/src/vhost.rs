@@ -127,7 +127,7 @@ impl VhostState {
         &mut self,
         headers: Option<&FieldTable>,
         ttl: Option<u64>,
-        message: Message,
+        mut message: Message,
         now: Instant,
     ) -> Result<(), Message> {
         let expires_at = ttl.map(|ms| now + Duration::from_millis(ms));
@@ -158,6 +158,11 @@ impl VhostState {
         let Some(last) = targets.pop() else {
             return Err(message);
         };
+        if !targets.is_empty() {
+            // Queues that keep it would each copy a shared body out (`Message::unpin`): one
+            // copy now, which they all share, instead.
+            message.unpin();
+        }
         for name in targets {
             if let Some(queue) = self.queues.get_mut(name) {
                 queue.publish(message.clone(), expires_at, now, &mut self.outbox);
@@ -250,7 +255,7 @@ impl VhostState {
 mod tests {
     use super::*;
     use crate::mailbox::mailbox;
-    use crate::message::MessageBuilder;
+    use crate::message::{MessageBuilder, SHARED_BODY_MIN};
     use crate::queue::{Consumer, QueueOptions, Source};
 
     fn options() -> QueueOptions {
@@ -293,6 +298,43 @@ mod tests {
             (queue.ready_len(), queue.unacked),
             (1, 0),
             "back in the queue"
+        );
+    }
+
+    #[test]
+    fn queues_that_keep_a_shared_body_share_one_copy_of_it() {
+        let vhost = Vhost::new("/");
+        let mut state = vhost.lock();
+        let fanout = state.exchanges.get_mut("amq.fanout").expect("predeclared");
+        for name in ["a", "b"] {
+            fanout.bind(crate::exchange::Binding {
+                queue: name.into(),
+                routing_key: String::new(),
+                arguments: FieldTable::default(),
+            });
+        }
+        for name in ["a", "b"] {
+            state
+                .queues
+                .insert(name.into(), Queue::new(name, options(), None));
+        }
+        let read_buffer = bytes::Bytes::from(vec![5u8; 3 * SHARED_BODY_MIN]);
+        let mut builder = MessageBuilder::new("amq.fanout", "", &[0, 0], SHARED_BODY_MIN as u64);
+        builder.push_shared(read_buffer.slice(SHARED_BODY_MIN..2 * SHARED_BODY_MIN));
+        let message = builder.finish();
+        assert!(message.is_pinning());
+        assert!(state.publish(None, None, message, Instant::now()).is_ok());
+        let now = Instant::now();
+        let kept: Vec<_> = ["a", "b"]
+            .map(|name| state.queues.get_mut(name).unwrap().get(now, true).unwrap())
+            .into_iter()
+            .collect();
+        assert!(kept.iter().all(|m| !m.message.is_pinning()));
+        assert_eq!(kept[0].message.body(), &read_buffer[..SHARED_BODY_MIN]);
+        assert_eq!(
+            kept[0].message.body().as_ptr(),
+            kept[1].message.body().as_ptr(),
+            "each queue made its own copy"
         );
     }
 }

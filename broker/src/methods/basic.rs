@@ -22,21 +22,8 @@ use tokio::time::Instant;
 /// The most sources (queue and consumer) [`Connection::settle_counts`] keeps between acks (about
 /// 100 KB; an ack spanning 1,000 queues, as in the bench's scale rows, fits).
 const SETTLE_COUNTS_KEPT: usize = 4096;
-/// Drops settled messages, outside the vhost lock. Their buffers were allocated long ago and
-/// (with many queues and connections) far apart, so each free would wait for a cache miss in
-/// turn: reading a byte of each first lets those misses overlap.
-fn free_settled(messages: &mut Vec<Message>) {
-    let sum = messages.iter().fold(0u8, |sum, m| sum ^ m.first_byte());
-    std::hint::black_box(sum);
-    messages.clear();
-    if messages.capacity() > SETTLED_MESSAGES_KEPT {
-        *messages = Vec::new();
-    }
-}
-
 /// The most entries [`Connection::settled_messages`] keeps between acks.
 const SETTLED_MESSAGES_KEPT: usize = 4096;
-
 /// Most publishes staged before they are routed (see [`Connection::staged`]), which bounds how
 /// long one hold of the vhost lock lasts. 1,024 measured no better (BENCHMARKS.md, session 5).
 const MAX_STAGED: usize = 256;
@@ -52,6 +39,18 @@ fn add_count(counts: &mut FxHashMap<usize, SettleCount>, key: usize, count: Sett
         .entry(key)
         .and_modify(|c| c.1 += count.1)
         .or_insert(count);
+}
+
+/// Drops settled messages, outside the vhost lock. Their buffers were allocated long ago and
+/// (with many queues and connections) far apart, so each free would wait for a cache miss in
+/// turn: reading a byte of each first lets those misses overlap.
+fn free_settled(messages: &mut Vec<Message>) {
+    let sum = messages.iter().fold(0u8, |sum, m| sum ^ m.first_byte());
+    std::hint::black_box(sum);
+    messages.clear();
+    if messages.capacity() > SETTLED_MESSAGES_KEPT {
+        *messages = Vec::new();
+    }
 }
 
 fn send_basic(conn: &mut Connection, ch: u16, method: basic::AMQPMethod) {
