@@ -17,7 +17,8 @@ use tokio::time::Instant;
 pub(crate) struct Message {
     /// Exchange, routing key, properties and body; only the body when `head` holds the rest.
     data: Bytes,
-    /// Exchange, routing key and properties of a message whose body is shared.
+    /// Exchange, routing key and properties of a message whose body is shared. A box around
+    /// the boxed slice, so that every message pays one pointer for it rather than two words.
     head: Option<Box<Head>>,
     exchange_len: u8,
     routing_key_len: u8,
@@ -107,6 +108,20 @@ impl Message {
     #[cfg(test)]
     pub(crate) fn is_pinning(&self) -> bool {
         self.head.is_some()
+    }
+
+    /// A message whose body is `body`, kept as a slice as a large body frame's payload is.
+    #[cfg(test)]
+    pub(crate) fn with_shared_body(
+        exchange: &str,
+        routing_key: &str,
+        properties: &[u8],
+        body: Bytes,
+    ) -> Self {
+        let mut builder = MessageBuilder::new(exchange, routing_key, properties, body.len() as u64);
+        assert!(builder.wants_shared(body.len()));
+        builder.push_shared(body);
+        builder.finish()
     }
 
     /// Copies a shared body and the head into one buffer of its own, so that a message that
@@ -313,29 +328,26 @@ mod tests {
         assert_eq!(message.body(), b"hello");
     }
 
-    /// A large body handed over as one shared slice: not copied until `unpin`.
-    fn shared_message(body: &bytes::Bytes) -> super::Message {
-        let mut builder = super::MessageBuilder::new("", "jobs", &[0x10, 0], body.len() as u64);
-        assert!(builder.wants_shared(body.len()));
-        builder.push_shared(body.clone());
-        builder.finish()
-    }
-
     #[test]
     fn a_large_body_in_one_frame_is_shared_until_unpinned() {
         let read_buffer = bytes::Bytes::from((0..10_000).map(|i| i as u8).collect::<Vec<_>>());
         let body = read_buffer.slice(100..100 + super::SHARED_BODY_MIN);
-        let mut message = shared_message(&body);
+        let properties = [0x10, 0];
+        let mut message = super::Message::with_shared_body("", "jobs", &properties, body.clone());
+        let same_parts = |message: &super::Message| {
+            assert_eq!(message.routing_key(), "jobs");
+            assert_eq!(message.properties(), &properties);
+            assert_eq!(message.body(), &body[..]);
+            assert_eq!(message.size(), "jobs".len() + properties.len() + body.len());
+            assert_eq!(message.body_slice(10..20), body.slice(10..20));
+        };
         assert!(message.is_pinning());
         assert_eq!(
             message.body().as_ptr(),
             body.as_ptr(),
             "the body was copied"
         );
-        assert_eq!(message.routing_key(), "jobs");
-        assert_eq!(message.properties(), &[0x10, 0]);
-        assert_eq!(message.size(), 4 + 2 + body.len());
-        assert_eq!(message.body_slice(10..20), body.slice(10..20));
+        same_parts(&message);
 
         message.unpin();
         assert!(!message.is_pinning());
@@ -344,11 +356,7 @@ mod tests {
             body.as_ptr(),
             "still in the read buffer"
         );
-        assert_eq!(message.body(), &body[..]);
-        assert_eq!(message.routing_key(), "jobs");
-        assert_eq!(message.properties(), &[0x10, 0]);
-        assert_eq!(message.size(), 4 + 2 + body.len());
-        assert_eq!(message.body_slice(10..20), body.slice(10..20));
+        same_parts(&message);
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl Consumer {
 }
 
 /// How a queue was declared.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct QueueOptions {
     /// Declared durable (kept in memory all the same).
     pub(crate) durable: bool,
@@ -397,24 +397,14 @@ impl Queue {
 mod tests {
     use super::{Queue, QueueOptions};
     use crate::mailbox::Outbox;
-    use crate::message::{MessageBuilder, SHARED_BODY_MIN};
-    use amq_protocol::types::FieldTable;
+    use crate::message::{Message, SHARED_BODY_MIN};
     use tokio::time::Instant;
 
     #[test]
     fn a_kept_message_does_not_pin_its_read_buffer() {
-        let options = QueueOptions {
-            durable: false,
-            exclusive: None,
-            auto_delete: false,
-            arguments: FieldTable::default(),
-        };
-        let mut queue = Queue::new("q", options, None);
+        let mut queue = Queue::new("q", QueueOptions::default(), None);
         let read_buffer = bytes::Bytes::from(vec![7u8; SHARED_BODY_MIN * 4]);
-        let body = read_buffer.slice(..SHARED_BODY_MIN);
-        let mut builder = MessageBuilder::new("", "q", &[], body.len() as u64);
-        builder.push_shared(body);
-        let message = builder.finish();
+        let message = Message::with_shared_body("", "q", &[], read_buffer.slice(..SHARED_BODY_MIN));
         assert!(message.is_pinning());
 
         // No consumer: the message stays in the queue, in a buffer of its own.
@@ -427,10 +417,13 @@ mod tests {
         assert_eq!(kept.message.body(), &read_buffer[..SHARED_BODY_MIN]);
 
         // Nor does one put back after a delivery.
-        let mut builder = MessageBuilder::new("", "q", &[], SHARED_BODY_MIN as u64);
-        builder.push_shared(read_buffer.slice(SHARED_BODY_MIN..SHARED_BODY_MIN * 2));
         let mut delivered = kept;
-        delivered.message = builder.finish();
+        delivered.message = Message::with_shared_body(
+            "",
+            "q",
+            &[],
+            read_buffer.slice(SHARED_BODY_MIN..SHARED_BODY_MIN * 2),
+        );
         assert!(delivered.message.is_pinning());
         queue.requeue(delivered);
         let requeued = queue

@@ -258,21 +258,12 @@ mod tests {
     use crate::message::{MessageBuilder, SHARED_BODY_MIN};
     use crate::queue::{Consumer, QueueOptions, Source};
 
-    fn options() -> QueueOptions {
-        QueueOptions {
-            durable: false,
-            exclusive: None,
-            auto_delete: false,
-            arguments: FieldTable::default(),
-        }
-    }
-
     #[test]
     fn a_delivery_whose_connection_goes_before_the_lock_is_released_returns_to_its_queue() {
         let vhost = Vhost::new("/");
         let (tx, mut rx) = mailbox();
         let mut state = vhost.lock();
-        let mut queue = Queue::new("jobs", options(), None);
+        let mut queue = Queue::new("jobs", QueueOptions::default(), None);
         queue.add_consumer(Consumer {
             source: Source::consumer("jobs".into(), "c".into()),
             conn: 1,
@@ -316,12 +307,11 @@ mod tests {
         for name in ["a", "b"] {
             state
                 .queues
-                .insert(name.into(), Queue::new(name, options(), None));
+                .insert(name.into(), Queue::new(name, QueueOptions::default(), None));
         }
         let read_buffer = bytes::Bytes::from(vec![5u8; 3 * SHARED_BODY_MIN]);
-        let mut builder = MessageBuilder::new("amq.fanout", "", &[0, 0], SHARED_BODY_MIN as u64);
-        builder.push_shared(read_buffer.slice(SHARED_BODY_MIN..2 * SHARED_BODY_MIN));
-        let message = builder.finish();
+        let body = read_buffer.slice(SHARED_BODY_MIN..2 * SHARED_BODY_MIN);
+        let message = Message::with_shared_body("amq.fanout", "", &[0, 0], body);
         assert!(message.is_pinning());
         assert!(state.publish(None, None, message, Instant::now()).is_ok());
         let now = Instant::now();

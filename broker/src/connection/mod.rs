@@ -346,7 +346,8 @@ impl Connection {
                 Ok(Some(Decoded::Frame(Frame::Body(channel, body), len)))
                     if body.len() >= SHARED_BODY_MIN =>
                 {
-                    // A large body is taken as a slice of the read buffer, not copied.
+                    // A large body is taken as a slice of the read buffer, not copied: the
+                    // payload sits between the frame's header and its frame-end byte.
                     let payload_len = body.len();
                     let frame = rbuf.split_to(len).freeze();
                     let payload = frame.slice(len - 1 - payload_len..len - 1);
