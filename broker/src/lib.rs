@@ -23,6 +23,7 @@
 //! - [`error`]: the protocol error type (scope, code, text, class/method).
 //! - [`inspect`]: read-only snapshots for tests.
 //! - [`trace`]: the optional per-connection method trace.
+//! - [`tcp`]: socket options for Warren's TCP connections (both ends).
 //!
 //! # Example
 //! ```
@@ -50,6 +51,7 @@ mod message;
 mod methods;
 mod queue;
 mod server;
+pub mod tcp;
 pub mod trace;
 mod unacked;
 mod vhost;

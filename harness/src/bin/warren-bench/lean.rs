@@ -137,7 +137,7 @@ impl Lean {
         let stream = tokio::time::timeout(REPLY_TIMEOUT, TcpStream::connect(&addr))
             .await
             .map_err(|_| format!("connecting to {addr} timed out"))??;
-        stream.set_nodelay(true)?;
+        warren_broker::tcp::tune(&stream);
         let mut conn = Self {
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
