@@ -11,8 +11,8 @@ use tokio::time::Instant;
 ///
 /// A large body that arrived in one frame is not copied: it stays a slice of the connection's
 /// read buffer ([`MessageBuilder::wants_shared`]), and the rest sits in a small `head` of its
-/// own. Such a message pins the read buffer it came in, so a queue that keeps it calls
-/// [`Message::unpin`] to copy it into a buffer of its own.
+/// own. Such a message pins the read buffer it came in, so a queue that keeps it where no
+/// consumer will take it calls [`Message::unpin`] to copy it into a buffer of its own.
 #[derive(Clone, Debug)]
 pub(crate) struct Message {
     /// Exchange, routing key, properties and body; only the body when `head` holds the rest.
@@ -30,9 +30,10 @@ pub(crate) struct Message {
 struct Head(Box<[u8]>);
 
 /// Smallest body kept as a slice of the read buffer rather than copied: below it, copying
-/// costs less than the slice's bookkeeping. It also bounds what a delivered but unacked
-/// message can pin: its read buffer (at most 128 KiB of read room besides its own frame) is at
-/// most about 64 times its size. Queued messages pin nothing ([`Message::unpin`]).
+/// costs less than the slice's bookkeeping. It also bounds what a message can pin: its read
+/// buffer (at most 128 KiB of read room besides its own frame) is at most about 64 times its
+/// size. Only messages on their way out pin: delivered and unacked, or waiting in a queue that
+/// has a consumer; a queue without consumers keeps nothing pinned (`Queue::keep`).
 pub(crate) const SHARED_BODY_MIN: usize = 2048;
 
 impl Message {
@@ -105,7 +106,6 @@ impl Message {
     }
 
     /// Whether its body is a slice of a read buffer (see [`Message::unpin`]).
-    #[cfg(test)]
     pub(crate) fn is_pinning(&self) -> bool {
         self.head.is_some()
     }
