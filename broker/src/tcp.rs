@@ -1,7 +1,6 @@
-//! Socket options Warren sets on its TCP connections, on both ends: the broker's accepted
-//! sockets and the clients Warren ships (warren-rpc's `connect`, the bench's load generator).
+//! Socket options Warren sets on its TCP connections: the broker's accepted sockets, and the
+//! bench's lean load generator, which connects with the same options.
 
-use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 /// Tunes a connected TCP socket for AMQP on a test machine: small writes go out at once
@@ -12,8 +11,8 @@ use tokio::net::TcpStream;
 /// loopback there is no bottleneck queue to spare, so the timer is pure cost (in a VM, arming
 /// it traps to the hypervisor): on the bench's 4 KiB pubsub row it was a quarter of the
 /// broker's CPU per message. `reno` is allowed to unprivileged processes on every Linux; where
-/// setting it fails (another OS, a locked-down kernel) the default stays. Errors are ignored:
-/// a socket that keeps its defaults still works.
+/// setting it fails the default stays, and on other systems only `TCP_NODELAY` is set. Errors
+/// are ignored: a socket that keeps its defaults still works.
 ///
 /// # Example
 /// ```
@@ -26,15 +25,13 @@ use tokio::net::TcpStream;
 /// ```
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
-    if stream
-        .peer_addr()
-        .is_ok_and(|peer: SocketAddr| peer.ip().is_loopback())
-    {
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
+    if stream.peer_addr().is_ok_and(|peer| peer.ip().is_loopback()) {
         let _ = socket2::SockRef::from(stream).set_tcp_congestion(b"reno");
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
