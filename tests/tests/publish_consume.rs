@@ -14,7 +14,7 @@ use lapin::{
 use std::time::Duration;
 use warren_harness::TestBroker;
 use warren_tests::{
-    ErrorEvents, assert_amqp_error, assert_channel_closed_only, assert_connection_closed,
+    ErrorEvents, TIMEOUT, assert_amqp_error, assert_channel_closed_only, assert_connection_closed,
     assert_connection_works, assert_no_delivery, channel, close_conn, confirm_channel, consume,
     declare, delete_quietly, drain_bodies, expect_err, get, get_eventually, next_delivery, passive,
     publish, publish_confirmed, publish_with,
@@ -923,5 +923,64 @@ async fn qos_zero_means_unlimited() {
         0
     );
     delete_quietly(&ch, &q).await;
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn large_messages_waiting_behind_a_full_prefetch_come_out_whole_after_their_consumer_leaves()
+{
+    // 4 KiB bodies, each in one frame: Warren keeps such a body as a slice of the connection's
+    // read buffer while its queue has a consumer, and copies it out when the last consumer
+    // leaves. Several read buffers' worth of them wait behind a prefetch of 1, then the
+    // consumer is cancelled: every body must come back intact, in order.
+    const MESSAGES: usize = 300;
+    let body = |i: usize| -> Vec<u8> {
+        let mut body = vec![(i % 251) as u8; 4096];
+        body[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        body
+    };
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    let q = broker.unique_name("pinned-backlog");
+    declare(&ch, &q).await;
+    within("qos", ch.basic_qos(1, BasicQosOptions::default()))
+        .await
+        .expect("qos 1");
+    let mut consumer = consume(&ch, &q, false).await;
+    let publisher = channel(&conn).await;
+    for i in 0..MESSAGES {
+        publish(&publisher, &q, &body(i)).await;
+    }
+    assert_eq!(next_delivery(&mut consumer).await.data, body(0));
+    let counter = channel(&conn).await;
+    warren_harness::wait_until("the rest queued", TIMEOUT, async || {
+        let ready = passive(&counter, &q).await.map_err(|e| e.to_string())?;
+        match ready.message_count() as usize {
+            n if n == MESSAGES - 1 => Ok(()),
+            n => Err(format!("{n} ready")),
+        }
+    })
+    .await;
+    within(
+        "cancel",
+        ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+    )
+    .await
+    .expect("cancel");
+    let rest = drain_bodies(&counter, &q).await;
+    assert_eq!(rest.len(), MESSAGES - 1);
+    for (i, got) in rest.iter().enumerate() {
+        assert!(*got == body(i + 1), "message {} came back changed", i + 1);
+    }
+    // The first one, delivered and unacked, returns to the queue when its channel closes.
+    within("channel.close", ch.close(200, "OK".into()))
+        .await
+        .expect("channel.close");
+    assert_eq!(
+        get_eventually(&counter, &q, true).await.delivery.data,
+        body(0)
+    );
+    delete_quietly(&counter, &q).await;
     close_conn(&conn).await;
 }
