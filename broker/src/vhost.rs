@@ -147,9 +147,18 @@ impl VhostState {
         let Some(exchange) = self.exchanges.get(message.exchange()) else {
             return Err(message);
         };
+        // Whether a target has no consumer, so would keep the message in a buffer of its own
+        // (`Queue::keep`).
+        let mut one_would_copy = false;
         let mut targets: Vec<&Arc<str>> = exchange
             .route(message.routing_key(), headers)
-            .filter(|name| self.queues.contains_key(&***name))
+            .filter(|name| match self.queues.get(&***name) {
+                Some(queue) => {
+                    one_would_copy |= queue.consumer_count() == 0;
+                    true
+                }
+                None => false,
+            })
             .collect();
         if targets.len() > 1 {
             targets.sort();
@@ -158,9 +167,9 @@ impl VhostState {
         let Some(last) = targets.pop() else {
             return Err(message);
         };
-        if !targets.is_empty() {
-            // Queues that keep it would each copy a shared body out (`Message::unpin`): one
-            // copy now, which they all share, instead.
+        if !targets.is_empty() && one_would_copy {
+            // Each queue without a consumer would copy a shared body out: one copy now, which
+            // every queue shares, instead. Queues with consumers share the pinned body as it is.
             message.unpin();
         }
         for name in targets {

@@ -934,8 +934,10 @@ async fn large_messages_waiting_behind_a_full_prefetch_come_out_whole_after_thei
     // leaves. Several read buffers' worth of them wait behind a prefetch of 1, then the
     // consumer is cancelled: every body must come back intact, in order.
     const MESSAGES: usize = 300;
+    const BODY: usize = 4096;
+    // Its index up front, then a fill that differs between neighbours.
     let body = |i: usize| -> Vec<u8> {
-        let mut body = vec![(i % 251) as u8; 4096];
+        let mut body = vec![i as u8; BODY];
         body[..8].copy_from_slice(&(i as u64).to_be_bytes());
         body
     };
