@@ -17,6 +17,7 @@
 //! - `queue`: ready messages, consumers and dispatch.
 //! - `exchange`: exchanges and routing.
 //! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
+//! - `dead_letter`: dead-lettering (`x-dead-letter-exchange`): the `x-death` header, cycles.
 //! - `mailbox`: what other tasks hand a connection (deliveries, cancels, forced close), and
 //!   the outbox that gathers them while the vhost lock is held.
 //! - `message`: a published message as kept: raw property bytes and body.
@@ -40,6 +41,7 @@ mod channel;
 mod codec;
 pub mod config;
 mod connection;
+mod dead_letter;
 mod direct_reply;
 pub mod error;
 mod exchange;

@@ -176,10 +176,18 @@ impl Mailbox {
 /// With many consumer connections, a delivery stored straight into its mailbox lands in memory
 /// not touched since the connection last drained it, and the mailbox's mutex then waits for
 /// that store; gathered here, each mailbox takes its batch in one copy and one lock.
+///
+/// It also carries what else a lock hold leaves for its end: messages leaving their queues for
+/// a dead-letter exchange, and when the next one expires (see [`crate::dead_letter`]).
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     /// Each mailbox sent to since the last flush, with its items in order.
     batches: Vec<(Mailbox, Vec<Outbound>)>,
+    /// Messages rejected or expired in a queue that dead-letters, to publish to its
+    /// dead-letter exchange before the lock is released.
+    pub(crate) dead_letters: Vec<crate::dead_letter::DeadLetter>,
+    /// The earliest expiry of a dead-lettering queue's head message seen during this hold.
+    pub(crate) expiry: Option<tokio::time::Instant>,
     /// Index in `batches` by mailbox.
     index: FxHashMap<usize, usize>,
     /// Emptied item buffers, kept for the next batches.
@@ -200,6 +208,11 @@ impl Outbox {
             self.batches.len() - 1
         });
         self.batches[at].1.push(item);
+    }
+
+    /// Notes that a dead-lettering queue's head message expires at `at`.
+    pub(crate) fn expire_at(&mut self, at: tokio::time::Instant) {
+        self.expiry = Some(self.expiry.map_or(at, |e| e.min(at)));
     }
 
     /// Whether nothing waits to be handed over.

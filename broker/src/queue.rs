@@ -1,6 +1,7 @@
 //! A queue: ready messages in order, its consumers, and dispatch, the single place that takes
 //! messages off a queue for consumers.
 
+use crate::dead_letter::{DeadLetter, DeadLetterTarget, DeathReason};
 use crate::mailbox::{Mailbox, Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
 use amq_protocol::types::FieldTable;
@@ -133,6 +134,15 @@ pub(crate) struct QueueOptions {
     pub(crate) arguments: FieldTable,
 }
 
+/// What a queue's declaration arguments make it do (checked when it is declared).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct QueueArgs {
+    /// `x-message-ttl`, in milliseconds.
+    pub(crate) message_ttl: Option<u64>,
+    /// `x-dead-letter-exchange` and `x-dead-letter-routing-key`.
+    pub(crate) dead_letter: Option<DeadLetterTarget>,
+}
+
 /// A queue and its consumers.
 #[derive(Debug)]
 pub(crate) struct Queue {
@@ -152,16 +162,20 @@ pub(crate) struct Queue {
     pub(crate) unacked: usize,
     /// The queue's message TTL (`x-message-ttl`).
     message_ttl: Option<std::time::Duration>,
+    /// Where its rejected and expired messages go, if anywhere (boxed: most queues have none,
+    /// and the queue table stays smaller).
+    pub(crate) dead_letter: Option<Box<DeadLetterTarget>>,
     /// Whether a ready message may still pin its read buffer (see [`Queue::keep`]).
     may_pin: bool,
 }
 
 impl Queue {
     /// An empty queue.
-    pub(crate) fn new(name: &str, options: QueueOptions, message_ttl: Option<u64>) -> Self {
+    pub(crate) fn new(name: &str, options: QueueOptions, args: QueueArgs) -> Self {
         let name: Arc<str> = name.into();
         Self {
-            message_ttl: message_ttl.map(std::time::Duration::from_millis),
+            message_ttl: args.message_ttl.map(std::time::Duration::from_millis),
+            dead_letter: args.dead_letter.map(Box::new),
             get_source: Source::basic_get(name.clone()),
             name,
             options,
@@ -201,13 +215,45 @@ impl Queue {
         // TTL drops those at the head too, so they do not pile up in a queue whose consumers
         // are all blocked (or that has none).
         if expires_at.is_some() {
-            self.drop_expired_head(now, Some(seq));
+            self.drop_expired_head(now, Some(seq), outbox);
         }
         self.dispatch_inner(now, Some(seq), outbox);
         if let Some(kept) = self.ready.back_mut()
             && kept.seq == seq
         {
             Self::keep(&mut kept.message, &self.consumers, &mut self.may_pin);
+        }
+        self.arm_expiry(outbox);
+    }
+
+    /// A dead-lettering queue's head message must leave when it expires, whether or not
+    /// anything touches the queue then: the outbox tells the vhost's expiry task when.
+    fn arm_expiry(&self, outbox: &mut Outbox) {
+        if self.dead_letter.is_some()
+            && let Some(at) = self.ready.front().and_then(|m| m.expires_at)
+        {
+            outbox.expire_at(at);
+        }
+    }
+
+    /// Dead-letters (or drops) the expired messages at its head; returns when its head
+    /// message expires next, if it dead-letters and that message has a TTL.
+    pub(crate) fn expire(&mut self, now: Instant, outbox: &mut Outbox) -> Option<Instant> {
+        self.drop_expired_head(now, None, outbox);
+        self.dead_letter.as_ref()?;
+        self.ready.front().and_then(|m| m.expires_at)
+    }
+
+    /// Hands a message that leaves the queue for `reason` to its dead-letter exchange, if it
+    /// has one; otherwise it is dropped.
+    pub(crate) fn dead_letter(&self, message: Message, reason: DeathReason, outbox: &mut Outbox) {
+        if let Some(target) = &self.dead_letter {
+            outbox.dead_letters.push(DeadLetter {
+                queue: self.name.clone(),
+                target: (**target).clone(),
+                reason,
+                message,
+            });
         }
     }
 
@@ -254,6 +300,7 @@ impl Queue {
     /// Hands ready messages to consumers with credit, round-robin.
     pub(crate) fn dispatch(&mut self, now: Instant, outbox: &mut Outbox) {
         self.dispatch_inner(now, None, outbox);
+        self.arm_expiry(outbox);
     }
 
     fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>, outbox: &mut Outbox) {
@@ -273,7 +320,7 @@ impl Queue {
             else {
                 return;
             };
-            self.drop_expired_head(now, fresh);
+            self.drop_expired_head(now, fresh, outbox);
             let Some(message) = self.ready.pop_front() else {
                 return;
             };
@@ -297,12 +344,15 @@ impl Queue {
         }
     }
 
-    fn drop_expired_head(&mut self, now: Instant, keep: Option<u64>) {
+    /// Takes the expired messages off its head (all but `keep`, a message being published),
+    /// dead-lettering them if it dead-letters.
+    fn drop_expired_head(&mut self, now: Instant, keep: Option<u64>, outbox: &mut Outbox) {
         while let Some(head) = self.ready.front() {
-            if Some(head.seq) != keep && head.is_expired(now) {
-                self.ready.pop_front();
-            } else {
+            if Some(head.seq) == keep || !head.is_expired(now) {
                 return;
+            }
+            if let Some(expired) = self.ready.pop_front() {
+                self.dead_letter(expired.message, DeathReason::Expired, outbox);
             }
         }
     }
@@ -313,8 +363,13 @@ impl Queue {
     }
 
     /// Takes the head message for basic.get.
-    pub(crate) fn get(&mut self, now: Instant, no_ack: bool) -> Option<QueuedMessage> {
-        self.drop_expired_head(now, None);
+    pub(crate) fn get(
+        &mut self,
+        now: Instant,
+        no_ack: bool,
+        outbox: &mut Outbox,
+    ) -> Option<QueuedMessage> {
+        self.drop_expired_head(now, None, outbox);
         let message = self.ready.pop_front()?;
         if !no_ack {
             self.unacked += 1;
@@ -323,8 +378,8 @@ impl Queue {
     }
 
     /// Ready messages (expired ones at the head are dropped first).
-    pub(crate) fn message_count(&mut self, now: Instant) -> u32 {
-        self.drop_expired_head(now, None);
+    pub(crate) fn message_count(&mut self, now: Instant, outbox: &mut Outbox) -> u32 {
+        self.drop_expired_head(now, None, outbox);
         self.ready.len() as u32
     }
 
@@ -424,7 +479,7 @@ mod tests {
 
     #[test]
     fn a_kept_message_does_not_pin_its_read_buffer() {
-        let mut queue = Queue::new("q", QueueOptions::default(), None);
+        let mut queue = Queue::new("q", QueueOptions::default(), Default::default());
         let read_buffer = bytes::Bytes::from(vec![7u8; SHARED_BODY_MIN * 4]);
         let message = Message::with_shared_body("", "q", &[], read_buffer.slice(..SHARED_BODY_MIN));
         assert!(message.is_pinning());
@@ -433,7 +488,7 @@ mod tests {
         let mut outbox = Outbox::default();
         queue.publish(message, None, Instant::now(), &mut outbox);
         let kept = queue
-            .get(Instant::now(), true)
+            .get(Instant::now(), true, &mut outbox)
             .expect("the message was kept");
         assert!(!kept.message.is_pinning());
         assert_eq!(kept.message.body(), &read_buffer[..SHARED_BODY_MIN]);
@@ -449,7 +504,7 @@ mod tests {
         assert!(delivered.message.is_pinning());
         queue.requeue(delivered);
         let requeued = queue
-            .get(Instant::now(), true)
+            .get(Instant::now(), true, &mut outbox)
             .expect("the message was requeued");
         assert!(requeued.redelivered);
         assert!(!requeued.message.is_pinning());
@@ -457,7 +512,7 @@ mod tests {
 
     #[test]
     fn a_message_waiting_for_a_consumer_stays_pinned_until_the_last_consumer_leaves() {
-        let mut queue = Queue::new("q", QueueOptions::default(), None);
+        let mut queue = Queue::new("q", QueueOptions::default(), Default::default());
         let (mailbox, _receiver) = crate::mailbox::mailbox();
         queue.add_consumer(Consumer {
             source: Source::consumer("q".into(), "c".into()),

@@ -2,6 +2,7 @@
 //! across an `.await`. Every operation that touches more than one queue or a queue and its
 //! consumers takes the lock once.
 
+use crate::dead_letter::{dead_lettered, is_cycle};
 use crate::direct_reply::{ADDRESS_PREFIX, ReplyConsumer};
 use crate::exchange::{Exchange, builtin_exchanges, is_default};
 use crate::mailbox::{Outbound, Outbox};
@@ -11,8 +12,10 @@ use amq_protocol::types::FieldTable;
 use rustc_hash::FxHashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-use tokio::time::Instant;
+use std::time::{Duration, SystemTime};
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
 
 /// A virtual host.
 #[derive(Debug)]
@@ -35,6 +38,11 @@ pub(crate) struct VhostState {
     pub(crate) reply_consumers: FxHashMap<String, ReplyConsumer>,
     /// Items for connections' mailboxes, handed over when the lock is released.
     pub(crate) outbox: Outbox,
+    /// When the expiry task next looks at the dead-lettering queues (`None`: it sleeps until
+    /// woken).
+    expiry_armed: Option<Instant>,
+    /// Wakes the expiry task (see [`expire_dead_letters`]).
+    expiry_wake: Arc<Notify>,
 }
 
 /// The vhost lock, held. Items sent to mailboxes through the outbox while it is held
@@ -58,6 +66,8 @@ impl DerefMut for VhostGuard<'_> {
 
 impl Drop for VhostGuard<'_> {
     fn drop(&mut self) {
+        self.0.route_dead_letters();
+        self.0.arm_expiry();
         self.0.flush_outbox();
     }
 }
@@ -76,6 +86,8 @@ impl Vhost {
                 exchanges,
                 reply_consumers: FxHashMap::default(),
                 outbox: Outbox::default(),
+                expiry_armed: None,
+                expiry_wake: Arc::new(Notify::new()),
             }),
         }
     }
@@ -120,6 +132,57 @@ impl VhostState {
         }
     }
 
+    /// Publishes the dead letters gathered in the outbox to their dead-letter exchanges (those
+    /// whose exchange is gone, or that route nowhere, are dropped, as in RabbitMQ). Publishing
+    /// them can expire others: it goes on until none is left, which cycle detection bounds.
+    fn route_dead_letters(&mut self) {
+        if self.outbox.dead_letters.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let secs = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        while !self.outbox.dead_letters.is_empty() {
+            for letter in std::mem::take(&mut self.outbox.dead_letters) {
+                let Some((message, headers)) = dead_lettered(&letter, secs) else {
+                    continue;
+                };
+                let reason = letter.reason;
+                let _ = self.publish_except(Some(&headers), None, message, now, |queue| {
+                    is_cycle(reason, &headers, queue)
+                });
+            }
+        }
+    }
+
+    /// Wakes the expiry task if a dead-lettering queue's head now expires before it would
+    /// next look.
+    fn arm_expiry(&mut self) {
+        let Some(at) = self.outbox.expiry.take() else {
+            return;
+        };
+        if self.expiry_armed.is_none_or(|armed| at < armed) {
+            self.expiry_armed = Some(at);
+            self.expiry_wake.notify_one();
+        }
+    }
+
+    /// Dead-letters the expired head messages of every dead-lettering queue; returns when the
+    /// next one expires.
+    fn expire_due(&mut self, now: Instant) -> Option<Instant> {
+        let VhostState { queues, outbox, .. } = self;
+        let next = queues
+            .values_mut()
+            .filter(|q| q.dead_letter.is_some())
+            .filter_map(|q| q.expire(now, outbox))
+            .min();
+        // What this pass dead-letters may arm an earlier expiry (through the outbox) when the
+        // lock is released.
+        self.expiry_armed = next;
+        next
+    }
+
     /// Routes a message from its exchange (which must exist) and enqueues it, with its
     /// `expiration` (`ttl`, in milliseconds) counted from `now`; gives it back if it routes to
     /// no queue.
@@ -127,8 +190,20 @@ impl VhostState {
         &mut self,
         headers: Option<&FieldTable>,
         ttl: Option<u64>,
+        message: Message,
+        now: Instant,
+    ) -> Result<(), Message> {
+        self.publish_except(headers, ttl, message, now, |_| false)
+    }
+
+    /// [`Self::publish`], skipping the queues `skip` names (a dead letter's cycles).
+    fn publish_except(
+        &mut self,
+        headers: Option<&FieldTable>,
+        ttl: Option<u64>,
         mut message: Message,
         now: Instant,
+        skip: impl Fn(&str) -> bool,
     ) -> Result<(), Message> {
         let expires_at = ttl.map(|ms| now + Duration::from_millis(ms));
         if is_default(message.exchange()) {
@@ -137,11 +212,11 @@ impl VhostState {
                 return self.reply(message);
             }
             return match self.queues.get_mut(routing_key) {
-                Some(queue) => {
+                Some(queue) if !skip(&queue.name) => {
                     queue.publish(message, expires_at, now, &mut self.outbox);
                     Ok(())
                 }
-                None => Err(message),
+                _ => Err(message),
             };
         }
         let Some(exchange) = self.exchanges.get(message.exchange()) else {
@@ -153,11 +228,11 @@ impl VhostState {
         let mut targets: Vec<&Arc<str>> = exchange
             .route(message.routing_key(), headers)
             .filter(|name| match self.queues.get(&***name) {
-                Some(queue) => {
+                Some(queue) if !skip(name) => {
                     one_would_copy |= queue.consumer_count() == 0;
                     true
                 }
-                None => false,
+                _ => false,
             })
             .collect();
         if targets.len() > 1 {
@@ -260,6 +335,22 @@ impl VhostState {
     }
 }
 
+/// Dead-letters messages when they expire at the head of a dead-lettering queue, whether or
+/// not anything else touches the queue (a queue of delayed retries has no consumer). One task
+/// per vhost, asleep until the earliest such expiry or until a lock hold arms an earlier one.
+pub(crate) async fn expire_dead_letters(vhost: Arc<Vhost>, shutdown: CancellationToken) {
+    let wake = vhost.lock().expiry_wake.clone();
+    loop {
+        let next = vhost.lock().expire_due(Instant::now());
+        let sleep = sleep_until(next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)));
+        tokio::select! {
+            _ = sleep => {}
+            _ = wake.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,7 +363,7 @@ mod tests {
         let vhost = Vhost::new("/");
         let (tx, mut rx) = mailbox();
         let mut state = vhost.lock();
-        let mut queue = Queue::new("jobs", QueueOptions::default(), None);
+        let mut queue = Queue::new("jobs", QueueOptions::default(), Default::default());
         queue.add_consumer(Consumer {
             source: Source::consumer("jobs".into(), "c".into()),
             conn: 1,
@@ -314,9 +405,10 @@ mod tests {
             });
         }
         for name in ["a", "b"] {
-            state
-                .queues
-                .insert(name.into(), Queue::new(name, QueueOptions::default(), None));
+            state.queues.insert(
+                name.into(),
+                Queue::new(name, QueueOptions::default(), Default::default()),
+            );
         }
         let read_buffer = bytes::Bytes::from(vec![5u8; 3 * SHARED_BODY_MIN]);
         let body = read_buffer.slice(SHARED_BODY_MIN..2 * SHARED_BODY_MIN);
@@ -325,7 +417,11 @@ mod tests {
         assert!(state.publish(None, None, message, Instant::now()).is_ok());
         let now = Instant::now();
         let kept: Vec<_> = ["a", "b"]
-            .map(|name| state.queues.get_mut(name).unwrap().get(now, true).unwrap())
+            .map(|name| {
+                let state = &mut *state;
+                let queue = state.queues.get_mut(name).unwrap();
+                queue.get(now, true, &mut state.outbox).unwrap()
+            })
             .into_iter()
             .collect();
         assert!(kept.iter().all(|m| !m.message.is_pinning()));

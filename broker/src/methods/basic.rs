@@ -6,6 +6,7 @@ use crate::channel::{Assembly, ChannelConsumer, Publication, Settle, SettleCount
 use crate::codec;
 use crate::connection::Connection;
 use crate::connection::teardown::{dispatch_all, requeue};
+use crate::dead_letter::DeathReason;
 use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address, rewrite_reply_to};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
@@ -141,7 +142,7 @@ impl Connection {
         let mailbox = self.mailbox.clone();
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
-        let queue = usable_queue(&mut state, queue_name.as_str(), self.id, &vhost_name)?;
+        let queue = usable_queue(&mut state.queues, queue_name.as_str(), self.id, &vhost_name)?;
         if queue.has_exclusive_consumer() || (m.exclusive && queue.consumer_count() > 0) {
             return Err(AmqpError::access_refused(format!(
                 "queue '{queue_name}' in vhost '{vhost_name}' in exclusive use"
@@ -253,10 +254,11 @@ impl Connection {
         let queue_name = self.expand_queue_name(ch, m.queue)?;
         let vhost_name = self.vhost.name.clone();
         let mut state = self.vhost.lock();
-        let queue = usable_queue(&mut state, queue_name.as_str(), self.id, &vhost_name)?;
+        let VhostState { queues, outbox, .. } = &mut *state;
+        let queue = usable_queue(queues, queue_name.as_str(), self.id, &vhost_name)?;
         let now = Instant::now();
-        let taken = queue.get(now, m.no_ack);
-        let remaining = queue.message_count(now);
+        let taken = queue.get(now, m.no_ack, outbox);
+        let remaining = queue.message_count(now, outbox);
         let source = queue.get_source();
         drop(state);
         let Some(message) = taken else {
@@ -330,12 +332,25 @@ impl Connection {
             if source.consumer_tag.is_some() {
                 released += 1;
             }
-            if let Settle::Reject { requeue: true } = how {
-                requeue(&mut state, &source, conn, ch, u.message);
-                touched.insert(source.queue.clone());
-                continue;
+            match how {
+                Settle::Reject { requeue: true } => {
+                    requeue(&mut state, &source, conn, ch, u.message);
+                    touched.insert(source.queue.clone());
+                    continue;
+                }
+                Settle::Reject { requeue: false } => {
+                    let state = &mut *state;
+                    match state.queues.get(&source.queue) {
+                        Some(q) if q.dead_letter.is_some() => q.dead_letter(
+                            u.message.message,
+                            DeathReason::Rejected,
+                            &mut state.outbox,
+                        ),
+                        _ => settled_messages.push(u.message.message),
+                    }
+                }
+                Settle::Ack => settled_messages.push(u.message.message),
             }
-            settled_messages.push(u.message.message);
             let key = Arc::as_ptr(&source) as usize;
             // Consecutive deliveries from one source (the usual case) are counted without a
             // table lookup each.

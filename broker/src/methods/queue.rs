@@ -2,12 +2,15 @@
 
 use super::exchange::{default_exchange_refused, exchange_resource};
 use crate::connection::Connection;
+use crate::dead_letter::DeadLetterTarget;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, is_default};
-use crate::queue::{ConnId, Queue, QueueOptions};
+use crate::queue::{ConnId, Queue, QueueArgs, QueueOptions};
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, queue};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+use rustc_hash::FxHashMap;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 /// Arguments RabbitMQ compares when a queue is redeclared; others may differ freely.
@@ -46,13 +49,12 @@ pub(crate) fn locked(name: &str, vhost: &str) -> AmqpError {
 /// Finds a queue this connection may use: 404 if missing, 405 if another connection's
 /// exclusive queue.
 pub(crate) fn usable_queue<'a>(
-    state: &'a mut VhostState,
+    queues: &'a mut FxHashMap<Arc<str>, Queue>,
     name: &str,
     conn: ConnId,
     vhost: &str,
 ) -> AmqpResult<&'a mut Queue> {
-    let queue = state
-        .queues
+    let queue = queues
         .get_mut(name)
         .ok_or_else(|| AmqpError::not_found(format!("no {}", queue_resource(name, vhost))))?;
     match queue.options.exclusive {
@@ -120,15 +122,23 @@ fn integer_value(value: &AMQPValue) -> Option<i64> {
     }
 }
 
-/// Validates the declaration arguments Warren acts on; returns the message TTL.
-fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<Option<u64>> {
+/// Validates the declaration arguments Warren acts on.
+fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<QueueArgs> {
+    let resource = queue_resource(name, vhost);
+    Ok(QueueArgs {
+        message_ttl: message_ttl(args, &resource)?,
+        dead_letter: dead_letter_target(args, &resource)?,
+    })
+}
+
+/// `x-message-ttl`, checked as RabbitMQ checks it.
+fn message_ttl(args: &FieldTable, resource: &str) -> AmqpResult<Option<u64>> {
     let Some(value) = args.inner().get("x-message-ttl") else {
         return Ok(None);
     };
     let invalid = |detail: String| {
         AmqpError::precondition_failed(format!(
-            "invalid arg 'x-message-ttl' for {}: {detail}",
-            queue_resource(name, vhost)
+            "invalid arg 'x-message-ttl' for {resource}: {detail}"
         ))
     };
     let ttl = integer_value(value)
@@ -140,6 +150,50 @@ fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<
         return Err(invalid(format!("{{value_too_large,{ttl}}}")));
     }
     Ok(Some(ttl as u64))
+}
+
+/// Reads `x-dead-letter-exchange` and `x-dead-letter-routing-key` from a queue's declaration
+/// arguments, refusing what RabbitMQ refuses (406, in its words).
+fn dead_letter_target(args: &FieldTable, resource: &str) -> AmqpResult<Option<DeadLetterTarget>> {
+    let args = args.inner();
+    let exchange = match args.get("x-dead-letter-exchange") {
+        None => None,
+        Some(value) => Some(string_value(value).ok_or_else(|| {
+            AmqpError::precondition_failed(format!(
+                "invalid type '{}' for arg 'x-dead-letter-exchange' in {resource}",
+                type_name(value)
+            ))
+        })?),
+    };
+    let routing_key = match args.get("x-dead-letter-routing-key") {
+        None => None,
+        Some(value) => {
+            let invalid = |detail: String| {
+                AmqpError::precondition_failed(format!(
+                    "invalid arg 'x-dead-letter-routing-key' for {resource}: {detail}"
+                ))
+            };
+            let key = string_value(value)
+                .ok_or_else(|| invalid(format!("{{unacceptable_type,{}}}", type_name(value))))?;
+            if exchange.is_none() {
+                return Err(invalid("routing_key_but_no_dlx_defined".into()));
+            }
+            Some(key)
+        }
+    };
+    Ok(exchange.map(|exchange| DeadLetterTarget {
+        exchange,
+        routing_key,
+    }))
+}
+
+/// A string argument's value (short or long string), if it is one and is UTF-8.
+fn string_value(value: &AMQPValue) -> Option<Arc<str>> {
+    match value {
+        AMQPValue::ShortString(s) => Some(s.as_str().into()),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(Into::into),
+        _ => None,
+    }
 }
 
 /// RabbitMQ's equivalence check of a redeclare (after the exclusivity check).
@@ -276,14 +330,15 @@ impl Connection {
             }
             return Ok(());
         }
-        let message_ttl = if m.passive {
-            None
+        let args = if m.passive {
+            QueueArgs::default()
         } else {
             validate_arguments(&m.arguments, name.as_str(), &vhost_name)?
         };
         let now = Instant::now();
         let mut state = self.vhost.lock();
-        let (message_count, consumer_count) = match state.queues.get_mut(name.as_str()) {
+        let VhostState { queues, outbox, .. } = &mut *state;
+        let (message_count, consumer_count) = match queues.get_mut(name.as_str()) {
             Some(queue) => {
                 let owner = queue.options.exclusive;
                 if owner.is_some_and(|o| o != self.id) {
@@ -295,7 +350,7 @@ impl Connection {
                     }
                     check_equivalence(queue, &m, &vhost_name)?;
                 }
-                (queue.message_count(now), queue.consumer_count())
+                (queue.message_count(now, outbox), queue.consumer_count())
             }
             None if m.passive => {
                 return Err(AmqpError::not_found(format!(
@@ -312,7 +367,7 @@ impl Connection {
                 };
                 // Keyed by the queue's own name: lookups with a delivery's `Source::queue` (the
                 // same allocation) then compare pointers, not bytes.
-                let queue = Queue::new(name.as_str(), options, message_ttl);
+                let queue = Queue::new(name.as_str(), options, args);
                 state.queues.insert(queue.name.clone(), queue);
                 (0, 0)
             }
@@ -355,7 +410,7 @@ impl Connection {
         }
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
-        let queue = usable_queue(&mut state, queue_name.as_str(), self.id, &vhost.name)?;
+        let queue = usable_queue(&mut state.queues, queue_name.as_str(), self.id, &vhost.name)?;
         let binding = Binding {
             queue: queue.name.clone(),
             routing_key,
@@ -380,7 +435,8 @@ impl Connection {
         let name = self.expand_queue_name(ch, m.queue)?;
         let vhost_name = self.vhost.name.clone();
         let mut state = self.vhost.lock();
-        let message_count = match usable_queue(&mut state, name.as_str(), self.id, &vhost_name) {
+        let VhostState { queues, outbox, .. } = &mut *state;
+        let message_count = match usable_queue(queues, name.as_str(), self.id, &vhost_name) {
             // Deleting a queue that does not exist succeeds, as in RabbitMQ.
             Err(e) if e.code == 404 => 0,
             Err(e) => return Err(e),
@@ -391,7 +447,7 @@ impl Connection {
                         queue_resource(name.as_str(), &vhost_name)
                     )));
                 }
-                if m.if_empty && queue.message_count(Instant::now()) > 0 {
+                if m.if_empty && queue.message_count(Instant::now(), outbox) > 0 {
                     return Err(AmqpError::precondition_failed(format!(
                         "{} not empty",
                         queue_resource(name.as_str(), &vhost_name)
@@ -416,7 +472,8 @@ impl Connection {
         let name = self.expand_queue_name(ch, m.queue)?;
         let vhost_name = self.vhost.name.clone();
         let mut state = self.vhost.lock();
-        let message_count = usable_queue(&mut state, name.as_str(), self.id, &vhost_name)?.purge();
+        let message_count =
+            usable_queue(&mut state.queues, name.as_str(), self.id, &vhost_name)?.purge();
         drop(state);
         if !m.nowait {
             self.send(
