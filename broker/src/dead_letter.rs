@@ -1,5 +1,5 @@
 //! Dead-lettering, as RabbitMQ 3.10's classic queues do it: a message rejected without requeue
-//! (`rejected`) or expired (`expired`) in a queue declared with `x-dead-letter-exchange` is
+//! (`rejected`), expired (`expired`) or pushed out by a length limit (`maxlen`) in a queue declared with `x-dead-letter-exchange` is
 //! published to that exchange, with the routing key `x-dead-letter-routing-key` or its own, its
 //! `expiration` property removed and its `x-death` header saying why. A message that would
 //! come back to a queue it expired from, with no rejection on the way, is dropped (a cycle).
@@ -32,6 +32,8 @@ pub(crate) enum DeathReason {
     Rejected,
     /// Its TTL ran out in the queue.
     Expired,
+    /// The queue was past its length limit (`x-max-length`, `x-max-length-bytes`).
+    Maxlen,
 }
 
 impl DeathReason {
@@ -39,6 +41,7 @@ impl DeathReason {
         match self {
             Self::Rejected => "rejected",
             Self::Expired => "expired",
+            Self::Maxlen => "maxlen",
         }
     }
 }

@@ -141,6 +141,39 @@ pub(crate) struct QueueArgs {
     pub(crate) message_ttl: Option<u64>,
     /// `x-dead-letter-exchange` and `x-dead-letter-routing-key`.
     pub(crate) dead_letter: Option<DeadLetterTarget>,
+    /// `x-max-length`, `x-max-length-bytes` and `x-overflow`.
+    pub(crate) limits: Option<LengthLimits>,
+}
+
+/// A queue's length limits: of its ready messages (unacknowledged ones do not count), by number
+/// and by body bytes, and what a publish past them does.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct LengthLimits {
+    /// `x-max-length`.
+    pub(crate) max_length: Option<u64>,
+    /// `x-max-length-bytes`.
+    pub(crate) max_bytes: Option<u64>,
+    /// `x-overflow`.
+    pub(crate) overflow: Overflow,
+}
+
+/// What a publish past a queue's length limit does (`x-overflow`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Overflow {
+    /// The oldest ready messages make room (dead-lettered as `maxlen`): the default.
+    DropHead,
+    /// The new message is refused (a publisher in confirm mode gets basic.nack).
+    RejectPublish,
+    /// The same, and the refused message is dead-lettered (`maxlen`).
+    RejectPublishDlx,
+}
+
+impl LengthLimits {
+    /// Whether `len` ready messages of `bytes` body bytes are past the limits.
+    fn exceeded(&self, len: usize, bytes: usize) -> bool {
+        self.max_length.is_some_and(|max| len as u64 > max)
+            || self.max_bytes.is_some_and(|max| bytes as u64 > max)
+    }
 }
 
 /// A queue and its consumers.
@@ -165,6 +198,10 @@ pub(crate) struct Queue {
     /// Where its rejected and expired messages go, if anywhere (boxed: most queues have none,
     /// and the queue table stays smaller).
     pub(crate) dead_letter: Option<Box<DeadLetterTarget>>,
+    /// Its length limits, if any (boxed, as `dead_letter`).
+    limits: Option<Box<LengthLimits>>,
+    /// Body bytes of the ready messages, for `x-max-length-bytes`.
+    ready_bytes: usize,
     /// Whether a ready message may still pin its read buffer (see [`Queue::keep`]).
     may_pin: bool,
 }
@@ -176,6 +213,8 @@ impl Queue {
         Self {
             message_ttl: args.message_ttl.map(std::time::Duration::from_millis),
             dead_letter: args.dead_letter.map(Box::new),
+            limits: args.limits.map(Box::new),
+            ready_bytes: 0,
             get_source: Source::basic_get(name.clone()),
             name,
             options,
@@ -190,14 +229,27 @@ impl Queue {
     }
 
     /// Appends a published message, then dispatches. A message that a consumer can take at
-    /// once is delivered even with a TTL of 0, as RabbitMQ does.
+    /// once is delivered even with a TTL of 0, as RabbitMQ does. Returns false if the queue
+    /// refused it (`x-overflow` `reject-publish`: the publisher's confirm is a nack).
     pub(crate) fn publish(
         &mut self,
         message: Message,
         expires_at: Option<Instant>,
         now: Instant,
         outbox: &mut Outbox,
-    ) {
+    ) -> bool {
+        if let Some(limits) = &self.limits
+            && limits.overflow != Overflow::DropHead
+            && limits.exceeded(
+                self.ready.len() + 1,
+                self.ready_bytes + message.body().len(),
+            )
+        {
+            if limits.overflow == Overflow::RejectPublishDlx {
+                self.dead_letter(message, DeathReason::Maxlen, outbox);
+            }
+            return false;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         let queue_expiry = self.message_ttl.map(|ttl| now + ttl);
@@ -205,6 +257,7 @@ impl Queue {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        self.ready_bytes += message.body().len();
         self.ready.push_back(QueuedMessage {
             seq,
             redelivered: false,
@@ -223,7 +276,36 @@ impl Queue {
         {
             Self::keep(&mut kept.message, &self.consumers, &mut self.may_pin);
         }
+        self.drop_over_limit(outbox);
         self.arm_expiry(outbox);
+        true
+    }
+
+    /// With `drop-head`, takes the oldest ready messages off (dead-lettering them as `maxlen`)
+    /// until the queue is within its limits.
+    fn drop_over_limit(&mut self, outbox: &mut Outbox) {
+        let Some(limits) = self.limits.as_deref() else {
+            return;
+        };
+        if limits.overflow != Overflow::DropHead {
+            return;
+        }
+        while limits.exceeded(self.ready.len(), self.ready_bytes) {
+            let Some(head) = Self::pop_ready(&mut self.ready, &mut self.ready_bytes) else {
+                return;
+            };
+            self.dead_letter(head.message, DeathReason::Maxlen, outbox);
+        }
+    }
+
+    /// Takes the head ready message, keeping the byte count.
+    fn pop_ready(
+        ready: &mut VecDeque<QueuedMessage>,
+        ready_bytes: &mut usize,
+    ) -> Option<QueuedMessage> {
+        let head = ready.pop_front()?;
+        *ready_bytes -= head.message.body().len();
+        Some(head)
     }
 
     /// A dead-lettering queue's head message must leave when it expires, whether or not
@@ -283,6 +365,7 @@ impl Queue {
     pub(crate) fn put_back(&mut self, mut message: QueuedMessage) {
         Self::keep(&mut message.message, &self.consumers, &mut self.may_pin);
         let at = self.ready.partition_point(|m| m.seq < message.seq);
+        self.ready_bytes += message.message.body().len();
         self.ready.insert(at, message);
     }
 
@@ -321,7 +404,7 @@ impl Queue {
                 return;
             };
             self.drop_expired_head(now, fresh, outbox);
-            let Some(message) = self.ready.pop_front() else {
+            let Some(message) = Self::pop_ready(&mut self.ready, &mut self.ready_bytes) else {
                 return;
             };
             let consumer = &mut self.consumers[index];
@@ -351,7 +434,7 @@ impl Queue {
             if Some(head.seq) == keep || !head.is_expired(now) {
                 return;
             }
-            if let Some(expired) = self.ready.pop_front() {
+            if let Some(expired) = Self::pop_ready(&mut self.ready, &mut self.ready_bytes) {
                 self.dead_letter(expired.message, DeathReason::Expired, outbox);
             }
         }
@@ -370,7 +453,7 @@ impl Queue {
         outbox: &mut Outbox,
     ) -> Option<QueuedMessage> {
         self.drop_expired_head(now, None, outbox);
-        let message = self.ready.pop_front()?;
+        let message = Self::pop_ready(&mut self.ready, &mut self.ready_bytes)?;
         if !no_ack {
             self.unacked += 1;
         }
@@ -387,6 +470,7 @@ impl Queue {
     pub(crate) fn purge(&mut self) -> u32 {
         let n = self.ready.len() as u32;
         self.ready.clear();
+        self.ready_bytes = 0;
         n
     }
 

@@ -45,6 +45,26 @@ pub(crate) struct VhostState {
     expiry_wake: Arc<Notify>,
 }
 
+/// Where a routed publish went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Routed {
+    /// Every queue it was routed to took it.
+    Enqueued,
+    /// A queue refused it (`x-overflow` `reject-publish`): a publisher in confirm mode gets a
+    /// nack.
+    Refused,
+}
+
+impl Routed {
+    fn of(all_took_it: bool) -> Self {
+        if all_took_it {
+            Self::Enqueued
+        } else {
+            Self::Refused
+        }
+    }
+}
+
 /// The vhost lock, held. Items sent to mailboxes through the outbox while it is held
 /// (deliveries from queues, server-sent cancels) reach them when it is released, in the order
 /// they were sent.
@@ -192,7 +212,7 @@ impl VhostState {
         ttl: Option<u64>,
         message: Message,
         now: Instant,
-    ) -> Result<(), Message> {
+    ) -> Result<Routed, Message> {
         self.publish_except(headers, ttl, message, now, |_| false)
     }
 
@@ -204,18 +224,20 @@ impl VhostState {
         mut message: Message,
         now: Instant,
         skip: impl Fn(&str) -> bool,
-    ) -> Result<(), Message> {
+    ) -> Result<Routed, Message> {
         let expires_at = ttl.map(|ms| now + Duration::from_millis(ms));
         if is_default(message.exchange()) {
             let routing_key = message.routing_key();
             if routing_key.starts_with(ADDRESS_PREFIX) {
-                return self.reply(message);
+                return self.reply(message).map(|()| Routed::Enqueued);
             }
             return match self.queues.get_mut(routing_key) {
-                Some(queue) if !skip(&queue.name) => {
-                    queue.publish(message, expires_at, now, &mut self.outbox);
-                    Ok(())
-                }
+                Some(queue) if !skip(&queue.name) => Ok(Routed::of(queue.publish(
+                    message,
+                    expires_at,
+                    now,
+                    &mut self.outbox,
+                ))),
                 _ => Err(message),
             };
         }
@@ -247,15 +269,16 @@ impl VhostState {
             // every queue shares, instead. Queues with consumers share the pinned body as it is.
             message.unpin();
         }
+        let mut all_took_it = true;
         for name in targets {
             if let Some(queue) = self.queues.get_mut(name) {
-                queue.publish(message.clone(), expires_at, now, &mut self.outbox);
+                all_took_it &= queue.publish(message.clone(), expires_at, now, &mut self.outbox);
             }
         }
         if let Some(queue) = self.queues.get_mut(last) {
-            queue.publish(message, expires_at, now, &mut self.outbox);
+            all_took_it &= queue.publish(message, expires_at, now, &mut self.outbox);
         }
-        Ok(())
+        Ok(Routed::of(all_took_it))
     }
 
     /// Hands a reply straight to the direct reply-to consumer it is addressed to.

@@ -11,7 +11,7 @@ use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address, rewrite_repl
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, parse_expiration};
 use crate::queue::{Consumer, ConsumerTag, Source};
-use crate::vhost::VhostState;
+use crate::vhost::{Routed, VhostState};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -535,6 +535,7 @@ impl Connection {
             }
         }
         let routed = state.publish(publication.headers.as_ref(), publication.ttl, message, now);
+        let refused = matches!(routed, Ok(Routed::Refused));
         if let Err(message) = routed
             && publication.mandatory
         {
@@ -552,9 +553,22 @@ impl Connection {
         }
         let channel = self.channel_mut(ch);
         if let Some(seq) = channel.next_confirm {
+            channel.next_confirm = Some(seq + 1);
+            if refused {
+                // The acks due before it go first, so confirms stay in order.
+                self.flush_confirms_of(ch);
+                self.send(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                        delivery_tag: seq,
+                        multiple: false,
+                        requeue: false,
+                    })),
+                );
+                return Ok(());
+            }
             // Confirmed once the frames read in this batch are handled: one ack with
             // `multiple` covers a run of publishes (as RabbitMQ batches them).
-            channel.next_confirm = Some(seq + 1);
             if channel.confirm_due.is_none() {
                 self.confirms_due.push(ch);
             }

@@ -5,7 +5,7 @@ use crate::connection::Connection;
 use crate::dead_letter::DeadLetterTarget;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, is_default};
-use crate::queue::{ConnId, Queue, QueueArgs, QueueOptions};
+use crate::queue::{ConnId, LengthLimits, Overflow, Queue, QueueArgs, QueueOptions};
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, queue};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -125,31 +125,88 @@ fn integer_value(value: &AMQPValue) -> Option<i64> {
 /// Validates the declaration arguments Warren acts on.
 fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<QueueArgs> {
     let resource = queue_resource(name, vhost);
+    let message_ttl = non_negative_integer(args, "x-message-ttl", &resource)?;
+    if let Some(ttl) = message_ttl
+        && ttl > crate::message::MAX_TTL_MS
+    {
+        return Err(invalid_arg(
+            "x-message-ttl",
+            &resource,
+            format!("{{value_too_large,{ttl}}}"),
+        ));
+    }
     Ok(QueueArgs {
-        message_ttl: message_ttl(args, &resource)?,
+        message_ttl,
         dead_letter: dead_letter_target(args, &resource)?,
+        limits: length_limits(args, &resource)?,
     })
 }
 
-/// `x-message-ttl`, checked as RabbitMQ checks it.
-fn message_ttl(args: &FieldTable, resource: &str) -> AmqpResult<Option<u64>> {
-    let Some(value) = args.inner().get("x-message-ttl") else {
+/// RabbitMQ's 406 for an argument it cannot take.
+fn invalid_arg(key: &str, resource: &str, detail: String) -> AmqpError {
+    AmqpError::precondition_failed(format!("invalid arg '{key}' for {resource}: {detail}"))
+}
+
+/// An argument that must be a non-negative integer (`x-message-ttl`, `x-max-length`, ...),
+/// checked as RabbitMQ checks it.
+fn non_negative_integer(args: &FieldTable, key: &str, resource: &str) -> AmqpResult<Option<u64>> {
+    let Some(value) = args.inner().get(key) else {
         return Ok(None);
     };
-    let invalid = |detail: String| {
-        AmqpError::precondition_failed(format!(
-            "invalid arg 'x-message-ttl' for {resource}: {detail}"
-        ))
+    let n = integer_value(value).ok_or_else(|| {
+        invalid_arg(
+            key,
+            resource,
+            format!("\"expected integer, got {}\"", type_name(value)),
+        )
+    })?;
+    if n < 0 {
+        return Err(invalid_arg(
+            key,
+            resource,
+            format!("{{value_negative,{n}}}"),
+        ));
+    }
+    Ok(Some(n as u64))
+}
+
+/// `x-max-length`, `x-max-length-bytes` and `x-overflow`, checked as RabbitMQ checks them;
+/// `None` when neither limit is set (an `x-overflow` alone does nothing).
+fn length_limits(args: &FieldTable, resource: &str) -> AmqpResult<Option<LengthLimits>> {
+    let max_length = non_negative_integer(args, "x-max-length", resource)?;
+    let max_bytes = non_negative_integer(args, "x-max-length-bytes", resource)?;
+    let overflow = match args.inner().get("x-overflow") {
+        None => Overflow::DropHead,
+        Some(value @ (AMQPValue::LongString(_) | AMQPValue::ShortString(_))) => {
+            match value_text(value).as_str() {
+                "drop-head" => Overflow::DropHead,
+                "reject-publish" => Overflow::RejectPublish,
+                "reject-publish-dlx" => Overflow::RejectPublishDlx,
+                _ => {
+                    return Err(invalid_arg(
+                        "x-overflow",
+                        resource,
+                        "invalid_overflow".into(),
+                    ));
+                }
+            }
+        }
+        Some(other) => {
+            return Err(invalid_arg(
+                "x-overflow",
+                resource,
+                format!("{{unacceptable_type,{}}}", type_name(other)),
+            ));
+        }
     };
-    let ttl = integer_value(value)
-        .ok_or_else(|| invalid(format!("\"expected integer, got {}\"", type_name(value))))?;
-    if ttl < 0 {
-        return Err(invalid(format!("{{value_negative,{ttl}}}")));
+    if max_length.is_none() && max_bytes.is_none() {
+        return Ok(None);
     }
-    if ttl as u64 > crate::message::MAX_TTL_MS {
-        return Err(invalid(format!("{{value_too_large,{ttl}}}")));
-    }
-    Ok(Some(ttl as u64))
+    Ok(Some(LengthLimits {
+        max_length,
+        max_bytes,
+        overflow,
+    }))
 }
 
 /// Reads `x-dead-letter-exchange` and `x-dead-letter-routing-key` from a queue's declaration
