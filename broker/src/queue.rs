@@ -143,6 +143,8 @@ pub(crate) struct QueueArgs {
     pub(crate) dead_letter: Option<DeadLetterTarget>,
     /// `x-max-length`, `x-max-length-bytes` and `x-overflow`.
     pub(crate) limits: Option<LengthLimits>,
+    /// `x-expires`, in milliseconds.
+    pub(crate) expires: Option<u64>,
 }
 
 /// A queue's length limits: of its ready messages (unacknowledged ones do not count), by number
@@ -202,6 +204,10 @@ pub(crate) struct Queue {
     limits: Option<Box<LengthLimits>>,
     /// Body bytes of the ready messages, for `x-max-length-bytes`.
     ready_bytes: usize,
+    /// How long it may go unused before it is deleted (`x-expires`).
+    expires: Option<std::time::Duration>,
+    /// When it was last used (declared, read with basic.get, or left by its last consumer).
+    used_at: Instant,
     /// Whether a ready message may still pin its read buffer (see [`Queue::keep`]).
     may_pin: bool,
 }
@@ -215,6 +221,8 @@ impl Queue {
             dead_letter: args.dead_letter.map(Box::new),
             limits: args.limits.map(Box::new),
             ready_bytes: 0,
+            expires: args.expires.map(std::time::Duration::from_millis),
+            used_at: Instant::now(),
             get_source: Source::basic_get(name.clone()),
             name,
             options,
@@ -324,6 +332,27 @@ impl Queue {
         self.drop_expired_head(now, None, outbox);
         self.dead_letter.as_ref()?;
         self.ready.front().and_then(|m| m.expires_at)
+    }
+
+    /// Whether the expiry task must look at it: it dead-letters or it can expire itself.
+    pub(crate) fn has_timers(&self) -> bool {
+        self.dead_letter.is_some() || self.expires.is_some()
+    }
+
+    /// Notes a use (queue.declare, passive too; basic.get; its last consumer leaving): an
+    /// `x-expires` queue without consumers is deleted once unused for that long.
+    pub(crate) fn touch(&mut self, now: Instant, outbox: &mut Outbox) {
+        self.used_at = now;
+        if let Some(at) = self.unused_deadline() {
+            outbox.expire_at(at);
+        }
+    }
+
+    /// When it is to be deleted for want of use (`x-expires`), if it can be: never while it
+    /// has consumers.
+    pub(crate) fn unused_deadline(&self) -> Option<Instant> {
+        let expires = self.expires?;
+        self.consumers.is_empty().then(|| self.used_at + expires)
     }
 
     /// Hands a message that leaves the queue for `reason` to its dead-letter exchange, if it

@@ -188,15 +188,26 @@ impl VhostState {
         }
     }
 
-    /// Dead-letters the expired head messages of every dead-lettering queue; returns when the
-    /// next one expires.
+    /// Dead-letters the expired head messages of every dead-lettering queue, and deletes the
+    /// queues unused for their `x-expires`; returns when the next of either is due.
     fn expire_due(&mut self, now: Instant) -> Option<Instant> {
         let VhostState { queues, outbox, .. } = self;
-        let next = queues
-            .values_mut()
-            .filter(|q| q.dead_letter.is_some())
-            .filter_map(|q| q.expire(now, outbox))
-            .min();
+        let mut next: Option<Instant> = None;
+        let mut unused = Vec::new();
+        for queue in queues.values_mut().filter(|q| q.has_timers()) {
+            let head = queue.expire(now, outbox);
+            let deadline = queue.unused_deadline();
+            if deadline.is_some_and(|at| at <= now) {
+                unused.push(queue.name.clone());
+                continue;
+            }
+            for at in [head, deadline].into_iter().flatten() {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        for name in unused {
+            self.delete_queue(&name);
+        }
         // What this pass dead-letters may arm an earlier expiry (through the outbox) when the
         // lock is released.
         self.expiry_armed = next;
@@ -359,8 +370,9 @@ impl VhostState {
 }
 
 /// Dead-letters messages when they expire at the head of a dead-lettering queue, whether or
-/// not anything else touches the queue (a queue of delayed retries has no consumer). One task
-/// per vhost, asleep until the earliest such expiry or until a lock hold arms an earlier one.
+/// not anything else touches the queue (a queue of delayed retries has no consumer), and
+/// deletes queues left unused for their `x-expires`. One task per vhost, asleep until the
+/// earliest such deadline or until a lock hold arms an earlier one.
 pub(crate) async fn expire_dead_letters(vhost: Arc<Vhost>, shutdown: CancellationToken) {
     let wake = vhost.lock().expiry_wake.clone();
     loop {

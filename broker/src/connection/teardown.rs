@@ -60,8 +60,10 @@ impl Connection {
             }
             return;
         }
-        if let Some(queue) = state.queues.get_mut(&consumer.queue) {
+        let VhostState { queues, outbox, .. } = state;
+        if let Some(queue) = queues.get_mut(&consumer.queue) {
             queue.remove_consumer(self.id, channel, tag);
+            queue.touch(Instant::now(), outbox);
         }
         state.auto_delete(&consumer.queue);
     }

@@ -259,6 +259,7 @@ impl Connection {
         let now = Instant::now();
         let taken = queue.get(now, m.no_ack, outbox);
         let remaining = queue.message_count(now, outbox);
+        queue.touch(now, outbox);
         let source = queue.get_source();
         drop(state);
         let Some(message) = taken else {

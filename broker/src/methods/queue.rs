@@ -139,6 +139,7 @@ fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<
         message_ttl,
         dead_letter: dead_letter_target(args, &resource)?,
         limits: length_limits(args, &resource)?,
+        expires: queue_expiry(args, &resource)?,
     })
 }
 
@@ -168,6 +169,15 @@ fn non_negative_integer(args: &FieldTable, key: &str, resource: &str) -> AmqpRes
         ));
     }
     Ok(Some(n as u64))
+}
+
+/// `x-expires`, checked as RabbitMQ checks it: a positive integer.
+fn queue_expiry(args: &FieldTable, resource: &str) -> AmqpResult<Option<u64>> {
+    let expires = non_negative_integer(args, "x-expires", resource)?;
+    if expires == Some(0) {
+        return Err(invalid_arg("x-expires", resource, "{value_zero,0}".into()));
+    }
+    Ok(expires)
 }
 
 /// `x-max-length`, `x-max-length-bytes` and `x-overflow`, checked as RabbitMQ checks them;
@@ -407,6 +417,7 @@ impl Connection {
                     }
                     check_equivalence(queue, &m, &vhost_name)?;
                 }
+                queue.touch(now, outbox);
                 (queue.message_count(now, outbox), queue.consumer_count())
             }
             None if m.passive => {
@@ -424,8 +435,9 @@ impl Connection {
                 };
                 // Keyed by the queue's own name: lookups with a delivery's `Source::queue` (the
                 // same allocation) then compare pointers, not bytes.
-                let queue = Queue::new(name.as_str(), options, args);
-                state.queues.insert(queue.name.clone(), queue);
+                let mut queue = Queue::new(name.as_str(), options, args);
+                queue.touch(now, outbox);
+                queues.insert(queue.name.clone(), queue);
                 (0, 0)
             }
         };

@@ -1,0 +1,173 @@
+//! Queue expiry (`x-expires`): a queue without consumers that goes unused (no declare, passive
+//! or not, no basic.get) for that long is deleted; publishing to it is no use, and its
+//! consumers keep it. Its presence is probed with mandatory publishes, which do not count as
+//! use (a passive declare would renew it).
+
+use lapin::{
+    BasicProperties, Channel, Confirmation,
+    options::{BasicCancelOptions, BasicPublishOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString},
+};
+use std::time::{Duration, Instant};
+use warren_harness::TestBroker;
+use warren_tests::{
+    TIMEOUT, assert_amqp_error, assert_channel_closed_only, channel, close_conn, confirm_channel,
+    consume, declare_with, expect_err, get, next_delivery, passive, within,
+};
+
+fn expiring(ms: i64) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+    t
+}
+
+async fn declare_expiring(ch: &Channel, name: &str, ms: i64) {
+    declare_with(ch, name, QueueDeclareOptions::default(), expiring(ms))
+        .await
+        .unwrap_or_else(|e| panic!("queue.declare {name}: {e}"));
+}
+
+/// Whether a mandatory publish to `queue` (through the default exchange) is routed, i.e. the
+/// queue exists. `ch` is in confirm mode.
+async fn routed(ch: &Channel, queue: &str) -> bool {
+    let confirm = within(
+        "basic.publish",
+        ch.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"probe",
+            BasicProperties::default(),
+        ),
+    )
+    .await
+    .expect("basic.publish");
+    match within("publisher confirm", confirm).await.expect("confirm") {
+        Confirmation::Ack(returned) => returned.is_none(),
+        other => panic!("unexpected confirmation {other:?}"),
+    }
+}
+
+/// Waits (up to [`TIMEOUT`]) until `queue` is gone; returns how long that took.
+async fn until_gone(ch: &Channel, queue: &str) -> Duration {
+    let start = Instant::now();
+    while routed(ch, queue).await {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "{queue} still there after {TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn an_unused_queue_is_deleted_after_its_expiry_even_while_published_to() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("expiring");
+    declare_expiring(&ch, &q, 1500).await;
+    let declared = Instant::now();
+    assert!(routed(&ch, &q).await, "there at first");
+    until_gone(&ch, &q).await;
+    assert!(
+        declared.elapsed() >= Duration::from_millis(1400),
+        "deleted after {:?}, before its expiry",
+        declared.elapsed()
+    );
+    let probe = channel(&conn).await;
+    let err = expect_err(
+        "a passive declare of the expired queue",
+        passive(&probe, &q).await,
+    );
+    assert_amqp_error(&err, 404, None);
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn a_consumer_keeps_an_expiring_queue_and_its_leaving_starts_the_clock() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("consumed");
+    declare_expiring(&ch, &q, 300).await;
+    let consumer_ch = channel(&conn).await;
+    let mut consumer = consume(&consumer_ch, &q, true).await;
+    // Four times its expiry with a consumer: still there, and delivering.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(routed(&ch, &q).await, "a consumed queue does not expire");
+    assert_eq!(next_delivery(&mut consumer).await.data, b"probe");
+    within(
+        "basic.cancel",
+        consumer_ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+    )
+    .await
+    .expect("basic.cancel");
+    until_gone(&ch, &q).await;
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn passive_declares_and_gets_renew_an_expiring_queue() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let by_declare = broker.unique_name("renewed-by-declare");
+    let by_get = broker.unique_name("renewed-by-get");
+    declare_expiring(&ch, &by_declare, 1500).await;
+    declare_expiring(&ch, &by_get, 1500).await;
+    let other = channel(&conn).await;
+    // 3.6 s of uses 300 ms apart: more than twice their expiry.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        passive(&other, &by_declare).await.expect("still there");
+        assert!(get(&other, &by_get, true).await.is_none());
+    }
+    assert!(
+        routed(&ch, &by_declare).await,
+        "renewed by passive declares"
+    );
+    assert!(routed(&ch, &by_get).await, "renewed by basic.get");
+    for q in [&by_declare, &by_get] {
+        let _ = within(
+            "queue.delete",
+            other.queue_delete(q.as_str().into(), Default::default()),
+        )
+        .await;
+    }
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn expiry_arguments_are_checked_as_rabbitmq_checks_them() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let q = broker.unique_name("bad-expiry");
+    let resource = format!("queue '{q}' in vhost '/'");
+    let mut text = FieldTable::default();
+    text.insert(
+        "x-expires".into(),
+        AMQPValue::LongString(LongString::from("a")),
+    );
+    let cases = [
+        (expiring(0), "{value_zero,0}"),
+        (expiring(-1), "{value_negative,-1}"),
+        (text, "\"expected integer, got longstr\""),
+    ];
+    for (arguments, detail) in cases {
+        let ch = channel(&conn).await;
+        let err = expect_err(
+            "a declare with a bad x-expires",
+            declare_with(&ch, &q, QueueDeclareOptions::default(), arguments).await,
+        );
+        let expected =
+            format!("PRECONDITION_FAILED - invalid arg 'x-expires' for {resource}: {detail}");
+        assert_amqp_error(&err, 406, Some(&expected));
+        assert_channel_closed_only(&conn, &ch).await;
+    }
+    close_conn(&conn).await;
+}
