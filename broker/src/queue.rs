@@ -178,6 +178,43 @@ impl LengthLimits {
     }
 }
 
+/// What a queue's arguments make it do besides holding messages.
+#[derive(Debug)]
+struct Extras {
+    /// `x-message-ttl`.
+    message_ttl: Option<std::time::Duration>,
+    /// Where its rejected, expired and overflowing messages go, if anywhere.
+    dead_letter: Option<DeadLetterTarget>,
+    /// Its length limits.
+    limits: Option<LengthLimits>,
+    /// How long it may go unused before it is deleted (`x-expires`).
+    expires: Option<std::time::Duration>,
+    /// When it was last used (declared, read with basic.get, or left by its last consumer).
+    used_at: Instant,
+}
+
+impl Extras {
+    /// `None` when the arguments ask for nothing.
+    fn of(args: QueueArgs) -> Option<Box<Self>> {
+        let QueueArgs {
+            message_ttl,
+            dead_letter,
+            limits,
+            expires,
+        } = args;
+        if message_ttl.is_none() && dead_letter.is_none() && limits.is_none() && expires.is_none() {
+            return None;
+        }
+        Some(Box::new(Self {
+            message_ttl: message_ttl.map(std::time::Duration::from_millis),
+            dead_letter,
+            limits,
+            expires: expires.map(std::time::Duration::from_millis),
+            used_at: Instant::now(),
+        }))
+    }
+}
+
 /// A queue and its consumers.
 #[derive(Debug)]
 pub(crate) struct Queue {
@@ -195,19 +232,11 @@ pub(crate) struct Queue {
     had_consumer: bool,
     /// Messages delivered and not yet settled, for inspection.
     pub(crate) unacked: usize,
-    /// The queue's message TTL (`x-message-ttl`).
-    message_ttl: Option<std::time::Duration>,
-    /// Where its rejected and expired messages go, if anywhere (boxed: most queues have none,
-    /// and the queue table stays smaller).
-    pub(crate) dead_letter: Option<Box<DeadLetterTarget>>,
-    /// Its length limits, if any (boxed, as `dead_letter`).
-    limits: Option<Box<LengthLimits>>,
+    /// What its arguments make it do besides holding messages; boxed, and `None` for most
+    /// queues, so that their publishes check one pointer for all of it.
+    extras: Option<Box<Extras>>,
     /// Body bytes of the ready messages, for `x-max-length-bytes`.
     ready_bytes: usize,
-    /// How long it may go unused before it is deleted (`x-expires`).
-    expires: Option<std::time::Duration>,
-    /// When it was last used (declared, read with basic.get, or left by its last consumer).
-    used_at: Instant,
     /// Whether a ready message may still pin its read buffer (see [`Queue::keep`]).
     may_pin: bool,
 }
@@ -217,12 +246,8 @@ impl Queue {
     pub(crate) fn new(name: &str, options: QueueOptions, args: QueueArgs) -> Self {
         let name: Arc<str> = name.into();
         Self {
-            message_ttl: args.message_ttl.map(std::time::Duration::from_millis),
-            dead_letter: args.dead_letter.map(Box::new),
-            limits: args.limits.map(Box::new),
+            extras: Extras::of(args),
             ready_bytes: 0,
-            expires: args.expires.map(std::time::Duration::from_millis),
-            used_at: Instant::now(),
             get_source: Source::basic_get(name.clone()),
             name,
             options,
@@ -246,7 +271,7 @@ impl Queue {
         now: Instant,
         outbox: &mut Outbox,
     ) -> bool {
-        if let Some(limits) = &self.limits
+        if let Some(limits) = self.extras.as_ref().and_then(|x| x.limits.as_ref())
             && limits.overflow != Overflow::DropHead
             && limits.exceeded(
                 self.ready.len() + 1,
@@ -260,7 +285,11 @@ impl Queue {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let queue_expiry = self.message_ttl.map(|ttl| now + ttl);
+        let queue_expiry = self
+            .extras
+            .as_ref()
+            .and_then(|x| x.message_ttl)
+            .map(|ttl| now + ttl);
         let expires_at = match (expires_at, queue_expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -284,15 +313,17 @@ impl Queue {
         {
             Self::keep(&mut kept.message, &self.consumers, &mut self.may_pin);
         }
-        self.drop_over_limit(outbox);
-        self.arm_expiry(outbox);
+        if self.extras.is_some() {
+            self.drop_over_limit(outbox);
+            self.arm_expiry(outbox);
+        }
         true
     }
 
     /// With `drop-head`, takes the oldest ready messages off (dead-lettering them as `maxlen`)
     /// until the queue is within its limits.
     fn drop_over_limit(&mut self, outbox: &mut Outbox) {
-        let Some(limits) = self.limits.as_deref() else {
+        let Some(limits) = self.extras.as_ref().and_then(|x| x.limits.as_ref()) else {
             return;
         };
         if limits.overflow != Overflow::DropHead {
@@ -319,7 +350,7 @@ impl Queue {
     /// A dead-lettering queue's head message must leave when it expires, whether or not
     /// anything touches the queue then: the outbox tells the vhost's expiry task when.
     fn arm_expiry(&self, outbox: &mut Outbox) {
-        if self.dead_letter.is_some()
+        if self.dead_letters()
             && let Some(at) = self.ready.front().and_then(|m| m.expires_at)
         {
             outbox.expire_at(at);
@@ -330,19 +361,33 @@ impl Queue {
     /// message expires next, if it dead-letters and that message has a TTL.
     pub(crate) fn expire(&mut self, now: Instant, outbox: &mut Outbox) -> Option<Instant> {
         self.drop_expired_head(now, None, outbox);
-        self.dead_letter.as_ref()?;
+        if !self.dead_letters() {
+            return None;
+        }
         self.ready.front().and_then(|m| m.expires_at)
     }
 
     /// Whether the expiry task must look at it: it dead-letters or it can expire itself.
     pub(crate) fn has_timers(&self) -> bool {
-        self.dead_letter.is_some() || self.expires.is_some()
+        self.extras
+            .as_ref()
+            .is_some_and(|x| x.dead_letter.is_some() || x.expires.is_some())
+    }
+
+    /// Whether it has a dead-letter exchange.
+    pub(crate) fn dead_letters(&self) -> bool {
+        self.extras
+            .as_ref()
+            .is_some_and(|x| x.dead_letter.is_some())
     }
 
     /// Notes a use (queue.declare, passive too; basic.get; its last consumer leaving): an
     /// `x-expires` queue without consumers is deleted once unused for that long.
     pub(crate) fn touch(&mut self, now: Instant, outbox: &mut Outbox) {
-        self.used_at = now;
+        let Some(extras) = &mut self.extras else {
+            return;
+        };
+        extras.used_at = now;
         if let Some(at) = self.unused_deadline() {
             outbox.expire_at(at);
         }
@@ -351,17 +396,18 @@ impl Queue {
     /// When it is to be deleted for want of use (`x-expires`), if it can be: never while it
     /// has consumers.
     pub(crate) fn unused_deadline(&self) -> Option<Instant> {
-        let expires = self.expires?;
-        self.consumers.is_empty().then(|| self.used_at + expires)
+        let extras = self.extras.as_ref()?;
+        let expires = extras.expires?;
+        self.consumers.is_empty().then(|| extras.used_at + expires)
     }
 
     /// Hands a message that leaves the queue for `reason` to its dead-letter exchange, if it
     /// has one; otherwise it is dropped.
     pub(crate) fn dead_letter(&self, message: Message, reason: DeathReason, outbox: &mut Outbox) {
-        if let Some(target) = &self.dead_letter {
+        if let Some(target) = self.extras.as_ref().and_then(|x| x.dead_letter.as_ref()) {
             outbox.dead_letters.push(DeadLetter {
                 queue: self.name.clone(),
-                target: (**target).clone(),
+                target: target.clone(),
                 reason,
                 message,
             });
@@ -412,7 +458,9 @@ impl Queue {
     /// Hands ready messages to consumers with credit, round-robin.
     pub(crate) fn dispatch(&mut self, now: Instant, outbox: &mut Outbox) {
         self.dispatch_inner(now, None, outbox);
-        self.arm_expiry(outbox);
+        if self.extras.is_some() {
+            self.arm_expiry(outbox);
+        }
     }
 
     fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>, outbox: &mut Outbox) {
