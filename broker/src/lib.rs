@@ -13,8 +13,9 @@
 //! - `channel`: per-channel state: content assembly, unacked deliveries, consumers, qos.
 //! - `unacked`: a channel's unacknowledged deliveries in tag order.
 //! - `methods`: one file of handlers per AMQP class.
-//! - `vhost`: queues and exchanges under one briefly held std mutex.
-//! - `queue`: ready messages, consumers and dispatch.
+//! - `vhost`: queues and exchanges under one briefly held std mutex, and the task that
+//!   dead-letters expired messages and deletes unused `x-expires` queues on time.
+//! - `queue`: ready messages, consumers and dispatch; TTL, length limits, expiry.
 //! - `exchange`: exchanges and routing.
 //! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - `dead_letter`: dead-lettering (`x-dead-letter-exchange`): the `x-death` header, cycles.

@@ -464,7 +464,12 @@ impl Queue {
     }
 
     /// Hands ready messages to consumers with credit, round-robin.
+    /// A queue with length limits first drops what messages put back (requeued, or never
+    /// delivered) took over them, as RabbitMQ does before it delivers requeued messages.
     pub(crate) fn dispatch(&mut self, now: Instant, outbox: &mut Outbox) {
+        if self.extras.is_some() {
+            self.drop_over_limit(outbox);
+        }
         self.dispatch_inner(now, None, outbox);
         if self.extras.is_some() {
             self.arm_expiry(outbox);
@@ -538,7 +543,10 @@ impl Queue {
         outbox: &mut Outbox,
     ) -> Option<QueuedMessage> {
         self.drop_expired_head(now, None, outbox);
-        let message = Self::pop_ready(&mut self.ready, &mut self.ready_bytes)?;
+        let message = Self::pop_ready(&mut self.ready, &mut self.ready_bytes);
+        // A new head may expire before anything else was armed.
+        self.arm_expiry(outbox);
+        let message = message?;
         if !no_ack {
             self.unacked += 1;
         }
@@ -548,6 +556,7 @@ impl Queue {
     /// Ready messages (expired ones at the head are dropped first).
     pub(crate) fn message_count(&mut self, now: Instant, outbox: &mut Outbox) -> u32 {
         self.drop_expired_head(now, None, outbox);
+        self.arm_expiry(outbox);
         self.ready.len() as u32
     }
 

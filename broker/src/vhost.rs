@@ -9,7 +9,7 @@ use crate::mailbox::{Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
 use crate::queue::{ConnId, Queue};
 use amq_protocol::types::FieldTable;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -38,6 +38,8 @@ pub(crate) struct VhostState {
     pub(crate) reply_consumers: FxHashMap<String, ReplyConsumer>,
     /// Items for connections' mailboxes, handed over when the lock is released.
     pub(crate) outbox: Outbox,
+    /// The queues the expiry task looks at: those that dead-letter or can expire themselves.
+    timed_queues: FxHashSet<Arc<str>>,
     /// When the expiry task next looks at the dead-lettering queues (`None`: it sleeps until
     /// woken).
     expiry_armed: Option<Instant>,
@@ -86,9 +88,16 @@ impl DerefMut for VhostGuard<'_> {
 
 impl Drop for VhostGuard<'_> {
     fn drop(&mut self) {
-        self.0.route_dead_letters();
-        self.0.arm_expiry();
-        self.0.flush_outbox();
+        // Flushing can put deliveries back (their connection went), whose dispatch can
+        // dead-letter or arm an expiry in turn: round until nothing is left.
+        loop {
+            self.0.route_dead_letters();
+            self.0.arm_expiry();
+            self.0.flush_outbox();
+            if self.0.outbox.dead_letters.is_empty() && self.0.outbox.expiry.is_none() {
+                return;
+            }
+        }
     }
 }
 
@@ -106,6 +115,7 @@ impl Vhost {
                 exchanges,
                 reply_consumers: FxHashMap::default(),
                 outbox: Outbox::default(),
+                timed_queues: FxHashSet::default(),
                 expiry_armed: None,
                 expiry_wake: Arc::new(Notify::new()),
             }),
@@ -120,6 +130,14 @@ impl Vhost {
 }
 
 impl VhostState {
+    /// Adds a new queue.
+    pub(crate) fn insert_queue(&mut self, queue: Queue) {
+        if queue.has_timers() {
+            self.timed_queues.insert(queue.name.clone());
+        }
+        self.queues.insert(queue.name.clone(), queue);
+    }
+
     /// Dispatches a queue, if it exists.
     pub(crate) fn dispatch(&mut self, queue: &str, now: Instant) {
         if let Some(q) = self.queues.get_mut(queue) {
@@ -191,10 +209,18 @@ impl VhostState {
     /// Dead-letters the expired head messages of every dead-lettering queue, and deletes the
     /// queues unused for their `x-expires`; returns when the next of either is due.
     fn expire_due(&mut self, now: Instant) -> Option<Instant> {
-        let VhostState { queues, outbox, .. } = self;
+        let VhostState {
+            queues,
+            outbox,
+            timed_queues,
+            ..
+        } = self;
         let mut next: Option<Instant> = None;
         let mut unused = Vec::new();
-        for queue in queues.values_mut().filter(|q| q.has_timers()) {
+        for name in timed_queues.iter() {
+            let Some(queue) = queues.get_mut(name) else {
+                continue;
+            };
             let head = queue.expire(now, outbox);
             let deadline = queue.unused_deadline();
             if deadline.is_some_and(|at| at <= now) {
@@ -318,6 +344,7 @@ impl VhostState {
     /// Returns the number of ready messages it held.
     pub(crate) fn delete_queue(&mut self, name: &str) -> Option<u32> {
         let mut queue = self.queues.remove(name)?;
+        self.timed_queues.remove(name);
         self.remove_bindings_to(name);
         let count = queue.ready_len() as u32;
         for consumer in queue.take_consumers() {

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 use warren_harness::TestBroker;
 use warren_tests::{
     assert_amqp_error, assert_channel_closed_only, assert_no_delivery, channel, close_conn,
-    consume, declare, declare_with, expect_err, get, get_eventually, next_delivery, publish,
-    publish_with, within,
+    confirm_channel, consume, declare, declare_with, expect_err, get, get_eventually,
+    next_delivery, publish, publish_confirmed, publish_with, within,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -362,17 +362,81 @@ async fn a_message_rejected_back_into_its_own_queue_counts_its_deaths() {
 }
 
 #[tokio::test]
-async fn a_message_that_would_expire_back_into_its_own_queue_is_dropped() {
+async fn a_message_that_would_expire_back_into_its_own_queue_goes_only_elsewhere() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;
-    let ch = channel(&conn).await;
+    let ch = confirm_channel(&conn).await;
+    // Its dead letters fan out to itself and to `seen`: an expiry cycle through itself is
+    // cut, the copy for `seen` is not.
+    let dlx = broker.unique_name("dlx");
+    within(
+        "exchange.declare",
+        ch.exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("exchange.declare");
     let q = broker.unique_name("cycle");
-    declare_args(&ch, &q, args(&[("x-dead-letter-exchange", "")], Some(50))).await;
-    publish(&ch, &q, b"m").await;
-    // Once it expires it would come straight back, expire again, and so on for ever.
-    broker.wait_for_messages(&q, 0).await;
+    let seen = broker.unique_name("seen");
+    declare_args(&ch, &q, args(&[("x-dead-letter-exchange", &dlx)], Some(50))).await;
+    declare(&ch, &seen).await;
+    for name in [&q, &seen] {
+        within(
+            "queue.bind",
+            ch.queue_bind(
+                name.as_str().into(),
+                dlx.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("queue.bind");
+    }
+    publish_confirmed(&ch, &q, b"m").await;
+    let d = get_eventually(&ch, &seen, true).await.delivery;
+    assert_death(&deaths(&d)[0], &q, "expired", 1, &[&q], None);
     let mut consumer = consume(&ch, &q, true).await;
     assert_no_delivery(&mut consumer, QUIET).await;
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn a_message_left_at_the_head_by_a_get_is_dead_lettered_when_it_expires() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let dead = broker.unique_name("dead");
+    declare(&ch, &dead).await;
+    let mut consumer = consume(&ch, &dead, true).await;
+    let q = broker.unique_name("head");
+    let dl = [
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", dead.as_str()),
+    ];
+    declare_args(&ch, &q, args(&dl, None)).await;
+    publish_confirmed(&ch, &q, b"lasting").await;
+    publish_with(
+        &ch,
+        &q,
+        b"brief",
+        BasicProperties::default().with_expiration("300".into()),
+    )
+    .await;
+    broker.wait_for_messages(&q, 2).await;
+    // Taking the head leaves the expiring one there; nothing touches the queue after.
+    assert_eq!(
+        get_eventually(&ch, &q, true).await.delivery.data,
+        b"lasting"
+    );
+    let d = next_delivery(&mut consumer).await;
+    assert_eq!(d.data, b"brief");
+    assert_death(&deaths(&d)[0], &q, "expired", 1, &[&q], Some("300"));
     close_conn(&conn).await;
 }
 

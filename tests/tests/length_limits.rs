@@ -5,8 +5,8 @@
 use lapin::{
     BasicProperties, Channel, ExchangeKind,
     options::{
-        BasicAckOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions,
+        BasicAckOptions, BasicPublishOptions, BasicRejectOptions, ExchangeDeclareOptions,
+        QueueBindOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable, LongString},
 };
@@ -94,6 +94,35 @@ async fn drop_head_pushes_the_oldest_messages_out_to_the_dead_letter_exchange() 
         assert_eq!(d.data, [i]);
         assert_eq!(death_reason(&d), Some(text("maxlen")));
     }
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn a_requeue_past_the_limit_drops_the_head() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let dead = broker.unique_name("dead");
+    declare(&ch, &dead).await;
+    let q = broker.unique_name("requeue");
+    declare_args(&ch, &q, dead_letter_to(limits(Some(1), None, None), &dead)).await;
+    publish_confirmed(&ch, &q, b"a").await;
+    let a = get_eventually(&ch, &q, false).await;
+    publish_confirmed(&ch, &q, b"b").await;
+    // `a` goes back to the head, one over the limit: it is the one to go.
+    within(
+        "basic.reject",
+        ch.basic_reject(
+            a.delivery.delivery_tag,
+            BasicRejectOptions { requeue: true },
+        ),
+    )
+    .await
+    .expect("basic.reject");
+    let d = get_eventually(&ch, &dead, true).await.delivery;
+    assert_eq!(d.data, b"a");
+    assert_eq!(death_reason(&d), Some(text("maxlen")));
+    assert_eq!(drain_bodies(&ch, &q).await, [b"b".to_vec()]);
     close_conn(&conn).await;
 }
 
@@ -253,6 +282,30 @@ async fn length_limit_arguments_are_checked_as_rabbitmq_checks_them() {
             refused("x-overflow", "{unacceptable_type,signedint}"),
         ),
     ];
+    // An existing queue's arguments are compared, not checked.
+    let ch = channel(&conn).await;
+    declare_args(&ch, &q, limits(Some(1), None, None)).await;
+    let err = expect_err(
+        "a redeclare with another limit",
+        declare_with(
+            &ch,
+            &q,
+            QueueDeclareOptions::default(),
+            limits(Some(-1), None, None),
+        )
+        .await,
+    );
+    let expected = format!(
+        "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for {resource}: received '-1' but current is '1'"
+    );
+    assert_amqp_error(&err, 406, Some(&expected));
+    assert_channel_closed_only(&conn, &ch).await;
+    let ch = channel(&conn).await;
+    let _ = within(
+        "queue.delete",
+        ch.queue_delete(q.as_str().into(), Default::default()),
+    )
+    .await;
     for (arguments, expected) in cases {
         let ch = channel(&conn).await;
         let err = expect_err(

@@ -93,12 +93,12 @@ async fn a_consumer_keeps_an_expiring_queue_and_its_leaving_starts_the_clock() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;
     let ch = confirm_channel(&conn).await;
-    let q = broker.unique_name("consumed");
-    declare_expiring(&ch, &q, 300).await;
     let consumer_ch = channel(&conn).await;
+    let q = broker.unique_name("consumed");
+    declare_expiring(&ch, &q, 1000).await;
     let mut consumer = consume(&consumer_ch, &q, true).await;
-    // Four times its expiry with a consumer: still there, and delivering.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Two and a half times its expiry with a consumer: still there, and delivering.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(routed(&ch, &q).await, "a consumed queue does not expire");
     assert_eq!(next_delivery(&mut consumer).await.data, b"probe");
     within(
@@ -107,7 +107,13 @@ async fn a_consumer_keeps_an_expiring_queue_and_its_leaving_starts_the_clock() {
     )
     .await
     .expect("basic.cancel");
+    let cancelled = Instant::now();
     until_gone(&ch, &q).await;
+    assert!(
+        cancelled.elapsed() >= Duration::from_millis(900),
+        "deleted {:?} after its consumer left: the clock did not restart",
+        cancelled.elapsed()
+    );
     close_conn(&conn).await;
 }
 
@@ -157,6 +163,7 @@ async fn expiry_arguments_are_checked_as_rabbitmq_checks_them() {
         (expiring(0), "{value_zero,0}"),
         (expiring(-1), "{value_negative,-1}"),
         (text, "\"expected integer, got longstr\""),
+        (expiring(315_360_000_001), "{value_too_large,315360000001}"),
     ];
     for (arguments, detail) in cases {
         let ch = channel(&conn).await;

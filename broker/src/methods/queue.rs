@@ -171,13 +171,18 @@ fn non_negative_integer(args: &FieldTable, key: &str, resource: &str) -> AmqpRes
     Ok(Some(n as u64))
 }
 
-/// `x-expires`, checked as RabbitMQ checks it: a positive integer.
+/// `x-expires`, checked as RabbitMQ checks it: a positive integer of at most ten years.
 fn queue_expiry(args: &FieldTable, resource: &str) -> AmqpResult<Option<u64>> {
     let expires = non_negative_integer(args, "x-expires", resource)?;
-    if expires == Some(0) {
-        return Err(invalid_arg("x-expires", resource, "{value_zero,0}".into()));
+    match expires {
+        Some(0) => Err(invalid_arg("x-expires", resource, "{value_zero,0}".into())),
+        Some(ms) if ms > crate::message::MAX_TTL_MS => Err(invalid_arg(
+            "x-expires",
+            resource,
+            format!("{{value_too_large,{ms}}}"),
+        )),
+        _ => Ok(expires),
     }
-    Ok(expires)
 }
 
 /// `x-max-length`, `x-max-length-bytes` and `x-overflow`, checked as RabbitMQ checks them;
@@ -397,11 +402,6 @@ impl Connection {
             }
             return Ok(());
         }
-        let args = if m.passive {
-            QueueArgs::default()
-        } else {
-            validate_arguments(&m.arguments, name.as_str(), &vhost_name)?
-        };
         let now = Instant::now();
         let mut state = self.vhost.lock();
         let VhostState { queues, outbox, .. } = &mut *state;
@@ -427,6 +427,9 @@ impl Connection {
                 )));
             }
             None => {
+                // As RabbitMQ: arguments are checked when a queue is created; a redeclare only
+                // compares them (`check_equivalence`).
+                let args = validate_arguments(&m.arguments, name.as_str(), &vhost_name)?;
                 let options = QueueOptions {
                     durable: m.durable,
                     exclusive: m.exclusive.then_some(self.id),
@@ -437,7 +440,7 @@ impl Connection {
                 // same allocation) then compare pointers, not bytes.
                 let mut queue = Queue::new(name.as_str(), options, args);
                 queue.touch(now, outbox);
-                queues.insert(queue.name.clone(), queue);
+                state.insert_queue(queue);
                 (0, 0)
             }
         };
