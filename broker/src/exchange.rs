@@ -1,7 +1,10 @@
 //! Exchanges and routing. The default exchange (`""`) routes to the queue
-//! named by the routing key; the `amq.*` exchanges RabbitMQ predeclares exist too.
+//! named by the routing key; the `amq.*` exchanges RabbitMQ predeclares exist too. Bindings
+//! lead to queues or to other exchanges (RabbitMQ's exchange-to-exchange bindings), and an
+//! exchange that routes a message nowhere hands it to its `alternate-exchange`.
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 /// An exchange type.
@@ -53,7 +56,7 @@ pub(crate) struct Exchange {
     pub(crate) internal: bool,
     /// Declaration arguments.
     pub(crate) arguments: FieldTable,
-    /// Bindings to queues.
+    /// Bindings from it, to queues and exchanges.
     pub(crate) bindings: Vec<Binding>,
 }
 
@@ -89,11 +92,20 @@ pub(crate) fn is_default(name: &str) -> bool {
     name.is_empty()
 }
 
-/// A binding from an exchange to a queue.
+/// Where a binding leads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Destination {
+    /// A queue.
+    Queue(Arc<str>),
+    /// An exchange, which routes the message on (exchange.bind).
+    Exchange(Arc<str>),
+}
+
+/// A binding from an exchange to a queue or another exchange.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Binding {
-    /// The destination queue.
-    pub(crate) queue: Arc<str>,
+    /// Where it leads.
+    pub(crate) destination: Destination,
     /// The binding key.
     pub(crate) routing_key: String,
     /// Binding arguments (headers exchanges match on them).
@@ -133,12 +145,13 @@ impl Exchange {
         before != self.bindings.len()
     }
 
-    /// The queues a message with this routing key and headers goes to (with repeats).
-    pub(crate) fn route<'a, 'k>(
+    /// Where this exchange alone sends a message with this routing key and headers (with
+    /// repeats).
+    fn destinations<'a, 'k>(
         &'a self,
         routing_key: &'k str,
         headers: Option<&'k FieldTable>,
-    ) -> impl Iterator<Item = &'a Arc<str>> {
+    ) -> impl Iterator<Item = &'a Destination> {
         self.bindings
             .iter()
             .filter(move |b| match self.kind {
@@ -147,7 +160,61 @@ impl Exchange {
                 ExchangeKind::Topic => topic_matches(&b.routing_key, routing_key),
                 ExchangeKind::Headers => headers_match(&b.arguments, headers),
             })
-            .map(|b| &b.queue)
+            .map(|b| &b.destination)
+    }
+
+    /// Its `alternate-exchange` argument, if it names one.
+    fn alternate(&self) -> Option<&str> {
+        match self.arguments.inner().get("alternate-exchange")? {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// The queues a message published to exchange `start` goes to (with repeats), as RabbitMQ
+/// routes it: through the exchanges bound to the ones it reaches, each exchange once
+/// (bindings may form cycles), and through an exchange's `alternate-exchange` when that
+/// exchange alone routes it nowhere. Missing exchanges route nowhere.
+pub(crate) fn route<'x>(
+    exchanges: &'x FxHashMap<String, Exchange>,
+    start: &str,
+    routing_key: &str,
+    headers: Option<&FieldTable>,
+) -> Vec<&'x Arc<str>> {
+    let mut queues = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    let mut work = Vec::new();
+    visit(exchanges, &mut seen, &mut work, start);
+    while let Some(exchange) = work.pop() {
+        let mut routed = false;
+        for destination in exchange.destinations(routing_key, headers) {
+            routed = true;
+            match destination {
+                Destination::Queue(queue) => queues.push(queue),
+                Destination::Exchange(name) => visit(exchanges, &mut seen, &mut work, name),
+            }
+        }
+        if !routed && let Some(alternate) = exchange.alternate() {
+            visit(exchanges, &mut seen, &mut work, alternate);
+        }
+    }
+    queues
+}
+
+/// Queues exchange `name` for routing unless it was routed through already.
+fn visit<'x>(
+    exchanges: &'x FxHashMap<String, Exchange>,
+    seen: &mut Vec<&'x str>,
+    work: &mut Vec<&'x Exchange>,
+    name: &str,
+) {
+    if let Some((key, exchange)) = exchanges.get_key_value(name)
+        && !seen.contains(&key.as_str())
+    {
+        seen.push(key);
+        work.push(exchange);
     }
 }
 

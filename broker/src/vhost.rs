@@ -4,7 +4,7 @@
 
 use crate::dead_letter::{dead_lettered, is_cycle};
 use crate::direct_reply::{ADDRESS_PREFIX, ReplyConsumer};
-use crate::exchange::{Exchange, builtin_exchanges, is_default};
+use crate::exchange::{Destination, Exchange, builtin_exchanges, is_default, route};
 use crate::mailbox::{Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
 use crate::queue::{ConnId, Queue};
@@ -278,22 +278,22 @@ impl VhostState {
                 _ => Err(message),
             };
         }
-        let Some(exchange) = self.exchanges.get(message.exchange()) else {
-            return Err(message);
-        };
         // Whether a target has no consumer, so would keep the message in a buffer of its own
         // (`Queue::keep`).
         let mut one_would_copy = false;
-        let mut targets: Vec<&Arc<str>> = exchange
-            .route(message.routing_key(), headers)
-            .filter(|name| match self.queues.get(&***name) {
-                Some(queue) if !skip(name) => {
-                    one_would_copy |= queue.consumer_count() == 0;
-                    true
-                }
-                _ => false,
-            })
-            .collect();
+        let mut targets = route(
+            &self.exchanges,
+            message.exchange(),
+            message.routing_key(),
+            headers,
+        );
+        targets.retain(|name| match self.queues.get(&***name) {
+            Some(queue) if !skip(name) => {
+                one_would_copy |= queue.consumer_count() == 0;
+                true
+            }
+            _ => false,
+        });
         if targets.len() > 1 {
             targets.sort();
             targets.dedup();
@@ -345,7 +345,7 @@ impl VhostState {
     pub(crate) fn delete_queue(&mut self, name: &str) -> Option<u32> {
         let mut queue = self.queues.remove(name)?;
         self.timed_queues.remove(name);
-        self.remove_bindings_to(name);
+        self.remove_bindings_to(&Destination::Queue(queue.name.clone()));
         let count = queue.ready_len() as u32;
         for consumer in queue.take_consumers() {
             self.outbox.send(
@@ -366,19 +366,27 @@ impl VhostState {
         }
     }
 
-    /// Removes every binding to a deleted queue; auto-delete exchanges left without bindings
-    /// go too.
-    fn remove_bindings_to(&mut self, queue: &str) {
+    /// Removes every binding to a deleted queue or exchange; auto-delete exchanges left
+    /// without bindings go too.
+    pub(crate) fn remove_bindings_to(&mut self, destination: &Destination) {
         let mut emptied = Vec::new();
         for (name, exchange) in self.exchanges.iter_mut() {
             let before = exchange.bindings.len();
-            exchange.bindings.retain(|b| &*b.queue != queue);
+            exchange.bindings.retain(|b| &b.destination != destination);
             if exchange.auto_delete && before > 0 && exchange.bindings.is_empty() {
                 emptied.push(name.clone());
             }
         }
         for name in emptied {
-            self.exchanges.remove(&name);
+            self.delete_exchange(&name);
+        }
+    }
+
+    /// Deletes an exchange and every binding to it (which may empty auto-delete exchanges in
+    /// turn).
+    pub(crate) fn delete_exchange(&mut self, name: &str) {
+        if self.exchanges.remove(name).is_some() {
+            self.remove_bindings_to(&Destination::Exchange(name.into()));
         }
     }
 
@@ -461,7 +469,7 @@ mod tests {
         let fanout = state.exchanges.get_mut("amq.fanout").expect("predeclared");
         for name in ["a", "b"] {
             fanout.bind(crate::exchange::Binding {
-                queue: name.into(),
+                destination: Destination::Queue(name.into()),
                 routing_key: String::new(),
                 arguments: FieldTable::default(),
             });

@@ -57,6 +57,7 @@ fn server_properties() -> FieldTable {
     let mut capabilities = FieldTable::default();
     for name in [
         "publisher_confirms",
+        "exchange_exchange_bindings",
         "basic.nack",
         "consumer_cancel_notify",
         "per_consumer_qos",

@@ -1,10 +1,10 @@
-//! The exchange class: declare and delete. Exchange-to-exchange bindings are not implemented
-//! (and not advertised).
+//! The exchange class: declare, delete, and exchange-to-exchange bind and unbind.
 
 use crate::connection::Connection;
 use crate::error::{AmqpError, AmqpResult};
-use crate::exchange::{Exchange, ExchangeKind, is_default};
+use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, is_default};
 use amq_protocol::protocol::{AMQPClass, exchange};
+use amq_protocol::types::{FieldTable, ShortString};
 
 /// `exchange 'name' in vhost '/'`, as RabbitMQ names an exchange in reply texts.
 pub(crate) fn exchange_resource(name: &str, vhost: &str) -> String {
@@ -25,10 +25,29 @@ impl Connection {
         match method {
             exchange::AMQPMethod::Declare(m) => self.exchange_declare(ch, m),
             exchange::AMQPMethod::Delete(m) => self.exchange_delete(ch, m),
-            exchange::AMQPMethod::Bind(_) | exchange::AMQPMethod::Unbind(_) => {
-                Err(AmqpError::not_implemented(
-                    "exchange-to-exchange bindings are not implemented by Warren",
-                ))
+            exchange::AMQPMethod::Bind(m) => {
+                self.exchange_binding(&m.destination, &m.source, m.routing_key, m.arguments, true)?;
+                if !m.nowait {
+                    send_exchange(self, ch, exchange::AMQPMethod::BindOk(exchange::BindOk {}));
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Unbind(m) => {
+                self.exchange_binding(
+                    &m.destination,
+                    &m.source,
+                    m.routing_key,
+                    m.arguments,
+                    false,
+                )?;
+                if !m.nowait {
+                    send_exchange(
+                        self,
+                        ch,
+                        exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {}),
+                    );
+                }
+                Ok(())
             }
             _ => Err(AmqpError::server_method()),
         }
@@ -104,6 +123,48 @@ impl Connection {
         Ok(())
     }
 
+    /// exchange.bind (`bind`) or exchange.unbind: a binding from `source` to the exchange
+    /// `destination`. As RabbitMQ: both must exist to bind (404 naming the missing one); an
+    /// unbind of what is not there succeeds; the default exchange is refused either way (403).
+    fn exchange_binding(
+        &mut self,
+        destination: &ShortString,
+        source: &ShortString,
+        routing_key: ShortString,
+        arguments: FieldTable,
+        bind: bool,
+    ) -> AmqpResult {
+        if is_default(destination.as_str()) || is_default(source.as_str()) {
+            return Err(default_exchange_refused());
+        }
+        let vhost = self.vhost.clone();
+        let mut state = vhost.lock();
+        let missing = |name: &str| {
+            AmqpError::not_found(format!("no {}", exchange_resource(name, &vhost.name)))
+        };
+        let binding = Binding {
+            destination: Destination::Exchange(destination.as_str().into()),
+            routing_key: routing_key.to_string(),
+            arguments,
+        };
+        if bind {
+            if !state.exchanges.contains_key(destination.as_str()) {
+                return Err(missing(destination.as_str()));
+            }
+            let Some(exchange) = state.exchanges.get_mut(source.as_str()) else {
+                return Err(missing(source.as_str()));
+            };
+            exchange.bind(binding);
+        } else if let Some(exchange) = state.exchanges.get_mut(source.as_str())
+            && exchange.unbind(&binding)
+            && exchange.auto_delete
+            && exchange.bindings.is_empty()
+        {
+            state.delete_exchange(source.as_str());
+        }
+        Ok(())
+    }
+
     fn exchange_delete(&mut self, ch: u16, m: exchange::Delete) -> AmqpResult {
         let vhost = self.vhost.clone();
         let name = m.exchange.as_str();
@@ -126,9 +187,7 @@ impl Connection {
                     exchange_resource(name, &vhost.name)
                 )));
             }
-            Some(_) => {
-                state.exchanges.remove(name);
-            }
+            Some(_) => state.delete_exchange(name),
         }
         drop(state);
         if !m.nowait {

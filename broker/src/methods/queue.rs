@@ -4,7 +4,7 @@ use super::exchange::{default_exchange_refused, exchange_resource};
 use crate::connection::Connection;
 use crate::dead_letter::DeadLetterTarget;
 use crate::error::{AmqpError, AmqpResult};
-use crate::exchange::{Binding, is_default};
+use crate::exchange::{Binding, Destination, is_default};
 use crate::queue::{ConnId, LengthLimits, Overflow, Queue, QueueArgs, QueueOptions};
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, queue};
@@ -484,7 +484,7 @@ impl Connection {
         let mut state = vhost.lock();
         let queue = usable_queue(&mut state.queues, queue_name.as_str(), self.id, &vhost.name)?;
         let binding = Binding {
-            queue: queue.name.clone(),
+            destination: Destination::Queue(queue.name.clone()),
             routing_key,
             arguments,
         };
@@ -498,7 +498,7 @@ impl Connection {
             exchange.bind(binding);
         } else if exchange.unbind(&binding) && exchange.auto_delete && exchange.bindings.is_empty()
         {
-            state.exchanges.remove(exchange_name.as_str());
+            state.delete_exchange(exchange_name.as_str());
         }
         Ok(())
     }

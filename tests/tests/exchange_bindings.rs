@@ -1,0 +1,347 @@
+//! Exchange-to-exchange bindings (exchange.bind, exchange.unbind) and alternate exchanges
+//! (`alternate-exchange`), as RabbitMQ routes them: through every exchange reached, each once,
+//! a queue getting one copy however many routes lead to it.
+
+use lapin::{
+    BasicProperties, Channel, Confirmation, ExchangeKind,
+    options::{
+        BasicPublishOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+        ExchangeUnbindOptions, QueueBindOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString},
+};
+use warren_harness::TestBroker;
+use warren_tests::{
+    assert_amqp_error, assert_channel_closed_only, channel, close_conn, confirm_channel, declare,
+    drain_bodies, expect_err, get_eventually, within,
+};
+
+async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind, options: ExchangeDeclareOptions) {
+    exchange_with(ch, name, kind, options, FieldTable::default()).await;
+}
+
+async fn exchange_with(
+    ch: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+    options: ExchangeDeclareOptions,
+    args: FieldTable,
+) {
+    within(
+        "exchange.declare",
+        ch.exchange_declare(name.into(), kind, options, args),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("exchange.declare {name}: {e}"));
+}
+
+async fn exchange_exists(conn: &lapin::Connection, name: &str) -> bool {
+    let ch = channel(conn).await;
+    let found = within(
+        "a passive exchange.declare",
+        ch.exchange_declare(
+            name.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .is_ok();
+    if found {
+        let _ = ch.close(200, "OK".into()).await;
+    }
+    found
+}
+
+async fn bind_exchange(
+    ch: &Channel,
+    destination: &str,
+    source: &str,
+    key: &str,
+) -> lapin::Result<()> {
+    within(
+        "exchange.bind",
+        ch.exchange_bind(
+            destination.into(),
+            source.into(),
+            key.into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+}
+
+async fn unbind_exchange(ch: &Channel, destination: &str, source: &str, key: &str) {
+    within(
+        "exchange.unbind",
+        ch.exchange_unbind(
+            destination.into(),
+            source.into(),
+            key.into(),
+            ExchangeUnbindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("exchange.unbind");
+}
+
+async fn bind_queue(ch: &Channel, queue: &str, exchange: &str, key: &str) {
+    within(
+        "queue.bind",
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("queue.bind");
+}
+
+/// Publishes in confirm mode; returns the confirmation (with the returned message, if any).
+async fn publish_to(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    mandatory: bool,
+) -> Confirmation {
+    let confirm = within(
+        "basic.publish",
+        ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            },
+            body,
+            BasicProperties::default(),
+        ),
+    )
+    .await
+    .expect("basic.publish");
+    within("publisher confirm", confirm).await.expect("confirm")
+}
+
+#[tokio::test]
+async fn a_message_goes_through_bound_exchanges_and_reaches_a_queue_once_whatever_the_routes() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let (a, b) = (broker.unique_name("e2e-a"), broker.unique_name("e2e-b"));
+    exchange(&ch, &a, ExchangeKind::Fanout, Default::default()).await;
+    exchange(&ch, &b, ExchangeKind::Direct, Default::default()).await;
+    let q = broker.unique_name("e2e-q");
+    declare(&ch, &q).await;
+    bind_exchange(&ch, &b, &a, "").await.expect("exchange.bind");
+    bind_queue(&ch, &q, &b, "k").await;
+    publish_to(&ch, &a, "k", b"through", false).await;
+    publish_to(&ch, &a, "other", b"nowhere", false).await;
+    let d = get_eventually(&ch, &q, true).await.delivery;
+    assert_eq!(d.data, b"through");
+    assert_eq!(
+        (d.exchange.as_str(), d.routing_key.as_str()),
+        (a.as_str(), "k"),
+        "a delivery names the exchange it was published to"
+    );
+    assert!(drain_bodies(&ch, &q).await.is_empty());
+
+    // A cycle (b back to a) and a second route to q (a straight to q): still one copy.
+    bind_exchange(&ch, &a, &b, "k")
+        .await
+        .expect("exchange.bind");
+    bind_queue(&ch, &q, &a, "").await;
+    publish_to(&ch, &a, "k", b"once", false).await;
+    assert_eq!(drain_bodies(&ch, &q).await, [b"once".to_vec()]);
+
+    // Unbound, b no longer gets a's messages: only the direct binding to q is left.
+    unbind_exchange(&ch, &b, &a, "").await;
+    unbind_exchange(&ch, &b, &a, "never-bound").await;
+    bind_queue(&ch, &q, &b, "only-b").await;
+    publish_to(&ch, &a, "only-b", b"direct", false).await;
+    assert_eq!(drain_bodies(&ch, &q).await, [b"direct".to_vec()]);
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn exchange_bind_refuses_missing_exchanges_and_the_default_exchange() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let a = broker.unique_name("e2e-a");
+    let missing = broker.unique_name("e2e-missing");
+    let setup = channel(&conn).await;
+    exchange(&setup, &a, ExchangeKind::Fanout, Default::default()).await;
+    let no_exchange = format!("NOT_FOUND - no exchange '{missing}' in vhost '/'");
+    let default_refused = "ACCESS_REFUSED - operation not permitted on the default exchange";
+    for (destination, source, code, text) in [
+        (missing.as_str(), a.as_str(), 404, no_exchange.as_str()),
+        (a.as_str(), missing.as_str(), 404, no_exchange.as_str()),
+        ("", a.as_str(), 403, default_refused),
+        (a.as_str(), "", 403, default_refused),
+    ] {
+        let ch = channel(&conn).await;
+        let err = expect_err(
+            "exchange.bind",
+            bind_exchange(&ch, destination, source, "").await,
+        );
+        assert_amqp_error(&err, code, Some(text));
+        assert_channel_closed_only(&conn, &ch).await;
+    }
+    // Unbinding what is not there, even from a missing exchange, succeeds.
+    let ch = channel(&conn).await;
+    unbind_exchange(&ch, &missing, &a, "k").await;
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn deleting_an_exchange_removes_the_bindings_to_it_and_auto_delete_counts_bindings_from_it() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    let (x, y) = (broker.unique_name("e2e-x"), broker.unique_name("e2e-y"));
+    exchange(&ch, &x, ExchangeKind::Fanout, Default::default()).await;
+    exchange(&ch, &y, ExchangeKind::Fanout, Default::default()).await;
+    bind_exchange(&ch, &y, &x, "").await.expect("exchange.bind");
+    // x has a binding: in use.
+    let err = expect_err(
+        "exchange.delete if_unused",
+        within(
+            "exchange.delete",
+            ch.exchange_delete(
+                x.as_str().into(),
+                ExchangeDeleteOptions {
+                    if_unused: true,
+                    ..Default::default()
+                },
+            ),
+        )
+        .await,
+    );
+    assert_amqp_error(
+        &err,
+        406,
+        Some(&format!(
+            "PRECONDITION_FAILED - exchange '{x}' in vhost '/' in use"
+        )),
+    );
+    let ch = channel(&conn).await;
+    // y is only a destination: unused; deleting it takes x's binding with it.
+    for name in [&y, &x] {
+        within(
+            "exchange.delete",
+            ch.exchange_delete(
+                name.as_str().into(),
+                ExchangeDeleteOptions {
+                    if_unused: true,
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("exchange.delete {name} if_unused: {e}"));
+    }
+
+    let auto_source = broker.unique_name("e2e-auto-source");
+    let auto_destination = broker.unique_name("e2e-auto-destination");
+    let plain = broker.unique_name("e2e-plain");
+    let auto = ExchangeDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    exchange(&ch, &auto_source, ExchangeKind::Fanout, auto).await;
+    exchange(&ch, &auto_destination, ExchangeKind::Fanout, auto).await;
+    exchange(&ch, &plain, ExchangeKind::Fanout, Default::default()).await;
+    bind_exchange(&ch, &plain, &auto_source, "")
+        .await
+        .expect("bind");
+    bind_exchange(&ch, &auto_destination, &plain, "")
+        .await
+        .expect("bind");
+    unbind_exchange(&ch, &plain, &auto_source, "").await;
+    unbind_exchange(&ch, &auto_destination, &plain, "").await;
+    assert!(
+        !exchange_exists(&conn, &auto_source).await,
+        "an auto-delete exchange goes with its last binding from it"
+    );
+    assert!(
+        exchange_exists(&conn, &auto_destination).await,
+        "bindings to it do not count"
+    );
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn an_unroutable_message_goes_to_the_alternate_exchange() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let ae = broker.unique_name("ae");
+    exchange(&ch, &ae, ExchangeKind::Fanout, Default::default()).await;
+    let caught = broker.unique_name("ae-caught");
+    declare(&ch, &caught).await;
+    bind_queue(&ch, &caught, &ae, "").await;
+    let main = broker.unique_name("ae-main");
+    let routed = broker.unique_name("ae-routed");
+    let with_ae = |name: &str| {
+        let mut args = FieldTable::default();
+        args.insert(
+            "alternate-exchange".into(),
+            AMQPValue::LongString(LongString::from(name)),
+        );
+        args
+    };
+    exchange_with(
+        &ch,
+        &main,
+        ExchangeKind::Direct,
+        Default::default(),
+        with_ae(&ae),
+    )
+    .await;
+    declare(&ch, &routed).await;
+    bind_queue(&ch, &routed, &main, "known").await;
+
+    let confirmation = publish_to(&ch, &main, "unknown", b"stray", true).await;
+    assert_eq!(
+        confirmation,
+        Confirmation::Ack(None),
+        "routed by the AE: no return"
+    );
+    publish_to(&ch, &main, "known", b"expected", true).await;
+    let d = get_eventually(&ch, &caught, true).await.delivery;
+    assert_eq!(d.data, b"stray");
+    assert_eq!(
+        (d.exchange.as_str(), d.routing_key.as_str()),
+        (main.as_str(), "unknown")
+    );
+    assert_eq!(drain_bodies(&ch, &routed).await, [b"expected".to_vec()]);
+    assert!(
+        drain_bodies(&ch, &caught).await.is_empty(),
+        "only the stray one"
+    );
+
+    // An AE that does not exist routes nowhere: a mandatory publish comes back.
+    let lost = broker.unique_name("ae-lost");
+    exchange_with(
+        &ch,
+        &lost,
+        ExchangeKind::Direct,
+        Default::default(),
+        with_ae(&broker.unique_name("ae-missing")),
+    )
+    .await;
+    match publish_to(&ch, &lost, "unknown", b"back", true).await {
+        Confirmation::Ack(Some(returned)) => assert_eq!(returned.delivery.data, b"back"),
+        other => panic!("expected a returned message, got {other:?}"),
+    }
+    close_conn(&conn).await;
+}
