@@ -184,35 +184,42 @@ pub(crate) fn route<'x>(
     headers: Option<&FieldTable>,
 ) -> Vec<&'x Arc<str>> {
     let mut queues = Vec::new();
+    // Nothing is allocated for these unless an exchange routes to another.
     let mut seen: Vec<&str> = Vec::new();
-    let mut work = Vec::new();
-    visit(exchanges, &mut seen, &mut work, start);
-    while let Some(exchange) = work.pop() {
+    let mut work: Vec<&Exchange> = Vec::new();
+    let mut current = exchanges.get(start);
+    while let Some(exchange) = current {
         let mut routed = false;
         for destination in exchange.destinations(routing_key, headers) {
             routed = true;
             match destination {
                 Destination::Queue(queue) => queues.push(queue),
-                Destination::Exchange(name) => visit(exchanges, &mut seen, &mut work, name),
+                Destination::Exchange(name) => {
+                    visit(exchanges, start, &mut seen, &mut work, name);
+                }
             }
         }
         if !routed && let Some(alternate) = exchange.alternate() {
-            visit(exchanges, &mut seen, &mut work, alternate);
+            visit(exchanges, start, &mut seen, &mut work, alternate);
         }
+        current = work.pop();
     }
     queues
 }
 
-/// Queues exchange `name` for routing unless it was routed through already.
+/// Queues exchange `name` for routing unless it is the first one or was routed through
+/// already.
 fn visit<'x>(
     exchanges: &'x FxHashMap<String, Exchange>,
+    start: &str,
     seen: &mut Vec<&'x str>,
     work: &mut Vec<&'x Exchange>,
     name: &str,
 ) {
-    if let Some((key, exchange)) = exchanges.get_key_value(name)
-        && !seen.contains(&key.as_str())
-    {
+    if name == start || seen.contains(&name) {
+        return;
+    }
+    if let Some((key, exchange)) = exchanges.get_key_value(name) {
         seen.push(key);
         work.push(exchange);
     }
