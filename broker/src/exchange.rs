@@ -4,7 +4,7 @@
 //! exchange that routes a message nowhere hands it to its `alternate-exchange`.
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
 
 /// An exchange type.
@@ -167,7 +167,6 @@ impl Exchange {
     fn alternate(&self) -> Option<&str> {
         match self.arguments.inner().get("alternate-exchange")? {
             AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
-            AMQPValue::ShortString(s) => Some(s.as_str()),
             _ => None,
         }
     }
@@ -185,7 +184,7 @@ pub(crate) fn route<'x>(
 ) -> Vec<&'x Arc<str>> {
     let mut queues = Vec::new();
     // Nothing is allocated for these unless an exchange routes to another.
-    let mut seen: Vec<&str> = Vec::new();
+    let mut seen: FxHashSet<&str> = FxHashSet::default();
     let mut work: Vec<&Exchange> = Vec::new();
     let mut current = exchanges.get(start);
     while let Some(exchange) = current {
@@ -212,15 +211,15 @@ pub(crate) fn route<'x>(
 fn visit<'x>(
     exchanges: &'x FxHashMap<String, Exchange>,
     start: &str,
-    seen: &mut Vec<&'x str>,
+    seen: &mut FxHashSet<&'x str>,
     work: &mut Vec<&'x Exchange>,
     name: &str,
 ) {
-    if name == start || seen.contains(&name) {
+    if name == start || seen.contains(name) {
         return;
     }
     if let Some((key, exchange)) = exchanges.get_key_value(name) {
-        seen.push(key);
+        seen.insert(key);
         work.push(exchange);
     }
 }

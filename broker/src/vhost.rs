@@ -369,6 +369,13 @@ impl VhostState {
     /// Removes every binding to a deleted queue or exchange; auto-delete exchanges left
     /// without bindings go too.
     pub(crate) fn remove_bindings_to(&mut self, destination: &Destination) {
+        for name in self.unbind_all(destination) {
+            self.delete_exchange(&name);
+        }
+    }
+
+    /// Removes every binding to `destination`; returns the auto-delete exchanges it emptied.
+    fn unbind_all(&mut self, destination: &Destination) -> Vec<String> {
         let mut emptied = Vec::new();
         for (name, exchange) in self.exchanges.iter_mut() {
             let before = exchange.bindings.len();
@@ -377,16 +384,17 @@ impl VhostState {
                 emptied.push(name.clone());
             }
         }
-        for name in emptied {
-            self.delete_exchange(&name);
-        }
+        emptied
     }
 
-    /// Deletes an exchange and every binding to it (which may empty auto-delete exchanges in
-    /// turn).
+    /// Deletes an exchange and every binding to it, and so on for the auto-delete exchanges
+    /// that loses their last binding (a loop, not a recursion: a client can chain thousands).
     pub(crate) fn delete_exchange(&mut self, name: &str) {
-        if self.exchanges.remove(name).is_some() {
-            self.remove_bindings_to(&Destination::Exchange(name.into()));
+        let mut doomed = vec![name.to_owned()];
+        while let Some(name) = doomed.pop() {
+            if self.exchanges.remove(&name).is_some() {
+                doomed.extend(self.unbind_all(&Destination::Exchange(name.as_str().into())));
+            }
         }
     }
 
@@ -460,6 +468,46 @@ mod tests {
             (1, 0),
             "back in the queue"
         );
+    }
+
+    #[test]
+    fn a_long_chain_of_auto_delete_exchanges_goes_with_its_queue_without_recursing() {
+        // On a small stack, where a recursion per link would overflow.
+        let chain = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let vhost = Vhost::new("/");
+                let mut state = vhost.lock();
+                let links = 5_000;
+                for i in 0..links {
+                    let mut exchange = Exchange::declared(
+                        crate::exchange::ExchangeKind::Fanout,
+                        false,
+                        true,
+                        false,
+                        FieldTable::default(),
+                    );
+                    exchange.bind(crate::exchange::Binding {
+                        destination: if i + 1 < links {
+                            Destination::Exchange(format!("x{}", i + 1).into())
+                        } else {
+                            Destination::Queue("end".into())
+                        },
+                        routing_key: String::new(),
+                        arguments: FieldTable::default(),
+                    });
+                    state.exchanges.insert(format!("x{i}"), exchange);
+                }
+                state.insert_queue(Queue::new(
+                    "end",
+                    QueueOptions::default(),
+                    Default::default(),
+                ));
+                assert_eq!(state.delete_queue("end"), Some(0));
+                (0..links).all(|i| !state.exchanges.contains_key(&format!("x{i}")))
+            })
+            .expect("a thread");
+        assert!(chain.join().expect("no overflow"), "every link went");
     }
 
     #[test]

@@ -163,12 +163,22 @@ async fn a_message_goes_through_bound_exchanges_and_reaches_a_queue_once_whateve
     publish_to(&ch, &a, "k", b"once", false).await;
     assert_eq!(drain_bodies(&ch, &q).await, [b"once".to_vec()]);
 
-    // Unbound, b no longer gets a's messages: only the direct binding to q is left.
+    // Unbound, b no longer gets a's messages (`only_b` is bound to b alone).
+    let only_b = broker.unique_name("e2e-only-b");
+    declare(&ch, &only_b).await;
+    bind_queue(&ch, &only_b, &b, "x").await;
+    publish_to(&ch, &a, "x", b"before", false).await;
+    assert_eq!(drain_bodies(&ch, &only_b).await, [b"before".to_vec()]);
+    assert_eq!(drain_bodies(&ch, &q).await, [b"before".to_vec()]);
     unbind_exchange(&ch, &b, &a, "").await;
     unbind_exchange(&ch, &b, &a, "never-bound").await;
-    bind_queue(&ch, &q, &b, "only-b").await;
-    publish_to(&ch, &a, "only-b", b"direct", false).await;
-    assert_eq!(drain_bodies(&ch, &q).await, [b"direct".to_vec()]);
+    publish_to(&ch, &a, "x", b"after", false).await;
+    assert_eq!(
+        drain_bodies(&ch, &q).await,
+        [b"after".to_vec()],
+        "still bound to a"
+    );
+    assert!(drain_bodies(&ch, &only_b).await.is_empty());
     close_conn(&conn).await;
 }
 
@@ -182,9 +192,17 @@ async fn exchange_bind_refuses_missing_exchanges_and_the_default_exchange() {
     exchange(&setup, &a, ExchangeKind::Fanout, Default::default()).await;
     let no_exchange = format!("NOT_FOUND - no exchange '{missing}' in vhost '/'");
     let default_refused = "ACCESS_REFUSED - operation not permitted on the default exchange";
+    let other_missing = broker.unique_name("e2e-missing-too");
     for (destination, source, code, text) in [
         (missing.as_str(), a.as_str(), 404, no_exchange.as_str()),
         (a.as_str(), missing.as_str(), 404, no_exchange.as_str()),
+        // Both missing: the source is named.
+        (
+            other_missing.as_str(),
+            missing.as_str(),
+            404,
+            no_exchange.as_str(),
+        ),
         ("", a.as_str(), 403, default_refused),
         (a.as_str(), "", 403, default_refused),
     ] {
@@ -276,6 +294,30 @@ async fn deleting_an_exchange_removes_the_bindings_to_it_and_auto_delete_counts_
         exchange_exists(&conn, &auto_destination).await,
         "bindings to it do not count"
     );
+
+    // A chain of auto-delete exchanges goes when the queue at its end does.
+    let (first, second) = (
+        broker.unique_name("e2e-chain-1"),
+        broker.unique_name("e2e-chain-2"),
+    );
+    exchange(&ch, &first, ExchangeKind::Fanout, auto).await;
+    exchange(&ch, &second, ExchangeKind::Fanout, auto).await;
+    let end = broker.unique_name("e2e-chain-q");
+    declare(&ch, &end).await;
+    bind_exchange(&ch, &second, &first, "").await.expect("bind");
+    bind_queue(&ch, &end, &second, "").await;
+    within(
+        "queue.delete",
+        ch.queue_delete(end.as_str().into(), Default::default()),
+    )
+    .await
+    .expect("queue.delete");
+    for name in [&second, &first] {
+        assert!(
+            !exchange_exists(&conn, name).await,
+            "{name} went with the chain"
+        );
+    }
     close_conn(&conn).await;
 }
 
@@ -342,6 +384,106 @@ async fn an_unroutable_message_goes_to_the_alternate_exchange() {
     match publish_to(&ch, &lost, "unknown", b"back", true).await {
         Confirmation::Ack(Some(returned)) => assert_eq!(returned.delivery.data, b"back"),
         other => panic!("expected a returned message, got {other:?}"),
+    }
+
+    // An exchange whose only match is another exchange has routed the message: its AE is
+    // not used, even if that exchange routes it nowhere; that exchange's own AE is.
+    let outer = broker.unique_name("ae-outer");
+    let inner = broker.unique_name("ae-inner");
+    let inner_ae = broker.unique_name("ae-inner-ae");
+    let inner_caught = broker.unique_name("ae-inner-caught");
+    exchange_with(
+        &ch,
+        &outer,
+        ExchangeKind::Fanout,
+        Default::default(),
+        with_ae(&ae),
+    )
+    .await;
+    exchange(&ch, &inner, ExchangeKind::Direct, Default::default()).await;
+    bind_exchange(&ch, &inner, &outer, "")
+        .await
+        .expect("exchange.bind");
+    publish_to(&ch, &outer, "nobody", b"dropped", false).await;
+    exchange(&ch, &inner_ae, ExchangeKind::Fanout, Default::default()).await;
+    declare(&ch, &inner_caught).await;
+    bind_queue(&ch, &inner_caught, &inner_ae, "").await;
+    let inner2 = broker.unique_name("ae-inner2");
+    exchange_with(
+        &ch,
+        &inner2,
+        ExchangeKind::Direct,
+        Default::default(),
+        with_ae(&inner_ae),
+    )
+    .await;
+    bind_exchange(&ch, &inner2, &outer, "")
+        .await
+        .expect("exchange.bind");
+    publish_to(&ch, &outer, "nobody", b"inner's", false).await;
+    assert_eq!(
+        drain_bodies(&ch, &inner_caught).await,
+        [b"inner's".to_vec()]
+    );
+    assert!(
+        drain_bodies(&ch, &caught).await.is_empty(),
+        "the outer exchange routed both: its AE got nothing"
+    );
+
+    // An AE must be a long string.
+    let bad = channel(&conn).await;
+    let bad_name = broker.unique_name("ae-bad");
+    let mut args = FieldTable::default();
+    args.insert("alternate-exchange".into(), AMQPValue::LongInt(5));
+    let err = expect_err(
+        "exchange.declare with an integer AE",
+        within(
+            "exchange.declare",
+            bad.exchange_declare(
+                bad_name.as_str().into(),
+                ExchangeKind::Direct,
+                Default::default(),
+                args,
+            ),
+        )
+        .await,
+    );
+    assert_amqp_error(
+        &err,
+        406,
+        Some(&format!(
+            "PRECONDITION_FAILED - invalid type 'signedint' for arg 'alternate-exchange' in exchange '{bad_name}' in vhost '/'"
+        )),
+    );
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn unbinding_a_queue_from_what_is_not_there_succeeds() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    let q = broker.unique_name("unbind-q");
+    declare(&ch, &q).await;
+    for (queue, exchange) in [
+        (q.clone(), broker.unique_name("unbind-missing-x")),
+        (
+            broker.unique_name("unbind-missing-q"),
+            "amq.direct".to_owned(),
+        ),
+        (q.clone(), "amq.direct".to_owned()),
+    ] {
+        within(
+            "queue.unbind",
+            ch.queue_unbind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "k".into(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("queue.unbind {queue} from {exchange}: {e}"));
     }
     close_conn(&conn).await;
 }

@@ -64,6 +64,7 @@ async fn connection_start_offers_plain_amqplain_en_us_and_capabilities() {
     };
     for cap in [
         "publisher_confirms",
+        "exchange_exchange_bindings",
         "basic.nack",
         "consumer_cancel_notify",
         "authentication_failure_close",

@@ -4,7 +4,7 @@ use crate::connection::Connection;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, is_default};
 use amq_protocol::protocol::{AMQPClass, exchange};
-use amq_protocol::types::{FieldTable, ShortString};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
 /// `exchange 'name' in vhost '/'`, as RabbitMQ names an exchange in reply texts.
 pub(crate) fn exchange_resource(name: &str, vhost: &str) -> String {
@@ -76,6 +76,15 @@ impl Connection {
                 let kind = ExchangeKind::parse(m.kind.as_str()).ok_or_else(|| {
                     AmqpError::command_invalid(format!("unknown exchange type '{}'", m.kind))
                 })?;
+                if let Some(alternate) = m.arguments.inner().get("alternate-exchange")
+                    && !matches!(alternate, AMQPValue::LongString(_))
+                {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "invalid type '{}' for arg 'alternate-exchange' in {}",
+                        crate::methods::queue::type_name(alternate),
+                        exchange_resource(name, &vhost.name)
+                    )));
+                }
                 state.exchanges.insert(
                     name.to_owned(),
                     Exchange::declared(kind, m.durable, m.auto_delete, m.internal, m.arguments),
@@ -148,13 +157,16 @@ impl Connection {
             arguments,
         };
         if bind {
+            // The source is named first when both are missing, as RabbitMQ does.
+            if !state.exchanges.contains_key(source.as_str()) {
+                return Err(missing(source.as_str()));
+            }
             if !state.exchanges.contains_key(destination.as_str()) {
                 return Err(missing(destination.as_str()));
             }
-            let Some(exchange) = state.exchanges.get_mut(source.as_str()) else {
-                return Err(missing(source.as_str()));
-            };
-            exchange.bind(binding);
+            if let Some(exchange) = state.exchanges.get_mut(source.as_str()) {
+                exchange.bind(binding);
+            }
         } else if let Some(exchange) = state.exchanges.get_mut(source.as_str())
             && exchange.unbind(&binding)
             && exchange.auto_delete

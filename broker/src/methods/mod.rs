@@ -4,7 +4,7 @@
 mod basic;
 mod channel;
 mod exchange;
-mod queue;
+pub(crate) mod queue;
 
 use crate::channel::{Assembly, Channel, ChannelState, Publication};
 use crate::connection::{Connection, method_name};

@@ -63,7 +63,8 @@ pub(crate) fn usable_queue<'a>(
     }
 }
 
-fn type_name(value: &AMQPValue) -> &'static str {
+/// An AMQP value's type as RabbitMQ names it in reply texts.
+pub(crate) fn type_name(value: &AMQPValue) -> &'static str {
     match value {
         AMQPValue::Boolean(_) => "bool",
         AMQPValue::ShortShortInt(_) => "byte",
@@ -482,13 +483,21 @@ impl Connection {
         }
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
-        let queue = usable_queue(&mut state.queues, queue_name.as_str(), self.id, &vhost.name)?;
+        // As RabbitMQ: unbinding from a queue or exchange that is not there succeeds.
+        let queue = match usable_queue(&mut state.queues, queue_name.as_str(), self.id, &vhost.name)
+        {
+            Err(e) if !bind && e.code == 404 => return Ok(()),
+            found => found?,
+        };
         let binding = Binding {
             destination: Destination::Queue(queue.name.clone()),
             routing_key,
             arguments,
         };
         let Some(exchange) = state.exchanges.get_mut(exchange_name.as_str()) else {
+            if !bind {
+                return Ok(());
+            }
             return Err(AmqpError::not_found(format!(
                 "no {}",
                 exchange_resource(exchange_name.as_str(), &vhost.name)
