@@ -1,14 +1,16 @@
-//! Dead-lettering, as RabbitMQ 3.10's classic queues do it: a message rejected without requeue
-//! (`rejected`), expired (`expired`) or pushed out by a length limit (`maxlen`) in a queue declared with `x-dead-letter-exchange` is
-//! published to that exchange, with the routing key `x-dead-letter-routing-key` or its own, its
-//! `expiration` property removed and its `x-death` header saying why. A message that would
-//! come back to a queue it expired from, with no rejection on the way, is dropped (a cycle).
+//! Dead-lettering, as RabbitMQ 3.10's classic queues do it: a message rejected without
+//! requeue (`rejected`), expired (`expired`) or pushed out by a length limit (`maxlen`) in a
+//! queue declared with `x-dead-letter-exchange` is published to that exchange, with the
+//! routing key `x-dead-letter-routing-key` or its own, its `expiration` property removed and
+//! its `x-death` header saying why. A message that would come back to a queue it expired
+//! from, with no rejection on the way, is dropped (a cycle).
 //!
 //! Queues hand their dead letters to the vhost's [`Outbox`](crate::mailbox::Outbox) while the
 //! lock is held; the vhost publishes them before the lock is released
 //! (`VhostState::route_dead_letters`).
 
 use crate::message::{Message, MessageBuilder};
+use crate::methods::queue::integer_value;
 use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::protocol::basic::{gen_properties, parse_properties};
@@ -142,7 +144,7 @@ fn with_death(
     let entry = match matching.into_iter().next() {
         Some(AMQPValue::FieldTable(old)) => {
             let mut old = old.inner().clone();
-            let count = old.get("count").and_then(integer).unwrap_or(0);
+            let count = old.get("count").and_then(integer_value).unwrap_or(0);
             old.insert("count".into(), AMQPValue::LongLongInt(count + 1));
             old
         }
@@ -187,19 +189,6 @@ fn text_of(value: Option<&AMQPValue>) -> Option<&str> {
     match value? {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
         AMQPValue::ShortString(s) => Some(s.as_str()),
-        _ => None,
-    }
-}
-
-fn integer(value: &AMQPValue) -> Option<i64> {
-    match *value {
-        AMQPValue::ShortShortInt(v) => Some(v.into()),
-        AMQPValue::ShortShortUInt(v) => Some(v.into()),
-        AMQPValue::ShortInt(v) => Some(v.into()),
-        AMQPValue::ShortUInt(v) => Some(v.into()),
-        AMQPValue::LongInt(v) => Some(v.into()),
-        AMQPValue::LongUInt(v) => Some(v.into()),
-        AMQPValue::LongLongInt(v) => Some(v),
         _ => None,
     }
 }
@@ -283,7 +272,7 @@ mod tests {
                 AMQPValue::FieldTable(t) => (
                     text_of(t.inner().get("queue")).unwrap_or("").to_owned(),
                     text_of(t.inner().get("reason")).unwrap_or("").to_owned(),
-                    t.inner().get("count").and_then(integer).unwrap_or(-1),
+                    t.inner().get("count").and_then(integer_value).unwrap_or(-1),
                 ),
                 _ => Default::default(),
             })

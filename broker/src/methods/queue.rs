@@ -110,7 +110,7 @@ fn describe(value: Option<&AMQPValue>) -> String {
 }
 
 /// An integer argument's value, if it is of an integer type.
-fn integer_value(value: &AMQPValue) -> Option<i64> {
+pub(crate) fn integer_value(value: &AMQPValue) -> Option<i64> {
     match *value {
         AMQPValue::ShortShortInt(v) => Some(v.into()),
         AMQPValue::ShortShortUInt(v) => Some(v.into()),
