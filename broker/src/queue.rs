@@ -356,7 +356,7 @@ impl Queue {
     /// A dead-lettering queue's head message must leave when it expires, whether or not
     /// anything touches the queue then: the outbox tells the vhost's expiry task when.
     fn arm_expiry(&self, outbox: &mut Outbox) {
-        if self.dead_letters()
+        if self.has_dead_letter_exchange()
             && let Some(at) = self.ready.front().and_then(|m| m.expires_at)
         {
             outbox.expire_at(at);
@@ -367,7 +367,7 @@ impl Queue {
     /// message expires next, if it dead-letters and that message has a TTL.
     pub(crate) fn expire(&mut self, now: Instant, outbox: &mut Outbox) -> Option<Instant> {
         self.drop_expired_head(now, None, outbox);
-        if !self.dead_letters() {
+        if !self.has_dead_letter_exchange() {
             return None;
         }
         self.ready.front().and_then(|m| m.expires_at)
@@ -381,7 +381,7 @@ impl Queue {
     }
 
     /// Whether it has a dead-letter exchange.
-    pub(crate) fn dead_letters(&self) -> bool {
+    pub(crate) fn has_dead_letter_exchange(&self) -> bool {
         self.extras
             .as_ref()
             .is_some_and(|x| x.dead_letter.is_some())

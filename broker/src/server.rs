@@ -8,7 +8,7 @@ use crate::inspect::{ConnectionInfo, QueueInfo};
 use crate::mailbox::{Mailbox, Outbound};
 use crate::queue::ConnId;
 use crate::trace::{Trace, TraceEntry};
-use crate::vhost::{Vhost, expire_dead_letters};
+use crate::vhost::{Vhost, run_expiry};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -132,10 +132,7 @@ impl Broker {
             connections: Mutex::new(HashMap::new()),
         });
         let tracker = TaskTracker::new();
-        tracker.spawn(expire_dead_letters(
-            shared.vhost.clone(),
-            shared.shutdown.clone(),
-        ));
+        tracker.spawn(run_expiry(shared.vhost.clone(), shared.shutdown.clone()));
         for listener in listeners {
             tracker.spawn(accept_loop(listener, shared.clone(), tracker.clone()));
         }

@@ -43,7 +43,7 @@ pub(crate) struct VhostState {
     /// When the expiry task next looks at the dead-lettering queues (`None`: it sleeps until
     /// woken).
     expiry_armed: Option<Instant>,
-    /// Wakes the expiry task (see [`expire_dead_letters`]).
+    /// Wakes the expiry task (see [`run_expiry`]).
     expiry_wake: Arc<Notify>,
 }
 
@@ -412,15 +412,19 @@ impl VhostState {
     }
 }
 
+/// How long the expiry task sleeps with no deadline ahead; a lock hold that arms one wakes it
+/// at once, so this only bounds how long it can oversleep a deadline nobody armed.
+const IDLE_EXPIRY_WAKE: Duration = Duration::from_secs(3600);
+
 /// Dead-letters messages when they expire at the head of a dead-lettering queue, whether or
 /// not anything else touches the queue (a queue of delayed retries has no consumer), and
 /// deletes queues left unused for their `x-expires`. One task per vhost, asleep until the
 /// earliest such deadline or until a lock hold arms an earlier one.
-pub(crate) async fn expire_dead_letters(vhost: Arc<Vhost>, shutdown: CancellationToken) {
+pub(crate) async fn run_expiry(vhost: Arc<Vhost>, shutdown: CancellationToken) {
     let wake = vhost.lock().expiry_wake.clone();
     loop {
         let next = vhost.lock().expire_due(Instant::now());
-        let sleep = sleep_until(next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)));
+        let sleep = sleep_until(next.unwrap_or_else(|| Instant::now() + IDLE_EXPIRY_WAKE));
         tokio::select! {
             _ = sleep => {}
             _ = wake.notified() => {}

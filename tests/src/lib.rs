@@ -4,7 +4,8 @@
 //! # Layout
 //! - this file: timeouts ([`within`]), lapin error inspection ([`amqp_error`],
 //!   [`assert_amqp_error`]), scope checks ([`assert_channel_closed_only`],
-//!   [`assert_connection_closed`]), small lapin shortcuts ([`publish`], [`declare`], ...).
+//!   [`assert_connection_closed`]), small lapin shortcuts ([`publish`], [`declare`],
+//!   [`declare_exchange`], [`bind_queue`], [`publish_confirmed_to`], ...).
 //! - [`raw`]: a tiny raw-socket AMQP client built on amq-protocol's `gen_frame`/`parse_frame`,
 //!   for the handshake and framing details lapin hides.
 
@@ -13,13 +14,13 @@ pub mod raw;
 
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Channel, Connection, Consumer, Event,
+    BasicProperties, Channel, Confirmation, Connection, Consumer, Event, ExchangeKind,
     message::{BasicGetMessage, Delivery},
     options::{
-        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
+        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
+        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
-    types::FieldTable,
+    types::{AMQPValue, FieldTable, LongString},
 };
 use std::time::Duration;
 
@@ -212,6 +213,104 @@ pub async fn declare_with(
         ch.queue_declare(name.into(), options, args),
     )
     .await
+}
+
+/// `queue.declare` of `name` with `args` (and default options), within [`TIMEOUT`].
+///
+/// # Panics
+/// When the declare fails.
+pub async fn declare_args(ch: &Channel, name: &str, args: FieldTable) {
+    declare_with(ch, name, QueueDeclareOptions::default(), args)
+        .await
+        .unwrap_or_else(|e| panic!("queue.declare {name}: {e}"));
+}
+
+/// A long-string table value, as RabbitMQ sends strings in tables and arguments.
+pub fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// `exchange.declare` of `name` of `kind`, within [`TIMEOUT`].
+///
+/// # Panics
+/// When the declare fails.
+pub async fn declare_exchange(
+    ch: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+    options: ExchangeDeclareOptions,
+    args: FieldTable,
+) {
+    within(
+        "exchange.declare",
+        ch.exchange_declare(name.into(), kind, options, args),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("exchange.declare {name}: {e}"));
+}
+
+/// `queue.bind` of `queue` to `exchange` with `key`, within [`TIMEOUT`].
+///
+/// # Panics
+/// When the bind fails.
+pub async fn bind_queue(ch: &Channel, queue: &str, exchange: &str, key: &str) {
+    within(
+        "queue.bind",
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("queue.bind {queue} to {exchange}: {e}"));
+}
+
+/// Publishes on a confirm-mode channel and returns the broker's confirmation (with the
+/// returned message of an unroutable mandatory publish).
+///
+/// # Panics
+/// When the publish cannot be written or no confirmation comes.
+pub async fn publish_confirmed_to(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    mandatory: bool,
+) -> Confirmation {
+    let confirm = within(
+        "basic.publish",
+        ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            },
+            body,
+            BasicProperties::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.publish to {exchange}/{key}: {e}"));
+    within("publisher confirm", confirm)
+        .await
+        .unwrap_or_else(|e| panic!("confirm of a publish to {exchange}/{key}: {e}"))
+}
+
+/// `basic.reject` of a delivery, within [`TIMEOUT`].
+///
+/// # Panics
+/// When the reject cannot be written.
+pub async fn reject(ch: &Channel, delivery_tag: u64, requeue: bool) {
+    within(
+        "basic.reject",
+        ch.basic_reject(delivery_tag, BasicRejectOptions { requeue }),
+    )
+    .await
+    .expect("basic.reject");
 }
 
 /// `queue.declare passive`, within [`TIMEOUT`].

@@ -3,53 +3,31 @@
 //! header, expired ones without anything touching their queue; expiry cycles are cut.
 
 use lapin::{
-    BasicProperties, Channel, ExchangeKind,
-    message::BasicGetMessage,
-    options::{
-        BasicNackOptions, BasicRejectOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
-    types::{AMQPValue, FieldArray, FieldTable, LongString},
+    BasicProperties, ExchangeKind,
+    options::{BasicNackOptions, ExchangeDeclareOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldArray, FieldTable},
 };
 use std::time::{Duration, SystemTime};
 use warren_harness::TestBroker;
 use warren_tests::{
-    assert_amqp_error, assert_channel_closed_only, assert_no_delivery, channel, close_conn,
-    confirm_channel, consume, declare, declare_with, expect_err, get, get_eventually,
-    next_delivery, publish, publish_confirmed, publish_with, within,
+    assert_amqp_error, assert_channel_closed_only, assert_no_delivery, bind_queue, channel,
+    close_conn, confirm_channel, consume, declare, declare_args, declare_exchange, declare_with,
+    expect_err, get, get_eventually, long_string, next_delivery, publish, publish_confirmed,
+    publish_with, reject, within,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
-
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
-}
 
 /// Declaration arguments from string-valued pairs, and an optional message TTL.
 fn args(pairs: &[(&str, &str)], ttl_ms: Option<i32>) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in pairs {
-        t.insert((*k).into(), text(v));
+        t.insert((*k).into(), long_string(v));
     }
     if let Some(ttl) = ttl_ms {
         t.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl));
     }
     t
-}
-
-async fn declare_args(ch: &Channel, name: &str, args: FieldTable) {
-    declare_with(ch, name, QueueDeclareOptions::default(), args)
-        .await
-        .unwrap_or_else(|e| panic!("queue.declare {name}: {e}"));
-}
-
-async fn reject(ch: &Channel, m: &BasicGetMessage, requeue: bool) {
-    within(
-        "basic.reject",
-        ch.basic_reject(m.delivery.delivery_tag, BasicRejectOptions { requeue }),
-    )
-    .await
-    .expect("basic.reject");
 }
 
 fn headers(m: &lapin::message::Delivery) -> std::collections::BTreeMap<String, AMQPValue> {
@@ -94,18 +72,18 @@ fn assert_death(
     routing_keys: &[&str],
     original_expiration: Option<&str>,
 ) {
-    assert_eq!(entry.get("queue"), Some(&text(queue)), "{entry:?}");
-    assert_eq!(entry.get("reason"), Some(&text(reason)), "{entry:?}");
+    assert_eq!(entry.get("queue"), Some(&long_string(queue)), "{entry:?}");
+    assert_eq!(entry.get("reason"), Some(&long_string(reason)), "{entry:?}");
     assert_eq!(entry.get("count"), Some(&AMQPValue::LongLongInt(count)));
-    assert_eq!(entry.get("exchange"), Some(&text("")));
-    let keys: Vec<AMQPValue> = routing_keys.iter().map(|k| text(k)).collect();
+    assert_eq!(entry.get("exchange"), Some(&long_string("")));
+    let keys: Vec<AMQPValue> = routing_keys.iter().map(|k| long_string(k)).collect();
     assert_eq!(
         entry.get("routing-keys"),
         Some(&AMQPValue::FieldArray(FieldArray::from(keys)))
     );
     assert_eq!(
         entry.get("original-expiration"),
-        original_expiration.map(text).as_ref()
+        original_expiration.map(long_string).as_ref()
     );
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -125,31 +103,17 @@ async fn a_rejected_message_goes_to_the_dead_letter_exchange_with_its_death_reco
     let conn = broker.connect().await;
     let ch = channel(&conn).await;
     let dlx = broker.unique_name("dlx");
-    within(
-        "exchange.declare",
-        ch.exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        ),
+    declare_exchange(
+        &ch,
+        &dlx,
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
     )
-    .await
-    .expect("exchange.declare");
+    .await;
     let dead = broker.unique_name("dead");
     declare(&ch, &dead).await;
-    within(
-        "queue.bind",
-        ch.queue_bind(
-            dead.as_str().into(),
-            dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("queue.bind");
+    bind_queue(&ch, &dead, &dlx, "").await;
     let work = broker.unique_name("work");
     declare_args(&ch, &work, args(&[("x-dead-letter-exchange", &dlx)], None)).await;
     let mut app_headers = FieldTable::default();
@@ -162,12 +126,12 @@ async fn a_rejected_message_goes_to_the_dead_letter_exchange_with_its_death_reco
 
     // A reject with requeue puts it back; nothing is dead-lettered.
     let m = get_eventually(&ch, &work, false).await;
-    reject(&ch, &m, true).await;
+    reject(&ch, m.delivery.delivery_tag, true).await;
     let m = get_eventually(&ch, &work, false).await;
     assert!(m.delivery.redelivered);
     assert!(get(&ch, &dead, true).await.is_none());
 
-    reject(&ch, &m, false).await;
+    reject(&ch, m.delivery.delivery_tag, false).await;
     let d = get_eventually(&ch, &dead, true).await.delivery;
     assert_eq!(
         (d.exchange.as_str(), d.routing_key.as_str(), &d.data[..]),
@@ -185,9 +149,12 @@ async fn a_rejected_message_goes_to_the_dead_letter_exchange_with_its_death_reco
     );
     let h = headers(&d);
     assert_eq!(h.get("attempt"), Some(&AMQPValue::LongInt(1)));
-    assert_eq!(h.get("x-first-death-reason"), Some(&text("rejected")));
-    assert_eq!(h.get("x-first-death-queue"), Some(&text(&work)));
-    assert_eq!(h.get("x-first-death-exchange"), Some(&text("")));
+    assert_eq!(
+        h.get("x-first-death-reason"),
+        Some(&long_string("rejected"))
+    );
+    assert_eq!(h.get("x-first-death-queue"), Some(&long_string(&work)));
+    assert_eq!(h.get("x-first-death-exchange"), Some(&long_string("")));
     assert_eq!(h.len(), 5, "{h:?}");
     let deaths = deaths(&d);
     assert_eq!(deaths.len(), 1);
@@ -277,7 +244,7 @@ async fn an_expired_message_is_dead_lettered_without_anything_touching_its_queue
     assert_eq!(first.properties.expiration(), &None);
     assert_eq!(
         headers(&first).get("x-first-death-reason"),
-        Some(&text("expired"))
+        Some(&long_string("expired"))
     );
     assert_death(
         &deaths(&first)[0],
@@ -318,16 +285,19 @@ async fn a_message_dead_lettered_twice_lists_its_deaths_most_recent_first() {
     declare_args(&ch, &first, to(&second)).await;
     publish(&ch, &first, b"m").await;
     let m = get_eventually(&ch, &first, false).await;
-    reject(&ch, &m, false).await;
+    reject(&ch, m.delivery.delivery_tag, false).await;
     let m = get_eventually(&ch, &second, false).await;
     assert_eq!(deaths(&m.delivery).len(), 1);
-    reject(&ch, &m, false).await;
+    reject(&ch, m.delivery.delivery_tag, false).await;
     let d = get_eventually(&ch, &dead, true).await.delivery;
     let deaths = deaths(&d);
     assert_eq!(deaths.len(), 2);
     assert_death(&deaths[0], &second, "rejected", 1, &[&second], None);
     assert_death(&deaths[1], &first, "rejected", 1, &[&first], None);
-    assert_eq!(headers(&d).get("x-first-death-queue"), Some(&text(&first)));
+    assert_eq!(
+        headers(&d).get("x-first-death-queue"),
+        Some(&long_string(&first))
+    );
     close_conn(&conn).await;
 }
 
@@ -343,20 +313,12 @@ async fn a_message_rejected_back_into_its_own_queue_counts_its_deaths() {
     publish(&ch, &q, b"m").await;
     for count in 1..=2 {
         let m = get_eventually(&ch, &q, false).await;
-        reject(&ch, &m, false).await;
+        reject(&ch, m.delivery.delivery_tag, false).await;
         let again = get_eventually(&ch, &q, false).await;
         let deaths = deaths(&again.delivery);
         assert_eq!(deaths.len(), 1, "one entry per queue and reason");
         assert_death(&deaths[0], &q, "rejected", count, &[&q], None);
-        within(
-            "basic.reject",
-            ch.basic_reject(
-                again.delivery.delivery_tag,
-                BasicRejectOptions { requeue: true },
-            ),
-        )
-        .await
-        .expect("basic.reject");
+        reject(&ch, again.delivery.delivery_tag, true).await;
     }
     close_conn(&conn).await;
 }
@@ -369,34 +331,20 @@ async fn a_message_that_would_expire_back_into_its_own_queue_goes_only_elsewhere
     // Its dead letters fan out to itself and to `seen`: an expiry cycle through itself is
     // cut, the copy for `seen` is not.
     let dlx = broker.unique_name("dlx");
-    within(
-        "exchange.declare",
-        ch.exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        ),
+    declare_exchange(
+        &ch,
+        &dlx,
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
     )
-    .await
-    .expect("exchange.declare");
+    .await;
     let q = broker.unique_name("cycle");
     let seen = broker.unique_name("seen");
     declare_args(&ch, &q, args(&[("x-dead-letter-exchange", &dlx)], Some(50))).await;
     declare(&ch, &seen).await;
     for name in [&q, &seen] {
-        within(
-            "queue.bind",
-            ch.queue_bind(
-                name.as_str().into(),
-                dlx.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await
-        .expect("queue.bind");
+        bind_queue(&ch, name, &dlx, "").await;
     }
     publish_confirmed(&ch, &q, b"m").await;
     let d = get_eventually(&ch, &seen, true).await.delivery;
@@ -450,7 +398,7 @@ async fn a_message_for_a_missing_dead_letter_exchange_is_dropped() {
     declare_args(&ch, &q, args(&[("x-dead-letter-exchange", &missing)], None)).await;
     publish(&ch, &q, b"m").await;
     let m = get_eventually(&ch, &q, false).await;
-    reject(&ch, &m, false).await;
+    reject(&ch, m.delivery.delivery_tag, false).await;
     assert!(get(&ch, &q, true).await.is_none());
     assert!(ch.status().connected(), "nothing to tell the client");
     close_conn(&conn).await;

@@ -3,36 +3,21 @@
 //! a queue getting one copy however many routes lead to it.
 
 use lapin::{
-    BasicProperties, Channel, Confirmation, ExchangeKind,
+    Channel, Confirmation, ExchangeKind,
     options::{
-        BasicPublishOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-        ExchangeUnbindOptions, QueueBindOptions,
+        ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeUnbindOptions,
     },
-    types::{AMQPValue, FieldTable, LongString},
+    types::{AMQPValue, FieldTable},
 };
 use warren_harness::TestBroker;
 use warren_tests::{
-    assert_amqp_error, assert_channel_closed_only, channel, close_conn, confirm_channel, declare,
-    drain_bodies, expect_err, get_eventually, within,
+    assert_amqp_error, assert_channel_closed_only, bind_queue, channel, close_conn,
+    confirm_channel, declare, declare_exchange, drain_bodies, expect_err, get_eventually,
+    long_string, publish_confirmed_to, within,
 };
 
 async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind, options: ExchangeDeclareOptions) {
-    exchange_with(ch, name, kind, options, FieldTable::default()).await;
-}
-
-async fn exchange_with(
-    ch: &Channel,
-    name: &str,
-    kind: ExchangeKind,
-    options: ExchangeDeclareOptions,
-    args: FieldTable,
-) {
-    within(
-        "exchange.declare",
-        ch.exchange_declare(name.into(), kind, options, args),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("exchange.declare {name}: {e}"));
+    declare_exchange(ch, name, kind, options, FieldTable::default()).await;
 }
 
 async fn exchange_exists(conn: &lapin::Connection, name: &str) -> bool {
@@ -91,47 +76,6 @@ async fn unbind_exchange(ch: &Channel, destination: &str, source: &str, key: &st
     .expect("exchange.unbind");
 }
 
-async fn bind_queue(ch: &Channel, queue: &str, exchange: &str, key: &str) {
-    within(
-        "queue.bind",
-        ch.queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("queue.bind");
-}
-
-/// Publishes in confirm mode; returns the confirmation (with the returned message, if any).
-async fn publish_to(
-    ch: &Channel,
-    exchange: &str,
-    key: &str,
-    body: &[u8],
-    mandatory: bool,
-) -> Confirmation {
-    let confirm = within(
-        "basic.publish",
-        ch.basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions {
-                mandatory,
-                ..Default::default()
-            },
-            body,
-            BasicProperties::default(),
-        ),
-    )
-    .await
-    .expect("basic.publish");
-    within("publisher confirm", confirm).await.expect("confirm")
-}
-
 #[tokio::test]
 async fn a_message_goes_through_bound_exchanges_and_reaches_a_queue_once_whatever_the_routes() {
     let broker = TestBroker::start().await;
@@ -144,8 +88,8 @@ async fn a_message_goes_through_bound_exchanges_and_reaches_a_queue_once_whateve
     declare(&ch, &q).await;
     bind_exchange(&ch, &b, &a, "").await.expect("exchange.bind");
     bind_queue(&ch, &q, &b, "k").await;
-    publish_to(&ch, &a, "k", b"through", false).await;
-    publish_to(&ch, &a, "other", b"nowhere", false).await;
+    publish_confirmed_to(&ch, &a, "k", b"through", false).await;
+    publish_confirmed_to(&ch, &a, "other", b"nowhere", false).await;
     let d = get_eventually(&ch, &q, true).await.delivery;
     assert_eq!(d.data, b"through");
     assert_eq!(
@@ -160,19 +104,19 @@ async fn a_message_goes_through_bound_exchanges_and_reaches_a_queue_once_whateve
         .await
         .expect("exchange.bind");
     bind_queue(&ch, &q, &a, "").await;
-    publish_to(&ch, &a, "k", b"once", false).await;
+    publish_confirmed_to(&ch, &a, "k", b"once", false).await;
     assert_eq!(drain_bodies(&ch, &q).await, [b"once".to_vec()]);
 
     // Unbound, b no longer gets a's messages (`only_b` is bound to b alone).
     let only_b = broker.unique_name("e2e-only-b");
     declare(&ch, &only_b).await;
     bind_queue(&ch, &only_b, &b, "x").await;
-    publish_to(&ch, &a, "x", b"before", false).await;
+    publish_confirmed_to(&ch, &a, "x", b"before", false).await;
     assert_eq!(drain_bodies(&ch, &only_b).await, [b"before".to_vec()]);
     assert_eq!(drain_bodies(&ch, &q).await, [b"before".to_vec()]);
     unbind_exchange(&ch, &b, &a, "").await;
     unbind_exchange(&ch, &b, &a, "never-bound").await;
-    publish_to(&ch, &a, "x", b"after", false).await;
+    publish_confirmed_to(&ch, &a, "x", b"after", false).await;
     assert_eq!(
         drain_bodies(&ch, &q).await,
         [b"after".to_vec()],
@@ -335,13 +279,10 @@ async fn an_unroutable_message_goes_to_the_alternate_exchange() {
     let routed = broker.unique_name("ae-routed");
     let with_ae = |name: &str| {
         let mut args = FieldTable::default();
-        args.insert(
-            "alternate-exchange".into(),
-            AMQPValue::LongString(LongString::from(name)),
-        );
+        args.insert("alternate-exchange".into(), long_string(name));
         args
     };
-    exchange_with(
+    declare_exchange(
         &ch,
         &main,
         ExchangeKind::Direct,
@@ -352,13 +293,13 @@ async fn an_unroutable_message_goes_to_the_alternate_exchange() {
     declare(&ch, &routed).await;
     bind_queue(&ch, &routed, &main, "known").await;
 
-    let confirmation = publish_to(&ch, &main, "unknown", b"stray", true).await;
+    let confirmation = publish_confirmed_to(&ch, &main, "unknown", b"stray", true).await;
     assert_eq!(
         confirmation,
         Confirmation::Ack(None),
         "routed by the AE: no return"
     );
-    publish_to(&ch, &main, "known", b"expected", true).await;
+    publish_confirmed_to(&ch, &main, "known", b"expected", true).await;
     let d = get_eventually(&ch, &caught, true).await.delivery;
     assert_eq!(d.data, b"stray");
     assert_eq!(
@@ -373,7 +314,7 @@ async fn an_unroutable_message_goes_to_the_alternate_exchange() {
 
     // An AE that does not exist routes nowhere: a mandatory publish comes back.
     let lost = broker.unique_name("ae-lost");
-    exchange_with(
+    declare_exchange(
         &ch,
         &lost,
         ExchangeKind::Direct,
@@ -381,7 +322,7 @@ async fn an_unroutable_message_goes_to_the_alternate_exchange() {
         with_ae(&broker.unique_name("ae-missing")),
     )
     .await;
-    match publish_to(&ch, &lost, "unknown", b"back", true).await {
+    match publish_confirmed_to(&ch, &lost, "unknown", b"back", true).await {
         Confirmation::Ack(Some(returned)) => assert_eq!(returned.delivery.data, b"back"),
         other => panic!("expected a returned message, got {other:?}"),
     }
@@ -392,7 +333,7 @@ async fn an_unroutable_message_goes_to_the_alternate_exchange() {
     let inner = broker.unique_name("ae-inner");
     let inner_ae = broker.unique_name("ae-inner-ae");
     let inner_caught = broker.unique_name("ae-inner-caught");
-    exchange_with(
+    declare_exchange(
         &ch,
         &outer,
         ExchangeKind::Fanout,
@@ -404,12 +345,12 @@ async fn an_unroutable_message_goes_to_the_alternate_exchange() {
     bind_exchange(&ch, &inner, &outer, "")
         .await
         .expect("exchange.bind");
-    publish_to(&ch, &outer, "nobody", b"dropped", false).await;
+    publish_confirmed_to(&ch, &outer, "nobody", b"dropped", false).await;
     exchange(&ch, &inner_ae, ExchangeKind::Fanout, Default::default()).await;
     declare(&ch, &inner_caught).await;
     bind_queue(&ch, &inner_caught, &inner_ae, "").await;
     let inner2 = broker.unique_name("ae-inner2");
-    exchange_with(
+    declare_exchange(
         &ch,
         &inner2,
         ExchangeKind::Direct,
@@ -420,7 +361,7 @@ async fn an_unroutable_message_goes_to_the_alternate_exchange() {
     bind_exchange(&ch, &inner2, &outer, "")
         .await
         .expect("exchange.bind");
-    publish_to(&ch, &outer, "nobody", b"inner's", false).await;
+    publish_confirmed_to(&ch, &outer, "nobody", b"inner's", false).await;
     assert_eq!(
         drain_bodies(&ch, &inner_caught).await,
         [b"inner's".to_vec()]

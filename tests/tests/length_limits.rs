@@ -3,23 +3,17 @@
 //! refuses the new one (a nack in confirm mode), `reject-publish-dlx` also dead-letters it.
 
 use lapin::{
-    BasicProperties, Channel, ExchangeKind,
-    options::{
-        BasicAckOptions, BasicPublishOptions, BasicRejectOptions, ExchangeDeclareOptions,
-        QueueBindOptions, QueueDeclareOptions,
-    },
-    types::{AMQPValue, FieldTable, LongString},
+    Channel, ExchangeKind,
+    options::{BasicAckOptions, ExchangeDeclareOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
 };
 use warren_harness::TestBroker;
 use warren_tests::{
-    assert_amqp_error, assert_channel_closed_only, channel, close_conn, confirm_channel, consume,
-    declare, declare_with, drain_bodies, expect_err, get_eventually, next_delivery,
-    publish_confirmed, within,
+    assert_amqp_error, assert_channel_closed_only, bind_queue, channel, close_conn,
+    confirm_channel, consume, declare, declare_args, declare_exchange, declare_with, drain_bodies,
+    expect_err, get_eventually, long_string, next_delivery, publish_confirmed,
+    publish_confirmed_to, reject, within,
 };
-
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
-}
 
 fn limits(max_length: Option<i64>, max_bytes: Option<i64>, overflow: Option<&str>) -> FieldTable {
     let mut t = FieldTable::default();
@@ -30,40 +24,21 @@ fn limits(max_length: Option<i64>, max_bytes: Option<i64>, overflow: Option<&str
         t.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(n));
     }
     if let Some(o) = overflow {
-        t.insert("x-overflow".into(), text(o));
+        t.insert("x-overflow".into(), long_string(o));
     }
     t
 }
 
 fn dead_letter_to(mut args: FieldTable, queue: &str) -> FieldTable {
-    args.insert("x-dead-letter-exchange".into(), text(""));
-    args.insert("x-dead-letter-routing-key".into(), text(queue));
+    args.insert("x-dead-letter-exchange".into(), long_string(""));
+    args.insert("x-dead-letter-routing-key".into(), long_string(queue));
     args
-}
-
-async fn declare_args(ch: &Channel, name: &str, args: FieldTable) {
-    declare_with(ch, name, QueueDeclareOptions::default(), args)
-        .await
-        .unwrap_or_else(|e| panic!("queue.declare {name}: {e}"));
 }
 
 /// Publishes on a confirm-mode channel; true if the broker acked, false if it nacked.
 async fn publish_acked(ch: &Channel, exchange: &str, routing_key: &str, body: &[u8]) -> bool {
-    let confirm = within(
-        "basic.publish",
-        ch.basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default(),
-        ),
-    )
-    .await
-    .expect("basic.publish");
-    within("publisher confirm", confirm)
+    publish_confirmed_to(ch, exchange, routing_key, body, false)
         .await
-        .expect("confirm")
         .is_ack()
 }
 
@@ -92,7 +67,7 @@ async fn drop_head_pushes_the_oldest_messages_out_to_the_dead_letter_exchange() 
     for i in 0..2u8 {
         let d = get_eventually(&ch, &dead, true).await.delivery;
         assert_eq!(d.data, [i]);
-        assert_eq!(death_reason(&d), Some(text("maxlen")));
+        assert_eq!(death_reason(&d), Some(long_string("maxlen")));
     }
     close_conn(&conn).await;
 }
@@ -110,18 +85,10 @@ async fn a_requeue_past_the_limit_drops_the_head() {
     let a = get_eventually(&ch, &q, false).await;
     publish_confirmed(&ch, &q, b"b").await;
     // `a` goes back to the head, one over the limit: it is the one to go.
-    within(
-        "basic.reject",
-        ch.basic_reject(
-            a.delivery.delivery_tag,
-            BasicRejectOptions { requeue: true },
-        ),
-    )
-    .await
-    .expect("basic.reject");
+    reject(&ch, a.delivery.delivery_tag, true).await;
     let d = get_eventually(&ch, &dead, true).await.delivery;
     assert_eq!(d.data, b"a");
-    assert_eq!(death_reason(&d), Some(text("maxlen")));
+    assert_eq!(death_reason(&d), Some(long_string("maxlen")));
     assert_eq!(drain_bodies(&ch, &q).await, [b"b".to_vec()]);
     close_conn(&conn).await;
 }
@@ -173,7 +140,7 @@ async fn reject_publish_dlx_dead_letters_what_it_refuses() {
     assert!(!publish_acked(&ch, "", &q, b"refused").await);
     let d = get_eventually(&ch, &dead, true).await.delivery;
     assert_eq!(d.data, b"refused");
-    assert_eq!(death_reason(&d), Some(text("maxlen")));
+    assert_eq!(death_reason(&d), Some(long_string("maxlen")));
     assert_eq!(drain_bodies(&ch, &q).await, [b"kept".to_vec()]);
     close_conn(&conn).await;
 }
@@ -184,34 +151,20 @@ async fn a_publish_refused_by_one_of_its_queues_is_nacked_and_the_others_keep_it
     let conn = broker.connect().await;
     let ch = confirm_channel(&conn).await;
     let ex = broker.unique_name("fan");
-    within(
-        "exchange.declare",
-        ch.exchange_declare(
-            ex.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        ),
+    declare_exchange(
+        &ch,
+        &ex,
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
     )
-    .await
-    .expect("exchange.declare");
+    .await;
     let open = broker.unique_name("open");
     let full = broker.unique_name("full");
     declare(&ch, &open).await;
     declare_args(&ch, &full, limits(Some(0), None, Some("reject-publish"))).await;
     for q in [&open, &full] {
-        within(
-            "queue.bind",
-            ch.queue_bind(
-                q.as_str().into(),
-                ex.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await
-        .expect("queue.bind");
+        bind_queue(&ch, q, &ex, "").await;
     }
     assert!(!publish_acked(&ch, &ex, "", b"m").await);
     assert_eq!(drain_bodies(&ch, &open).await, [b"m".to_vec()]);
@@ -259,7 +212,7 @@ async fn length_limit_arguments_are_checked_as_rabbitmq_checks_them() {
     let mut overflow_int = FieldTable::default();
     overflow_int.insert("x-overflow".into(), AMQPValue::LongInt(5));
     let mut length_text = FieldTable::default();
-    length_text.insert("x-max-length".into(), text("a"));
+    length_text.insert("x-max-length".into(), long_string("a"));
     let cases = [
         (
             limits(Some(-1), None, None),

@@ -4,15 +4,16 @@
 //! use (a passive declare would renew it).
 
 use lapin::{
-    BasicProperties, Channel, Confirmation,
-    options::{BasicCancelOptions, BasicPublishOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable, LongString},
+    Channel, Confirmation,
+    options::{BasicCancelOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
 };
 use std::time::{Duration, Instant};
 use warren_harness::TestBroker;
 use warren_tests::{
     TIMEOUT, assert_amqp_error, assert_channel_closed_only, channel, close_conn, confirm_channel,
-    consume, declare_with, expect_err, get, next_delivery, passive, within,
+    consume, declare_args, declare_with, expect_err, get, long_string, next_delivery, passive,
+    publish_confirmed_to, within,
 };
 
 fn expiring(ms: i64) -> FieldTable {
@@ -21,47 +22,39 @@ fn expiring(ms: i64) -> FieldTable {
     t
 }
 
-async fn declare_expiring(ch: &Channel, name: &str, ms: i64) {
-    declare_with(ch, name, QueueDeclareOptions::default(), expiring(ms))
-        .await
-        .unwrap_or_else(|e| panic!("queue.declare {name}: {e}"));
+/// The expiry of the queues whose deletion time is checked, and of those renewed by use.
+const EXPIRY_MS: i64 = 1500;
+/// The expiry of the queue kept by a consumer (the test waits 2.5 times as long).
+const CONSUMED_EXPIRY_MS: i64 = 1000;
+/// How much earlier than its expiry a queue may seem to go: the broker's clock started when it
+/// handled the declare, the test's when the declare-ok arrived.
+const CLOCK_SLACK: Duration = Duration::from_millis(100);
+/// How often [`until_gone`] probes.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+
+fn ms(n: i64) -> Duration {
+    Duration::from_millis(n.unsigned_abs())
 }
 
 /// Whether a mandatory publish to `queue` (through the default exchange) is routed, i.e. the
 /// queue exists. `ch` is in confirm mode.
 async fn routed(ch: &Channel, queue: &str) -> bool {
-    let confirm = within(
-        "basic.publish",
-        ch.basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            b"probe",
-            BasicProperties::default(),
-        ),
-    )
-    .await
-    .expect("basic.publish");
-    match within("publisher confirm", confirm).await.expect("confirm") {
+    match publish_confirmed_to(ch, "", queue, b"probe", true).await {
         Confirmation::Ack(returned) => returned.is_none(),
         other => panic!("unexpected confirmation {other:?}"),
     }
 }
 
-/// Waits (up to [`TIMEOUT`]) until `queue` is gone; returns how long that took.
-async fn until_gone(ch: &Channel, queue: &str) -> Duration {
+/// Waits (up to [`TIMEOUT`]) until `queue` is gone.
+async fn until_gone(ch: &Channel, queue: &str) {
     let start = Instant::now();
     while routed(ch, queue).await {
         assert!(
             start.elapsed() < TIMEOUT,
             "{queue} still there after {TIMEOUT:?}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(PROBE_EVERY).await;
     }
-    start.elapsed()
 }
 
 #[tokio::test]
@@ -70,12 +63,12 @@ async fn an_unused_queue_is_deleted_after_its_expiry_even_while_published_to() {
     let conn = broker.connect().await;
     let ch = confirm_channel(&conn).await;
     let q = broker.unique_name("expiring");
-    declare_expiring(&ch, &q, 1500).await;
+    declare_args(&ch, &q, expiring(EXPIRY_MS)).await;
     let declared = Instant::now();
     assert!(routed(&ch, &q).await, "there at first");
     until_gone(&ch, &q).await;
     assert!(
-        declared.elapsed() >= Duration::from_millis(1400),
+        declared.elapsed() >= ms(EXPIRY_MS) - CLOCK_SLACK,
         "deleted after {:?}, before its expiry",
         declared.elapsed()
     );
@@ -95,10 +88,10 @@ async fn a_consumer_keeps_an_expiring_queue_and_its_leaving_starts_the_clock() {
     let ch = confirm_channel(&conn).await;
     let consumer_ch = channel(&conn).await;
     let q = broker.unique_name("consumed");
-    declare_expiring(&ch, &q, 1000).await;
+    declare_args(&ch, &q, expiring(CONSUMED_EXPIRY_MS)).await;
     let mut consumer = consume(&consumer_ch, &q, true).await;
     // Two and a half times its expiry with a consumer: still there, and delivering.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(ms(CONSUMED_EXPIRY_MS * 5 / 2)).await;
     assert!(routed(&ch, &q).await, "a consumed queue does not expire");
     assert_eq!(next_delivery(&mut consumer).await.data, b"probe");
     within(
@@ -110,7 +103,7 @@ async fn a_consumer_keeps_an_expiring_queue_and_its_leaving_starts_the_clock() {
     let cancelled = Instant::now();
     until_gone(&ch, &q).await;
     assert!(
-        cancelled.elapsed() >= Duration::from_millis(900),
+        cancelled.elapsed() >= ms(CONSUMED_EXPIRY_MS) - CLOCK_SLACK,
         "deleted {:?} after its consumer left: the clock did not restart",
         cancelled.elapsed()
     );
@@ -124,12 +117,12 @@ async fn passive_declares_and_gets_renew_an_expiring_queue() {
     let ch = confirm_channel(&conn).await;
     let by_declare = broker.unique_name("renewed-by-declare");
     let by_get = broker.unique_name("renewed-by-get");
-    declare_expiring(&ch, &by_declare, 1500).await;
-    declare_expiring(&ch, &by_get, 1500).await;
+    declare_args(&ch, &by_declare, expiring(EXPIRY_MS)).await;
+    declare_args(&ch, &by_get, expiring(EXPIRY_MS)).await;
     let other = channel(&conn).await;
-    // 3.6 s of uses 300 ms apart: more than twice their expiry.
+    // Uses a fifth of their expiry apart, for more than twice their expiry.
     for _ in 0..12 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(ms(EXPIRY_MS / 5)).await;
         passive(&other, &by_declare).await.expect("still there");
         assert!(get(&other, &by_get, true).await.is_none());
     }
@@ -155,10 +148,7 @@ async fn expiry_arguments_are_checked_as_rabbitmq_checks_them() {
     let q = broker.unique_name("bad-expiry");
     let resource = format!("queue '{q}' in vhost '/'");
     let mut text = FieldTable::default();
-    text.insert(
-        "x-expires".into(),
-        AMQPValue::LongString(LongString::from("a")),
-    );
+    text.insert("x-expires".into(), long_string("a"));
     let cases = [
         (expiring(0), "{value_zero,0}"),
         (expiring(-1), "{value_negative,-1}"),

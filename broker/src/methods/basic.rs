@@ -342,7 +342,7 @@ impl Connection {
                 Settle::Reject { requeue: false } => {
                     let state = &mut *state;
                     match state.queues.get(&source.queue) {
-                        Some(q) if q.dead_letters() => q.dead_letter(
+                        Some(q) if q.has_dead_letter_exchange() => q.dead_letter(
                             u.message.message,
                             DeathReason::Rejected,
                             &mut state.outbox,
