@@ -31,12 +31,15 @@ pub(crate) enum Assembly {
 }
 
 /// What routing needs of a publish besides its message.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Publication {
     /// Return it with basic.return if it routes nowhere.
     pub(crate) mandatory: bool,
-    /// Its headers, for headers exchanges.
+    /// Its headers (without `BCC`), for headers exchanges.
     pub(crate) headers: Option<FieldTable>,
+    /// The keys its `CC` and `BCC` headers add to its routing key
+    /// ([`crate::sender_selected`]).
+    pub(crate) extra_routing_keys: Vec<String>,
     /// Its `expiration`, in milliseconds; the clock starts when it is routed.
     pub(crate) ttl: Option<u64>,
 }

@@ -1,19 +1,20 @@
 //! Dead-lettering, as RabbitMQ 3.10's classic queues do it: a message rejected without
 //! requeue (`rejected`), expired (`expired`) or pushed out by a length limit (`maxlen`) in a
 //! queue declared with `x-dead-letter-exchange` is published to that exchange, with the
-//! routing key `x-dead-letter-routing-key` or its own, its `expiration` property removed and
-//! its `x-death` header saying why. A message that would come back to a queue it expired
+//! routing key `x-dead-letter-routing-key` or its own (and its `CC` keys), its `expiration`
+//! property removed and its `x-death` header saying why. A message that would come back to a queue it expired
 //! from, with no rejection on the way, is dropped (a cycle).
 //!
 //! Queues hand their dead letters to the vhost's [`Outbox`](crate::mailbox::Outbox) while the
 //! lock is held; the vhost publishes them before the lock is released
 //! (`VhostState::route_dead_letters`).
 
-use crate::message::{Message, MessageBuilder};
+use crate::channel::Publication;
+use crate::message::{Message, MessageBuilder, encode_properties};
 use crate::methods::queue::integer_value;
-use amq_protocol::frame::WriteContext;
+use crate::sender_selected::{cc_keys, without};
 use amq_protocol::protocol::BasicProperties;
-use amq_protocol::protocol::basic::{gen_properties, parse_properties};
+use amq_protocol::protocol::basic::parse_properties;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -61,42 +62,48 @@ pub(crate) struct DeadLetter {
     pub(crate) message: Message,
 }
 
-/// The message to publish to the dead-letter exchange, and its headers (for routing through a
-/// headers exchange); `None` if its properties cannot be read (they were checked when it was
-/// published, so this does not happen).
-pub(crate) fn dead_lettered(letter: &DeadLetter, now_secs: u64) -> Option<(Message, FieldTable)> {
+/// The message to publish to the dead-letter exchange, and how to route it (its headers, for
+/// a headers exchange, and its `CC` keys unless the queue sets the routing key); `None` if its
+/// properties cannot be read (they were checked when it was published, so this does not
+/// happen).
+pub(crate) fn dead_lettered(letter: &DeadLetter, now_secs: u64) -> Option<(Message, Publication)> {
     let message = &letter.message;
     let (_, properties) = parse_properties(message.properties()).ok()?;
+    let cc = cc_keys(properties.headers().as_ref());
     let mut death: BTreeMap<ShortString, AMQPValue> = BTreeMap::new();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
     death.insert("reason".into(), text(letter.reason.name()));
     death.insert("queue".into(), text(&letter.queue));
     death.insert("time".into(), AMQPValue::Timestamp(now_secs));
     death.insert("exchange".into(), text(message.exchange()));
+    let keys = std::iter::once(message.routing_key())
+        .chain(cc.iter().map(String::as_str))
+        .map(text)
+        .collect::<Vec<_>>();
     death.insert(
         "routing-keys".into(),
-        AMQPValue::FieldArray(FieldArray::from(vec![text(message.routing_key())])),
+        AMQPValue::FieldArray(FieldArray::from(keys)),
     );
     if let Some(expiration) = properties.expiration() {
         death.insert("original-expiration".into(), text(expiration.as_str()));
     }
-    let headers = with_death(
+    let mut headers = with_death(
         properties.headers().as_ref(),
         death,
         &letter.queue,
         letter.reason,
         message.exchange(),
     );
-    let properties = without_expiration(&properties).with_headers(headers.clone());
-    let raw = match gen_properties(&properties)(WriteContext::from(Vec::new())) {
-        Ok(ctx) => ctx.into_inner().0,
-        Err(_) => return None,
+    // A routing key of the queue's replaces the message's key and its `CC` keys.
+    let (routing_key, extra_routing_keys) = match letter.target.routing_key.as_deref() {
+        Some(routing_key) => {
+            headers = without(&headers, "CC");
+            (routing_key, Vec::new())
+        }
+        None => (message.routing_key(), cc),
     };
-    let routing_key = letter
-        .target
-        .routing_key
-        .as_deref()
-        .unwrap_or(message.routing_key());
+    let properties = without_expiration(&properties).with_headers(headers.clone());
+    let raw = encode_properties(&properties);
     let body = message.body();
     let mut builder = MessageBuilder::new(
         &letter.target.exchange,
@@ -105,7 +112,12 @@ pub(crate) fn dead_lettered(letter: &DeadLetter, now_secs: u64) -> Option<(Messa
         body.len() as u64,
     );
     builder.push(body);
-    Some((builder.finish(), headers))
+    let publication = Publication {
+        headers: Some(headers),
+        extra_routing_keys,
+        ..Publication::default()
+    };
+    Some((builder.finish(), publication))
 }
 
 /// `headers` with this death recorded as RabbitMQ records it: an `x-death` entry for the same
@@ -325,10 +337,7 @@ mod tests {
             .with_expiration("60000".into())
             .with_correlation_id("c1".into())
             .with_delivery_mode(2);
-        let raw = match gen_properties(&properties)(WriteContext::from(Vec::new())) {
-            Ok(ctx) => ctx.into_inner().0,
-            Err(e) => panic!("{e}"),
-        };
+        let raw = encode_properties(&properties);
         let mut builder = MessageBuilder::new("", "work", &raw, 4);
         builder.push(b"body");
         let letter = DeadLetter {
@@ -340,7 +349,8 @@ mod tests {
             reason: DeathReason::Rejected,
             message: builder.finish(),
         };
-        let (message, headers) = dead_lettered(&letter, 1_700_000_000).unwrap();
+        let (message, publication) = dead_lettered(&letter, 1_700_000_000).unwrap();
+        let headers = publication.headers.unwrap();
         assert_eq!(
             (message.exchange(), message.routing_key(), message.body()),
             ("dlx", "parked", &b"body"[..])

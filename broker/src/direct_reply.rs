@@ -4,10 +4,6 @@
 //! straight to the consumer, through no queue.
 
 use crate::mailbox::Mailbox;
-use amq_protocol::frame::WriteContext;
-use amq_protocol::protocol::BasicProperties;
-use amq_protocol::protocol::basic::gen_properties;
-use amq_protocol::types::ShortString;
 
 /// The pseudo-queue a client consumes from.
 pub(crate) const PSEUDO_QUEUE: &str = "amq.rabbitmq.reply-to";
@@ -28,15 +24,4 @@ pub(crate) struct ReplyConsumer {
 /// A fresh reply address.
 pub(crate) fn new_address() -> String {
     format!("{ADDRESS_PREFIX}{}", uuid::Uuid::new_v4().simple())
-}
-
-/// The property bytes with `reply_to` replaced by `address`.
-pub(crate) fn rewrite_reply_to(properties: &BasicProperties, address: &str) -> Vec<u8> {
-    let props = properties
-        .clone()
-        .with_reply_to(ShortString::try_new(address).expect("address is short"));
-    match gen_properties(&props)(WriteContext::from(Vec::new())) {
-        Ok(ctx) => ctx.into_inner().0,
-        Err(e) => unreachable!("serialising into a Vec cannot fail: {e}"),
-    }
 }

@@ -145,19 +145,19 @@ impl Exchange {
         before != self.bindings.len()
     }
 
-    /// Where this exchange alone sends a message with this routing key and headers (with
+    /// Where this exchange alone sends a message with these routing keys and headers (with
     /// repeats).
     fn destinations<'a, 'k>(
         &'a self,
-        routing_key: &'k str,
+        keys: RoutingKeys<'k>,
         headers: Option<&'k FieldTable>,
     ) -> impl Iterator<Item = &'a Destination> {
         self.bindings
             .iter()
             .filter(move |b| match self.kind {
-                ExchangeKind::Direct => b.routing_key == routing_key,
+                ExchangeKind::Direct => keys.any(|key| b.routing_key == key),
                 ExchangeKind::Fanout => true,
-                ExchangeKind::Topic => topic_matches(&b.routing_key, routing_key),
+                ExchangeKind::Topic => keys.any(|key| topic_matches(&b.routing_key, key)),
                 ExchangeKind::Headers => headers_match(&b.arguments, headers),
             })
             .map(|b| &b.destination)
@@ -172,6 +172,28 @@ impl Exchange {
     }
 }
 
+/// A message's routing keys: its own, and those its `CC` and `BCC` headers add
+/// ([`crate::sender_selected`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RoutingKeys<'a> {
+    /// The routing key it was published with.
+    pub(crate) own: &'a str,
+    /// The keys its headers add (usually none).
+    pub(crate) extra: &'a [String],
+}
+
+impl<'a> RoutingKeys<'a> {
+    /// Whether any of the keys passes `test`.
+    fn any(self, test: impl Fn(&str) -> bool) -> bool {
+        test(self.own) || self.extra.iter().any(|key| test(key))
+    }
+
+    /// Every key, its own first.
+    pub(crate) fn all(self) -> impl Iterator<Item = &'a str> {
+        std::iter::once(self.own).chain(self.extra.iter().map(String::as_str))
+    }
+}
+
 /// The queues a message published to exchange `start` goes to (with repeats), as RabbitMQ
 /// routes it: through the exchanges bound to the ones it reaches, each exchange once
 /// (bindings may form cycles), and through an exchange's `alternate-exchange` when that
@@ -179,7 +201,7 @@ impl Exchange {
 pub(crate) fn route<'x>(
     exchanges: &'x FxHashMap<String, Exchange>,
     start: &str,
-    routing_key: &str,
+    keys: RoutingKeys,
     headers: Option<&FieldTable>,
 ) -> Vec<&'x Arc<str>> {
     let mut queues = Vec::new();
@@ -189,7 +211,7 @@ pub(crate) fn route<'x>(
     let mut current = exchanges.get(start);
     while let Some(exchange) = current {
         let mut routed = false;
-        for destination in exchange.destinations(routing_key, headers) {
+        for destination in exchange.destinations(keys, headers) {
             routed = true;
             match destination {
                 Destination::Queue(queue) => queues.push(queue),

@@ -18,6 +18,7 @@
 //! - `queue`: ready messages, consumers and dispatch; TTL, length limits, expiry.
 //! - `exchange`: exchanges and routing.
 //! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
+//! - `sender_selected`: the `CC` and `BCC` headers' extra routing keys.
 //! - `dead_letter`: dead-lettering (`x-dead-letter-exchange`): the `x-death` header, cycles.
 //! - `mailbox`: what other tasks hand a connection (deliveries, cancels, forced close), and
 //!   the outbox that gathers them while the vhost lock is held.
@@ -53,6 +54,7 @@ mod mailbox;
 mod message;
 mod methods;
 mod queue;
+mod sender_selected;
 mod server;
 pub mod tcp;
 pub mod trace;

@@ -1,6 +1,9 @@
 //! A published message as the broker keeps it: the content header's property bytes exactly as
 //! received, the body, and the few decoded facts routing and expiry need.
 
+use amq_protocol::frame::WriteContext;
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::protocol::basic::gen_properties;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
@@ -277,6 +280,15 @@ pub(crate) const MAX_TTL_MS: u64 = 315_360_000_000;
 
 /// Parses the `expiration` property as RabbitMQ does: an optionally signed decimal integer of
 /// milliseconds, from 0 to ten years. The error is the detail of RabbitMQ's 406, in its words.
+/// Content header property bytes (flags and list) for `properties`, as a message keeps them:
+/// for a message whose properties the broker changes (direct reply-to, `BCC`, dead letters).
+pub(crate) fn encode_properties(properties: &BasicProperties) -> Vec<u8> {
+    match gen_properties(properties)(WriteContext::from(Vec::new())) {
+        Ok(ctx) => ctx.into_inner().0,
+        Err(e) => unreachable!("serialising into a Vec cannot fail: {e}"),
+    }
+}
+
 pub(crate) fn parse_expiration(value: &str) -> Result<u64, String> {
     let invalid = |reason: String| format!("invalid expiration '{value}': {reason}");
     let digits_start = usize::from(value.starts_with(['+', '-']));

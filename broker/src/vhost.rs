@@ -2,13 +2,13 @@
 //! across an `.await`. Every operation that touches more than one queue or a queue and its
 //! consumers takes the lock once.
 
+use crate::channel::Publication;
 use crate::dead_letter::{dead_lettered, is_cycle};
 use crate::direct_reply::{ADDRESS_PREFIX, ReplyConsumer};
-use crate::exchange::{Destination, Exchange, builtin_exchanges, is_default, route};
+use crate::exchange::{Destination, Exchange, RoutingKeys, builtin_exchanges, is_default, route};
 use crate::mailbox::{Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
 use crate::queue::{ConnId, Queue};
-use amq_protocol::types::FieldTable;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -183,12 +183,15 @@ impl VhostState {
             .map_or(0, |d| d.as_secs());
         while !self.outbox.dead_letters.is_empty() {
             for letter in std::mem::take(&mut self.outbox.dead_letters) {
-                let Some((message, headers)) = dead_lettered(&letter, secs) else {
+                let Some((message, publication)) = dead_lettered(&letter, secs) else {
                     continue;
                 };
                 let reason = letter.reason;
-                let _ = self.publish_except(Some(&headers), None, message, now, |queue| {
-                    is_cycle(reason, &headers, queue)
+                let _ = self.publish_except(&publication, message, now, |queue| {
+                    publication
+                        .headers
+                        .as_ref()
+                        .is_some_and(|headers| is_cycle(reason, headers, queue))
                 });
             }
         }
@@ -240,53 +243,66 @@ impl VhostState {
         next
     }
 
-    /// Routes a message from its exchange (which must exist) and enqueues it, with its
-    /// `expiration` (`ttl`, in milliseconds) counted from `now`; gives it back if it routes to
-    /// no queue.
+    /// Routes a message from its exchange (which must exist), by its routing key, its `CC` and
+    /// `BCC` keys and its headers, and enqueues it, with its `expiration` counted from `now`;
+    /// gives it back if it routes to no queue.
     pub(crate) fn publish(
         &mut self,
-        headers: Option<&FieldTable>,
-        ttl: Option<u64>,
+        publication: &Publication,
         message: Message,
         now: Instant,
     ) -> Result<Routed, Message> {
-        self.publish_except(headers, ttl, message, now, |_| false)
+        self.publish_except(publication, message, now, |_| false)
     }
 
     /// [`Self::publish`], skipping the queues `skip` names (a dead letter's cycles).
     fn publish_except(
         &mut self,
-        headers: Option<&FieldTable>,
-        ttl: Option<u64>,
+        publication: &Publication,
         mut message: Message,
         now: Instant,
         skip: impl Fn(&str) -> bool,
     ) -> Result<Routed, Message> {
-        let expires_at = ttl.map(|ms| now + Duration::from_millis(ms));
-        if is_default(message.exchange()) {
-            let routing_key = message.routing_key();
-            if routing_key.starts_with(ADDRESS_PREFIX) {
-                return self.reply(message).map(|()| Routed::Enqueued);
+        let expires_at = publication.ttl.map(|ms| now + Duration::from_millis(ms));
+        let keys = RoutingKeys {
+            own: message.routing_key(),
+            extra: &publication.extra_routing_keys,
+        };
+        // The queues the default exchange routes `CC` or `BCC` keys to (owned: `targets`
+        // borrows them while the queues are changed).
+        let named: Vec<Arc<str>>;
+        let mut targets = if is_default(message.exchange()) {
+            if keys.extra.is_empty() {
+                let routing_key = keys.own;
+                if routing_key.starts_with(ADDRESS_PREFIX) {
+                    return self.reply(message).map(|()| Routed::Enqueued);
+                }
+                return match self.queues.get_mut(routing_key) {
+                    Some(queue) if !skip(&queue.name) => Ok(Routed::of(queue.publish(
+                        message,
+                        expires_at,
+                        now,
+                        &mut self.outbox,
+                    ))),
+                    _ => Err(message),
+                };
             }
-            return match self.queues.get_mut(routing_key) {
-                Some(queue) if !skip(&queue.name) => Ok(Routed::of(queue.publish(
-                    message,
-                    expires_at,
-                    now,
-                    &mut self.outbox,
-                ))),
-                _ => Err(message),
-            };
-        }
+            named = keys
+                .all()
+                .filter_map(|key| self.queues.get_key_value(key).map(|(name, _)| name.clone()))
+                .collect();
+            named.iter().collect()
+        } else {
+            route(
+                &self.exchanges,
+                message.exchange(),
+                keys,
+                publication.headers.as_ref(),
+            )
+        };
         // Whether a target has no consumer, so would keep the message in a buffer of its own
         // (`Queue::keep`).
         let mut one_would_copy = false;
-        let mut targets = route(
-            &self.exchanges,
-            message.exchange(),
-            message.routing_key(),
-            headers,
-        );
         targets.retain(|name| match self.queues.get(&***name) {
             Some(queue) if !skip(name) => {
                 one_would_copy |= queue.consumer_count() == 0;
@@ -439,6 +455,7 @@ mod tests {
     use crate::mailbox::mailbox;
     use crate::message::{MessageBuilder, SHARED_BODY_MIN};
     use crate::queue::{Consumer, QueueOptions, Source};
+    use amq_protocol::types::FieldTable;
 
     #[test]
     fn a_delivery_whose_connection_goes_before_the_lock_is_released_returns_to_its_queue() {
@@ -459,7 +476,11 @@ mod tests {
         });
         state.queues.insert("jobs".into(), queue);
         let message = MessageBuilder::new("", "jobs", &[0, 0], 0).finish();
-        assert!(state.publish(None, None, message, Instant::now()).is_ok());
+        assert!(
+            state
+                .publish(&Publication::default(), message, Instant::now())
+                .is_ok()
+        );
         let queue = &state.queues["jobs"];
         assert_eq!((queue.ready_len(), queue.unacked), (0, 1), "dispatched");
         // The connection closes its mailbox (as its teardown does) while the lock is held.
@@ -536,7 +557,11 @@ mod tests {
         let body = read_buffer.slice(SHARED_BODY_MIN..2 * SHARED_BODY_MIN);
         let message = Message::with_shared_body("amq.fanout", "", &[0, 0], body);
         assert!(message.is_pinning());
-        assert!(state.publish(None, None, message, Instant::now()).is_ok());
+        assert!(
+            state
+                .publish(&Publication::default(), message, Instant::now())
+                .is_ok()
+        );
         let now = Instant::now();
         let kept: Vec<_> = ["a", "b"]
             .map(|name| {

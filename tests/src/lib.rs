@@ -280,6 +280,29 @@ pub async fn publish_confirmed_to(
     body: &[u8],
     mandatory: bool,
 ) -> Confirmation {
+    publish_confirmed_with(
+        ch,
+        exchange,
+        key,
+        body,
+        mandatory,
+        BasicProperties::default(),
+    )
+    .await
+}
+
+/// [`publish_confirmed_to`] with properties.
+///
+/// # Panics
+/// When the publish cannot be written or no confirmation comes.
+pub async fn publish_confirmed_with(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    mandatory: bool,
+    props: BasicProperties,
+) -> Confirmation {
     let confirm = within(
         "basic.publish",
         ch.basic_publish(
@@ -290,7 +313,7 @@ pub async fn publish_confirmed_to(
                 ..Default::default()
             },
             body,
-            BasicProperties::default(),
+            props,
         ),
     )
     .await

@@ -1,6 +1,7 @@
 //! Dead-lettering (`x-dead-letter-exchange`, `x-dead-letter-routing-key`): messages rejected
 //! without requeue or expired go to the queue's dead-letter exchange with RabbitMQ's `x-death`
-//! header, expired ones without anything touching their queue; expiry cycles are cut.
+//! header, expired ones without anything touching their queue; expiry cycles are cut. A dead
+//! letter keeps its `CC` keys unless its queue sets the routing key.
 
 use lapin::{
     BasicProperties, ExchangeKind,
@@ -13,7 +14,7 @@ use warren_tests::{
     assert_amqp_error, assert_channel_closed_only, assert_no_delivery, bind_queue, channel,
     close_conn, confirm_channel, consume, declare, declare_args, declare_exchange, declare_with,
     expect_err, get, get_eventually, long_string, next_delivery, publish, publish_confirmed,
-    publish_with, reject, within,
+    publish_confirmed_with, publish_with, reject, within,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -447,5 +448,75 @@ async fn dead_letter_arguments_are_checked_as_rabbitmq_checks_them() {
         assert_amqp_error(&err, 406, Some(&expected));
         assert_channel_closed_only(&conn, &ch).await;
     }
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_routed_with_its_cc_keys_unless_its_queue_sets_a_routing_key() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let dlx = broker.unique_name("dlx-cc");
+    declare_exchange(
+        &ch,
+        &dlx,
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await;
+    let by_cc = broker.unique_name("dead-by-cc");
+    declare(&ch, &by_cc).await;
+    bind_queue(&ch, &by_cc, &dlx, "cc-key").await;
+    let by_key = broker.unique_name("dead-by-key");
+    declare(&ch, &by_key).await;
+    bind_queue(&ch, &by_key, &dlx, "parked").await;
+    let plain = broker.unique_name("work-cc");
+    declare_args(&ch, &plain, args(&[("x-dead-letter-exchange", &dlx)], None)).await;
+    let keyed = broker.unique_name("work-cc-keyed");
+    let keyed_args = args(
+        &[
+            ("x-dead-letter-exchange", &dlx),
+            ("x-dead-letter-routing-key", "parked"),
+        ],
+        None,
+    );
+    declare_args(&ch, &keyed, keyed_args).await;
+    let cc = AMQPValue::FieldArray(FieldArray::from(vec![long_string("cc-key")]));
+    let mut cc_headers = FieldTable::default();
+    cc_headers.insert("CC".into(), cc.clone());
+    for queue in [&plain, &keyed] {
+        let props = BasicProperties::default().with_headers(cc_headers.clone());
+        publish_confirmed_with(&ch, "", queue, b"cc", false, props).await;
+        let m = get_eventually(&ch, queue, false).await;
+        reject(&ch, m.delivery.delivery_tag, false).await;
+    }
+
+    // Without a routing key of its queue's, its own key and its CC keys route it.
+    let d = get_eventually(&ch, &by_cc, true).await.delivery;
+    assert_eq!(d.routing_key.as_str(), plain.as_str());
+    assert_eq!(headers(&d).get("CC"), Some(&cc), "CC stays");
+    assert_death(
+        &deaths(&d)[0],
+        &plain,
+        "rejected",
+        1,
+        &[&plain, "cc-key"],
+        None,
+    );
+    // The queue's routing key replaces both, and CC goes; x-death still lists them.
+    let d = get_eventually(&ch, &by_key, true).await.delivery;
+    assert_eq!(d.routing_key.as_str(), "parked");
+    assert_eq!(headers(&d).get("CC"), None, "CC removed");
+    assert_death(
+        &deaths(&d)[0],
+        &keyed,
+        "rejected",
+        1,
+        &[&keyed, "cc-key"],
+        None,
+    );
+    assert!(get(&ch, &by_cc, true).await.is_none());
+    assert!(get(&ch, &by_key, true).await.is_none());
     close_conn(&conn).await;
 }

@@ -7,10 +7,11 @@ use crate::codec;
 use crate::connection::Connection;
 use crate::connection::teardown::{dispatch_all, requeue};
 use crate::dead_letter::DeathReason;
-use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address, rewrite_reply_to};
+use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address};
 use crate::error::{AmqpError, AmqpResult};
-use crate::message::{Message, QueuedMessage, parse_expiration};
+use crate::message::{Message, QueuedMessage, encode_properties, parse_expiration};
 use crate::queue::{Consumer, ConsumerTag, Source};
+use crate::sender_selected::header_routes;
 use crate::vhost::{Routed, VhostState};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
@@ -403,9 +404,9 @@ impl Connection {
         Ok(())
     }
 
-    /// Checks a content header's properties as RabbitMQ does (user_id, expiration) and
-    /// rewrites a direct reply-to `reply_to`; returns what routing needs and the property
-    /// bytes to keep.
+    /// Checks a content header's properties as RabbitMQ does (user_id, expiration, `CC` and
+    /// `BCC`), rewrites a direct reply-to `reply_to` and removes `BCC`; returns what routing
+    /// needs and the property bytes to keep.
     pub(crate) fn prepare_content<'a>(
         &mut self,
         ch: u16,
@@ -426,7 +427,10 @@ impl Connection {
             ),
             None => None,
         };
-        let mut raw_properties = raw_properties;
+        let routes = header_routes(properties.headers().as_ref())?;
+        // Properties the broker changes (a direct reply-to address, no `BCC`) are encoded
+        // again; the others are kept as received.
+        let mut changed: Option<BasicProperties> = None;
         if properties
             .reply_to()
             .as_ref()
@@ -437,11 +441,25 @@ impl Connection {
                     "fast reply consumer does not exist",
                 ));
             };
-            raw_properties = Cow::Owned(rewrite_reply_to(properties, &address));
+            let address = ShortString::try_new(address).expect("address is short");
+            changed = Some(properties.clone().with_reply_to(address));
         }
+        let headers = match routes.without_bcc {
+            Some(headers) => {
+                let base = changed.unwrap_or_else(|| properties.clone());
+                changed = Some(base.with_headers(headers.clone()));
+                Some(headers)
+            }
+            None => properties.headers().clone(),
+        };
+        let raw_properties = match changed {
+            Some(changed) => Cow::Owned(encode_properties(&changed)),
+            None => raw_properties,
+        };
         let publication = Publication {
             mandatory: false,
-            headers: properties.headers().clone(),
+            headers,
+            extra_routing_keys: routes.keys,
             ttl,
         };
         Ok((publication, raw_properties))
@@ -535,7 +553,7 @@ impl Connection {
                 Some(_) => {}
             }
         }
-        let routed = state.publish(publication.headers.as_ref(), publication.ttl, message, now);
+        let routed = state.publish(&publication, message, now);
         let refused = matches!(routed, Ok(Routed::Refused));
         if let Err(message) = routed
             && publication.mandatory
