@@ -36,6 +36,9 @@ pub struct ConsumerInfo {
     pub prefetch: u32,
     /// Deliveries not yet acknowledged.
     pub in_flight: u32,
+    /// Whether it gets messages: false for every consumer of a single-active-consumer queue
+    /// (`x-single-active-consumer`) but the longest-standing one.
+    pub active: bool,
 }
 
 /// An open connection.
@@ -65,13 +68,15 @@ pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {
             consumers: q
                 .consumers()
                 .iter()
-                .map(|c| ConsumerInfo {
+                .enumerate()
+                .map(|(i, c)| ConsumerInfo {
                     tag: c.tag().to_owned(),
                     connection: c.conn,
                     channel: c.channel,
                     no_ack: c.no_ack,
                     prefetch: c.prefetch,
                     in_flight: c.in_flight,
+                    active: i < q.active_consumers(),
                 })
                 .collect(),
             durable: q.options.durable,

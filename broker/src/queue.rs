@@ -145,6 +145,8 @@ pub(crate) struct QueueArgs {
     pub(crate) limits: Option<LengthLimits>,
     /// `x-expires`, in milliseconds.
     pub(crate) expires: Option<u64>,
+    /// `x-single-active-consumer`: only its longest-standing consumer gets messages.
+    pub(crate) single_active_consumer: bool,
 }
 
 /// A queue's length limits: of its ready messages (unacknowledged ones do not count), by number
@@ -191,6 +193,8 @@ struct Extras {
     expires: Option<std::time::Duration>,
     /// When it was last used (declared, read with basic.get, or left by its last consumer).
     used_at: Instant,
+    /// Only the first of its consumers (the longest-standing) gets messages.
+    single_active_consumer: bool,
 }
 
 impl Extras {
@@ -201,8 +205,14 @@ impl Extras {
             dead_letter,
             limits,
             expires,
+            single_active_consumer,
         } = args;
-        if message_ttl.is_none() && dead_letter.is_none() && limits.is_none() && expires.is_none() {
+        if message_ttl.is_none()
+            && dead_letter.is_none()
+            && limits.is_none()
+            && expires.is_none()
+            && !single_active_consumer
+        {
             return None;
         }
         Some(Box::new(Self {
@@ -211,6 +221,7 @@ impl Extras {
             limits,
             expires: expires.map(std::time::Duration::from_millis),
             used_at: Instant::now(),
+            single_active_consumer,
         }))
     }
 }
@@ -463,7 +474,8 @@ impl Queue {
         self.put_back(message);
     }
 
-    /// Hands ready messages to consumers with credit, round-robin.
+    /// Hands ready messages to consumers with credit, round-robin (only to the first consumer
+    /// of a single-active-consumer queue).
     /// A queue with length limits first drops what messages put back (requeued, or never
     /// delivered) took over them, as RabbitMQ does before it delivers requeued messages.
     pub(crate) fn dispatch(&mut self, now: Instant, outbox: &mut Outbox) {
@@ -477,11 +489,11 @@ impl Queue {
     }
 
     fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>, outbox: &mut Outbox) {
+        let n = self.active_consumers();
         while !self.ready.is_empty() {
             // A consumer with credit first, round robin from `next_consumer` (no division per
             // step): when none has any (a full mailbox), the messages, whose memory is likely
             // cold, are not touched at all.
-            let n = self.consumers.len();
             let start = if self.next_consumer < n {
                 self.next_consumer
             } else {
@@ -568,6 +580,22 @@ impl Queue {
             *bytes = 0;
         }
         n
+    }
+
+    /// How many of its consumers, from the first, dispatch may send messages to: all, or one
+    /// for a single-active-consumer queue (its first consumer: the longest-standing, as
+    /// consumers are kept in the order they came).
+    pub(crate) fn active_consumers(&self) -> usize {
+        let n = self.consumers.len();
+        if self
+            .extras
+            .as_ref()
+            .is_some_and(|x| x.single_active_consumer)
+        {
+            n.min(1)
+        } else {
+            n
+        }
     }
 
     /// Number of consumers.

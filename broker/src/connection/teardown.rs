@@ -32,6 +32,9 @@ impl Connection {
         let mut touched = FxHashSet::default();
         for (tag, consumer) in consumers {
             self.detach_consumer(&mut state, channel, &tag, &consumer);
+            // A waiting consumer may take over (single active consumer): after the requeues
+            // below, so that it gets them first.
+            touched.insert(consumer.queue.clone());
         }
         // The channel's consumers are detached above, so settling finds none of them.
         for (_, u) in unacked.take_all() {

@@ -237,7 +237,10 @@ impl Connection {
             .remove(m.consumer_tag.as_str())
         {
             let vhost = self.vhost.clone();
-            self.detach_consumer(&mut vhost.lock(), ch, m.consumer_tag.as_str(), &consumer);
+            let mut state = vhost.lock();
+            self.detach_consumer(&mut state, ch, m.consumer_tag.as_str(), &consumer);
+            // A waiting consumer may take over (single active consumer).
+            state.dispatch(&consumer.queue, Instant::now());
         }
         if !m.nowait {
             send_basic(

@@ -141,7 +141,22 @@ fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<
         dead_letter: dead_letter_target(args, &resource)?,
         limits: length_limits(args, &resource)?,
         expires: queue_expiry(args, &resource)?,
+        single_active_consumer: single_active_consumer(args, &resource)?,
     })
+}
+
+/// `x-single-active-consumer`: a boolean.
+fn single_active_consumer(args: &FieldTable, resource: &str) -> AmqpResult<bool> {
+    const KEY: &str = "x-single-active-consumer";
+    match args.inner().get(KEY) {
+        None => Ok(false),
+        Some(AMQPValue::Boolean(on)) => Ok(*on),
+        Some(other) => Err(invalid_arg(
+            KEY,
+            resource,
+            format!("{{unacceptable_type,{}}}", type_name(other)),
+        )),
+    }
 }
 
 /// RabbitMQ's 406 for an argument it cannot take.
