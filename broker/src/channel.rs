@@ -42,6 +42,8 @@ pub(crate) struct Publication {
     pub(crate) extra_routing_keys: Vec<String>,
     /// Its `expiration`, in milliseconds; the clock starts when it is routed.
     pub(crate) ttl: Option<u64>,
+    /// Its `priority` (0 if none), for priority queues.
+    pub(crate) priority: u8,
 }
 
 /// A delivery awaiting ack, nack or reject.

@@ -115,6 +115,7 @@ pub(crate) fn dead_lettered(letter: &DeadLetter, now_secs: u64) -> Option<(Messa
     let publication = Publication {
         headers: Some(headers),
         extra_routing_keys,
+        priority: properties.priority().unwrap_or(0),
         ..Publication::default()
     };
     Some((builder.finish(), publication))

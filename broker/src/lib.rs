@@ -16,6 +16,7 @@
 //! - `vhost`: queues and exchanges under one briefly held std mutex, and the task that
 //!   dead-letters expired messages and deletes unused `x-expires` queues on time.
 //! - `queue`: ready messages, consumers and dispatch; TTL, length limits, expiry.
+//! - `ready`: a queue's ready messages in delivery order (by priority in a priority queue).
 //! - `exchange`: exchanges and routing.
 //! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - `sender_selected`: the `CC` and `BCC` headers' extra routing keys.
@@ -54,6 +55,7 @@ mod mailbox;
 mod message;
 mod methods;
 mod queue;
+mod ready;
 mod sender_selected;
 mod server;
 pub mod tcp;

@@ -260,6 +260,8 @@ impl MessageBuilder {
 pub(crate) struct QueuedMessage {
     /// Position in its queue; requeued messages go back to their original position.
     pub(crate) seq: u64,
+    /// Its `priority` property (0 if none), which orders it in a priority queue.
+    pub(crate) priority: u8,
     /// Whether it was delivered before.
     pub(crate) redelivered: bool,
     /// When it expires in this queue: the earlier of its own TTL and the queue's.

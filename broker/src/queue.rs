@@ -4,8 +4,8 @@
 use crate::dead_letter::{DeadLetter, DeadLetterTarget, DeathReason};
 use crate::mailbox::{Mailbox, Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
+use crate::ready::ReadyMessages;
 use amq_protocol::types::FieldTable;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::time::Instant;
@@ -147,6 +147,8 @@ pub(crate) struct QueueArgs {
     pub(crate) expires: Option<u64>,
     /// `x-single-active-consumer`: only its longest-standing consumer gets messages.
     pub(crate) single_active_consumer: bool,
+    /// `x-max-priority`: a priority queue, with priorities 0 to this.
+    pub(crate) max_priority: Option<u8>,
 }
 
 /// A queue's length limits: of its ready messages (unacknowledged ones do not count), by number
@@ -206,6 +208,7 @@ impl Extras {
             limits,
             expires,
             single_active_consumer,
+            max_priority: _,
         } = args;
         if message_ttl.is_none()
             && dead_letter.is_none()
@@ -235,7 +238,7 @@ pub(crate) struct Queue {
     pub(crate) options: QueueOptions,
     /// The source of its basic.get deliveries, shared by them.
     get_source: Arc<Source>,
-    ready: VecDeque<QueuedMessage>,
+    ready: ReadyMessages,
     next_seq: u64,
     consumers: Vec<Consumer>,
     next_consumer: usize,
@@ -260,11 +263,11 @@ impl Queue {
         let name: Arc<str> = name.into();
         Self {
             ready_bytes: args.limits.as_ref().and_then(|l| l.max_bytes).map(|_| 0),
+            ready: ReadyMessages::new(args.max_priority),
             extras: Extras::of(args),
             get_source: Source::basic_get(name.clone()),
             name,
             options,
-            ready: VecDeque::new(),
             next_seq: 0,
             consumers: Vec::new(),
             next_consumer: 0,
@@ -274,13 +277,15 @@ impl Queue {
         }
     }
 
-    /// Appends a published message, then dispatches. A message that a consumer can take at
-    /// once is delivered even with a TTL of 0, as RabbitMQ does. Returns false if the queue
-    /// refused it (`x-overflow` `reject-publish`: the publisher's confirm is a nack).
+    /// Appends a published message (after every message of its `priority` or higher, in a
+    /// priority queue), then dispatches. A message that a consumer can take at once is
+    /// delivered even with a TTL of 0, as RabbitMQ does. Returns false if the queue refused it
+    /// (`x-overflow` `reject-publish`: the publisher's confirm is a nack).
     pub(crate) fn publish(
         &mut self,
         message: Message,
         expires_at: Option<Instant>,
+        priority: u8,
         now: Instant,
         outbox: &mut Outbox,
     ) -> bool {
@@ -312,6 +317,7 @@ impl Queue {
         }
         self.ready.push_back(QueuedMessage {
             seq,
+            priority,
             redelivered: false,
             expires_at,
             message,
@@ -323,9 +329,7 @@ impl Queue {
             self.drop_expired_head(now, Some(seq), outbox);
         }
         self.dispatch_inner(now, Some(seq), outbox);
-        if let Some(kept) = self.ready.back_mut()
-            && kept.seq == seq
-        {
+        if let Some(kept) = self.ready.newest_mut(seq, priority) {
             Self::keep(&mut kept.message, &self.consumers, &mut self.may_pin);
         }
         if self.extras.is_some() {
@@ -354,7 +358,7 @@ impl Queue {
 
     /// Takes the head ready message, keeping the byte count.
     fn pop_ready(
-        ready: &mut VecDeque<QueuedMessage>,
+        ready: &mut ReadyMessages,
         ready_bytes: &mut Option<usize>,
     ) -> Option<QueuedMessage> {
         let head = ready.pop_front()?;
@@ -456,11 +460,10 @@ impl Queue {
     /// its redelivered flag unchanged: the client never saw it.
     pub(crate) fn put_back(&mut self, mut message: QueuedMessage) {
         Self::keep(&mut message.message, &self.consumers, &mut self.may_pin);
-        let at = self.ready.partition_point(|m| m.seq < message.seq);
         if let Some(bytes) = &mut self.ready_bytes {
             *bytes += message.message.body().len();
         }
-        self.ready.insert(at, message);
+        self.ready.insert_in_place(message);
     }
 
     /// A delivery that never reached its consumer's connection (it was gone): back at its
@@ -632,7 +635,7 @@ impl Queue {
             .position(|c| c.conn == conn && c.channel == channel && c.tag() == tag)?;
         let consumer = self.consumers.remove(index);
         if self.consumers.is_empty() && std::mem::take(&mut self.may_pin) {
-            for kept in &mut self.ready {
+            for kept in self.ready.iter_mut() {
                 kept.message.unpin();
             }
         }
@@ -694,7 +697,7 @@ mod tests {
 
         // No consumer: the message stays in the queue, in a buffer of its own.
         let mut outbox = Outbox::default();
-        queue.publish(message, None, Instant::now(), &mut outbox);
+        queue.publish(message, None, 0, Instant::now(), &mut outbox);
         let kept = queue
             .get(Instant::now(), true, &mut outbox)
             .expect("the message was kept");
@@ -737,15 +740,24 @@ mod tests {
         let read_buffer = bytes::Bytes::from(vec![7u8; SHARED_BODY_MIN * 2]);
         for half in [0..SHARED_BODY_MIN, SHARED_BODY_MIN..SHARED_BODY_MIN * 2] {
             let message = Message::with_shared_body("", "q", &[], read_buffer.slice(half));
-            queue.publish(message, None, Instant::now(), &mut Outbox::default());
+            queue.publish(message, None, 0, Instant::now(), &mut Outbox::default());
         }
         assert_eq!(queue.ready_len(), 2);
-        assert!(queue.ready.iter().all(|kept| kept.message.is_pinning()));
+        assert!(queue.ready.iter_mut().all(|kept| kept.message.is_pinning()));
 
         // Nobody may ever take them now: each gets a buffer of its own.
         assert!(queue.remove_consumer(1, 1, "c").is_some());
-        assert!(queue.ready.iter().all(|kept| !kept.message.is_pinning()));
-        let bodies: Vec<_> = queue.ready.iter().map(|kept| kept.message.body()).collect();
+        assert!(
+            queue
+                .ready
+                .iter_mut()
+                .all(|kept| !kept.message.is_pinning())
+        );
+        let bodies: Vec<_> = queue
+            .ready
+            .iter_mut()
+            .map(|kept| kept.message.body())
+            .collect();
         assert_eq!(
             bodies,
             [

@@ -281,6 +281,7 @@ impl VhostState {
                     Some(queue) if !skip(&queue.name) => Ok(Routed::of(queue.publish(
                         message,
                         expires_at,
+                        publication.priority,
                         now,
                         &mut self.outbox,
                     ))),
@@ -325,11 +326,23 @@ impl VhostState {
         let mut all_took_it = true;
         for name in targets {
             if let Some(queue) = self.queues.get_mut(name) {
-                all_took_it &= queue.publish(message.clone(), expires_at, now, &mut self.outbox);
+                all_took_it &= queue.publish(
+                    message.clone(),
+                    expires_at,
+                    publication.priority,
+                    now,
+                    &mut self.outbox,
+                );
             }
         }
         if let Some(queue) = self.queues.get_mut(last) {
-            all_took_it &= queue.publish(message, expires_at, now, &mut self.outbox);
+            all_took_it &= queue.publish(
+                message,
+                expires_at,
+                publication.priority,
+                now,
+                &mut self.outbox,
+            );
         }
         Ok(Routed::of(all_took_it))
     }
@@ -345,6 +358,7 @@ impl VhostState {
             no_ack: true,
             message: QueuedMessage {
                 seq: 0,
+                priority: 0,
                 redelivered: false,
                 expires_at: None,
                 message,

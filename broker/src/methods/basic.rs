@@ -464,6 +464,7 @@ impl Connection {
             headers,
             extra_routing_keys: routes.keys,
             ttl,
+            priority: properties.priority().unwrap_or(0),
         };
         Ok((publication, raw_properties))
     }

@@ -142,7 +142,19 @@ fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<
         limits: length_limits(args, &resource)?,
         expires: queue_expiry(args, &resource)?,
         single_active_consumer: single_active_consumer(args, &resource)?,
+        max_priority: max_priority(args, &resource)?,
     })
+}
+
+/// `x-max-priority`: an integer from 0 to 255.
+fn max_priority(args: &FieldTable, resource: &str) -> AmqpResult<Option<u8>> {
+    const KEY: &str = "x-max-priority";
+    match non_negative_integer(args, KEY, resource)? {
+        None => Ok(None),
+        Some(max) => u8::try_from(max)
+            .map(Some)
+            .map_err(|_| invalid_arg(KEY, resource, format!("{{max_value_exceeded,{max}}}"))),
+    }
 }
 
 /// `x-single-active-consumer`: a boolean.
