@@ -36,6 +36,8 @@ pub struct ConsumerInfo {
     pub prefetch: u32,
     /// Deliveries not yet acknowledged.
     pub in_flight: u32,
+    /// Its priority (`x-priority` on basic.consume; 0 without).
+    pub priority: i64,
     /// Whether it gets messages: false for every consumer of a single-active-consumer queue
     /// (`x-single-active-consumer`) but the longest-standing one.
     pub active: bool,
@@ -76,6 +78,7 @@ pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {
                     no_ack: c.no_ack,
                     prefetch: c.prefetch,
                     in_flight: c.in_flight,
+                    priority: c.priority,
                     active: i < q.active_consumers(),
                 })
                 .collect(),

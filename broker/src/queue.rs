@@ -6,6 +6,7 @@ use crate::mailbox::{Mailbox, Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
 use crate::ready::ReadyMessages;
 use amq_protocol::types::FieldTable;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::time::Instant;
@@ -92,6 +93,9 @@ pub(crate) struct Consumer {
     pub(crate) no_ack: bool,
     /// Consuming exclusively.
     pub(crate) exclusive: bool,
+    /// Its priority (`x-priority`, default 0): a queue delivers to its highest-priority
+    /// consumers that can take a message.
+    pub(crate) priority: i64,
     /// Most unacknowledged deliveries (`basic.qos` with `global=false`); 0 is unlimited.
     pub(crate) prefetch: u32,
     /// Unacknowledged deliveries to this consumer.
@@ -493,19 +497,10 @@ impl Queue {
 
     fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>, outbox: &mut Outbox) {
         let n = self.active_consumers();
+        // Sorted by priority, so the first and last tell whether there is more than one.
+        let mixed = n > 1 && self.consumers[0].priority != self.consumers[n - 1].priority;
         while !self.ready.is_empty() {
-            // A consumer with credit first, round robin from `next_consumer` (no division per
-            // step): when none has any (a full mailbox), the messages, whose memory is likely
-            // cold, are not touched at all.
-            let start = if self.next_consumer < n {
-                self.next_consumer
-            } else {
-                0
-            };
-            let Some(index) = (start..n)
-                .chain(0..start)
-                .find(|&i| self.consumers[i].can_take())
-            else {
+            let Some((index, peers)) = self.next_taker(n, mixed) else {
                 return;
             };
             self.drop_expired_head(now, fresh, outbox);
@@ -528,8 +523,45 @@ impl Queue {
                     .fetch_add(1, Ordering::Relaxed);
                 self.unacked += 1;
             }
-            self.next_consumer = if index + 1 == n { 0 } else { index + 1 };
+            self.next_consumer = if index + 1 == peers.end {
+                peers.start
+            } else {
+                index + 1
+            };
         }
+    }
+
+    /// The consumer the next message goes to, and the consumers of its priority: of the first
+    /// `n` consumers, one of the highest priority that has credit, round robin among those of
+    /// one priority from `next_consumer` (no division per step). `None` when none has credit
+    /// (a full mailbox, say): the messages, whose memory is likely cold, are not touched at all.
+    fn next_taker(&self, n: usize, mixed: bool) -> Option<(usize, Range<usize>)> {
+        let mut peers = 0..0;
+        while peers.end < n {
+            peers.start = peers.end;
+            peers.end = if mixed {
+                let priority = self.consumers[peers.start].priority;
+                let same = self.consumers[peers.start..n]
+                    .iter()
+                    .take_while(|c| c.priority == priority)
+                    .count();
+                peers.start + same
+            } else {
+                n
+            };
+            let start = if peers.contains(&self.next_consumer) {
+                self.next_consumer
+            } else {
+                peers.start
+            };
+            if let Some(index) = (start..peers.end)
+                .chain(peers.start..start)
+                .find(|&i| self.consumers[i].can_take())
+            {
+                return Some((index, peers));
+            }
+        }
+        None
     }
 
     /// Takes the expired messages off its head (all but `keep`, a message being published),
@@ -590,15 +622,14 @@ impl Queue {
     /// consumers are kept in the order they came).
     pub(crate) fn active_consumers(&self) -> usize {
         let n = self.consumers.len();
-        if self
-            .extras
+        if self.single_active() { n.min(1) } else { n }
+    }
+
+    /// Whether only its first consumer gets messages (`x-single-active-consumer`).
+    fn single_active(&self) -> bool {
+        self.extras
             .as_ref()
             .is_some_and(|x| x.single_active_consumer)
-        {
-            n.min(1)
-        } else {
-            n
-        }
     }
 
     /// Number of consumers.
@@ -616,10 +647,21 @@ impl Queue {
         self.consumers.iter().any(|c| c.exclusive)
     }
 
-    /// Adds a consumer (dispatch is the caller's next step).
+    /// Adds a consumer (dispatch is the caller's next step): after those of its priority or
+    /// higher, or last in a single-active-consumer queue, whose active consumer is the
+    /// longest-standing whatever the priorities (as in RabbitMQ 3.10).
     pub(crate) fn add_consumer(&mut self, consumer: Consumer) {
         self.had_consumer = true;
-        self.consumers.push(consumer);
+        let index = if self.single_active() {
+            self.consumers.len()
+        } else {
+            self.consumers
+                .partition_point(|c| c.priority >= consumer.priority)
+        };
+        if index <= self.next_consumer && self.next_consumer < self.consumers.len() {
+            self.next_consumer += 1;
+        }
+        self.consumers.insert(index, consumer);
     }
 
     /// Removes a consumer; returns it if it was there.
@@ -731,6 +773,7 @@ mod tests {
             channel: 1,
             no_ack: false,
             exclusive: false,
+            priority: 0,
             // Its window is full: what is published now waits in the queue.
             prefetch: 1,
             in_flight: 1,

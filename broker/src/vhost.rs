@@ -483,6 +483,7 @@ mod tests {
             channel: 1,
             no_ack: false,
             exclusive: false,
+            priority: 0,
             prefetch: 0,
             in_flight: 0,
             channel_credit: Arc::default(),

@@ -17,8 +17,9 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, Consumer, Event, ExchangeKind,
     message::{BasicGetMessage, Delivery},
     options::{
-        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
-        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+        BasicQosOptions, BasicRejectOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable, LongString},
 };
@@ -496,6 +497,68 @@ pub async fn consume(ch: &Channel, queue: &str, no_ack: bool) -> Consumer {
     )
     .await
     .unwrap_or_else(|e| panic!("basic.consume {queue}: {e}"))
+}
+
+/// Opens a channel with prefetch `prefetch` and starts a consumer on `queue` on it (manual
+/// acks; consumer priority `x-priority` = `priority`, if any).
+///
+/// # Panics
+/// When basic.qos or basic.consume fails.
+pub async fn consume_prefetched(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+    priority: Option<AMQPValue>,
+) -> (Channel, Consumer) {
+    let ch = channel(conn).await;
+    within(
+        "basic.qos",
+        ch.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await
+    .expect("basic.qos");
+    let mut args = FieldTable::default();
+    if let Some(priority) = priority {
+        args.insert("x-priority".into(), priority);
+    }
+    let consumer = within(
+        "basic.consume",
+        ch.basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            args,
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.consume {queue}: {e}"));
+    (ch, consumer)
+}
+
+/// The next `n` deliveries of `consumer`: their bodies (as text) and redelivered flags.
+///
+/// # Panics
+/// As [`next_delivery`].
+pub async fn next_bodies(consumer: &mut Consumer, n: usize) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let d = next_delivery(consumer).await;
+        out.push((String::from_utf8_lossy(&d.data).into_owned(), d.redelivered));
+    }
+    out
+}
+
+/// Acknowledges everything delivered on `ch` so far (`multiple` with tag 0).
+///
+/// # Panics
+/// When basic.ack fails.
+pub async fn ack_all(ch: &Channel) {
+    within(
+        "basic.ack",
+        ch.basic_ack(0, BasicAckOptions { multiple: true }),
+    )
+    .await
+    .expect("basic.ack");
 }
 
 /// The next delivery of `consumer`.

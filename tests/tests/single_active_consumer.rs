@@ -2,19 +2,16 @@
 //! longest-standing one gets messages; when it goes, the next one takes over.
 
 use lapin::{
-    Channel, Connection, Consumer,
-    options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
-        QueueDeclareOptions,
-    },
+    Channel,
+    options::{BasicCancelOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
 use std::time::Duration;
 use warren_harness::TestBroker;
 use warren_tests::{
-    assert_amqp_error, assert_channel_closed_only, assert_no_delivery, channel, close_conn,
-    confirm_channel, declare_args, declare_with, expect_err, get, next_delivery, publish_confirmed,
-    within,
+    ack_all, assert_amqp_error, assert_channel_closed_only, assert_no_delivery, channel,
+    close_conn, confirm_channel, consume_prefetched, declare_args, declare_with, expect_err, get,
+    next_bodies, next_delivery, publish_confirmed, within,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -23,48 +20,6 @@ fn single_active(on: AMQPValue) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-single-active-consumer".into(), on);
     args
-}
-
-/// A channel with prefetch `prefetch` and a consumer on `queue` (manual acks; consumer
-/// priority `priority`, if any).
-async fn consumer(
-    conn: &Connection,
-    queue: &str,
-    prefetch: u16,
-    priority: Option<i32>,
-) -> (Channel, Consumer) {
-    let ch = channel(conn).await;
-    within(
-        "basic.qos",
-        ch.basic_qos(prefetch, BasicQosOptions::default()),
-    )
-    .await
-    .expect("basic.qos");
-    let mut args = FieldTable::default();
-    if let Some(priority) = priority {
-        args.insert("x-priority".into(), AMQPValue::LongInt(priority));
-    }
-    let consumer = within(
-        "basic.consume",
-        ch.basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            args,
-        ),
-    )
-    .await
-    .expect("basic.consume");
-    (ch, consumer)
-}
-
-async fn bodies(consumer: &mut Consumer, n: usize) -> Vec<(String, bool)> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let d = next_delivery(consumer).await;
-        out.push((String::from_utf8_lossy(&d.data).into_owned(), d.redelivered));
-    }
-    out
 }
 
 fn fresh(bodies: &[&str]) -> Vec<(String, bool)> {
@@ -78,13 +33,14 @@ async fn only_the_first_consumer_gets_messages_and_the_next_takes_over_when_its_
     let admin = confirm_channel(&conn).await;
     let queue = broker.unique_name("sac");
     declare_args(&admin, &queue, single_active(AMQPValue::Boolean(true))).await;
-    let (first_ch, mut first) = consumer(&conn, &queue, 2, None).await;
+    let (first_ch, mut first) = consume_prefetched(&conn, &queue, 2, None).await;
     // A higher consumer priority does not make a later consumer the active one.
-    let (second_ch, mut second) = consumer(&conn, &queue, 2, Some(10)).await;
+    let (second_ch, mut second) =
+        consume_prefetched(&conn, &queue, 2, Some(AMQPValue::LongInt(10))).await;
     for body in ["0", "1", "2", "3", "4", "5"] {
         publish_confirmed(&admin, &queue, body.as_bytes()).await;
     }
-    assert_eq!(bodies(&mut first, 2).await, fresh(&["0", "1"]));
+    assert_eq!(next_bodies(&mut first, 2).await, fresh(&["0", "1"]));
     assert_no_delivery(&mut second, QUIET).await;
     let counted = declare_with(
         &admin,
@@ -107,9 +63,9 @@ async fn only_the_first_consumer_gets_messages_and_the_next_takes_over_when_its_
     // The first's channel closes: its two go back, and the second gets them first.
     close_channel(&first_ch).await;
     let redelivered = vec![("0".to_owned(), true), ("1".to_owned(), true)];
-    assert_eq!(bodies(&mut second, 2).await, redelivered);
+    assert_eq!(next_bodies(&mut second, 2).await, redelivered);
     ack_all(&second_ch).await;
-    assert_eq!(bodies(&mut second, 2).await, fresh(&["2", "3"]));
+    assert_eq!(next_bodies(&mut second, 2).await, fresh(&["2", "3"]));
     close_conn(&conn).await;
 }
 
@@ -126,34 +82,25 @@ async fn a_cancelled_active_consumer_keeps_its_unacked_messages_and_the_next_tak
     let admin = confirm_channel(&conn).await;
     let queue = broker.unique_name("sac-cancel");
     declare_args(&admin, &queue, single_active(AMQPValue::Boolean(true))).await;
-    let (first_ch, mut first) = consumer(&conn, &queue, 2, None).await;
-    let (second_ch, mut second) = consumer(&conn, &queue, 2, None).await;
+    let (first_ch, mut first) = consume_prefetched(&conn, &queue, 2, None).await;
+    let (second_ch, mut second) = consume_prefetched(&conn, &queue, 2, None).await;
     for body in ["0", "1", "2", "3"] {
         publish_confirmed(&admin, &queue, body.as_bytes()).await;
     }
-    assert_eq!(bodies(&mut first, 2).await, fresh(&["0", "1"]));
+    assert_eq!(next_bodies(&mut first, 2).await, fresh(&["0", "1"]));
     within(
         "basic.cancel",
         first_ch.basic_cancel(first.tag(), BasicCancelOptions::default()),
     )
     .await
     .expect("basic.cancel");
-    assert_eq!(bodies(&mut second, 2).await, fresh(&["2", "3"]));
+    assert_eq!(next_bodies(&mut second, 2).await, fresh(&["2", "3"]));
     // The first's two are still its own until its channel closes.
     close_channel(&first_ch).await;
     ack_all(&second_ch).await;
     let redelivered = vec![("0".to_owned(), true), ("1".to_owned(), true)];
-    assert_eq!(bodies(&mut second, 2).await, redelivered);
+    assert_eq!(next_bodies(&mut second, 2).await, redelivered);
     close_conn(&conn).await;
-}
-
-async fn ack_all(ch: &Channel) {
-    within(
-        "basic.ack",
-        ch.basic_ack(0, BasicAckOptions { multiple: true }),
-    )
-    .await
-    .expect("basic.ack");
 }
 
 async fn close_channel(ch: &Channel) {
@@ -170,20 +117,20 @@ async fn when_the_active_consumer_s_connection_ends_the_next_consumer_gets_every
     let queue = broker.unique_name("sac-conn");
     declare_args(&admin, &queue, single_active(AMQPValue::Boolean(true))).await;
     let first_conn = broker.connect().await;
-    let (_first_ch, mut first) = consumer(&first_conn, &queue, 10, None).await;
-    let (_second_ch, mut second) = consumer(&conn, &queue, 10, None).await;
+    let (_first_ch, mut first) = consume_prefetched(&first_conn, &queue, 10, None).await;
+    let (_second_ch, mut second) = consume_prefetched(&conn, &queue, 10, None).await;
     for body in ["a", "b"] {
         publish_confirmed(&admin, &queue, body.as_bytes()).await;
     }
-    assert_eq!(bodies(&mut first, 2).await, fresh(&["a", "b"]));
+    assert_eq!(next_bodies(&mut first, 2).await, fresh(&["a", "b"]));
     assert_no_delivery(&mut second, QUIET).await;
     close_conn(&first_conn).await;
     let redelivered = vec![("a".to_owned(), true), ("b".to_owned(), true)];
-    assert_eq!(bodies(&mut second, 2).await, redelivered);
+    assert_eq!(next_bodies(&mut second, 2).await, redelivered);
     // A consumer that comes later waits its turn.
-    let (_third_ch, mut third) = consumer(&conn, &queue, 10, None).await;
+    let (_third_ch, mut third) = consume_prefetched(&conn, &queue, 10, None).await;
     publish_confirmed(&admin, &queue, b"c").await;
-    assert_eq!(bodies(&mut second, 1).await, fresh(&["c"]));
+    assert_eq!(next_bodies(&mut second, 1).await, fresh(&["c"]));
     assert_no_delivery(&mut third, QUIET).await;
     close_conn(&conn).await;
 }
@@ -196,8 +143,8 @@ async fn x_single_active_consumer_must_be_a_boolean() {
     let ch = channel(&conn).await;
     declare_args(&ch, &off, single_active(AMQPValue::Boolean(false))).await;
     // Off: both consumers get messages.
-    let (_a_ch, mut a) = consumer(&conn, &off, 1, None).await;
-    let (_b_ch, mut b) = consumer(&conn, &off, 1, None).await;
+    let (_a_ch, mut a) = consume_prefetched(&conn, &off, 1, None).await;
+    let (_b_ch, mut b) = consume_prefetched(&conn, &off, 1, None).await;
     publish_confirmed(&confirm_channel(&conn).await, &off, b"1").await;
     publish_confirmed(&confirm_channel(&conn).await, &off, b"2").await;
     next_delivery(&mut a).await;

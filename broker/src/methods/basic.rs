@@ -1,7 +1,7 @@
 //! The basic class: qos, consume, cancel, publish, get, ack, nack, reject, recover; and the
 //! two directions of content: completing a publish and writing a delivery.
 
-use super::queue::{generated_tag, usable_queue};
+use super::queue::{generated_tag, integer_arg, queue_resource, usable_queue};
 use crate::channel::{Assembly, ChannelConsumer, Publication, Settle, SettleCount, Unacked};
 use crate::codec;
 use crate::connection::Connection;
@@ -144,6 +144,9 @@ impl Connection {
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
         let queue = usable_queue(&mut state.queues, queue_name.as_str(), self.id, &vhost_name)?;
+        // x-priority (0 without): its queue delivers to its highest-priority consumers first.
+        let resource = queue_resource(queue_name.as_str(), &vhost_name);
+        let priority = integer_arg(&m.arguments, "x-priority", &resource)?.unwrap_or(0);
         if queue.has_exclusive_consumer() || (m.exclusive && queue.consumer_count() > 0) {
             return Err(AmqpError::access_refused(format!(
                 "queue '{queue_name}' in vhost '{vhost_name}' in exclusive use"
@@ -171,6 +174,7 @@ impl Connection {
             channel: ch,
             no_ack: m.no_ack,
             exclusive: m.exclusive,
+            priority,
             prefetch,
             in_flight: 0,
             channel_credit: credit,

@@ -176,9 +176,8 @@ fn invalid_arg(key: &str, resource: &str, detail: String) -> AmqpError {
     AmqpError::precondition_failed(format!("invalid arg '{key}' for {resource}: {detail}"))
 }
 
-/// An argument that must be a non-negative integer (`x-message-ttl`, `x-max-length`, ...),
-/// checked as RabbitMQ checks it.
-fn non_negative_integer(args: &FieldTable, key: &str, resource: &str) -> AmqpResult<Option<u64>> {
+/// An argument that must be an integer of any AMQP integer type, as RabbitMQ checks it (406).
+pub(crate) fn integer_arg(args: &FieldTable, key: &str, resource: &str) -> AmqpResult<Option<i64>> {
     let Some(value) = args.inner().get(key) else {
         return Ok(None);
     };
@@ -189,6 +188,15 @@ fn non_negative_integer(args: &FieldTable, key: &str, resource: &str) -> AmqpRes
             format!("\"expected integer, got {}\"", type_name(value)),
         )
     })?;
+    Ok(Some(n))
+}
+
+/// An argument that must be a non-negative integer (`x-message-ttl`, `x-max-length`, ...),
+/// checked as RabbitMQ checks it.
+fn non_negative_integer(args: &FieldTable, key: &str, resource: &str) -> AmqpResult<Option<u64>> {
+    let Some(n) = integer_arg(args, key, resource)? else {
+        return Ok(None);
+    };
     if n < 0 {
         return Err(invalid_arg(
             key,
