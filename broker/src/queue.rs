@@ -532,36 +532,40 @@ impl Queue {
     }
 
     /// The consumer the next message goes to, and the consumers of its priority: of the first
-    /// `n` consumers, one of the highest priority that has credit, round robin among those of
-    /// one priority from `next_consumer` (no division per step). `None` when none has credit
-    /// (a full mailbox, say): the messages, whose memory is likely cold, are not touched at all.
+    /// `n` consumers, one of the highest priority that has credit (`mixed`: they have more than
+    /// one priority). `None` when none has credit (a full mailbox, say): the messages, whose
+    /// memory is likely cold, are not touched at all.
     fn next_taker(&self, n: usize, mixed: bool) -> Option<(usize, Range<usize>)> {
+        if !mixed {
+            return self.taker_among(0..n).map(|index| (index, 0..n));
+        }
         let mut peers = 0..0;
         while peers.end < n {
             peers.start = peers.end;
-            peers.end = if mixed {
-                let priority = self.consumers[peers.start].priority;
-                let same = self.consumers[peers.start..n]
+            let priority = self.consumers[peers.start].priority;
+            peers.end = peers.start
+                + self.consumers[peers.start..n]
                     .iter()
                     .take_while(|c| c.priority == priority)
                     .count();
-                peers.start + same
-            } else {
-                n
-            };
-            let start = if peers.contains(&self.next_consumer) {
-                self.next_consumer
-            } else {
-                peers.start
-            };
-            if let Some(index) = (start..peers.end)
-                .chain(peers.start..start)
-                .find(|&i| self.consumers[i].can_take())
-            {
+            if let Some(index) = self.taker_among(peers.clone()) {
                 return Some((index, peers));
             }
         }
         None
+    }
+
+    /// Of the consumers `peers`, the first with credit, round robin from `next_consumer` (no
+    /// division per step).
+    fn taker_among(&self, peers: Range<usize>) -> Option<usize> {
+        let start = if peers.contains(&self.next_consumer) {
+            self.next_consumer
+        } else {
+            peers.start
+        };
+        (start..peers.end)
+            .chain(peers.start..start)
+            .find(|&i| self.consumers[i].can_take())
     }
 
     /// Takes the expired messages off its head (all but `keep`, a message being published),
