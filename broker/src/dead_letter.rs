@@ -37,6 +37,8 @@ pub(crate) enum DeathReason {
     Expired,
     /// The queue was past its length limit (`x-max-length`, `x-max-length-bytes`).
     Maxlen,
+    /// A quorum queue had it back more times than its `x-delivery-limit`.
+    DeliveryLimit,
 }
 
 impl DeathReason {
@@ -45,6 +47,7 @@ impl DeathReason {
             Self::Rejected => "rejected",
             Self::Expired => "expired",
             Self::Maxlen => "maxlen",
+            Self::DeliveryLimit => "delivery_limit",
         }
     }
 }
@@ -60,6 +63,9 @@ pub(crate) struct DeadLetter {
     pub(crate) reason: DeathReason,
     /// The message as it was in the queue.
     pub(crate) message: Message,
+    /// Whether it leaves a quorum queue, whose `x-delivery-count` header it drops (that
+    /// header belongs to a delivery, not to the message).
+    pub(crate) from_quorum: bool,
 }
 
 /// The message to publish to the dead-letter exchange, and how to route it (its headers, for
@@ -87,8 +93,12 @@ pub(crate) fn dead_lettered(letter: &DeadLetter, now_secs: u64) -> Option<(Messa
     if let Some(expiration) = properties.expiration() {
         death.insert("original-expiration".into(), text(expiration.as_str()));
     }
+    let kept = match properties.headers() {
+        Some(headers) if letter.from_quorum => Some(without(headers, "x-delivery-count")),
+        other => other.clone(),
+    };
     let mut headers = with_death(
-        properties.headers().as_ref(),
+        kept.as_ref(),
         death,
         &letter.queue,
         letter.reason,
@@ -349,6 +359,7 @@ mod tests {
             },
             reason: DeathReason::Rejected,
             message: builder.finish(),
+            from_quorum: false,
         };
         let (message, publication) = dead_lettered(&letter, 1_700_000_000).unwrap();
         let headers = publication.headers.unwrap();

@@ -3,7 +3,8 @@
 
 use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::BasicProperties;
-use amq_protocol::protocol::basic::gen_properties;
+use amq_protocol::protocol::basic::{gen_properties, parse_properties};
+use amq_protocol::types::AMQPValue;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
@@ -106,6 +107,26 @@ impl Message {
             return 0;
         }
         self.exchange_len as usize + self.routing_key_len as usize + self.properties_len as usize
+    }
+
+    /// The same message with an `x-delivery-count` header of `count` (a long long, as
+    /// RabbitMQ's quorum queues send it), replacing any it had; the body is copied. `self`
+    /// unchanged if its properties cannot be read (they were checked when it was published).
+    pub(crate) fn with_delivery_count(&self, count: u32) -> Message {
+        let Ok((_, properties)) = parse_properties(self.properties()) else {
+            return self.clone();
+        };
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-delivery-count".into(),
+            AMQPValue::LongLongInt(count.into()),
+        );
+        let raw = encode_properties(&properties.with_headers(headers));
+        let body = self.body();
+        let mut builder =
+            MessageBuilder::new(self.exchange(), self.routing_key(), &raw, body.len() as u64);
+        builder.push(body);
+        builder.finish()
     }
 
     /// Whether its body is a slice of a read buffer (see [`Message::unpin`]).
@@ -262,6 +283,9 @@ pub(crate) struct QueuedMessage {
     pub(crate) seq: u64,
     /// Its `priority` property (0 if none), which orders it in a priority queue.
     pub(crate) priority: u8,
+    /// Times a quorum queue had it back from a consumer (RabbitMQ's delivery count); always 0
+    /// in a classic queue.
+    pub(crate) deliveries: u32,
     /// Whether it was delivered before.
     pub(crate) redelivered: bool,
     /// When it expires in this queue: the earlier of its own TTL and the queue's.

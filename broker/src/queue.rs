@@ -153,6 +153,19 @@ pub(crate) struct QueueArgs {
     pub(crate) single_active_consumer: bool,
     /// `x-max-priority`: a priority queue, with priorities 0 to this.
     pub(crate) max_priority: Option<u8>,
+    /// `x-queue-type: quorum`: a quorum queue's behaviour.
+    pub(crate) quorum: Option<Quorum>,
+}
+
+/// What sets a quorum queue (`x-queue-type: quorum`) apart, as RabbitMQ 3.10's: a message
+/// returned to it (rejected or nacked with requeue, or left unacked by a closing channel)
+/// goes to its back and counts a delivery; a redelivery carries that count in its
+/// `x-delivery-count` header (a basic.get always does); past `x-delivery-limit` returns it is
+/// dead-lettered (reason `delivery_limit`) or dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Quorum {
+    /// `x-delivery-limit`, if an integer (RabbitMQ ignores any other value).
+    pub(crate) delivery_limit: Option<i64>,
 }
 
 /// A queue's length limits: of its ready messages (unacknowledged ones do not count), by number
@@ -201,6 +214,8 @@ struct Extras {
     used_at: Instant,
     /// Only the first of its consumers (the longest-standing) gets messages.
     single_active_consumer: bool,
+    /// A quorum queue's behaviour.
+    quorum: Option<Quorum>,
 }
 
 impl Extras {
@@ -213,12 +228,14 @@ impl Extras {
             expires,
             single_active_consumer,
             max_priority: _,
+            quorum,
         } = args;
         if message_ttl.is_none()
             && dead_letter.is_none()
             && limits.is_none()
             && expires.is_none()
             && !single_active_consumer
+            && quorum.is_none()
         {
             return None;
         }
@@ -229,6 +246,7 @@ impl Extras {
             expires: expires.map(std::time::Duration::from_millis),
             used_at: Instant::now(),
             single_active_consumer,
+            quorum,
         }))
     }
 }
@@ -322,6 +340,7 @@ impl Queue {
         self.ready.push_back(QueuedMessage {
             seq,
             priority,
+            deliveries: 0,
             redelivered: false,
             expires_at,
             message,
@@ -435,6 +454,7 @@ impl Queue {
                 target: target.clone(),
                 reason,
                 message,
+                from_quorum: self.quorum().is_some(),
             });
         }
     }
@@ -454,10 +474,35 @@ impl Queue {
         }
     }
 
-    /// Puts a delivered message back at its original position, flagged redelivered.
-    pub(crate) fn requeue(&mut self, mut message: QueuedMessage) {
+    /// Takes back a delivered message, flagged redelivered: at its original position, or, in a
+    /// quorum queue, at the back, one delivery more, unless that is past its delivery limit
+    /// (then it is dead-lettered).
+    pub(crate) fn requeue(&mut self, mut message: QueuedMessage, outbox: &mut Outbox) {
         message.redelivered = true;
-        self.put_back(message);
+        let Some(quorum) = self.quorum() else {
+            self.put_back(message);
+            return;
+        };
+        message.deliveries = message.deliveries.saturating_add(1);
+        if quorum
+            .delivery_limit
+            .is_some_and(|limit| i64::from(message.deliveries) > limit)
+        {
+            self.dead_letter(message.message, DeathReason::DeliveryLimit, outbox);
+            return;
+        }
+        message.seq = self.next_seq;
+        self.next_seq += 1;
+        Self::keep(&mut message.message, &self.consumers, &mut self.may_pin);
+        if let Some(bytes) = &mut self.ready_bytes {
+            *bytes += message.message.body().len();
+        }
+        self.ready.push_back(message);
+    }
+
+    /// A quorum queue's behaviour, if it is one.
+    pub(crate) fn quorum(&self) -> Option<Quorum> {
+        self.extras.as_ref().and_then(|x| x.quorum)
     }
 
     /// Puts a message that was never written to its consumer back at its original position,
@@ -504,9 +549,12 @@ impl Queue {
                 return;
             };
             self.drop_expired_head(now, fresh, outbox);
-            let Some(message) = Self::pop_ready(&mut self.ready, &mut self.ready_bytes) else {
+            let Some(mut message) = Self::pop_ready(&mut self.ready, &mut self.ready_bytes) else {
                 return;
             };
+            if message.deliveries > 0 {
+                message.message = message.message.with_delivery_count(message.deliveries);
+            }
             let consumer = &mut self.consumers[index];
             let item = Outbound::Deliver {
                 channel: consumer.channel,
@@ -597,7 +645,10 @@ impl Queue {
         let message = Self::pop_ready(&mut self.ready, &mut self.ready_bytes);
         // A new head may expire before anything else was armed.
         self.arm_expiry(outbox);
-        let message = message?;
+        let mut message = message?;
+        if self.quorum().is_some() {
+            message.message = message.message.with_delivery_count(message.deliveries);
+        }
         if !no_ack {
             self.unacked += 1;
         }
@@ -759,7 +810,7 @@ mod tests {
             read_buffer.slice(SHARED_BODY_MIN..SHARED_BODY_MIN * 2),
         );
         assert!(delivered.message.is_pinning());
-        queue.requeue(delivered);
+        queue.requeue(delivered, &mut outbox);
         let requeued = queue
             .get(Instant::now(), true, &mut outbox)
             .expect("the message was requeued");

@@ -146,6 +146,7 @@ mod tests {
         QueuedMessage {
             seq,
             priority,
+            deliveries: 0,
             redelivered: false,
             expires_at: None,
             message: MessageBuilder::new("", "q", &[], 0).finish(),

@@ -147,6 +147,7 @@ mod tests {
             source: crate::queue::Source::basic_get(Arc::from("q")),
             message: QueuedMessage {
                 seq: 0,
+                deliveries: 0,
                 priority: 0,
                 redelivered: false,
                 expires_at: None,

@@ -358,6 +358,7 @@ impl VhostState {
             no_ack: true,
             message: QueuedMessage {
                 seq: 0,
+                deliveries: 0,
                 priority: 0,
                 redelivered: false,
                 expires_at: None,

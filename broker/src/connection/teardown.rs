@@ -150,7 +150,7 @@ pub(crate) fn requeue(
 ) {
     if let Some(q) = state.queues.get_mut(&source.queue) {
         q.settle(conn, channel, source, 1);
-        q.requeue(message);
+        q.requeue(message, &mut state.outbox);
     }
 }
 

@@ -147,6 +147,11 @@ impl Connection {
         // x-priority (0 without): its queue delivers to its highest-priority consumers first.
         let resource = queue_resource(queue_name.as_str(), &vhost_name);
         let priority = integer_arg(&m.arguments, "x-priority", &resource)?.unwrap_or(0);
+        if queue.quorum().is_some() && credit.limit.load(Ordering::Relaxed) > 0 {
+            return Err(AmqpError::not_implemented(format!(
+                "{resource} does not support global qos"
+            )));
+        }
         if queue.has_exclusive_consumer() || (m.exclusive && queue.consumer_count() > 0) {
             return Err(AmqpError::access_refused(format!(
                 "queue '{queue_name}' in vhost '{vhost_name}' in exclusive use"

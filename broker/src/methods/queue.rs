@@ -5,7 +5,7 @@ use crate::connection::Connection;
 use crate::dead_letter::DeadLetterTarget;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, is_default};
-use crate::queue::{ConnId, LengthLimits, Overflow, Queue, QueueArgs, QueueOptions};
+use crate::queue::{ConnId, LengthLimits, Overflow, Queue, QueueArgs, QueueOptions, Quorum};
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, queue};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -126,6 +126,7 @@ pub(crate) fn integer_value(value: &AMQPValue) -> Option<i64> {
 /// Validates the declaration arguments Warren acts on.
 fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<QueueArgs> {
     let resource = queue_resource(name, vhost);
+    let quorum = is_quorum(args, &resource)?;
     let message_ttl = non_negative_integer(args, "x-message-ttl", &resource)?;
     if let Some(ttl) = message_ttl
         && ttl > crate::message::MAX_TTL_MS
@@ -136,14 +137,120 @@ fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<
             format!("{{value_too_large,{ttl}}}"),
         ));
     }
-    Ok(QueueArgs {
+    let mut checked = QueueArgs {
         message_ttl,
         dead_letter: dead_letter_target(args, &resource)?,
         limits: length_limits(args, &resource)?,
         expires: queue_expiry(args, &resource)?,
         single_active_consumer: single_active_consumer(args, &resource)?,
         max_priority: max_priority(args, &resource)?,
-    })
+        quorum: None,
+    };
+    integer_arg(args, "x-queue-version", &resource)?;
+    // Then the arguments RabbitMQ knows but the queue's type does not take.
+    let (type_name, refused) = if quorum {
+        ("rabbit_quorum_queue", NOT_FOR_QUORUM)
+    } else {
+        ("rabbit_classic_queue", NOT_FOR_CLASSIC)
+    };
+    if let Some(key) = args.inner().keys().find(|k| refused.contains(&k.as_str())) {
+        return Err(AmqpError::precondition_failed(format!(
+            "invalid arg '{key}' for {resource} of queue type {type_name}"
+        )));
+    }
+    if quorum {
+        dead_letter_strategy(args, &resource)?;
+        checked.quorum = Some(Quorum {
+            delivery_limit: args.inner().get("x-delivery-limit").and_then(integer_value),
+        });
+    }
+    Ok(checked)
+}
+
+/// Arguments of other queue types that RabbitMQ 3.10 refuses for a classic queue.
+const NOT_FOR_CLASSIC: &[&str] = &[
+    "x-dead-letter-strategy",
+    "x-delivery-limit",
+    "x-initial-cluster-size",
+    "x-max-age",
+    "x-max-in-memory-bytes",
+    "x-max-in-memory-length",
+    "x-queue-leader-locator",
+    "x-quorum-initial-group-size",
+    "x-stream-max-segment-size-bytes",
+];
+
+/// Arguments of other queue types that RabbitMQ 3.10 refuses for a quorum queue.
+const NOT_FOR_QUORUM: &[&str] = &[
+    "x-initial-cluster-size",
+    "x-max-age",
+    "x-max-priority",
+    "x-queue-master-locator",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-stream-max-segment-size-bytes",
+];
+
+/// `x-queue-type`: whether the queue is a quorum queue. `classic` (or nothing) is a classic
+/// queue; other types (`stream` too) are refused as RabbitMQ refuses a type it does not have.
+fn is_quorum(args: &FieldTable, resource: &str) -> AmqpResult<bool> {
+    const KEY: &str = "x-queue-type";
+    match args.inner().get(KEY) {
+        None => Ok(false),
+        Some(value @ (AMQPValue::LongString(_) | AMQPValue::ShortString(_))) => {
+            match value_text(value).as_str() {
+                "classic" => Ok(false),
+                "quorum" => Ok(true),
+                other => Err(invalid_arg(
+                    KEY,
+                    resource,
+                    format!("\"unsupported queue type '{other}'\""),
+                )),
+            }
+        }
+        Some(other) => Err(invalid_arg(
+            KEY,
+            resource,
+            format!("{{unacceptable_type,{}}}", type_name(other)),
+        )),
+    }
+}
+
+/// A quorum queue's `x-dead-letter-strategy`: `at-most-once` or `at-least-once` (the same
+/// here: dead letters are routed at once, inside the broker).
+fn dead_letter_strategy(args: &FieldTable, resource: &str) -> AmqpResult {
+    const KEY: &str = "x-dead-letter-strategy";
+    match args.inner().get(KEY) {
+        None => Ok(()),
+        Some(value @ (AMQPValue::LongString(_) | AMQPValue::ShortString(_))) => {
+            match value_text(value).as_str() {
+                "at-most-once" | "at-least-once" => Ok(()),
+                _ => Err(invalid_arg(KEY, resource, "invalid_dlx_strategy".into())),
+            }
+        }
+        Some(other) => Err(invalid_arg(
+            KEY,
+            resource,
+            format!("{{unacceptable_type,{}}}", type_name(other)),
+        )),
+    }
+}
+
+/// The declare flags a quorum queue cannot have, refused as RabbitMQ refuses them (in this
+/// order, after the arguments).
+fn check_quorum_flags(declare: &queue::Declare, resource: &str) -> AmqpResult {
+    let refused = if declare.auto_delete {
+        "auto-delete"
+    } else if declare.exclusive {
+        "exclusive-owner"
+    } else if !declare.durable {
+        "non-durable"
+    } else {
+        return Ok(());
+    };
+    Err(AmqpError::precondition_failed(format!(
+        "invalid property '{refused}' for {resource}"
+    )))
 }
 
 /// `x-max-priority`: an integer from 0 to 255.
@@ -330,6 +437,14 @@ fn check_equivalence(queue: &Queue, declare: &queue::Declare, vhost: &str) -> Am
     for key in EQUIVALENCE_ARGS {
         let current = queue.options.arguments.inner().get(*key);
         let received = declare.arguments.inner().get(*key);
+        // An explicit `x-queue-type: classic` is the same as none.
+        let classic = |value: Option<&AMQPValue>| value.is_some_and(|v| value_text(v) == "classic");
+        if *key == "x-queue-type"
+            && ((classic(received) && current.is_none())
+                || (received.is_none() && classic(current)))
+        {
+            continue;
+        }
         let detail = match (received, current) {
             (Some(r), Some(c)) if r == c => continue,
             (Some(r), Some(c)) if type_name(r) == type_name(c) => {
@@ -416,6 +531,17 @@ impl Connection {
         let name: ShortString = if m.passive {
             m.queue.clone()
         } else if m.queue.as_str().is_empty() {
+            if m.arguments
+                .inner()
+                .get("x-queue-type")
+                .map(value_text)
+                .as_deref()
+                == Some("quorum")
+            {
+                return Err(AmqpError::precondition_failed(
+                    "Cannot declare a server-named queue for type rabbit_quorum_queue",
+                ));
+            }
             ShortString::try_new(generated_name("amq.gen-")).expect("short")
         } else if m.queue.as_str().starts_with("amq.") {
             return Err(AmqpError::access_refused(format!(
@@ -466,6 +592,9 @@ impl Connection {
                 // As RabbitMQ: arguments are checked when a queue is created; a redeclare only
                 // compares them (`check_equivalence`).
                 let args = validate_arguments(&m.arguments, name.as_str(), &vhost_name)?;
+                if args.quorum.is_some() {
+                    check_quorum_flags(&m, &queue_resource(name.as_str(), &vhost_name))?;
+                }
                 let options = QueueOptions {
                     durable: m.durable,
                     exclusive: m.exclusive.then_some(self.id),
@@ -557,6 +686,13 @@ impl Connection {
             Err(e) if e.code == 404 => 0,
             Err(e) => return Err(e),
             Ok(queue) => {
+                if queue.quorum().is_some() && (m.if_unused || m.if_empty) {
+                    let flag = if m.if_unused { "if-unused" } else { "if-empty" };
+                    return Err(AmqpError::not_implemented(format!(
+                        "cannot delete {}. queue.delete operations with {flag} flag set are not supported by quorum queues",
+                        queue_resource(name.as_str(), &vhost_name)
+                    )));
+                }
                 if m.if_unused && queue.consumer_count() > 0 {
                     return Err(AmqpError::precondition_failed(format!(
                         "{} in use",
