@@ -491,13 +491,10 @@ impl Queue {
             self.dead_letter(message.message, DeathReason::DeliveryLimit, outbox);
             return;
         }
+        // A position after every message there: the back.
         message.seq = self.next_seq;
         self.next_seq += 1;
-        Self::keep(&mut message.message, &self.consumers, &mut self.may_pin);
-        if let Some(bytes) = &mut self.ready_bytes {
-            *bytes += message.message.body().len();
-        }
-        self.ready.push_back(message);
+        self.put_back(message);
     }
 
     /// A quorum queue's behaviour, if it is one.
