@@ -56,6 +56,9 @@ pub struct ConnectionInfo {
     pub client: String,
     /// Open channels.
     pub channels: usize,
+    /// Whether a resource alarm holds its input: it published while one was raised
+    /// ([`crate::BrokerHandle::raise_alarm`]).
+    pub blocked: bool,
 }
 
 pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {

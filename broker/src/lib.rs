@@ -21,6 +21,8 @@
 //! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - `sender_selected`: the `CC` and `BCC` headers' extra routing keys.
 //! - `dead_letter`: dead-lettering (`x-dead-letter-exchange`): the `x-death` header, cycles.
+//! - `alarm`: resource alarms a test raises ([`ResourceAlarm`]) and the publisher throttling
+//!   they cause.
 //! - `mailbox`: what other tasks hand a connection (deliveries, cancels, forced close), and
 //!   the outbox that gathers them while the vhost lock is held.
 //! - `message`: a published message as kept: raw property bytes and body.
@@ -40,6 +42,7 @@
 //! # Ok(()) }
 //! ```
 
+mod alarm;
 mod channel;
 mod codec;
 pub mod config;
@@ -63,6 +66,7 @@ pub mod trace;
 mod unacked;
 mod vhost;
 
+pub use alarm::ResourceAlarm;
 pub use config::{BrokerConfig, User};
 pub use inspect::{ConnectionInfo, ConsumerInfo, QueueInfo};
 pub use server::{Broker, BrokerHandle, StartError, ThreadedBroker};

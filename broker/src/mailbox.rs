@@ -46,6 +46,8 @@ pub(crate) enum Outbound {
     },
     /// Close the connection with this error (operator's forced close, broker shutdown).
     Close(AmqpError),
+    /// The broker's resource alarms changed (see [`crate::alarm`]).
+    Alarms(crate::alarm::Alarms),
 }
 
 /// What an item counts against [`MAILBOX_BYTES`]: a delivery, its message and its entry; other

@@ -2,6 +2,7 @@
 //! [`BrokerHandle`].
 
 use crate::BrokerConfig;
+use crate::alarm::{Alarms, ResourceAlarm};
 use crate::connection;
 use crate::error::AmqpError;
 use crate::inspect::{ConnectionInfo, QueueInfo};
@@ -11,7 +12,7 @@ use crate::trace::{Trace, TraceEntry};
 use crate::vhost::{Vhost, run_expiry};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,8 @@ pub(crate) struct ConnectionEntry {
     pub(crate) client: String,
     pub(crate) mailbox: Mailbox,
     pub(crate) channels: Arc<AtomicUsize>,
+    /// Whether a resource alarm holds its input (see [`crate::alarm`]).
+    pub(crate) blocked: Arc<AtomicBool>,
 }
 
 /// State shared by the accept loop and every connection of one broker.
@@ -60,13 +63,33 @@ pub(crate) struct BrokerShared {
     /// Open connections, for inspection and forced closes. A std mutex: held only to insert,
     /// remove or copy entries, never across an `.await`.
     connections: Mutex<HashMap<ConnId, ConnectionEntry>>,
+    /// The resource alarms raised; changed only with `connections` locked, so that a
+    /// connection registering meanwhile either is told of the change or reads it.
+    alarms: Mutex<Alarms>,
 }
 
 impl BrokerShared {
-    pub(crate) fn register_connection(&self, entry: ConnectionEntry) -> ConnId {
+    /// Registers an open connection: its id, and the resource alarms raised now (it is told
+    /// of later changes through its mailbox).
+    pub(crate) fn register_connection(&self, entry: ConnectionEntry) -> (ConnId, Alarms) {
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed) + 1;
-        self.connections_lock().insert(id, entry);
-        id
+        let mut connections = self.connections_lock();
+        connections.insert(id, entry);
+        (id, *self.alarms_lock())
+    }
+
+    fn alarms_lock(&self) -> std::sync::MutexGuard<'_, Alarms> {
+        self.alarms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Raises or clears a resource alarm and tells every connection.
+    fn set_alarm(&self, alarm: ResourceAlarm, raised: bool) {
+        let connections = self.connections_lock();
+        let mut alarms = self.alarms_lock();
+        *alarms = alarms.with(alarm, raised);
+        for entry in connections.values() {
+            let _ = entry.mailbox.send(Outbound::Alarms(*alarms));
+        }
     }
 
     pub(crate) fn unregister_connection(&self, id: ConnId) {
@@ -130,6 +153,7 @@ impl Broker {
             next_conn_id: AtomicU64::new(0),
             live: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
+            alarms: Mutex::default(),
         });
         let tracker = TaskTracker::new();
         tracker.spawn(run_expiry(shared.vhost.clone(), shared.shutdown.clone()));
@@ -335,6 +359,7 @@ impl BrokerHandle {
                 user: e.user.clone(),
                 client: e.client.clone(),
                 channels: e.channels.load(Ordering::Relaxed),
+                blocked: e.blocked.load(Ordering::Relaxed),
             })
             .collect();
         list.sort_by_key(|c| c.id);
@@ -394,6 +419,31 @@ impl BrokerHandle {
         };
         let error = AmqpError::new(crate::error::Scope::Connection, code, text);
         entry.mailbox.send(Outbound::Close(error)).is_ok()
+    }
+
+    /// Raises a resource alarm, as RabbitMQ does when it runs low on memory or disk: each
+    /// connection that publishes from now on is blocked (its input unread, nothing lost) and,
+    /// if its client takes it, sent `connection.blocked` ("low on memory"), until every alarm
+    /// is cleared ([`BrokerHandle::clear_alarm`]). [`ConnectionInfo::blocked`] shows which.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use warren_broker::{Broker, BrokerConfig, ResourceAlarm};
+    /// let broker = Broker::start(BrokerConfig::default()).await?;
+    /// broker.raise_alarm(ResourceAlarm::Memory);
+    /// // ... a publisher's next publish blocks its connection ...
+    /// broker.clear_alarm(ResourceAlarm::Memory);
+    /// broker.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn raise_alarm(&self, alarm: ResourceAlarm) {
+        self.shared.set_alarm(alarm, true);
+    }
+
+    /// Clears a resource alarm; with none left, blocked connections are read again (and sent
+    /// `connection.unblocked` if they were sent `connection.blocked`).
+    pub fn clear_alarm(&self, alarm: ResourceAlarm) {
+        self.shared.set_alarm(alarm, false);
     }
 
     /// Closes every connection with 320 CONNECTION_FORCED, stops listening, and returns when

@@ -24,6 +24,9 @@ pub(crate) struct Tuning {
     pub(crate) client: String,
     /// The client takes server-sent basic.cancel (capability `consumer_cancel_notify`).
     pub(crate) cancel_notify: bool,
+    /// The client takes connection.blocked and connection.unblocked (capability
+    /// `connection.blocked`).
+    pub(crate) blocked_notify: bool,
 }
 
 /// How a handshake failed.
@@ -60,6 +63,7 @@ fn server_properties() -> FieldTable {
         "exchange_exchange_bindings",
         "basic.nack",
         "consumer_cancel_notify",
+        "connection.blocked",
         "per_consumer_qos",
         "authentication_failure_close",
         "direct_reply_to",
@@ -192,6 +196,7 @@ where
     };
     let client = client_product(&start_ok.client_properties);
     let cancel_notify = client_capability(&start_ok.client_properties, "consumer_cancel_notify");
+    let blocked_notify = client_capability(&start_ok.client_properties, "connection.blocked");
     let failure_close =
         client_capability(&start_ok.client_properties, "authentication_failure_close");
     let user = authenticate(shared, &start_ok).map_err(|e| {
@@ -270,6 +275,7 @@ where
         user,
         client,
         cancel_notify,
+        blocked_notify,
     })
 }
 

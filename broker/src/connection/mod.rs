@@ -7,6 +7,7 @@ mod output;
 mod read_pacing;
 pub(crate) mod teardown;
 
+use crate::alarm::{Alarms, Throttle};
 use crate::channel::{Channel, ChannelState, SettleCount};
 use crate::codec::{self, Decoded, Frame};
 use crate::error::AmqpError;
@@ -26,7 +27,7 @@ use rustc_hash::FxHashMap;
 use std::borrow::Cow;
 use std::io::IoSlice;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until};
@@ -96,6 +97,10 @@ pub(crate) struct Connection {
     /// handled, before a channel or connection error is reported, and when the input read is
     /// done, so nothing else this connection does can tell.
     pub(crate) staged: Vec<(u16, crate::channel::Publication, crate::message::Message)>,
+    /// Publisher throttling under resource alarms.
+    throttle: Throttle,
+    /// Whether the throttle holds its input, published for inspection.
+    blocked: Arc<AtomicBool>,
 }
 
 /// Serves one client connection over any byte stream until it ends, then returns its
@@ -124,7 +129,10 @@ where
     };
     let (mailbox, mut inbox) = mailbox();
     let channel_count = Arc::new(AtomicUsize::new(0));
-    let id = shared.register_connection(ConnectionEntry {
+    let blocked = Arc::new(AtomicBool::new(false));
+    let throttle = Throttle::new(Alarms::default(), tuning.blocked_notify);
+    let (id, alarms) = shared.register_connection(ConnectionEntry {
+        blocked: blocked.clone(),
         channels: channel_count.clone(),
         peer: peer.clone(),
         user: tuning.user.clone(),
@@ -149,7 +157,10 @@ where
         settled_messages: Vec::new(),
         redispatch_from: 0,
         staged: Vec::new(),
+        throttle,
+        blocked,
     };
+    conn.set_alarms(alarms);
     // Frames the client pipelined behind connection.open are already buffered.
     conn.process_input(&mut rbuf);
     let end = conn
@@ -251,7 +262,8 @@ impl Connection {
         let mut shutting_down = false;
         let mut pacing = ReadPacing::default();
         loop {
-            if self.input_held && self.out_pending() < OUT_HIGH_WATER {
+            if self.input_held && self.out_pending() < OUT_HIGH_WATER && !self.throttle.is_blocked()
+            {
                 self.process_input(rbuf);
             }
             if self.state == ConnState::Closed && self.out_pending() == 0 {
@@ -261,7 +273,11 @@ impl Connection {
                 ConnState::Closing(at) => Some(at),
                 _ => None,
             };
-            let reading = self.state != ConnState::Closed && self.out_pending() < OUT_HIGH_WATER;
+            // A blocked connection's socket is not read (its heartbeats neither, so their
+            // monitoring pauses below).
+            let reading = self.state != ConnState::Closed
+                && self.out_pending() < OUT_HIGH_WATER
+                && !self.throttle.is_blocked();
             let taking = self.state == ConnState::Open && self.out_pending() < OUT_HIGH_WATER;
             if reading {
                 pacing.prepare(rbuf);
@@ -304,6 +320,9 @@ impl Connection {
                     }
                 },
                 _ = ticker.tick(), if !heartbeat.is_zero() => {
+                    if self.throttle.is_blocked() {
+                        last_read = Instant::now();
+                    }
                     if last_read.elapsed() >= heartbeat * 2 {
                         tracing::warn!(conn = self.id, "missed heartbeats from client, timeout: {}s", heartbeat.as_secs());
                         return "missed heartbeats";
@@ -336,7 +355,7 @@ impl Connection {
                 self.flush_confirms();
                 return;
             }
-            self.input_held = self.out_pending() >= OUT_HIGH_WATER;
+            self.input_held = self.out_pending() >= OUT_HIGH_WATER || self.throttle.is_blocked();
             let decoded = if self.input_held {
                 Ok(None)
             } else {
@@ -581,6 +600,27 @@ impl Connection {
                 consumer_tag,
             } => self.server_cancel(channel, consumer_tag),
             Outbound::Close(e) => self.close_connection(e),
+            Outbound::Alarms(alarms) => self.set_alarms(alarms),
+        }
+    }
+
+    /// The broker's resource alarms changed (or were read when the connection opened).
+    fn set_alarms(&mut self, alarms: Alarms) {
+        if let Some(unblocked) = self.throttle.set_alarms(alarms) {
+            self.send(0, unblocked);
+        }
+        self.blocked
+            .store(self.throttle.is_blocked(), Ordering::Relaxed);
+    }
+
+    /// A basic.publish arrived: under a resource alarm the connection is blocked from here on
+    /// (the frames after this one stay unread until the alarms clear).
+    pub(crate) fn publish_received(&mut self) {
+        if let Some(blocked) = self.throttle.publish_received() {
+            self.send(0, blocked);
+        }
+        if self.throttle.is_blocked() {
+            self.blocked.store(true, Ordering::Relaxed);
         }
     }
 }

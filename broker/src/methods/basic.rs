@@ -70,6 +70,7 @@ impl Connection {
                     return Err(AmqpError::not_implemented("immediate=true"));
                 }
                 self.channel_mut(ch).assembly = Assembly::Header(m);
+                self.publish_received();
                 Ok(())
             }
             basic::AMQPMethod::Get(m) => self.basic_get(ch, m),
