@@ -65,6 +65,19 @@ pub struct BrokerConfig {
     pub max_connections: Option<usize>,
     /// Record every method each connection sends and receives ([`crate::BrokerHandle::trace`]).
     pub trace: bool,
+    /// How long a delivery may wait for its acknowledgement before its channel is closed
+    /// with 406 PRECONDITION_FAILED and its unacknowledged messages requeued (RabbitMQ's
+    /// `consumer_timeout`, 30 minutes by default); `None` never. Checked in steps of a quarter
+    /// of it (at most a minute), so a channel closes between one and 1.25 times it late.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use warren_broker::BrokerConfig;
+    /// // A test of a worker that must ack within half a second:
+    /// let config = BrokerConfig { consumer_timeout: Some(Duration::from_millis(500)), ..BrokerConfig::default() };
+    /// # let _ = config;
+    /// ```
+    pub consumer_timeout: Option<Duration>,
 }
 
 impl Default for BrokerConfig {
@@ -79,6 +92,7 @@ impl Default for BrokerConfig {
             max_message_size: 128 * 1024 * 1024,
             max_connections: None,
             trace: false,
+            consumer_timeout: Some(Duration::from_secs(30 * 60)),
         }
     }
 }

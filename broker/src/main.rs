@@ -41,6 +41,10 @@ struct Args {
     /// Seconds a client has to complete the AMQP handshake.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     handshake_timeout: u64,
+    /// Milliseconds a delivery may wait for its ack before its channel is closed with 406
+    /// (RabbitMQ's consumer_timeout; 0 never).
+    #[arg(long, default_value_t = 1_800_000, value_name = "MS")]
+    consumer_timeout: u64,
 }
 
 fn parse_user(text: &str) -> Result<User, String> {
@@ -75,6 +79,8 @@ async fn main() -> ExitCode {
         max_message_size: args.max_message_size,
         max_connections: args.max_connections,
         trace: false,
+        consumer_timeout: (args.consumer_timeout > 0)
+            .then(|| Duration::from_millis(args.consumer_timeout)),
     };
     let broker = match Broker::start(config).await {
         Ok(broker) => broker,

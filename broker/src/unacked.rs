@@ -20,18 +20,42 @@ pub(crate) struct UnackedDeliveries {
     entries: VecDeque<(u64, Option<Unacked>)>,
     /// How many entries are deliveries (not holes).
     live: usize,
+    /// When they were delivered, by the connection's consumer-timeout clock: the first tag
+    /// delivered at each reading (one entry per tick with deliveries, not one per delivery).
+    delivered_at: VecDeque<(u64, u32)>,
 }
 
 impl UnackedDeliveries {
-    /// Adds a delivery. New deliveries have the highest tag so far; any other goes through
-    /// the merge of [`Extend::extend`].
-    pub(crate) fn insert(&mut self, tag: u64, delivery: Unacked) {
+    /// Adds a delivery made at `clock` (the connection's consumer-timeout clock). New
+    /// deliveries have the highest tag so far; any other goes through the merge of
+    /// [`Extend::extend`].
+    pub(crate) fn insert(&mut self, tag: u64, delivery: Unacked, clock: u32) {
         if self.entries.back().is_some_and(|last| last.0 >= tag) {
             self.extend([(tag, delivery)]);
             return;
         }
+        if self.delivered_at.back().is_none_or(|at| at.1 != clock) {
+            self.delivered_at.push_back((tag, clock));
+        }
         self.entries.push_back((tag, Some(delivery)));
         self.live += 1;
+    }
+
+    /// The clock reading when its oldest delivery awaiting settlement was made, if any.
+    pub(crate) fn oldest_delivered_at(&mut self) -> Option<u32> {
+        // Holes never stay at the front, so the first entry is the oldest delivery.
+        let Some(&(oldest, _)) = self.entries.front().filter(|_| self.live > 0) else {
+            self.delivered_at.clear();
+            return None;
+        };
+        while self
+            .delivered_at
+            .get(1)
+            .is_some_and(|next| next.0 <= oldest)
+        {
+            self.delivered_at.pop_front();
+        }
+        self.delivered_at.front().map(|at| at.1)
     }
 
     /// Where the delivery with this tag is, if it awaits settlement.
@@ -78,6 +102,7 @@ impl UnackedDeliveries {
     /// Takes every delivery, in tag order.
     pub(crate) fn take_all(&mut self) -> impl Iterator<Item = (u64, Unacked)> + use<> {
         self.live = 0;
+        self.delivered_at.clear();
         std::mem::take(&mut self.entries)
             .into_iter()
             .filter_map(|(t, u)| u.map(|u| (t, u)))
@@ -193,9 +218,9 @@ mod tests {
         let mut u = filled([2, 5]);
         let mut back: Vec<_> = u.take(5, false).unwrap().collect();
         back.extend(u.take(2, false).unwrap());
-        u.insert(7, delivery());
+        u.insert(7, delivery(), 0);
         u.extend(back);
-        u.insert(1, delivery());
+        u.insert(1, delivery(), 0);
         assert_eq!(u.live, 4);
         assert_eq!(tags(&mut u), vec![1, 2, 5, 7]);
     }
@@ -214,6 +239,26 @@ mod tests {
             "no hole is left beside its delivery"
         );
         assert_eq!(tags(&mut u), (1..=20_000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_oldest_delivery_s_time_follows_settlements() {
+        let mut u = UnackedDeliveries::default();
+        assert_eq!(u.oldest_delivered_at(), None);
+        for (tag, clock) in [(1, 10), (2, 10), (3, 11), (4, 13)] {
+            u.insert(tag, delivery(), clock);
+        }
+        assert_eq!(u.delivered_at.len(), 3, "one entry per reading");
+        assert_eq!(u.oldest_delivered_at(), Some(10));
+        assert_eq!(take(&mut u, 2, false), Some(vec![2]));
+        assert_eq!(u.oldest_delivered_at(), Some(10), "1 is still out");
+        assert_eq!(take(&mut u, 1, false), Some(vec![1]));
+        assert_eq!(u.oldest_delivered_at(), Some(11));
+        assert_eq!(take(&mut u, 3, true), Some(vec![3]));
+        assert_eq!(u.oldest_delivered_at(), Some(13));
+        assert_eq!(take(&mut u, 4, false), Some(vec![4]));
+        assert_eq!(u.oldest_delivered_at(), None);
+        assert!(u.delivered_at.is_empty());
     }
 
     #[test]

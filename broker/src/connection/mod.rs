@@ -2,6 +2,7 @@
 //! multiplexes the socket (read and write halves), its mailbox and the heartbeat timer. No
 //! lock is held across an `.await`; the vhost lock is taken briefly inside handlers.
 
+mod consumer_timeout;
 mod handshake;
 mod output;
 mod read_pacing;
@@ -19,6 +20,7 @@ use crate::trace::Direction;
 use crate::vhost::Vhost;
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 use bytes::{Buf, Bytes, BytesMut};
+use consumer_timeout::Steps;
 pub(crate) use handshake::method_name;
 use handshake::{HandshakeError, Tuning, handshake};
 use output::{MAX_SLICES, Output};
@@ -101,6 +103,9 @@ pub(crate) struct Connection {
     throttle: Throttle,
     /// Whether the throttle holds its input, published for inspection.
     blocked: Arc<AtomicBool>,
+    /// The consumer-timeout clock: steps since the connection opened (see
+    /// [`consumer_timeout`]), stamped on deliveries awaiting an ack.
+    pub(crate) clock: u32,
 }
 
 /// Serves one client connection over any byte stream until it ends, then returns its
@@ -159,6 +164,7 @@ where
         staged: Vec::new(),
         throttle,
         blocked,
+        clock: 0,
     };
     conn.set_alarms(alarms);
     // Frames the client pipelined behind connection.open are already buffered.
@@ -257,6 +263,10 @@ impl Connection {
         };
         let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timeout_steps = self.shared.config.consumer_timeout.map(Steps::new);
+        let step = timeout_steps.map_or(Duration::from_secs(3600), |s| s.period);
+        let mut timeout_ticker = tokio::time::interval_at(Instant::now() + step, step);
+        timeout_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_read = Instant::now();
         let mut wrote_since_tick = false;
         let mut shutting_down = false;
@@ -331,6 +341,11 @@ impl Connection {
                         codec::write_heartbeat(&mut self.out.bytes);
                     }
                     wrote_since_tick = false;
+                },
+                _ = timeout_ticker.tick(), if timeout_steps.is_some() => {
+                    if let Some(steps) = timeout_steps {
+                        self.consumer_timeout_step(steps);
+                    }
                 },
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;

@@ -296,9 +296,10 @@ impl Connection {
         );
         self.write_content(ch, &message.message);
         if !m.no_ack {
+            let clock = self.clock;
             self.channel_mut(ch)
                 .unacked
-                .insert(delivery_tag, Unacked { source, message });
+                .insert(delivery_tag, Unacked { source, message }, clock);
         }
         Ok(())
     }
@@ -675,9 +676,10 @@ impl Connection {
         codec::write_deliver(&mut self.out.bytes, ch, &deliver);
         self.write_content(ch, &message.message);
         if !no_ack {
+            let clock = self.clock;
             self.channel_mut(ch)
                 .unacked
-                .insert(delivery_tag, Unacked { source, message });
+                .insert(delivery_tag, Unacked { source, message }, clock);
         }
     }
 

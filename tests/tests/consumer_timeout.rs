@@ -1,0 +1,125 @@
+//! The consumer timeout (RabbitMQ's `consumer_timeout`; embedded only, as a test cannot set
+//! RabbitMQ's: its behaviour was probed with pika, see ORACLE.md): a channel whose delivery
+//! waits longer than the timeout for its ack is closed with 406, its messages requeued; a
+//! channel that acks in time, or consumes without acks, is left alone.
+
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use std::time::Duration;
+use warren_broker::BrokerConfig;
+use warren_harness::TestBroker;
+use warren_tests::{
+    ErrorEvents, assert_amqp_error, assert_connection_works, channel, close_conn,
+    consume_prefetched, declare, get, next_bodies, next_delivery, publish, within,
+};
+
+const TIMEOUT: Duration = Duration::from_millis(400);
+
+#[tokio::test]
+#[cfg_attr(
+    warren_external,
+    ignore = "embedded only: RabbitMQ's consumer_timeout is its own configuration"
+)]
+async fn a_delivery_left_unacked_past_the_timeout_closes_its_channel_and_goes_back() {
+    let broker = TestBroker::start_embedded(BrokerConfig {
+        consumer_timeout: Some(TIMEOUT),
+        ..BrokerConfig::default()
+    })
+    .await;
+    let conn = broker.connect().await;
+    let admin = channel(&conn).await;
+    let queue = broker.unique_name("consumer-timeout");
+    declare(&admin, &queue).await;
+    // A consumer without acks on the same connection is never timed out.
+    let quiet_queue = broker.unique_name("consumer-timeout-no-ack");
+    declare(&admin, &quiet_queue).await;
+    let quiet_ch = channel(&conn).await;
+    let mut quiet = within(
+        "basic.consume",
+        quiet_ch.basic_consume(
+            quiet_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("basic.consume");
+    publish(&admin, &quiet_queue, b"fire and forget").await;
+    next_delivery(&mut quiet).await;
+
+    for body in ["a", "b", "c"] {
+        publish(&admin, &queue, body.as_bytes()).await;
+    }
+    let mut events = ErrorEvents::new(&conn);
+    let (slow_ch, mut slow) = consume_prefetched(&conn, &queue, 2, None).await;
+    let taken = next_bodies(&mut slow, 2).await;
+    assert_eq!(taken, [("a".to_owned(), false), ("b".to_owned(), false)]);
+    let err = events.next_error().await;
+    let text = format!(
+        "PRECONDITION_FAILED - delivery acknowledgement on channel {} timed out. Timeout value used: 400 ms. This timeout value can be configured, see consumers doc guide to learn more",
+        slow_ch.id()
+    );
+    assert_amqp_error(&err, 406, Some(&text));
+    // Its two come back, flagged redelivered, ahead of the third.
+    broker.wait_for_messages(&queue, 3).await;
+    let mut back = Vec::new();
+    while let Some(m) = get(&admin, &queue, true).await {
+        back.push((
+            String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            m.delivery.redelivered,
+        ));
+    }
+    assert_eq!(
+        back,
+        [
+            ("a".to_owned(), true),
+            ("b".to_owned(), true),
+            ("c".to_owned(), false)
+        ]
+    );
+    assert!(
+        quiet_ch.status().connected(),
+        "the no-ack consumer's channel stays open"
+    );
+    assert_connection_works(&conn).await;
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    warren_external,
+    ignore = "embedded only: RabbitMQ's consumer_timeout is its own configuration"
+)]
+async fn a_consumer_that_acks_in_time_keeps_its_channel_however_long_it_runs() {
+    let broker = TestBroker::start_embedded(BrokerConfig {
+        consumer_timeout: Some(TIMEOUT),
+        ..BrokerConfig::default()
+    })
+    .await;
+    let conn = broker.connect().await;
+    let admin = channel(&conn).await;
+    let queue = broker.unique_name("consumer-timeout-prompt");
+    declare(&admin, &queue).await;
+    let (ch, mut consumer) = consume_prefetched(&conn, &queue, 1, None).await;
+    // Eight messages over about three timeouts, each acked as it comes: the channel's work
+    // outlasts the timeout, no delivery waits for its ack as long.
+    for i in 0..8 {
+        publish(&admin, &queue, format!("job {i}").as_bytes()).await;
+        let d = next_delivery(&mut consumer).await;
+        within(
+            "basic.ack",
+            ch.basic_ack(d.delivery_tag, BasicAckOptions::default()),
+        )
+        .await
+        .expect("basic.ack");
+        tokio::time::sleep(TIMEOUT / 3).await;
+    }
+    assert!(ch.status().connected(), "the channel is still open");
+    publish(&admin, &queue, b"last").await;
+    assert_eq!(next_delivery(&mut consumer).await.data, b"last");
+    close_conn(&conn).await;
+}
