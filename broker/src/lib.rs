@@ -9,7 +9,7 @@
 //!   per-message methods (basic.publish and basic.ack in, basic.deliver and confirms out) take
 //!   a direct path that property tests hold byte-equal to amq-protocol's.
 //! - `connection`: handshake, the connection task (owns its channels), its output (large
-//!   bodies written by reference), teardown.
+//!   bodies written by reference), the consumer timeout, teardown.
 //! - `channel`: per-channel state: content assembly, unacked deliveries, consumers, qos.
 //! - `unacked`: a channel's unacknowledged deliveries in tag order.
 //! - `methods`: one file of handlers per AMQP class.
