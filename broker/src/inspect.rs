@@ -54,6 +54,9 @@ pub struct ConnectionInfo {
     pub user: String,
     /// The client's product name.
     pub client: String,
+    /// The name the client gave the connection (client property `connection_name`, as
+    /// RabbitMQ's "user-provided name"; lapin: `ConnectionProperties::with_connection_name`).
+    pub name: Option<String>,
     /// Open channels.
     pub channels: usize,
     /// Whether a resource alarm holds its input: it published while one was raised

@@ -40,6 +40,7 @@ pub(crate) struct ConnectionEntry {
     pub(crate) peer: String,
     pub(crate) user: String,
     pub(crate) client: String,
+    pub(crate) name: Option<String>,
     pub(crate) mailbox: Mailbox,
     pub(crate) channels: Arc<AtomicUsize>,
     /// Whether a resource alarm holds its input (see [`crate::alarm`]).
@@ -358,6 +359,7 @@ impl BrokerHandle {
                 peer: e.peer.clone(),
                 user: e.user.clone(),
                 client: e.client.clone(),
+                name: e.name.clone(),
                 channels: e.channels.load(Ordering::Relaxed),
                 blocked: e.blocked.load(Ordering::Relaxed),
             })

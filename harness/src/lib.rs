@@ -3,8 +3,12 @@
 //! (a real RabbitMQ) instead.
 //!
 //! # Layout
-//! - [`TestBroker`]: the target of a test (embedded or external), its URL, connections,
-//!   unique names (deleted again at the end on an external broker), queue counts and waits.
+//! - [`TestBroker`]: the target of a test (embedded or external), its URL, connections (named
+//!   ones too, found again by name on an embedded broker), unique names (deleted again at the
+//!   end on an external broker), queue counts and waits. Embedded only, through
+//!   [`TestBroker::embedded`]: snapshots, forced closes, resource alarms
+//!   (`raise_alarm`), and a [`BrokerConfig`] of the test's own (e.g. a short
+//!   `consumer_timeout`).
 //! - [`proxy`]: [`Proxy`], a TCP proxy for fault injection on either target.
 //! - [`wait`]: [`within`] and [`wait_until`], timeouts with clear failure messages.
 //!
@@ -122,6 +126,38 @@ impl TestBroker {
         connect_to(&self.url).await
     }
 
+    /// A new lapin connection named `name` (client property `connection_name`), to find it
+    /// among [`BrokerHandle::connections`] (e.g. to close it, or see it blocked) or in
+    /// RabbitMQ's management UI.
+    ///
+    /// # Panics
+    /// As [`TestBroker::connect`].
+    pub async fn connect_named(&self, name: &str) -> lapin::Connection {
+        let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
+        connect_with(&self.url, properties).await
+    }
+
+    /// The embedded broker's id for the connection named `name` (see
+    /// [`TestBroker::connect_named`]), waiting up to [`DEFAULT_TIMEOUT`] for it to be listed;
+    /// `None` on an external broker or when no such connection shows up.
+    pub async fn connection_id(&self, name: &str) -> Option<u64> {
+        let handle = self.embedded()?;
+        try_wait_until(
+            &format!("connection '{name}' is listed"),
+            DEFAULT_TIMEOUT,
+            || async {
+                handle
+                    .connections()
+                    .into_iter()
+                    .find(|c| c.name.as_deref() == Some(name))
+                    .map(|c| c.id)
+                    .ok_or_else(|| "not listed".to_owned())
+            },
+        )
+        .await
+        .ok()
+    }
+
     /// A name with a random suffix, so tests sharing one external broker never collide. On an
     /// external broker, a queue or exchange of that name is deleted when the `TestBroker` is
     /// dropped, even if the test failed.
@@ -208,7 +244,11 @@ impl TestBroker {
 /// # Panics
 /// When the connection fails or times out.
 pub async fn connect_to(url: &str) -> lapin::Connection {
-    let connect = lapin::Connection::connect(url, lapin::ConnectionProperties::default());
+    connect_with(url, lapin::ConnectionProperties::default()).await
+}
+
+async fn connect_with(url: &str, properties: lapin::ConnectionProperties) -> lapin::Connection {
+    let connect = lapin::Connection::connect(url, properties);
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => panic!("cannot connect to {url}: {e}"),

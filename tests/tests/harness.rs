@@ -179,6 +179,27 @@ async fn embedded_only_forced_close_reaches_the_client_with_its_code() {
 
 #[tokio::test]
 #[cfg_attr(warren_external, ignore = "embedded only")]
+async fn embedded_only_a_named_connection_is_found_by_its_name() {
+    let broker = TestBroker::start().await;
+    let handle = broker.embedded().unwrap();
+    let _anonymous = broker.connect().await;
+    let worker = broker.connect_named("worker 1").await;
+    let id = broker.connection_id("worker 1").await.expect("listed");
+    let info = handle.connections();
+    let named: Vec<_> = info.iter().map(|c| (c.id == id, c.name.clone())).collect();
+    assert_eq!(named.len(), 2);
+    assert!(named.contains(&(true, Some("worker 1".to_owned()))));
+    assert!(
+        named.contains(&(false, None)),
+        "a connection without a name has none"
+    );
+    assert!(handle.close_connection(id, 320, "CONNECTION_FORCED - closed by the test"));
+    let ch = within("the next operation", worker.create_channel()).await;
+    assert!(ch.is_err(), "the named connection is closed");
+}
+
+#[tokio::test]
+#[cfg_attr(warren_external, ignore = "embedded only")]
 async fn embedded_only_snapshots_show_unacked_and_prefetch() {
     let broker = TestBroker::start().await;
     let handle = broker.embedded().unwrap();

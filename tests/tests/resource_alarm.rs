@@ -18,11 +18,6 @@ fn blocked(handle: &BrokerHandle, id: u64) -> bool {
     handle.connections().iter().any(|c| c.id == id && c.blocked)
 }
 
-/// The ids of the open connections.
-fn ids(handle: &BrokerHandle) -> Vec<u64> {
-    handle.connections().iter().map(|c| c.id).collect()
-}
-
 #[tokio::test]
 #[cfg_attr(
     warren_external,
@@ -31,10 +26,16 @@ fn ids(handle: &BrokerHandle) -> Vec<u64> {
 async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_clears() {
     let broker = TestBroker::start().await;
     let handle = broker.embedded().expect("embedded");
-    let consumer_conn = broker.connect().await;
-    let consumer_id = *ids(handle).last().expect("the consumer's connection");
-    let publisher = broker.connect().await;
-    let publisher_id = *ids(handle).last().expect("the publisher's connection");
+    let consumer_conn = broker.connect_named("consumer").await;
+    let consumer_id = broker
+        .connection_id("consumer")
+        .await
+        .expect("the consumer's connection");
+    let publisher = broker.connect_named("publisher").await;
+    let publisher_id = broker
+        .connection_id("publisher")
+        .await
+        .expect("the publisher's connection");
     let ch = confirm_channel(&publisher).await;
     let queue = broker.unique_name("alarm");
     declare(&ch, &queue).await;
@@ -104,8 +105,8 @@ async fn a_connection_opened_under_an_alarm_is_blocked_at_its_first_publish() {
     let broker = TestBroker::start().await;
     let handle = broker.embedded().expect("embedded");
     handle.raise_alarm(ResourceAlarm::Disk);
-    let conn = broker.connect().await;
-    let id = *ids(handle).last().expect("the connection");
+    let conn = broker.connect_named("late").await;
+    let id = broker.connection_id("late").await.expect("the connection");
     let ch = channel(&conn).await;
     let queue = broker.unique_name("alarm-new");
     // Declaring is not publishing: it works under the alarm.

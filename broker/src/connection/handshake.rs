@@ -22,6 +22,8 @@ pub(crate) struct Tuning {
     pub(crate) user: String,
     /// The client's product name, for logs.
     pub(crate) client: String,
+    /// The name the client gave its connection (client property `connection_name`), if any.
+    pub(crate) name: Option<String>,
     /// The client takes server-sent basic.cancel (capability `consumer_cancel_notify`).
     pub(crate) cancel_notify: bool,
     /// The client takes connection.blocked and connection.unblocked (capability
@@ -195,6 +197,10 @@ where
         other => return Err(unexpected("connection.start_ok", &other)),
     };
     let client = client_product(&start_ok.client_properties);
+    let name = match start_ok.client_properties.inner().get("connection_name") {
+        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+        _ => None,
+    };
     let cancel_notify = client_capability(&start_ok.client_properties, "consumer_cancel_notify");
     let blocked_notify = client_capability(&start_ok.client_properties, "connection.blocked");
     let failure_close =
@@ -274,6 +280,7 @@ where
         heartbeat: tune_ok.heartbeat,
         user,
         client,
+        name,
         cancel_notify,
         blocked_notify,
     })

@@ -142,6 +142,7 @@ where
         peer: peer.clone(),
         user: tuning.user.clone(),
         client: tuning.client.clone(),
+        name: tuning.name.clone(),
         mailbox: mailbox.clone(),
     });
     tracing::info!(%peer, conn = id, user = %tuning.user, client = %tuning.client, "accepting AMQP connection");

@@ -81,7 +81,7 @@ pub(crate) trait Scenario {
     /// The client that produces the load.
     fn client(&self) -> &'static str;
 
-    /// When set, a "broker CPU per <unit>" figure is added for targets whose broker is a
+    /// When set, a "broker CPU per `<unit>`" figure is added for targets whose broker is a
     /// local process.
     fn broker_cpu_unit(&self) -> Option<&'static str> {
         None
