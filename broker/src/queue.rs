@@ -157,9 +157,22 @@ pub(crate) struct QueueArgs {
     pub(crate) quorum: Option<Quorum>,
 }
 
+/// How a delivered message comes back to its queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Return {
+    /// The client put it back: nack, reject or recover with requeue.
+    Requeued,
+    /// Its channel or connection closed with it unacknowledged.
+    Released,
+}
+
+/// Where a quorum queue's published messages start: positions below are for messages
+/// released by closing channels, which go first.
+const QUORUM_FIRST_SEQ: u64 = 1 << 63;
+
 /// What sets a quorum queue (`x-queue-type: quorum`) apart, as RabbitMQ 3.10's: a message
-/// returned to it (rejected or nacked with requeue, or left unacked by a closing channel)
-/// goes to its back and counts a delivery; a redelivery carries that count in its
+/// returned to it counts a delivery and goes to its back (requeued by the client) or front
+/// (left unacked by a closing channel); a redelivery carries that count in its
 /// `x-delivery-count` header (a basic.get always does); past `x-delivery-limit` returns it is
 /// dead-lettered (reason `delivery_limit`) or dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -216,6 +229,8 @@ struct Extras {
     single_active_consumer: bool,
     /// A quorum queue's behaviour.
     quorum: Option<Quorum>,
+    /// Messages released to a quorum queue's front so far (their positions).
+    released: u64,
 }
 
 impl Extras {
@@ -247,6 +262,7 @@ impl Extras {
             used_at: Instant::now(),
             single_active_consumer,
             quorum,
+            released: 0,
         }))
     }
 }
@@ -286,11 +302,15 @@ impl Queue {
         Self {
             ready_bytes: args.limits.as_ref().and_then(|l| l.max_bytes).map(|_| 0),
             ready: ReadyMessages::new(args.max_priority),
+            next_seq: if args.quorum.is_some() {
+                QUORUM_FIRST_SEQ
+            } else {
+                0
+            },
             extras: Extras::of(args),
             get_source: Source::basic_get(name.clone()),
             name,
             options,
-            next_seq: 0,
             consumers: Vec::new(),
             next_consumer: 0,
             had_consumer: false,
@@ -474,10 +494,11 @@ impl Queue {
         }
     }
 
-    /// Takes back a delivered message, flagged redelivered: at its original position, or, in a
-    /// quorum queue, at the back, one delivery more, unless that is past its delivery limit
-    /// (then it is dead-lettered).
-    pub(crate) fn requeue(&mut self, mut message: QueuedMessage, outbox: &mut Outbox) {
+    /// Takes back a delivered message, flagged redelivered: at its original position; in a
+    /// quorum queue, one delivery more (dead-lettered instead past its delivery limit), at the
+    /// back when the client requeued it, at the front (after others released before it) when
+    /// its channel closed, as RabbitMQ 3.10's quorum queues do.
+    pub(crate) fn requeue(&mut self, mut message: QueuedMessage, how: Return, outbox: &mut Outbox) {
         message.redelivered = true;
         let Some(quorum) = self.quorum() else {
             self.put_back(message);
@@ -491,9 +512,20 @@ impl Queue {
             self.dead_letter(message.message, DeathReason::DeliveryLimit, outbox);
             return;
         }
-        // A position after every message there: the back.
-        message.seq = self.next_seq;
-        self.next_seq += 1;
+        message.seq = match how {
+            // A position after every message there.
+            Return::Requeued => {
+                self.next_seq += 1;
+                self.next_seq - 1
+            }
+            // Below every published message's (they start at `QUORUM_FIRST_SEQ`), above those
+            // released before it.
+            Return::Released => {
+                let extras = self.extras.as_mut().expect("a quorum queue has extras");
+                extras.released += 1;
+                extras.released - 1
+            }
+        };
         self.put_back(message);
     }
 
@@ -777,7 +809,7 @@ impl Queue {
 
 #[cfg(test)]
 mod tests {
-    use super::{Consumer, Queue, QueueOptions, Source};
+    use super::{Consumer, Queue, QueueOptions, Return, Source};
     use crate::mailbox::Outbox;
     use crate::message::{Message, SHARED_BODY_MIN};
     use tokio::time::Instant;
@@ -807,7 +839,7 @@ mod tests {
             read_buffer.slice(SHARED_BODY_MIN..SHARED_BODY_MIN * 2),
         );
         assert!(delivered.message.is_pinning());
-        queue.requeue(delivered, &mut outbox);
+        queue.requeue(delivered, Return::Requeued, &mut outbox);
         let requeued = queue
             .get(Instant::now(), true, &mut outbox)
             .expect("the message was requeued");

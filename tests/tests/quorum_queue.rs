@@ -232,6 +232,47 @@ async fn a_returned_message_goes_to_the_back_and_counts_a_delivery() {
 }
 
 #[tokio::test]
+async fn a_closing_channel_s_unacked_messages_go_to_the_front_in_the_order_released() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let admin = confirm_channel(&conn).await;
+    let queue = broker.unique_name("qq-release");
+    declare_quorum(&admin, &queue, &[]).await;
+    for b in ["1", "2", "3", "4", "5"] {
+        publish_confirmed(&admin, &queue, b.as_bytes()).await;
+    }
+    let first = channel(&conn).await;
+    let second = channel(&conn).await;
+    assert_eq!(body(&get(&first, &queue, false).await.expect("1")), "1");
+    assert_eq!(body(&get(&second, &queue, false).await.expect("2")), "2");
+    // The second closes first: its message goes back first, both ahead of 3, 4 and 5.
+    within("channel.close", second.close(200, "OK".into()))
+        .await
+        .expect("channel.close");
+    within("channel.close", first.close(200, "OK".into()))
+        .await
+        .expect("channel.close");
+    let mut rest = Vec::new();
+    while let Some(m) = get(&admin, &queue, true).await {
+        let count = delivery_count(&m.delivery.properties);
+        rest.push((body(&m), count));
+    }
+    let count = |n| Some(AMQPValue::LongLongInt(n));
+    assert_eq!(
+        rest,
+        [
+            ("2".to_owned(), count(1)),
+            ("1".to_owned(), count(1)),
+            ("3".to_owned(), count(0)),
+            ("4".to_owned(), count(0)),
+            ("5".to_owned(), count(0)),
+        ]
+    );
+    close_conn(&conn).await;
+    cleanup(&broker, &[&queue]).await;
+}
+
+#[tokio::test]
 async fn a_consumer_sees_the_delivery_count_from_its_first_redelivery() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;

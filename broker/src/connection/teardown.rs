@@ -8,7 +8,7 @@ use crate::channel::{Channel, ChannelConsumer};
 use crate::direct_reply::PSEUDO_QUEUE;
 use crate::mailbox::{MailboxReceiver, Outbound};
 use crate::message::QueuedMessage;
-use crate::queue::Source;
+use crate::queue::{Return, Source};
 use crate::vhost::VhostState;
 use rustc_hash::FxHashSet;
 use std::sync::Arc;
@@ -38,7 +38,14 @@ impl Connection {
         }
         // The channel's consumers are detached above, so settling finds none of them.
         for (_, u) in unacked.take_all() {
-            requeue(&mut state, &u.source, self.id, channel, u.message);
+            requeue(
+                &mut state,
+                &u.source,
+                self.id,
+                channel,
+                u.message,
+                Return::Released,
+            );
             touched.insert(u.source.queue.clone());
         }
         dispatch_all(&mut state, touched);
@@ -147,10 +154,11 @@ pub(crate) fn requeue(
     conn: u64,
     channel: u16,
     message: QueuedMessage,
+    how: Return,
 ) {
     if let Some(q) = state.queues.get_mut(&source.queue) {
         q.settle(conn, channel, source, 1);
-        q.requeue(message, &mut state.outbox);
+        q.requeue(message, how, &mut state.outbox);
     }
 }
 

@@ -10,7 +10,7 @@ use crate::dead_letter::DeathReason;
 use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, encode_properties, parse_expiration};
-use crate::queue::{Consumer, ConsumerTag, Source};
+use crate::queue::{Consumer, ConsumerTag, Return, Source};
 use crate::sender_selected::header_routes;
 use crate::vhost::{Routed, VhostState};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
@@ -350,7 +350,7 @@ impl Connection {
             }
             match how {
                 Settle::Reject { requeue: true } => {
-                    requeue(&mut state, &source, conn, ch, u.message);
+                    requeue(&mut state, &source, conn, ch, u.message, Return::Requeued);
                     touched.insert(source.queue.clone());
                     continue;
                 }
