@@ -600,18 +600,25 @@ impl Queue {
                     .fetch_add(1, Ordering::Relaxed);
                 self.unacked += 1;
             }
-            self.next_consumer = if index + 1 == peers.end {
-                peers.start
+            if mixed {
+                // Round robin within each priority, whatever the others do: the consumer served
+                // goes to the back of its priority (as RabbitMQ does).
+                self.consumers[index..peers.end].rotate_left(1);
             } else {
-                index + 1
-            };
+                self.next_consumer = if index + 1 == peers.end {
+                    peers.start
+                } else {
+                    index + 1
+                };
+            }
         }
     }
 
     /// The consumer the next message goes to, and the consumers of its priority: of the first
     /// `n` consumers, one of the highest priority that has credit (`mixed`: they have more than
-    /// one priority). `None` when none has credit (a full mailbox, say): the messages, whose
-    /// memory is likely cold, are not touched at all.
+    /// one priority, and each priority's first is the one to serve next). `None` when none has
+    /// credit (a full mailbox, say): the messages, whose memory is likely cold, are not
+    /// touched at all.
     fn next_taker(&self, n: usize, mixed: bool) -> Option<(usize, Range<usize>)> {
         if !mixed {
             return self.taker_among(0..n).map(|index| (index, 0..n));
@@ -625,7 +632,7 @@ impl Queue {
                     .iter()
                     .take_while(|c| c.priority == priority)
                     .count();
-            if let Some(index) = self.taker_among(peers.clone()) {
+            if let Some(index) = peers.clone().find(|&i| self.consumers[i].can_take()) {
                 return Some((index, peers));
             }
         }

@@ -43,8 +43,8 @@ impl UnackedDeliveries {
 
     /// The clock reading when its oldest delivery awaiting settlement was made, if any.
     pub(crate) fn oldest_delivered_at(&mut self) -> Option<u32> {
-        // Holes never stay at the front, so the first entry is the oldest delivery.
-        let Some(&(oldest, _)) = self.entries.front().filter(|_| self.live > 0) else {
+        // A `multiple` ack can leave holes at the front: the oldest is the first delivery.
+        let Some(&(oldest, _)) = self.entries.iter().find(|e| e.1.is_some()) else {
             self.delivered_at.clear();
             return None;
         };
@@ -97,6 +97,24 @@ impl UnackedDeliveries {
                     .filter_map(|(t, u)| u.map(|u| (t, u))),
             ),
         )
+    }
+
+    /// Puts back deliveries a rolled-back transaction had acked, as [`Extend::extend`] does,
+    /// stamped `clock` when no older stamp covers them (their own went with the ack): the
+    /// consumer timeout then counts them from the rollback at the latest, never not at all.
+    pub(crate) fn put_back(
+        &mut self,
+        deliveries: impl IntoIterator<Item = (u64, Unacked)>,
+        clock: u32,
+    ) {
+        let before = self.entries.len();
+        self.extend(deliveries);
+        let oldest = self.entries.iter().find(|e| e.1.is_some()).map(|e| e.0);
+        if let Some(oldest) = oldest.filter(|_| self.entries.len() != before)
+            && self.delivered_at.front().is_none_or(|at| at.0 > oldest)
+        {
+            self.delivered_at.push_front((oldest, clock));
+        }
     }
 
     /// Takes every delivery, in tag order.
@@ -259,6 +277,31 @@ mod tests {
         assert_eq!(take(&mut u, 4, false), Some(vec![4]));
         assert_eq!(u.oldest_delivered_at(), None);
         assert!(u.delivered_at.is_empty());
+    }
+
+    #[test]
+    fn a_hole_left_at_the_front_by_a_multiple_ack_does_not_date_the_next_delivery() {
+        let mut u = UnackedDeliveries::default();
+        for (tag, clock) in [(1, 0), (2, 1), (3, 5)] {
+            u.insert(tag, delivery(), clock);
+        }
+        assert_eq!(take(&mut u, 2, false), Some(vec![2]));
+        assert_eq!(take(&mut u, 1, true), Some(vec![1]));
+        assert_eq!(u.oldest_delivered_at(), Some(5), "3 is the oldest left");
+    }
+
+    #[test]
+    fn deliveries_a_rollback_puts_back_are_stamped_again() {
+        let mut u = UnackedDeliveries::default();
+        u.insert(1, delivery(), 0);
+        let acked: Vec<_> = u.take(1, false).unwrap().collect();
+        assert_eq!(
+            u.oldest_delivered_at(),
+            None,
+            "nothing unacked while the ack is pending"
+        );
+        u.put_back(acked, 7);
+        assert_eq!(u.oldest_delivered_at(), Some(7));
     }
 
     #[test]

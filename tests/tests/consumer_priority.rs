@@ -85,6 +85,30 @@ async fn consumers_of_one_priority_share_round_robin_while_a_higher_one_is_full(
 }
 
 #[tokio::test]
+async fn a_lower_priority_keeps_its_own_round_robin_while_a_higher_one_comes_and_goes() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let admin = confirm_channel(&conn).await;
+    let queue = broker.unique_name("consumer-priority-rotation");
+    declare(&admin, &queue).await;
+    let (top_ch, mut top) = consume_prefetched(&conn, &queue, 1, priority(10)).await;
+    let (_one_ch, mut one) = consume_prefetched(&conn, &queue, 100, None).await;
+    let (_two_ch, mut two) = consume_prefetched(&conn, &queue, 100, None).await;
+    // Each round: the top consumer takes one and is full, the next goes to a low one; the top
+    // one acks. The low ones take turns all the same.
+    for round in 0..4 {
+        let (first, second) = (format!("{round}a"), format!("{round}b"));
+        publish_confirmed(&admin, &queue, first.as_bytes()).await;
+        publish_confirmed(&admin, &queue, second.as_bytes()).await;
+        assert_eq!(next_bodies(&mut top, 1).await, fresh(&[first.as_str()]));
+        let receiver = if round % 2 == 0 { &mut one } else { &mut two };
+        assert_eq!(next_bodies(receiver, 1).await, fresh(&[second.as_str()]));
+        ack_all(&top_ch).await;
+    }
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
 async fn priorities_may_be_negative_or_of_any_integer_type() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;

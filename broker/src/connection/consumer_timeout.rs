@@ -3,7 +3,7 @@
 //! Deliveries are stamped with a coarse clock the connection advances every [`Steps::period`]
 //! (no clock read per delivery), and each step looks at every channel's oldest delivery.
 
-use super::Connection;
+use super::{ConnState, Connection};
 use crate::channel::ChannelState;
 use crate::error::AmqpError;
 use std::time::Duration;
@@ -46,6 +46,9 @@ impl Connection {
     /// Advances the clock one step and closes the channels whose oldest delivery timed out.
     pub(super) fn consumer_timeout_step(&mut self, steps: Steps) {
         self.clock = self.clock.wrapping_add(1);
+        if self.state != ConnState::Open {
+            return;
+        }
         let now = self.clock;
         let mut expired: Vec<u16> = self
             .channels

@@ -273,8 +273,7 @@ impl Connection {
         let mut shutting_down = false;
         let mut pacing = ReadPacing::default();
         loop {
-            if self.input_held && self.out_pending() < OUT_HIGH_WATER && !self.throttle.is_blocked()
-            {
+            if self.input_held && self.out_pending() < OUT_HIGH_WATER && !self.input_blocked() {
                 self.process_input(rbuf);
             }
             if self.state == ConnState::Closed && self.out_pending() == 0 {
@@ -288,7 +287,7 @@ impl Connection {
             // monitoring pauses below).
             let reading = self.state != ConnState::Closed
                 && self.out_pending() < OUT_HIGH_WATER
-                && !self.throttle.is_blocked();
+                && !self.input_blocked();
             let taking = self.state == ConnState::Open && self.out_pending() < OUT_HIGH_WATER;
             if reading {
                 pacing.prepare(rbuf);
@@ -331,7 +330,7 @@ impl Connection {
                     }
                 },
                 _ = ticker.tick(), if !heartbeat.is_zero() => {
-                    if self.throttle.is_blocked() {
+                    if self.input_blocked() {
                         last_read = Instant::now();
                     }
                     if last_read.elapsed() >= heartbeat * 2 {
@@ -371,7 +370,7 @@ impl Connection {
                 self.flush_confirms();
                 return;
             }
-            self.input_held = self.out_pending() >= OUT_HIGH_WATER || self.throttle.is_blocked();
+            self.input_held = self.out_pending() >= OUT_HIGH_WATER || self.input_blocked();
             let decoded = if self.input_held {
                 Ok(None)
             } else {
@@ -627,6 +626,12 @@ impl Connection {
         }
         self.blocked
             .store(self.throttle.is_blocked(), Ordering::Relaxed);
+    }
+
+    /// Whether a resource alarm holds the input: only while the connection is open (a closing
+    /// one still reads its peer's close-ok).
+    fn input_blocked(&self) -> bool {
+        self.throttle.is_blocked() && self.state == ConnState::Open
     }
 
     /// A basic.publish arrived: under a resource alarm the connection is blocked from here on

@@ -63,6 +63,7 @@ impl Connection {
 impl Connection {
     /// The tx class: select, commit, rollback.
     pub(crate) fn tx_class(&mut self, ch: u16, method: tx::AMQPMethod) -> AmqpResult {
+        let clock = self.clock;
         let channel = self.channel_mut(ch);
         let reply = match method {
             tx::AMQPMethod::Select(_) => {
@@ -91,9 +92,10 @@ impl Connection {
                     return Err(not_transactional());
                 };
                 // Acks taken back: the deliveries are unacknowledged again (in one merge).
-                channel
-                    .unacked
-                    .extend(buffer.settles.into_iter().flat_map(|(settled, _)| settled));
+                channel.unacked.put_back(
+                    buffer.settles.into_iter().flat_map(|(settled, _)| settled),
+                    clock,
+                );
                 tx::AMQPMethod::RollbackOk(tx::RollbackOk {})
             }
             _ => {
