@@ -40,10 +40,23 @@ pub(crate) struct Publication {
     /// The keys its `CC` and `BCC` headers add to its routing key
     /// ([`crate::sender_selected`]).
     pub(crate) extra_routing_keys: Vec<String>,
+    /// How many of `extra_routing_keys`, at the end, came from `BCC` (the message keeps them
+    /// for dead-lettering, [`crate::message::Message::bcc_keys`]).
+    pub(crate) bcc_count: usize,
     /// Its `expiration`, in milliseconds; the clock starts when it is routed.
     pub(crate) ttl: Option<u64>,
     /// Its `priority` (0 if none), for priority queues.
     pub(crate) priority: u8,
+}
+
+impl Publication {
+    /// The keys its `BCC` header added.
+    pub(crate) fn bcc_keys(&self) -> impl Iterator<Item = &str> {
+        let extra = &self.extra_routing_keys;
+        extra[extra.len() - self.bcc_count..]
+            .iter()
+            .map(String::as_str)
+    }
 }
 
 /// A delivery awaiting ack, nack or reject.

@@ -110,7 +110,14 @@ pub(crate) fn dead_lettered(letter: &DeadLetter, now_secs: u64) -> Option<(Messa
             headers = without(&headers, "CC");
             (routing_key, Vec::new())
         }
-        None => (message.routing_key(), cc),
+        // Its `BCC` keys too, which the message kept when the header went (x-death's
+        // `routing-keys` does not list them).
+        None => (
+            message.routing_key(),
+            cc.into_iter()
+                .chain(message.bcc_keys().map(str::to_owned))
+                .collect(),
+        ),
     };
     let properties = without_expiration(&properties).with_headers(headers.clone());
     let raw = encode_properties(&properties);

@@ -27,6 +27,8 @@ pub(crate) struct Message {
     exchange_len: u8,
     routing_key_len: u8,
     properties_len: u32,
+    /// Bytes of its `BCC` keys (see [`MessageBuilder::with_bcc`]), after the properties.
+    bcc_len: u16,
 }
 
 /// The exchange, routing key and property bytes of a message whose body is a shared slice.
@@ -81,6 +83,21 @@ impl Message {
         &self.head()[start..start + self.properties_len as usize]
     }
 
+    /// The keys its `BCC` header added to its routing key (the header itself is gone): a dead
+    /// letter is routed with them too, as RabbitMQ does.
+    pub(crate) fn bcc_keys(&self) -> impl Iterator<Item = &str> {
+        let start = self.exchange_len as usize
+            + self.routing_key_len as usize
+            + self.properties_len as usize;
+        let mut rest = &self.head()[start..start + self.bcc_len as usize];
+        std::iter::from_fn(move || {
+            let (&len, tail) = rest.split_first()?;
+            let (key, tail) = tail.split_at(len as usize);
+            rest = tail;
+            Some(Self::text(key))
+        })
+    }
+
     /// The first byte of its buffer (0 if empty), to bring it into cache.
     pub(crate) fn first_byte(&self) -> u8 {
         self.head().first().copied().unwrap_or(0)
@@ -106,7 +123,10 @@ impl Message {
         if self.head.is_some() {
             return 0;
         }
-        self.exchange_len as usize + self.routing_key_len as usize + self.properties_len as usize
+        self.exchange_len as usize
+            + self.routing_key_len as usize
+            + self.properties_len as usize
+            + self.bcc_len as usize
     }
 
     /// The same message with an `x-delivery-count` header of `count` (a long long, as
@@ -125,6 +145,7 @@ impl Message {
         let body = self.body();
         let mut builder =
             MessageBuilder::new(self.exchange(), self.routing_key(), &raw, body.len() as u64);
+        builder.with_bcc(self.bcc_keys());
         builder.push(body);
         builder.finish()
     }
@@ -175,6 +196,7 @@ pub(crate) struct MessageBuilder {
     exchange_len: u8,
     routing_key_len: u8,
     properties_len: u32,
+    bcc_len: u16,
     body_size: u64,
     body_len: u64,
     overflowed: bool,
@@ -206,9 +228,28 @@ impl MessageBuilder {
             exchange_len: exchange.len() as u8,
             routing_key_len: routing_key.len() as u8,
             properties_len: properties.len() as u32,
+            bcc_len: 0,
             body_size,
             body_len: 0,
             overflowed: false,
+        }
+    }
+
+    /// Keeps the keys a `BCC` header added (before any body is pushed), each as a length
+    /// byte and its bytes. A key longer than 255 bytes is left out (no binding key or queue
+    /// name is that long, so it routes nothing), and keys past 64 KiB in all.
+    pub(crate) fn with_bcc<'k>(&mut self, keys: impl IntoIterator<Item = &'k str>) {
+        debug_assert_eq!(self.body_len, 0, "BCC keys go before the body");
+        for key in keys {
+            let Ok(len) = u8::try_from(key.len()) else {
+                continue;
+            };
+            let Some(total) = (self.bcc_len as usize + 1 + key.len()).try_into().ok() else {
+                break;
+            };
+            self.data.extend_from_slice(&[len]);
+            self.data.extend_from_slice(key.as_bytes());
+            self.bcc_len = total;
         }
     }
 
@@ -272,6 +313,7 @@ impl MessageBuilder {
             exchange_len: self.exchange_len,
             routing_key_len: self.routing_key_len,
             properties_len: self.properties_len,
+            bcc_len: self.bcc_len,
         }
     }
 }
@@ -364,6 +406,41 @@ mod tests {
         assert_eq!(message.routing_key(), "jobs");
         assert_eq!(message.properties(), &[0x10, 0]);
         assert_eq!(message.body(), b"hello");
+    }
+
+    #[test]
+    fn bcc_keys_are_kept_between_the_properties_and_the_body_whatever_the_body() {
+        let long = "x".repeat(300);
+        let keys = ["audit", long.as_str(), "", "archive"];
+        let mut small = super::MessageBuilder::new("ex", "rk", &[0, 0], 5);
+        small.with_bcc(keys);
+        small.push(b"hello");
+        let small = small.finish();
+        let read_buffer = bytes::Bytes::from(vec![7u8; super::SHARED_BODY_MIN * 2]);
+        let mut large =
+            super::MessageBuilder::new("ex", "rk", &[0, 0], super::SHARED_BODY_MIN as u64);
+        large.with_bcc(keys);
+        large.push_shared(read_buffer.slice(..super::SHARED_BODY_MIN));
+        let mut large = large.finish();
+        let mut unpinned = large.clone();
+        unpinned.unpin();
+        for (message, body) in [
+            (&small, &b"hello"[..]),
+            (&large, &read_buffer[..super::SHARED_BODY_MIN]),
+            (&unpinned, &read_buffer[..super::SHARED_BODY_MIN]),
+        ] {
+            // The key over 255 bytes routes nothing and is not kept.
+            assert_eq!(
+                message.bcc_keys().collect::<Vec<_>>(),
+                ["audit", "", "archive"]
+            );
+            assert_eq!(message.properties(), &[0, 0]);
+            assert_eq!(message.body(), body);
+        }
+        large = large.with_delivery_count(2);
+        assert_ne!(large.properties(), &[0, 0], "the copy has the count header");
+        assert_eq!(large.bcc_keys().count(), 3, "a redelivery copy keeps them");
+        assert_eq!(large.body(), &read_buffer[..super::SHARED_BODY_MIN]);
     }
 
     #[test]

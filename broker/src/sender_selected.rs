@@ -19,6 +19,8 @@ pub(crate) struct HeaderRoutes {
     pub(crate) keys: Vec<String>,
     /// The headers without `BCC`, when they had one (the message's properties must change).
     pub(crate) without_bcc: Option<FieldTable>,
+    /// How many of `keys`, at the end, came from `BCC`.
+    pub(crate) bcc_count: usize,
 }
 
 /// Reads `CC` and `BCC` from a publish's headers; a value that is not an array is refused as
@@ -36,7 +38,13 @@ pub(crate) fn header_routes(headers: Option<&FieldTable>) -> Result<HeaderRoutes
     for name in ["CC", "BCC"] {
         match headers.inner().get(name) {
             None => {}
-            Some(AMQPValue::FieldArray(entries)) => routes.keys.extend(strings(entries.as_slice())),
+            Some(AMQPValue::FieldArray(entries)) => {
+                let before = routes.keys.len();
+                routes.keys.extend(strings(entries.as_slice()));
+                if name == "BCC" {
+                    routes.bcc_count = routes.keys.len() - before;
+                }
+            }
             Some(other) => {
                 return Err(AmqpError::precondition_failed(format!(
                     "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",

@@ -452,6 +452,47 @@ async fn dead_letter_arguments_are_checked_as_rabbitmq_checks_them() {
 }
 
 #[tokio::test]
+async fn a_dead_letter_is_routed_with_the_bcc_keys_its_message_had() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let dlx = broker.unique_name("dlx-bcc");
+    declare_exchange(
+        &ch,
+        &dlx,
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await;
+    let by_bcc = broker.unique_name("dead-by-bcc");
+    declare(&ch, &by_bcc).await;
+    bind_queue(&ch, &by_bcc, &dlx, "bcc-key").await;
+    let work = broker.unique_name("work-bcc");
+    declare_args(&ch, &work, args(&[("x-dead-letter-exchange", &dlx)], None)).await;
+    let mut bcc_headers = FieldTable::default();
+    let bcc = AMQPValue::FieldArray(FieldArray::from(vec![long_string("bcc-key")]));
+    bcc_headers.insert("BCC".into(), bcc);
+    let props = BasicProperties::default().with_headers(bcc_headers);
+    publish_confirmed_with(&ch, "", &work, b"bcc", false, props).await;
+    let m = get_eventually(&ch, &work, false).await;
+    assert_eq!(
+        headers(&m.delivery).get("BCC"),
+        None,
+        "BCC is removed on delivery"
+    );
+    reject(&ch, m.delivery.delivery_tag, false).await;
+
+    // The header is gone, but the message remembers its BCC key: the dead letter goes there,
+    // and x-death lists only its own key.
+    let d = get_eventually(&ch, &by_bcc, true).await.delivery;
+    assert_eq!(d.routing_key.as_str(), work.as_str());
+    assert_eq!(headers(&d).get("BCC"), None);
+    assert_death(&deaths(&d)[0], &work, "rejected", 1, &[&work], None);
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
 async fn a_dead_letter_is_routed_with_its_cc_keys_unless_its_queue_sets_a_routing_key() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;

@@ -474,6 +474,7 @@ impl Connection {
             mandatory: false,
             headers,
             extra_routing_keys: routes.keys,
+            bcc_count: routes.bcc_count,
             ttl,
             priority: properties.priority().unwrap_or(0),
         };

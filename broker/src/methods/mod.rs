@@ -159,12 +159,15 @@ impl Connection {
         let (publication, raw_properties) = self
             .prepare_content(ch, &properties, raw_properties)
             .map_err(|e| (ch, e.during_ids(60, 40)))?;
-        let builder = MessageBuilder::new(
+        let mut builder = MessageBuilder::new(
             publish.exchange.as_str(),
             publish.routing_key.as_str(),
             &raw_properties,
             body_size,
         );
+        if publication.bcc_count > 0 {
+            builder.with_bcc(publication.bcc_keys());
+        }
         let publication = Publication {
             mandatory: publish.mandatory,
             ..publication
