@@ -31,6 +31,12 @@ pub(crate) struct Message {
     bcc_len: u16,
 }
 
+// What a queued message costs counts against issue 6's memory target (under 200 B of overhead
+// per message): new fields go in padding (the BCC length, a priority, a delivery count).
+#[cfg(target_pointer_width = "64")]
+const _: () =
+    assert!(std::mem::size_of::<Message>() == 48 && std::mem::size_of::<QueuedMessage>() == 80);
+
 /// The exchange, routing key and property bytes of a message whose body is a shared slice.
 #[derive(Clone, Debug)]
 struct Head(Box<[u8]>);
