@@ -343,8 +343,7 @@ impl Queue {
             }
             return false;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = self.take_seq();
         let queue_expiry = self
             .extras
             .as_ref()
@@ -514,10 +513,7 @@ impl Queue {
         }
         message.seq = match how {
             // A position after every message there.
-            Return::Requeued => {
-                self.next_seq += 1;
-                self.next_seq - 1
-            }
+            Return::Requeued => self.take_seq(),
             // Below every published message's (they start at `QUORUM_FIRST_SEQ`), above those
             // released before it.
             Return::Released => {
@@ -527,6 +523,12 @@ impl Queue {
             }
         };
         self.put_back(message);
+    }
+
+    /// The next position at the back.
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
     }
 
     /// A quorum queue's behaviour, if it is one.

@@ -548,6 +548,29 @@ pub async fn next_bodies(consumer: &mut Consumer, n: usize) -> Vec<(String, bool
     out
 }
 
+/// `(body, false)` for each body: what [`next_bodies`] returns for first deliveries.
+pub fn not_redelivered(bodies: &[&str]) -> Vec<(String, bool)> {
+    bodies.iter().map(|b| ((*b).to_owned(), false)).collect()
+}
+
+/// The `x-delivery-count` header a quorum queue puts on a delivery, if any.
+pub fn delivery_count(properties: &BasicProperties) -> Option<AMQPValue> {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned())
+}
+
+/// Closes a channel cleanly (200), within [`TIMEOUT`].
+///
+/// # Panics
+/// When channel.close fails.
+pub async fn close_channel(ch: &Channel) {
+    within("channel.close", ch.close(200, "OK".into()))
+        .await
+        .expect("channel.close");
+}
+
 /// Acknowledges everything delivered on `ch` so far (`multiple` with tag 0).
 ///
 /// # Panics

@@ -8,14 +8,10 @@ use warren_harness::TestBroker;
 use warren_tests::{
     ack_all, assert_amqp_error, assert_channel_closed_only, assert_no_delivery, channel,
     close_conn, confirm_channel, consume_prefetched, declare, expect_err, long_string, next_bodies,
-    passive, publish_confirmed, within,
+    not_redelivered, passive, publish_confirmed, within,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
-
-fn fresh(bodies: &[&str]) -> Vec<(String, bool)> {
-    bodies.iter().map(|b| ((*b).to_owned(), false)).collect()
-}
 
 fn priority(p: i32) -> Option<AMQPValue> {
     Some(AMQPValue::LongInt(p))
@@ -35,9 +31,12 @@ async fn higher_priority_consumers_get_messages_first_and_lower_ones_only_when_t
     for body in ["0", "1", "2", "3", "4", "5", "6"] {
         publish_confirmed(&admin, &queue, body.as_bytes()).await;
     }
-    assert_eq!(next_bodies(&mut high, 2).await, fresh(&["0", "1"]));
-    assert_eq!(next_bodies(&mut mid, 2).await, fresh(&["2", "3"]));
-    assert_eq!(next_bodies(&mut low, 2).await, fresh(&["4", "5"]));
+    assert_eq!(
+        next_bodies(&mut high, 2).await,
+        not_redelivered(&["0", "1"])
+    );
+    assert_eq!(next_bodies(&mut mid, 2).await, not_redelivered(&["2", "3"]));
+    assert_eq!(next_bodies(&mut low, 2).await, not_redelivered(&["4", "5"]));
     // Every prefetch is full: the last one waits in the queue...
     let waiting = within("passive declare", passive(&admin, &queue))
         .await
@@ -54,7 +53,7 @@ async fn higher_priority_consumers_get_messages_first_and_lower_ones_only_when_t
     }
     // ...until the highest-priority consumer has room again.
     ack_all(&high_ch).await;
-    assert_eq!(next_bodies(&mut high, 1).await, fresh(&["6"]));
+    assert_eq!(next_bodies(&mut high, 1).await, not_redelivered(&["6"]));
     assert_no_delivery(&mut mid, QUIET).await;
     assert_no_delivery(&mut low, QUIET).await;
     close_conn(&conn).await;
@@ -76,10 +75,10 @@ async fn consumers_of_one_priority_share_round_robin_while_a_higher_one_is_full(
     for body in ["0", "1", "2", "3", "4", "5", "6"] {
         publish_confirmed(&admin, &queue, body.as_bytes()).await;
     }
-    assert_eq!(next_bodies(&mut top, 1).await, fresh(&["0"]));
+    assert_eq!(next_bodies(&mut top, 1).await, not_redelivered(&["0"]));
     let expected = [["1", "4"], ["2", "5"], ["3", "6"]];
     for ((_, consumer), bodies) in peers.iter_mut().zip(expected) {
-        assert_eq!(next_bodies(consumer, 2).await, fresh(&bodies));
+        assert_eq!(next_bodies(consumer, 2).await, not_redelivered(&bodies));
     }
     close_conn(&conn).await;
 }
@@ -100,9 +99,15 @@ async fn a_lower_priority_keeps_its_own_round_robin_while_a_higher_one_comes_and
         let (first, second) = (format!("{round}a"), format!("{round}b"));
         publish_confirmed(&admin, &queue, first.as_bytes()).await;
         publish_confirmed(&admin, &queue, second.as_bytes()).await;
-        assert_eq!(next_bodies(&mut top, 1).await, fresh(&[first.as_str()]));
+        assert_eq!(
+            next_bodies(&mut top, 1).await,
+            not_redelivered(&[first.as_str()])
+        );
         let receiver = if round % 2 == 0 { &mut one } else { &mut two };
-        assert_eq!(next_bodies(receiver, 1).await, fresh(&[second.as_str()]));
+        assert_eq!(
+            next_bodies(receiver, 1).await,
+            not_redelivered(&[second.as_str()])
+        );
         ack_all(&top_ch).await;
     }
     close_conn(&conn).await;
@@ -124,10 +129,10 @@ async fn priorities_may_be_negative_or_of_any_integer_type() {
     for body in ["0", "1", "2", "3"] {
         publish_confirmed(&admin, &queue, body.as_bytes()).await;
     }
-    assert_eq!(next_bodies(&mut long, 1).await, fresh(&["0"]));
-    assert_eq!(next_bodies(&mut byte, 1).await, fresh(&["1"]));
-    assert_eq!(next_bodies(&mut default, 1).await, fresh(&["2"]));
-    assert_eq!(next_bodies(&mut negative, 1).await, fresh(&["3"]));
+    assert_eq!(next_bodies(&mut long, 1).await, not_redelivered(&["0"]));
+    assert_eq!(next_bodies(&mut byte, 1).await, not_redelivered(&["1"]));
+    assert_eq!(next_bodies(&mut default, 1).await, not_redelivered(&["2"]));
+    assert_eq!(next_bodies(&mut negative, 1).await, not_redelivered(&["3"]));
     close_conn(&conn).await;
 }
 

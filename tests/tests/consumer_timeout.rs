@@ -3,17 +3,28 @@
 //! waits longer than the timeout for its ack is closed with 406, its messages requeued; a
 //! channel that acks in time, or consumes without acks, is left alone.
 
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use std::time::Duration;
 use warren_broker::BrokerConfig;
 use warren_harness::TestBroker;
 use warren_tests::{
-    ErrorEvents, assert_amqp_error, assert_connection_works, channel, close_conn,
+    ErrorEvents, assert_amqp_error, assert_connection_works, channel, close_conn, consume,
     consume_prefetched, declare, get, next_bodies, next_delivery, publish, within,
 };
 
 const TIMEOUT: Duration = Duration::from_millis(400);
+
+/// How long the prompt consumer works between acks: well under [`TIMEOUT`].
+const WORK_TIME: Duration = Duration::from_millis(TIMEOUT.as_millis() as u64 / 3);
+
+/// An embedded broker whose consumer timeout is [`TIMEOUT`].
+async fn broker_with_timeout() -> TestBroker {
+    TestBroker::start_embedded(BrokerConfig {
+        consumer_timeout: Some(TIMEOUT),
+        ..BrokerConfig::default()
+    })
+    .await
+}
 
 #[tokio::test]
 #[cfg_attr(
@@ -21,11 +32,7 @@ const TIMEOUT: Duration = Duration::from_millis(400);
     ignore = "embedded only: RabbitMQ's consumer_timeout is its own configuration"
 )]
 async fn a_delivery_left_unacked_past_the_timeout_closes_its_channel_and_goes_back() {
-    let broker = TestBroker::start_embedded(BrokerConfig {
-        consumer_timeout: Some(TIMEOUT),
-        ..BrokerConfig::default()
-    })
-    .await;
+    let broker = broker_with_timeout().await;
     let conn = broker.connect().await;
     let admin = channel(&conn).await;
     let queue = broker.unique_name("consumer-timeout");
@@ -34,20 +41,7 @@ async fn a_delivery_left_unacked_past_the_timeout_closes_its_channel_and_goes_ba
     let quiet_queue = broker.unique_name("consumer-timeout-no-ack");
     declare(&admin, &quiet_queue).await;
     let quiet_ch = channel(&conn).await;
-    let mut quiet = within(
-        "basic.consume",
-        quiet_ch.basic_consume(
-            quiet_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("basic.consume");
+    let mut quiet = consume(&quiet_ch, &quiet_queue, true).await;
     publish(&admin, &quiet_queue, b"fire and forget").await;
     next_delivery(&mut quiet).await;
 
@@ -60,8 +54,9 @@ async fn a_delivery_left_unacked_past_the_timeout_closes_its_channel_and_goes_ba
     assert_eq!(taken, [("a".to_owned(), false), ("b".to_owned(), false)]);
     let err = events.next_error().await;
     let text = format!(
-        "PRECONDITION_FAILED - delivery acknowledgement on channel {} timed out. Timeout value used: 400 ms. This timeout value can be configured, see consumers doc guide to learn more",
-        slow_ch.id()
+        "PRECONDITION_FAILED - delivery acknowledgement on channel {} timed out. Timeout value used: {} ms. This timeout value can be configured, see consumers doc guide to learn more",
+        slow_ch.id(),
+        TIMEOUT.as_millis()
     );
     assert_amqp_error(&err, 406, Some(&text));
     // Its two come back, flagged redelivered, ahead of the third.
@@ -95,11 +90,7 @@ async fn a_delivery_left_unacked_past_the_timeout_closes_its_channel_and_goes_ba
     ignore = "embedded only: RabbitMQ's consumer_timeout is its own configuration"
 )]
 async fn a_consumer_that_acks_in_time_keeps_its_channel_however_long_it_runs() {
-    let broker = TestBroker::start_embedded(BrokerConfig {
-        consumer_timeout: Some(TIMEOUT),
-        ..BrokerConfig::default()
-    })
-    .await;
+    let broker = broker_with_timeout().await;
     let conn = broker.connect().await;
     let admin = channel(&conn).await;
     let queue = broker.unique_name("consumer-timeout-prompt");
@@ -116,7 +107,8 @@ async fn a_consumer_that_acks_in_time_keeps_its_channel_however_long_it_runs() {
         )
         .await
         .expect("basic.ack");
-        tokio::time::sleep(TIMEOUT / 3).await;
+        // Time passing is the point here, not a condition to wait for.
+        tokio::time::sleep(WORK_TIME).await;
     }
     assert!(ch.status().connected(), "the channel is still open");
     publish(&admin, &queue, b"last").await;

@@ -451,20 +451,25 @@ async fn dead_letter_arguments_are_checked_as_rabbitmq_checks_them() {
     close_conn(&conn).await;
 }
 
+/// A direct exchange `name` with default options, for a dead-letter exchange.
+async fn declare_direct(ch: &lapin::Channel, name: &str) {
+    declare_exchange(
+        ch,
+        name,
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_dead_letter_is_routed_with_the_bcc_keys_its_message_had() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;
     let ch = confirm_channel(&conn).await;
     let dlx = broker.unique_name("dlx-bcc");
-    declare_exchange(
-        &ch,
-        &dlx,
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await;
+    declare_direct(&ch, &dlx).await;
     let by_bcc = broker.unique_name("dead-by-bcc");
     declare(&ch, &by_bcc).await;
     bind_queue(&ch, &by_bcc, &dlx, "bcc-key").await;
@@ -498,14 +503,7 @@ async fn a_dead_letter_is_routed_with_its_cc_keys_unless_its_queue_sets_a_routin
     let conn = broker.connect().await;
     let ch = confirm_channel(&conn).await;
     let dlx = broker.unique_name("dlx-cc");
-    declare_exchange(
-        &ch,
-        &dlx,
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await;
+    declare_direct(&ch, &dlx).await;
     let by_cc = broker.unique_name("dead-by-cc");
     declare(&ch, &by_cc).await;
     bind_queue(&ch, &by_cc, &dlx, "cc-key").await;

@@ -50,6 +50,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use warren_harness::{TestBroker, try_wait_until};
+use warren_tests::delivery_count;
 use warren_tests::prop::{run_property, step};
 
 // Every wait for the broker: the suite-wide bound.
@@ -496,7 +497,7 @@ impl Sim<'_> {
         data: &[u8],
         redelivered: bool,
         consumer: Option<ShortString>,
-        count: Option<i64>,
+        count: Option<AMQPValue>,
     ) -> Result<usize, String> {
         let msg = msg_of(data)?;
         let how = match &consumer {
@@ -515,7 +516,9 @@ impl Sim<'_> {
                 "m{msg} delivered to ch{ch} while the client has it {place:?}"
             ));
         }
-        let expected = self.expected_count(msg, consumer.is_none());
+        let expected = self
+            .expected_count(msg, consumer.is_none())
+            .map(AMQPValue::LongLongInt);
         if count != expected {
             return Err(format!(
                 "m{msg} delivered with x-delivery-count {count:?}, expected {expected:?}"
@@ -1045,20 +1048,6 @@ fn generated_sequences_keep_the_model_on_a_quorum_queue() {
         model_case(),
         quorum_model,
     );
-}
-
-/// A quorum queue's delivery count, as a delivery carries it (-1, which no model value
-/// matches, when it is not a long long).
-fn delivery_count(properties: &BasicProperties) -> Option<i64> {
-    match properties
-        .headers()
-        .as_ref()?
-        .inner()
-        .get("x-delivery-count")?
-    {
-        AMQPValue::LongLongInt(n) => Some(*n),
-        _ => Some(-1),
-    }
 }
 
 /// A case the property above found against RabbitMQ (session 3, in CI): a `multiple` nack with

@@ -1,7 +1,7 @@
 //! Quorum queues (`x-queue-type: quorum`), as RabbitMQ 3.10 has them: declared durable only,
-//! with the arguments of their type; a returned message goes to the back and counts a
-//! delivery (`x-delivery-count`), and past `x-delivery-limit` it is dead-lettered with reason
-//! `delivery_limit`; no global qos, no conditional delete. Quorum queues are durable, so every
+//! with the arguments of their type; a message the client requeues goes to the back, one its
+//! closing channel releases to the front, each counting a delivery (`x-delivery-count`), and
+//! past `x-delivery-limit` it is dead-lettered with reason `delivery_limit`; no global qos, no conditional delete. Quorum queues are durable, so every
 //! test deletes its own (they would outlive it on RabbitMQ).
 
 use lapin::{
@@ -13,8 +13,8 @@ use lapin::{
 use warren_harness::TestBroker;
 use warren_tests::{
     ErrorEvents, assert_amqp_error, assert_channel_closed_only, assert_connection_closed, channel,
-    cleanup, close_conn, confirm_channel, consume_prefetched, declare_with, expect_err, get,
-    long_string, next_delivery, publish_confirmed, within,
+    cleanup, close_channel, close_conn, confirm_channel, consume_prefetched, declare_with,
+    delivery_count, expect_err, get, long_string, next_delivery, publish_confirmed, within,
 };
 
 fn args(entries: &[(&str, AMQPValue)]) -> FieldTable {
@@ -45,16 +45,19 @@ async fn declare_quorum(ch: &Channel, name: &str, extra: &[(&str, AMQPValue)]) {
         .unwrap_or_else(|e| panic!("declare quorum queue {name}: {e}"));
 }
 
-/// The `x-delivery-count` header of a message, if it has one.
-fn delivery_count(properties: &lapin::BasicProperties) -> Option<AMQPValue> {
-    properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get("x-delivery-count").cloned())
-}
-
 fn body(m: &BasicGetMessage) -> String {
     String::from_utf8_lossy(&m.delivery.data).into_owned()
+}
+
+/// Takes every message left in `queue` with basic.get: body, redelivered flag and delivery
+/// count.
+async fn drain(ch: &Channel, queue: &str) -> Vec<(String, bool, Option<AMQPValue>)> {
+    let mut rest = Vec::new();
+    while let Some(m) = get(ch, queue, true).await {
+        let count = delivery_count(&m.delivery.properties);
+        rest.push((body(&m), m.delivery.redelivered, count));
+    }
+    rest
 }
 
 async fn nack(ch: &Channel, tag: u64) {
@@ -211,11 +214,7 @@ async fn a_returned_message_goes_to_the_back_and_counts_a_delivery() {
     // Returned 3 then 1: they go behind 4 and 5, in the order they came back.
     nack(&ch, taken[2].delivery.delivery_tag).await;
     nack(&ch, taken[0].delivery.delivery_tag).await;
-    let mut rest = Vec::new();
-    while let Some(m) = get(&ch, &queue, true).await {
-        let count = delivery_count(&m.delivery.properties);
-        rest.push((body(&m), m.delivery.redelivered, count));
-    }
+    let rest = drain(&ch, &queue).await;
     let one = Some(AMQPValue::LongLongInt(1));
     let zero = Some(AMQPValue::LongLongInt(0));
     assert_eq!(
@@ -246,17 +245,13 @@ async fn a_closing_channel_s_unacked_messages_go_to_the_front_in_the_order_relea
     assert_eq!(body(&get(&first, &queue, false).await.expect("1")), "1");
     assert_eq!(body(&get(&second, &queue, false).await.expect("2")), "2");
     // The second closes first: its message goes back first, both ahead of 3, 4 and 5.
-    within("channel.close", second.close(200, "OK".into()))
+    close_channel(&second).await;
+    close_channel(&first).await;
+    let rest: Vec<_> = drain(&admin, &queue)
         .await
-        .expect("channel.close");
-    within("channel.close", first.close(200, "OK".into()))
-        .await
-        .expect("channel.close");
-    let mut rest = Vec::new();
-    while let Some(m) = get(&admin, &queue, true).await {
-        let count = delivery_count(&m.delivery.properties);
-        rest.push((body(&m), count));
-    }
+        .into_iter()
+        .map(|(body, _, count)| (body, count))
+        .collect();
     let count = |n| Some(AMQPValue::LongLongInt(n));
     assert_eq!(
         rest,

@@ -10,12 +10,27 @@ use warren_broker::{BrokerHandle, ResourceAlarm};
 use warren_harness::{TestBroker, wait_until};
 use warren_tests::{
     TIMEOUT, assert_no_delivery, channel, close_conn, confirm_channel, consume, declare,
-    next_delivery, publish_confirmed, within,
+    next_delivery, publish, publish_confirmed, within,
 };
+
+/// How long a held message is checked not to arrive (a negative check: kept short).
+const QUIET: Duration = Duration::from_millis(300);
 
 /// Whether the broker's connection `id` is blocked.
 fn blocked(handle: &BrokerHandle, id: u64) -> bool {
     handle.connections().iter().any(|c| c.id == id && c.blocked)
+}
+
+/// Waits until the broker's connection `id` is blocked.
+async fn until_blocked(handle: &BrokerHandle, id: u64) {
+    wait_until("the connection is blocked", TIMEOUT, || async {
+        if blocked(handle, id) {
+            Ok(())
+        } else {
+            Err("not blocked".to_owned())
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -58,14 +73,7 @@ async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_c
     )
     .await
     .expect("basic.publish is written");
-    wait_until("the publisher is blocked", TIMEOUT, || async {
-        if blocked(handle, publisher_id) {
-            Ok(())
-        } else {
-            Err("not blocked".to_owned())
-        }
-    })
-    .await;
+    until_blocked(handle, publisher_id).await;
     wait_until("lapin hears connection.blocked", TIMEOUT, || async {
         if publisher.status().blocked() {
             Ok(())
@@ -75,7 +83,7 @@ async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_c
     })
     .await;
     // Its message waits unread; the consumer's connection is not blocked and still works.
-    assert_no_delivery(&mut consumer, Duration::from_millis(300)).await;
+    assert_no_delivery(&mut consumer, QUIET).await;
     assert!(!blocked(handle, consumer_id));
     assert_eq!(handle.queue(&queue).expect("the queue").ready, 0);
 
@@ -112,26 +120,8 @@ async fn a_connection_opened_under_an_alarm_is_blocked_at_its_first_publish() {
     // Declaring is not publishing: it works under the alarm.
     declare(&ch, &queue).await;
     assert!(!blocked(handle, id));
-    within(
-        "basic.publish",
-        ch.basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            b"held",
-            BasicProperties::default(),
-        ),
-    )
-    .await
-    .expect("basic.publish is written");
-    wait_until("the connection is blocked", TIMEOUT, || async {
-        if blocked(handle, id) {
-            Ok(())
-        } else {
-            Err("not blocked".to_owned())
-        }
-    })
-    .await;
+    publish(&ch, &queue, b"held").await;
+    until_blocked(handle, id).await;
     assert_eq!(handle.queue(&queue).expect("the queue").ready, 0);
     handle.clear_alarm(ResourceAlarm::Disk);
     broker.wait_for_messages(&queue, 1).await;

@@ -2,7 +2,6 @@
 //! longest-standing one gets messages; when it goes, the next one takes over.
 
 use lapin::{
-    Channel,
     options::{BasicCancelOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
@@ -10,8 +9,8 @@ use std::time::Duration;
 use warren_harness::TestBroker;
 use warren_tests::{
     ack_all, assert_amqp_error, assert_channel_closed_only, assert_no_delivery, channel,
-    close_conn, confirm_channel, consume_prefetched, declare_args, declare_with, expect_err, get,
-    next_bodies, next_delivery, publish_confirmed, within,
+    close_channel, close_conn, confirm_channel, consume_prefetched, declare_args, declare_with,
+    expect_err, get, next_bodies, next_delivery, not_redelivered, publish_confirmed, within,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -20,10 +19,6 @@ fn single_active(on: AMQPValue) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-single-active-consumer".into(), on);
     args
-}
-
-fn fresh(bodies: &[&str]) -> Vec<(String, bool)> {
-    bodies.iter().map(|b| ((*b).to_owned(), false)).collect()
 }
 
 #[tokio::test]
@@ -40,7 +35,10 @@ async fn only_the_first_consumer_gets_messages_and_the_next_takes_over_when_its_
     for body in ["0", "1", "2", "3", "4", "5"] {
         publish_confirmed(&admin, &queue, body.as_bytes()).await;
     }
-    assert_eq!(next_bodies(&mut first, 2).await, fresh(&["0", "1"]));
+    assert_eq!(
+        next_bodies(&mut first, 2).await,
+        not_redelivered(&["0", "1"])
+    );
     assert_no_delivery(&mut second, QUIET).await;
     let counted = declare_with(
         &admin,
@@ -65,7 +63,10 @@ async fn only_the_first_consumer_gets_messages_and_the_next_takes_over_when_its_
     let redelivered = vec![("0".to_owned(), true), ("1".to_owned(), true)];
     assert_eq!(next_bodies(&mut second, 2).await, redelivered);
     ack_all(&second_ch).await;
-    assert_eq!(next_bodies(&mut second, 2).await, fresh(&["2", "3"]));
+    assert_eq!(
+        next_bodies(&mut second, 2).await,
+        not_redelivered(&["2", "3"])
+    );
     close_conn(&conn).await;
 }
 
@@ -87,26 +88,26 @@ async fn a_cancelled_active_consumer_keeps_its_unacked_messages_and_the_next_tak
     for body in ["0", "1", "2", "3"] {
         publish_confirmed(&admin, &queue, body.as_bytes()).await;
     }
-    assert_eq!(next_bodies(&mut first, 2).await, fresh(&["0", "1"]));
+    assert_eq!(
+        next_bodies(&mut first, 2).await,
+        not_redelivered(&["0", "1"])
+    );
     within(
         "basic.cancel",
         first_ch.basic_cancel(first.tag(), BasicCancelOptions::default()),
     )
     .await
     .expect("basic.cancel");
-    assert_eq!(next_bodies(&mut second, 2).await, fresh(&["2", "3"]));
+    assert_eq!(
+        next_bodies(&mut second, 2).await,
+        not_redelivered(&["2", "3"])
+    );
     // The first's two are still its own until its channel closes.
     close_channel(&first_ch).await;
     ack_all(&second_ch).await;
     let redelivered = vec![("0".to_owned(), true), ("1".to_owned(), true)];
     assert_eq!(next_bodies(&mut second, 2).await, redelivered);
     close_conn(&conn).await;
-}
-
-async fn close_channel(ch: &Channel) {
-    within("channel.close", ch.close(200, "OK".into()))
-        .await
-        .expect("channel.close");
 }
 
 #[tokio::test]
@@ -122,7 +123,10 @@ async fn when_the_active_consumer_s_connection_ends_the_next_consumer_gets_every
     for body in ["a", "b"] {
         publish_confirmed(&admin, &queue, body.as_bytes()).await;
     }
-    assert_eq!(next_bodies(&mut first, 2).await, fresh(&["a", "b"]));
+    assert_eq!(
+        next_bodies(&mut first, 2).await,
+        not_redelivered(&["a", "b"])
+    );
     assert_no_delivery(&mut second, QUIET).await;
     close_conn(&first_conn).await;
     let redelivered = vec![("a".to_owned(), true), ("b".to_owned(), true)];
@@ -130,7 +134,7 @@ async fn when_the_active_consumer_s_connection_ends_the_next_consumer_gets_every
     // A consumer that comes later waits its turn.
     let (_third_ch, mut third) = consume_prefetched(&conn, &queue, 10, None).await;
     publish_confirmed(&admin, &queue, b"c").await;
-    assert_eq!(next_bodies(&mut second, 1).await, fresh(&["c"]));
+    assert_eq!(next_bodies(&mut second, 1).await, not_redelivered(&["c"]));
     assert_no_delivery(&mut third, QUIET).await;
     close_conn(&conn).await;
 }

@@ -135,7 +135,6 @@ where
     let (mailbox, mut inbox) = mailbox();
     let channel_count = Arc::new(AtomicUsize::new(0));
     let blocked = Arc::new(AtomicBool::new(false));
-    let throttle = Throttle::new(Alarms::default(), tuning.blocked_notify);
     let (id, alarms) = shared.register_connection(ConnectionEntry {
         blocked: blocked.clone(),
         channels: channel_count.clone(),
@@ -147,6 +146,7 @@ where
     });
     tracing::info!(%peer, conn = id, user = %tuning.user, client = %tuning.client, "accepting AMQP connection");
     let vhost = shared.vhost.clone();
+    let throttle = Throttle::new(alarms, tuning.blocked_notify);
     let mut conn = Connection {
         id,
         shared: shared.clone(),
@@ -167,7 +167,6 @@ where
         blocked,
         clock: 0,
     };
-    conn.set_alarms(alarms);
     // Frames the client pipelined behind connection.open are already buffered.
     conn.process_input(&mut rbuf);
     let end = conn

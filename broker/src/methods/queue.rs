@@ -195,23 +195,13 @@ const NOT_FOR_QUORUM: &[&str] = &[
 /// queue; other types (`stream` too) are refused as RabbitMQ refuses a type it does not have.
 fn is_quorum(args: &FieldTable, resource: &str) -> AmqpResult<bool> {
     const KEY: &str = "x-queue-type";
-    match args.inner().get(KEY) {
-        None => Ok(false),
-        Some(value @ (AMQPValue::LongString(_) | AMQPValue::ShortString(_))) => {
-            match value_text(value).as_str() {
-                "classic" => Ok(false),
-                "quorum" => Ok(true),
-                other => Err(invalid_arg(
-                    KEY,
-                    resource,
-                    format!("\"unsupported queue type '{other}'\""),
-                )),
-            }
-        }
+    match string_arg(args, KEY, resource)?.as_deref() {
+        None | Some("classic") => Ok(false),
+        Some("quorum") => Ok(true),
         Some(other) => Err(invalid_arg(
             KEY,
             resource,
-            format!("{{unacceptable_type,{}}}", type_name(other)),
+            format!("\"unsupported queue type '{other}'\""),
         )),
     }
 }
@@ -220,16 +210,22 @@ fn is_quorum(args: &FieldTable, resource: &str) -> AmqpResult<bool> {
 /// here: dead letters are routed at once, inside the broker).
 fn dead_letter_strategy(args: &FieldTable, resource: &str) -> AmqpResult {
     const KEY: &str = "x-dead-letter-strategy";
-    match args.inner().get(KEY) {
-        None => Ok(()),
+    match string_arg(args, KEY, resource)?.as_deref() {
+        None | Some("at-most-once" | "at-least-once") => Ok(()),
+        Some(_) => Err(invalid_arg(KEY, resource, "invalid_dlx_strategy".into())),
+    }
+}
+
+/// An argument that must be a string (short or long), as RabbitMQ checks it: its text, or
+/// 406 `{unacceptable_type,<type>}`.
+fn string_arg(args: &FieldTable, key: &str, resource: &str) -> AmqpResult<Option<String>> {
+    match args.inner().get(key) {
+        None => Ok(None),
         Some(value @ (AMQPValue::LongString(_) | AMQPValue::ShortString(_))) => {
-            match value_text(value).as_str() {
-                "at-most-once" | "at-least-once" => Ok(()),
-                _ => Err(invalid_arg(KEY, resource, "invalid_dlx_strategy".into())),
-            }
+            Ok(Some(value_text(value)))
         }
         Some(other) => Err(invalid_arg(
-            KEY,
+            key,
             resource,
             format!("{{unacceptable_type,{}}}", type_name(other)),
         )),
@@ -333,27 +329,15 @@ fn queue_expiry(args: &FieldTable, resource: &str) -> AmqpResult<Option<u64>> {
 fn length_limits(args: &FieldTable, resource: &str) -> AmqpResult<Option<LengthLimits>> {
     let max_length = non_negative_integer(args, "x-max-length", resource)?;
     let max_bytes = non_negative_integer(args, "x-max-length-bytes", resource)?;
-    let overflow = match args.inner().get("x-overflow") {
-        None => Overflow::DropHead,
-        Some(value @ (AMQPValue::LongString(_) | AMQPValue::ShortString(_))) => {
-            match value_text(value).as_str() {
-                "drop-head" => Overflow::DropHead,
-                "reject-publish" => Overflow::RejectPublish,
-                "reject-publish-dlx" => Overflow::RejectPublishDlx,
-                _ => {
-                    return Err(invalid_arg(
-                        "x-overflow",
-                        resource,
-                        "invalid_overflow".into(),
-                    ));
-                }
-            }
-        }
-        Some(other) => {
+    let overflow = match string_arg(args, "x-overflow", resource)?.as_deref() {
+        None | Some("drop-head") => Overflow::DropHead,
+        Some("reject-publish") => Overflow::RejectPublish,
+        Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+        Some(_) => {
             return Err(invalid_arg(
                 "x-overflow",
                 resource,
-                format!("{{unacceptable_type,{}}}", type_name(other)),
+                "invalid_overflow".into(),
             ));
         }
     };
