@@ -58,19 +58,14 @@ pub(crate) struct Exchange {
     pub(crate) arguments: FieldTable,
     /// Bindings from it, to queues and exchanges.
     pub(crate) bindings: Vec<Binding>,
+    /// The `alternate-exchange` of the policy that applies to it, if any (its argument wins).
+    pub(crate) policy_alternate: Option<String>,
 }
 
 impl Exchange {
     /// One of the exchanges every vhost starts with.
     fn builtin(kind: ExchangeKind) -> Self {
-        Self {
-            kind,
-            durable: true,
-            auto_delete: false,
-            internal: false,
-            arguments: FieldTable::default(),
-            bindings: Vec::new(),
-        }
+        Self::declared(kind, true, false, false, FieldTable::default())
     }
 }
 
@@ -128,6 +123,7 @@ impl Exchange {
             internal,
             arguments,
             bindings: Vec::new(),
+            policy_alternate: None,
         }
     }
 
@@ -163,11 +159,12 @@ impl Exchange {
             .map(|b| &b.destination)
     }
 
-    /// Its `alternate-exchange` argument, if it names one.
+    /// Its `alternate-exchange` argument, if it names one, else its policy's.
     fn alternate(&self) -> Option<&str> {
-        match self.arguments.inner().get("alternate-exchange")? {
-            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
-            _ => None,
+        match self.arguments.inner().get("alternate-exchange") {
+            Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
+            Some(_) => None,
+            None => self.policy_alternate.as_deref(),
         }
     }
 }

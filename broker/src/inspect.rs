@@ -19,6 +19,8 @@ pub struct QueueInfo {
     pub exclusive: bool,
     /// Deleted when its last consumer goes.
     pub auto_delete: bool,
+    /// The name of the policy that applies to it, if any ([`crate::BrokerHandle::set_policy`]).
+    pub policy: Option<String>,
 }
 
 /// A consumer's state at one moment.
@@ -91,6 +93,7 @@ pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {
             durable: q.options.durable,
             exclusive: q.options.exclusive.is_some(),
             auto_delete: q.options.auto_delete,
+            policy: q.policy.as_ref().map(|p| p.name.clone()),
         })
         .collect();
     list.sort_by(|a, b| a.name.cmp(&b.name));

@@ -20,6 +20,8 @@
 //! - `exchange`: exchanges and routing.
 //! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - `sender_selected`: the `CC` and `BCC` headers' extra routing keys.
+//! - [`policy`]: policies ([`Policy`], `rabbitmqctl set_policy`'s) and how they combine with
+//!   declaration arguments.
 //! - `dead_letter`: dead-lettering (`x-dead-letter-exchange`): the `x-death` header, cycles.
 //! - `alarm`: resource alarms a test raises ([`ResourceAlarm`]) and the publisher throttling
 //!   they cause.
@@ -57,6 +59,7 @@ pub mod inspect;
 mod mailbox;
 mod message;
 mod methods;
+pub mod policy;
 mod queue;
 mod ready;
 mod sender_selected;
@@ -69,5 +72,7 @@ mod vhost;
 pub use alarm::ResourceAlarm;
 pub use config::{BrokerConfig, User};
 pub use inspect::{ConnectionInfo, ConsumerInfo, QueueInfo};
+pub use policy::{ApplyTo, Policy, PolicyDefinition, PolicyError};
+pub use queue::Overflow;
 pub use server::{Broker, BrokerHandle, StartError, ThreadedBroker};
 pub use trace::{Direction, TraceEntry};

@@ -4,6 +4,7 @@
 use crate::dead_letter::{DeadLetter, DeadLetterTarget, DeathReason};
 use crate::mailbox::{Mailbox, Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
+use crate::policy::Policy;
 use crate::ready::ReadyMessages;
 use amq_protocol::types::FieldTable;
 use std::ops::Range;
@@ -193,15 +194,36 @@ pub(crate) struct LengthLimits {
     pub(crate) overflow: Overflow,
 }
 
-/// What a publish past a queue's length limit does (`x-overflow`).
+/// What a publish past a queue's length limit does (`x-overflow`, or a policy's `overflow`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Overflow {
+pub enum Overflow {
     /// The oldest ready messages make room (dead-lettered as `maxlen`): the default.
     DropHead,
     /// The new message is refused (a publisher in confirm mode gets basic.nack).
     RejectPublish,
     /// The same, and the refused message is dead-lettered (`maxlen`).
     RejectPublishDlx,
+}
+
+impl Overflow {
+    /// From its name: `drop-head`, `reject-publish` or `reject-publish-dlx`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "drop-head" => Some(Overflow::DropHead),
+            "reject-publish" => Some(Overflow::RejectPublish),
+            "reject-publish-dlx" => Some(Overflow::RejectPublishDlx),
+            _ => None,
+        }
+    }
+
+    /// Its name, as `x-overflow` and policies spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::DropHead => "drop-head",
+            Overflow::RejectPublish => "reject-publish",
+            Overflow::RejectPublishDlx => "reject-publish-dlx",
+        }
+    }
 }
 
 impl LengthLimits {
@@ -293,6 +315,8 @@ pub(crate) struct Queue {
     ready_bytes: Option<usize>,
     /// Whether a ready message may still pin its read buffer (see [`Queue::keep`]).
     may_pin: bool,
+    /// The policy that applies to it, if any (its arguments are already merged in).
+    pub(crate) policy: Option<Arc<Policy>>,
 }
 
 impl Queue {
@@ -316,7 +340,35 @@ impl Queue {
             had_consumer: false,
             unacked: 0,
             may_pin: false,
+            policy: None,
         }
+    }
+
+    /// Takes the behaviour a policy set or cleared gives it (`args`, its declaration arguments
+    /// merged with `policy`), as RabbitMQ applies a policy to a live queue: new length limits
+    /// at once (`drop-head` drops the head over them), a TTL for the messages published from
+    /// now on, `expires` counted from now.
+    pub(crate) fn reconfigure(
+        &mut self,
+        args: QueueArgs,
+        policy: Option<Arc<Policy>>,
+        now: Instant,
+        outbox: &mut Outbox,
+    ) {
+        let released = self.extras.as_ref().map_or(0, |x| x.released);
+        self.extras = Extras::of(args);
+        if let Some(extras) = &mut self.extras {
+            extras.released = released;
+        }
+        self.ready_bytes = self
+            .extras
+            .as_ref()
+            .and_then(|x| x.limits.as_ref()?.max_bytes)
+            .map(|_| self.ready.iter_mut().map(|m| m.message.body().len()).sum());
+        self.policy = policy;
+        self.drop_over_limit(outbox);
+        self.arm_expiry(outbox);
+        self.touch(now, outbox);
     }
 
     /// Appends a published message (after every message of its `priority` or higher, in a

@@ -7,6 +7,7 @@ use crate::connection;
 use crate::error::AmqpError;
 use crate::inspect::{ConnectionInfo, QueueInfo};
 use crate::mailbox::{Mailbox, Outbound};
+use crate::policy::{Policy, PolicyError};
 use crate::queue::ConnId;
 use crate::trace::{Trace, TraceEntry};
 use crate::vhost::{Vhost, run_expiry};
@@ -446,6 +447,38 @@ impl BrokerHandle {
     /// `connection.unblocked` if they were sent `connection.blocked`).
     pub fn clear_alarm(&self, alarm: ResourceAlarm) {
         self.shared.set_alarm(alarm, false);
+    }
+
+    /// Sets a policy on the vhost `/`, as `rabbitmqctl set_policy` does: it applies at once to
+    /// the queues and exchanges it matches, existing and future (see [`crate::policy`]). A
+    /// policy of the same name is replaced.
+    ///
+    /// ```
+    /// use warren_broker::{ApplyTo, Broker, BrokerConfig, Policy};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let broker = Broker::start(BrokerConfig::default()).await.unwrap();
+    /// // As an operator's `rabbitmqctl set_policy DLX "^jobs$" '{"dead-letter-exchange":"dlx"}'`.
+    /// broker
+    ///     .set_policy(Policy::new("DLX", "^jobs$").apply_to(ApplyTo::Queues).dead_letter_exchange("dlx"))
+    ///     .unwrap();
+    /// // ... the service declares `jobs` without arguments; what it rejects goes to `dlx` ...
+    /// assert!(broker.set_policy(Policy::new("empty", "^jobs$")).is_err()); // sets nothing
+    /// broker.clear_policy("DLX").unwrap();
+    /// broker.shutdown().await;
+    /// # }
+    /// ```
+    pub fn set_policy(&self, policy: Policy) -> Result<(), PolicyError> {
+        self.shared.vhost.lock().set_policy(policy)
+    }
+
+    /// Clears a policy ([`PolicyError::NotFound`] if none has that name).
+    pub fn clear_policy(&self, name: &str) -> Result<(), PolicyError> {
+        self.shared.vhost.lock().clear_policy(name)
+    }
+
+    /// The policies set, by descending priority.
+    pub fn policies(&self) -> Vec<Policy> {
+        self.shared.vhost.lock().policies.all()
     }
 
     /// Closes every connection with 320 CONNECTION_FORCED, stops listening, and returns when

@@ -8,6 +8,8 @@ use crate::direct_reply::{ADDRESS_PREFIX, ReplyConsumer};
 use crate::exchange::{Destination, Exchange, RoutingKeys, builtin_exchanges, is_default, route};
 use crate::mailbox::{Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
+use crate::methods::queue::validate_arguments;
+use crate::policy::{Policies, Policy, PolicyError, queue_args};
 use crate::queue::{ConnId, Queue};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::ops::{Deref, DerefMut};
@@ -45,6 +47,8 @@ pub(crate) struct VhostState {
     expiry_armed: Option<Instant>,
     /// Wakes the expiry task (see [`run_expiry`]).
     expiry_wake: Arc<Notify>,
+    /// Its policies.
+    pub(crate) policies: Policies,
 }
 
 /// Where a routed publish went.
@@ -118,6 +122,7 @@ impl Vhost {
                 timed_queues: FxHashSet::default(),
                 expiry_armed: None,
                 expiry_wake: Arc::new(Notify::new()),
+                policies: Policies::default(),
             }),
         }
     }
@@ -130,6 +135,65 @@ impl Vhost {
 }
 
 impl VhostState {
+    /// Sets a policy (replacing one of the same name) and applies it to the queues and
+    /// exchanges it now governs.
+    pub(crate) fn set_policy(&mut self, policy: Policy) -> Result<(), PolicyError> {
+        self.policies.set(policy)?;
+        self.apply_policies();
+        Ok(())
+    }
+
+    /// Clears a policy; what it governed goes back to its own arguments (or to the next
+    /// policy that matches).
+    pub(crate) fn clear_policy(&mut self, name: &str) -> Result<(), PolicyError> {
+        self.policies.clear(name)?;
+        self.apply_policies();
+        Ok(())
+    }
+
+    /// Gives every queue and exchange whose policy changed its new behaviour.
+    fn apply_policies(&mut self) {
+        let now = Instant::now();
+        let VhostState {
+            queues,
+            exchanges,
+            outbox,
+            timed_queues,
+            policies,
+            ..
+        } = self;
+        for queue in queues.values_mut() {
+            let policy = policies.for_queue(&queue.name).cloned();
+            let unchanged = match (&policy, &queue.policy) {
+                (Some(new), Some(old)) => Arc::ptr_eq(new, old),
+                (new, old) => new.is_none() && old.is_none(),
+            };
+            if unchanged {
+                continue;
+            }
+            // Checked when the queue was declared: only the vhost's name, in error texts, is
+            // missing here.
+            let declared =
+                validate_arguments(&queue.options.arguments, &queue.name, "").unwrap_or_default();
+            let args = queue_args(
+                declared,
+                &queue.options.arguments,
+                policy.as_deref().map(|p| &p.definition),
+            );
+            queue.reconfigure(args, policy, now, outbox);
+            if queue.has_timers() {
+                timed_queues.insert(queue.name.clone());
+            } else {
+                timed_queues.remove(&queue.name);
+            }
+        }
+        for (name, exchange) in exchanges.iter_mut().filter(|(name, _)| !is_default(name)) {
+            exchange.policy_alternate = policies
+                .for_exchange(name)
+                .and_then(|p| p.definition.alternate_exchange.clone());
+        }
+    }
+
     /// Adds a new queue.
     pub(crate) fn insert_queue(&mut self, queue: Queue) {
         if queue.has_timers() {

@@ -8,7 +8,8 @@
 //!   end on an external broker), queue counts and waits. Embedded only, through
 //!   [`TestBroker::embedded`]: snapshots, forced closes, resource alarms
 //!   (`raise_alarm`), and a [`BrokerConfig`] of the test's own (e.g. a short
-//!   `consumer_timeout`).
+//!   `consumer_timeout`). Policies on both targets ([`TestBroker::set_policy`]; `rabbitmqctl`
+//!   on an external broker, in `rabbitmqctl`'s module).
 //! - [`proxy`]: [`Proxy`], a TCP proxy for fault injection on either target.
 //! - [`wait`]: [`within`] and [`wait_until`], timeouts with clear failure messages.
 //!
@@ -26,6 +27,7 @@
 //! ```
 
 pub mod proxy;
+mod rabbitmqctl;
 pub mod wait;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -34,7 +36,7 @@ pub use proxy::{Flow, Proxy};
 use std::sync::Mutex;
 use std::time::Duration;
 pub use wait::{DEFAULT_TIMEOUT, try_wait_until, wait_until, within};
-use warren_broker::{Broker, BrokerConfig, BrokerHandle};
+use warren_broker::{Broker, BrokerConfig, BrokerHandle, Policy, PolicyError};
 
 /// The environment variable that points tests at an external broker.
 pub const AMQP_URL_ENV: &str = "AMQP_URL";
@@ -60,6 +62,8 @@ pub struct TestBroker {
     names: Mutex<Vec<String>>,
     /// A connection for counts and waits, made on first use.
     admin: tokio::sync::OnceCell<lapin::Connection>,
+    /// Policies set by [`TestBroker::set_policy`], cleared at the end on an external broker.
+    policies: Mutex<Vec<String>>,
 }
 
 /// Whether `AMQP_URL` names an external broker.
@@ -99,6 +103,7 @@ impl TestBroker {
             url,
             names: Mutex::new(Vec::new()),
             admin: tokio::sync::OnceCell::new(),
+            policies: Mutex::new(Vec::new()),
         }
     }
 
@@ -229,6 +234,73 @@ impl TestBroker {
         .await
     }
 
+    /// Sets a policy, as an operator's `rabbitmqctl set_policy` would: on an embedded broker
+    /// through [`BrokerHandle::set_policy`], on an external one by running `rabbitmqctl`
+    /// (or the command in `WARREN_RABBITMQCTL`, e.g. `docker exec rabbit rabbitmqctl`) for
+    /// the URL's vhost. Policies a test sets are cleared when the `TestBroker` is dropped.
+    /// RabbitMQ applies a policy to existing queues a moment after `rabbitmqctl` returns
+    /// (queues declared afterwards have it at once): wait for what it changes, e.g. with
+    /// [`TestBroker::wait_for_messages`]. Patterns should name the test's own queues
+    /// (`format!("^{queue}$")`), since tests share an external broker.
+    ///
+    /// ```no_run
+    /// # async fn demo() {
+    /// use warren_broker::{ApplyTo, Policy};
+    /// let broker = warren_harness::TestBroker::start().await;
+    /// let queue = broker.unique_name("jobs");
+    /// let policy = Policy::new(&queue, format!("^{queue}$")).apply_to(ApplyTo::Queues).max_length(2);
+    /// broker.set_policy(&policy).await.unwrap();
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// On an external broker, when `rabbitmqctl` cannot be run or takes over 30 seconds.
+    pub async fn set_policy(&self, policy: &Policy) -> Result<(), PolicyError> {
+        self.policies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(policy.name.clone());
+        match &self.embedded {
+            Some(handle) => handle.set_policy(policy.clone()),
+            None => {
+                let definition = rabbitmqctl::definition_json(&policy.definition);
+                let priority = policy.priority.to_string();
+                let args = [
+                    "set_policy",
+                    "--vhost",
+                    &self.vhost(),
+                    "--apply-to",
+                    policy.apply_to.as_str(),
+                    "--priority",
+                    &priority,
+                    &policy.name,
+                    &policy.pattern,
+                    &definition,
+                ];
+                rabbitmqctl::run(&args).await
+            }
+        }
+    }
+
+    /// Clears a policy ([`PolicyError::NotFound`] if there is none of that name).
+    ///
+    /// # Panics
+    /// As [`TestBroker::set_policy`].
+    pub async fn clear_policy(&self, name: &str) -> Result<(), PolicyError> {
+        match &self.embedded {
+            Some(handle) => handle.clear_policy(name),
+            None => rabbitmqctl::run(&["clear_policy", "--vhost", &self.vhost(), name]).await,
+        }
+    }
+
+    /// The vhost the URL names (`/` when it names none).
+    fn vhost(&self) -> String {
+        self.url
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|uri| uri.vhost)
+            .unwrap_or_else(|_| "/".to_owned())
+    }
+
     /// The embedded broker's method trace, one line per method (empty unless `WARREN_TRACE=1`
     /// or the broker was started with [`BrokerConfig::trace`]).
     pub fn trace_text(&self) -> String {
@@ -265,7 +337,17 @@ impl Drop for TestBroker {
             }
         }
         let names = std::mem::take(self.names.get_mut().unwrap_or_else(|e| e.into_inner()));
-        if self.embedded.is_some() || names.is_empty() {
+        let policies = std::mem::take(self.policies.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if self.embedded.is_some() {
+            return;
+        }
+        if !policies.is_empty() {
+            let vhost = self.vhost();
+            for name in policies {
+                rabbitmqctl::clear_quietly(&vhost, &name);
+            }
+        }
+        if names.is_empty() {
             return;
         }
         // On an external broker, delete what the test named, from a thread of its own (a

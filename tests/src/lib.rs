@@ -619,3 +619,31 @@ pub async fn channel(conn: &Connection) -> Channel {
         .await
         .expect("channel.open")
 }
+
+/// Whether a mandatory publish to `queue` (through the default exchange) is routed, i.e. the
+/// queue exists; unlike a passive declare or a get, a publish does not count as a use of an
+/// expiring queue. `ch` is in confirm mode.
+///
+/// # Panics
+/// When the publish is nacked or not confirmed in time.
+pub async fn routed(ch: &Channel, queue: &str) -> bool {
+    match publish_confirmed_to(ch, "", queue, b"probe", true).await {
+        Confirmation::Ack(returned) => returned.is_none(),
+        other => panic!("unexpected confirmation {other:?}"),
+    }
+}
+
+/// Waits (up to [`TIMEOUT`]) until `queue` is gone, probing with [`routed`].
+///
+/// # Panics
+/// When it is still there after [`TIMEOUT`].
+pub async fn until_gone(ch: &Channel, queue: &str) {
+    warren_harness::wait_until(&format!("{queue} is gone"), TIMEOUT, async || {
+        if routed(ch, queue).await {
+            Err("it is still there".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+}

@@ -4,16 +4,15 @@
 //! use (a passive declare would renew it).
 
 use lapin::{
-    Channel, Confirmation,
     options::{BasicCancelOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
 use std::time::{Duration, Instant};
 use warren_harness::TestBroker;
 use warren_tests::{
-    TIMEOUT, assert_amqp_error, assert_channel_closed_only, channel, close_conn, confirm_channel,
-    consume, declare_args, declare_with, expect_err, get, long_string, next_delivery, passive,
-    publish_confirmed_to, within,
+    assert_amqp_error, assert_channel_closed_only, channel, close_conn, confirm_channel, consume,
+    declare_args, declare_with, expect_err, get, long_string, next_delivery, passive, routed,
+    until_gone, within,
 };
 
 fn expiring(ms: i64) -> FieldTable {
@@ -29,32 +28,9 @@ const CONSUMED_EXPIRY_MS: i64 = 1000;
 /// How much earlier than its expiry a queue may seem to go: the broker's clock started when it
 /// handled the declare, the test's when the declare-ok arrived.
 const CLOCK_SLACK: Duration = Duration::from_millis(100);
-/// How often [`until_gone`] probes.
-const PROBE_EVERY: Duration = Duration::from_millis(50);
 
 fn ms(n: i64) -> Duration {
     Duration::from_millis(n.unsigned_abs())
-}
-
-/// Whether a mandatory publish to `queue` (through the default exchange) is routed, i.e. the
-/// queue exists. `ch` is in confirm mode.
-async fn routed(ch: &Channel, queue: &str) -> bool {
-    match publish_confirmed_to(ch, "", queue, b"probe", true).await {
-        Confirmation::Ack(returned) => returned.is_none(),
-        other => panic!("unexpected confirmation {other:?}"),
-    }
-}
-
-/// Waits (up to [`TIMEOUT`]) until `queue` is gone.
-async fn until_gone(ch: &Channel, queue: &str) {
-    let start = Instant::now();
-    while routed(ch, queue).await {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "{queue} still there after {TIMEOUT:?}"
-        );
-        tokio::time::sleep(PROBE_EVERY).await;
-    }
 }
 
 #[tokio::test]

@@ -85,10 +85,13 @@ impl Connection {
                         exchange_resource(name, &vhost.name)
                     )));
                 }
-                state.exchanges.insert(
-                    name.to_owned(),
-                    Exchange::declared(kind, m.durable, m.auto_delete, m.internal, m.arguments),
-                );
+                let mut exchange =
+                    Exchange::declared(kind, m.durable, m.auto_delete, m.internal, m.arguments);
+                exchange.policy_alternate = state
+                    .policies
+                    .for_exchange(name)
+                    .and_then(|p| p.definition.alternate_exchange.clone());
+                state.exchanges.insert(name.to_owned(), exchange);
             }
             Some(_) if m.passive => {}
             Some(existing) => {

@@ -5,6 +5,7 @@ use crate::connection::Connection;
 use crate::dead_letter::DeadLetterTarget;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, is_default};
+use crate::policy::queue_args;
 use crate::queue::{ConnId, LengthLimits, Overflow, Queue, QueueArgs, QueueOptions, Quorum};
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, queue};
@@ -124,7 +125,11 @@ pub(crate) fn integer_value(value: &AMQPValue) -> Option<i64> {
 }
 
 /// Validates the declaration arguments Warren acts on.
-fn validate_arguments(args: &FieldTable, name: &str, vhost: &str) -> AmqpResult<QueueArgs> {
+pub(crate) fn validate_arguments(
+    args: &FieldTable,
+    name: &str,
+    vhost: &str,
+) -> AmqpResult<QueueArgs> {
     let resource = queue_resource(name, vhost);
     let quorum = is_quorum(args, &resource)?;
     let message_ttl = non_negative_integer(args, "x-message-ttl", &resource)?;
@@ -330,16 +335,9 @@ fn length_limits(args: &FieldTable, resource: &str) -> AmqpResult<Option<LengthL
     let max_length = non_negative_integer(args, "x-max-length", resource)?;
     let max_bytes = non_negative_integer(args, "x-max-length-bytes", resource)?;
     let overflow = match string_arg(args, "x-overflow", resource)?.as_deref() {
-        None | Some("drop-head") => Overflow::DropHead,
-        Some("reject-publish") => Overflow::RejectPublish,
-        Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
-        Some(_) => {
-            return Err(invalid_arg(
-                "x-overflow",
-                resource,
-                "invalid_overflow".into(),
-            ));
-        }
+        None => Overflow::DropHead,
+        Some(name) => Overflow::parse(name)
+            .ok_or_else(|| invalid_arg("x-overflow", resource, "invalid_overflow".into()))?,
     };
     if max_length.is_none() && max_bytes.is_none() {
         return Ok(None);
@@ -387,7 +385,7 @@ fn dead_letter_target(args: &FieldTable, resource: &str) -> AmqpResult<Option<De
 }
 
 /// A string argument's value (short or long string), if it is one and is UTF-8.
-fn string_value(value: &AMQPValue) -> Option<Arc<str>> {
+pub(crate) fn string_value(value: &AMQPValue) -> Option<Arc<str>> {
     match value {
         AMQPValue::ShortString(s) => Some(s.as_str().into()),
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(Into::into),
@@ -587,8 +585,11 @@ impl Connection {
                 };
                 // Keyed by the queue's own name: lookups with a delivery's `Source::queue` (the
                 // same allocation) then compare pointers, not bytes.
+                let policy = state.policies.for_queue(name.as_str()).cloned();
+                let args = queue_args(args, &m.arguments, policy.as_deref().map(|p| &p.definition));
                 let mut queue = Queue::new(name.as_str(), options, args);
-                queue.touch(now, outbox);
+                queue.policy = policy;
+                queue.touch(now, &mut state.outbox);
                 state.insert_queue(queue);
                 (0, 0)
             }

@@ -1,0 +1,118 @@
+//! Policies on an external RabbitMQ, through `rabbitmqctl` (the management plugin may be off;
+//! `rabbitmqctl` is always there beside the node). `WARREN_RABBITMQCTL` replaces the command,
+//! e.g. `docker exec rabbit rabbitmqctl`.
+
+use std::time::Duration;
+use warren_broker::{PolicyDefinition, PolicyError};
+
+/// The variable that replaces the `rabbitmqctl` command (split at whitespace).
+const COMMAND_ENV: &str = "WARREN_RABBITMQCTL";
+/// How long one `rabbitmqctl` may take (it starts an Erlang VM: about half a second).
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The command and its leading arguments.
+fn command() -> Vec<String> {
+    let configured = std::env::var(COMMAND_ENV).unwrap_or_default();
+    let words: Vec<String> = configured.split_whitespace().map(str::to_owned).collect();
+    if words.is_empty() {
+        vec!["rabbitmqctl".to_owned()]
+    } else {
+        words
+    }
+}
+
+/// Runs `rabbitmqctl` with `args`; its refusal becomes the [`PolicyError`] it stands for.
+///
+/// # Panics
+/// When the command cannot be run or takes longer than [`TIMEOUT`].
+pub(crate) async fn run(args: &[&str]) -> Result<(), PolicyError> {
+    let command = command();
+    let run = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(TIMEOUT, run).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) => panic!("cannot run {command:?} (set {COMMAND_ENV} to reach RabbitMQ's): {e}"),
+        Err(_) => panic!("{command:?} {args:?} took over {TIMEOUT:?}"),
+    };
+    if output.status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    Err(if text.contains("Parameter does not exist") {
+        PolicyError::NotFound
+    } else if text.contains("pattern should be regular expression") {
+        PolicyError::InvalidPattern(text)
+    } else {
+        PolicyError::InvalidDefinition(text)
+    })
+}
+
+/// Clears a policy, ignoring any failure (cleanup at the end of a test).
+pub(crate) fn clear_quietly(vhost: &str, name: &str) {
+    let command = command();
+    let _ = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .args(["clear_policy", "--vhost", vhost, name])
+        .output();
+}
+
+/// The JSON definition `rabbitmqctl set_policy` takes.
+pub(crate) fn definition_json(definition: &PolicyDefinition) -> String {
+    let PolicyDefinition {
+        message_ttl,
+        expires,
+        max_length,
+        max_length_bytes,
+        overflow,
+        dead_letter_exchange,
+        dead_letter_routing_key,
+        delivery_limit,
+        alternate_exchange,
+    } = definition;
+    let mut json = serde_json::Map::new();
+    let mut put = |key: &str, value: Option<serde_json::Value>| {
+        if let Some(value) = value {
+            json.insert(key.to_owned(), value);
+        }
+    };
+    put("message-ttl", message_ttl.map(Into::into));
+    put("expires", expires.map(Into::into));
+    put("max-length", max_length.map(Into::into));
+    put("max-length-bytes", max_length_bytes.map(Into::into));
+    put("overflow", overflow.map(|o| o.as_str().into()));
+    put(
+        "dead-letter-exchange",
+        dead_letter_exchange.clone().map(Into::into),
+    );
+    put(
+        "dead-letter-routing-key",
+        dead_letter_routing_key.clone().map(Into::into),
+    );
+    put("delivery-limit", delivery_limit.map(Into::into));
+    put(
+        "alternate-exchange",
+        alternate_exchange.clone().map(Into::into),
+    );
+    serde_json::Value::Object(json).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_broker::{Overflow, Policy};
+
+    #[test]
+    fn a_definition_is_rabbitmqctl_json() {
+        let policy = Policy::new("p", ".*")
+            .max_length(2)
+            .overflow(Overflow::RejectPublishDlx)
+            .dead_letter_exchange("dl\"x");
+        assert_eq!(
+            definition_json(&policy.definition),
+            r#"{"dead-letter-exchange":"dl\"x","max-length":2,"overflow":"reject-publish-dlx"}"#
+        );
+    }
+}

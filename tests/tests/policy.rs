@@ -1,0 +1,305 @@
+//! Policies (`rabbitmqctl set_policy`; `TestBroker::set_policy` on both targets): they govern
+//! queues and exchanges declared without arguments, take effect on existing ones at once and
+//! end when cleared; the highest priority applies alone; with a declaration argument, the
+//! smaller limit wins and the argument's exchange and overflow win, as in RabbitMQ 3.10.
+
+use lapin::{
+    Confirmation, ExchangeKind,
+    options::{BasicNackOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+use warren_broker::{ApplyTo, Policy, PolicyError};
+use warren_harness::TestBroker;
+use warren_tests::{
+    bind_queue, close_conn, confirm_channel, declare, declare_args, declare_exchange, declare_with,
+    drain_bodies, get, get_eventually, long_string, publish_confirmed, publish_confirmed_to,
+    until_gone, within,
+};
+
+/// A policy for queues named exactly `queue` (tests share an external broker).
+fn queue_policy(name: &str, queue: &str) -> Policy {
+    Policy::new(name, format!("^{queue}$")).apply_to(ApplyTo::Queues)
+}
+
+#[tokio::test]
+async fn a_length_policy_trims_an_existing_queue_at_once_and_ends_when_cleared() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("pol-len");
+    declare(&ch, &q).await;
+    for body in ["0", "1", "2", "3", "4"] {
+        publish_confirmed(&ch, &q, body.as_bytes()).await;
+    }
+
+    let policy = queue_policy(&q, &q).max_length(2);
+    broker.set_policy(&policy).await.expect("set_policy");
+    broker.wait_for_messages(&q, 2).await;
+    if let Some(handle) = broker.embedded() {
+        assert_eq!(
+            handle.queue(&q).unwrap().policy.as_deref(),
+            Some(q.as_str())
+        );
+        assert_eq!(handle.policies(), vec![policy.clone()]);
+    }
+    // The head went: the newest two are left, and a publish still drops the head.
+    publish_confirmed(&ch, &q, b"5").await;
+    assert_eq!(drain_bodies(&ch, &q).await, [b"4", b"5"]);
+
+    broker.clear_policy(&q).await.expect("clear_policy");
+    for body in ["6", "7", "8"] {
+        publish_confirmed(&ch, &q, body.as_bytes()).await;
+    }
+    broker.wait_for_messages(&q, 3).await;
+    if let Some(handle) = broker.embedded() {
+        assert_eq!(handle.queue(&q).unwrap().policy, None);
+    }
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_and_ttl_policy_governs_a_queue_declared_without_arguments() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("pol-work");
+    let dlq = broker.unique_name("pol-dead");
+    // As an operator would: the policy first, then the service declares its queue plainly.
+    let policy = queue_policy(&q, &q)
+        .message_ttl(50)
+        .dead_letter_exchange("")
+        .dead_letter_routing_key(&dlq);
+    broker.set_policy(&policy).await.expect("set_policy");
+    declare(&ch, &q).await;
+    declare(&ch, &dlq).await;
+
+    publish_confirmed(&ch, &q, b"late").await;
+    let dead = get_eventually(&ch, &dlq, true).await.delivery;
+    assert_eq!(dead.data, b"late");
+    let headers = dead.properties.headers().clone().unwrap_or_default();
+    assert_eq!(
+        headers.inner().get("x-first-death-reason"),
+        Some(&long_string("expired"))
+    );
+    assert_eq!(
+        headers.inner().get("x-first-death-queue"),
+        Some(&long_string(&q))
+    );
+    assert_eq!(get(&ch, &q, true).await.map(|m| m.delivery.data), None);
+    broker.clear_policy(&q).await.expect("clear_policy");
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn an_expires_policy_deletes_an_unused_existing_queue() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("pol-exp");
+    declare(&ch, &q).await;
+    broker
+        .set_policy(&queue_policy(&q, &q).expires(100))
+        .await
+        .expect("set_policy");
+    until_gone(&ch, &q).await;
+    broker.clear_policy(&q).await.expect("clear_policy");
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn arguments_and_a_policy_combine_key_by_key() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("pol-mix");
+    let dlq = broker.unique_name("pol-mix-dead");
+    declare(&ch, &dlq).await;
+    // The argument sets a dead-letter exchange and no routing key, the policy both: the
+    // argument's exchange wins, the policy's routing key is used. The smaller length wins.
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(4));
+    args.insert("x-dead-letter-exchange".into(), long_string(""));
+    declare_args(&ch, &q, args).await;
+    let policy = queue_policy(&q, &q)
+        .max_length(2)
+        .dead_letter_exchange(broker.unique_name("pol-no-such-exchange"))
+        .dead_letter_routing_key(&dlq);
+    broker.set_policy(&policy).await.expect("set_policy");
+    for body in ["0", "1", "2", "3", "4"] {
+        publish_confirmed(&ch, &q, body.as_bytes()).await;
+    }
+    broker.wait_for_messages(&dlq, 3).await;
+    assert_eq!(drain_bodies(&ch, &q).await, [b"3", b"4"]);
+    assert_eq!(drain_bodies(&ch, &dlq).await, [b"0", b"1", b"2"]);
+    broker.clear_policy(&q).await.expect("clear_policy");
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn the_policy_of_highest_priority_applies_alone() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("pol-prio");
+    let low = format!("{q}-low");
+    let high = format!("{q}-high");
+    broker
+        .set_policy(&queue_policy(&low, &q).priority(1).max_length(1))
+        .await
+        .expect("set_policy low");
+    broker
+        .set_policy(&queue_policy(&high, &q).priority(5).message_ttl(600_000))
+        .await
+        .expect("set_policy high");
+    declare(&ch, &q).await;
+    for body in ["0", "1", "2"] {
+        publish_confirmed(&ch, &q, body.as_bytes()).await;
+    }
+    // Only the high one applies: no length limit.
+    broker.wait_for_messages(&q, 3).await;
+    // Without it, the low one does, at once.
+    broker.clear_policy(&high).await.expect("clear high");
+    broker.wait_for_messages(&q, 1).await;
+    assert_eq!(drain_bodies(&ch, &q).await, [b"2"]);
+    broker.clear_policy(&low).await.expect("clear low");
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn an_alternate_exchange_policy_applies_to_exchanges_and_yields_to_the_argument() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let main = broker.unique_name("pol-x");
+    let own = broker.unique_name("pol-x-own");
+    let ae = broker.unique_name("pol-ae");
+    let own_ae = broker.unique_name("pol-ae-own");
+    let caught = broker.unique_name("pol-caught");
+    let caught_own = broker.unique_name("pol-caught-own");
+    for (exchange, queue) in [(&ae, &caught), (&own_ae, &caught_own)] {
+        declare_exchange(
+            &ch,
+            exchange,
+            ExchangeKind::Fanout,
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await;
+        declare(&ch, queue).await;
+        bind_queue(&ch, queue, exchange, "").await;
+    }
+    declare_exchange(
+        &ch,
+        &main,
+        ExchangeKind::Direct,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await;
+    let mut args = FieldTable::default();
+    args.insert("alternate-exchange".into(), long_string(&own_ae));
+    declare_exchange(&ch, &own, ExchangeKind::Direct, Default::default(), args).await;
+    let returned = |c: &Confirmation| matches!(c, Confirmation::Ack(Some(_)));
+
+    // A policy for queues does not reach exchanges: the mandatory publish comes back.
+    let pattern = format!("^({main}|{own})$");
+    let for_queues = Policy::new(&main, &pattern)
+        .apply_to(ApplyTo::Queues)
+        .alternate_exchange(&ae);
+    broker.set_policy(&for_queues).await.expect("set_policy");
+    let c = publish_confirmed_to(&ch, &main, "nowhere", b"0", true).await;
+    assert!(returned(&c), "{c:?}");
+
+    broker
+        .set_policy(&for_queues.clone().apply_to(ApplyTo::Exchanges))
+        .await
+        .expect("set_policy");
+    let c = publish_confirmed_to(&ch, &main, "nowhere", b"1", true).await;
+    assert!(
+        !returned(&c),
+        "routed by the policy's alternate exchange: {c:?}"
+    );
+    let c = publish_confirmed_to(&ch, &own, "nowhere", b"2", true).await;
+    assert!(
+        !returned(&c),
+        "routed by the argument's alternate exchange: {c:?}"
+    );
+    assert_eq!(get_eventually(&ch, &caught, true).await.delivery.data, b"1");
+    assert_eq!(
+        get_eventually(&ch, &caught_own, true).await.delivery.data,
+        b"2"
+    );
+    assert_eq!(get(&ch, &caught, true).await.map(|m| m.delivery.data), None);
+    broker.clear_policy(&main).await.expect("clear_policy");
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn a_delivery_limit_policy_lowers_a_quorum_queues_own() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("pol-qq");
+    broker
+        .set_policy(&queue_policy(&q, &q).delivery_limit(1))
+        .await
+        .expect("set_policy");
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(5));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    declare_with(&ch, &q, durable, args)
+        .await
+        .expect("quorum queue.declare");
+    publish_confirmed(&ch, &q, b"poison").await;
+    // Returned once (one delivery counted: within the limit of 1), then once more: dropped.
+    for _ in 0..2 {
+        let m = get_eventually(&ch, &q, false).await;
+        within(
+            "basic.nack",
+            ch.basic_nack(
+                m.delivery.delivery_tag,
+                BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                },
+            ),
+        )
+        .await
+        .expect("nack");
+    }
+    broker.wait_for_messages(&q, 0).await;
+    assert_eq!(get(&ch, &q, false).await.map(|m| m.delivery.data), None);
+    broker.clear_policy(&q).await.expect("clear_policy");
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn invalid_policies_are_refused() {
+    let broker = TestBroker::start().await;
+    let q = broker.unique_name("pol-bad");
+    let refused = |r: Result<(), PolicyError>| r.expect_err("refused");
+    assert!(matches!(
+        refused(broker.set_policy(&queue_policy(&q, &q).expires(0)).await),
+        PolicyError::InvalidDefinition(_)
+    ));
+    assert!(matches!(
+        refused(broker.set_policy(&queue_policy(&q, &q)).await),
+        PolicyError::InvalidDefinition(_)
+    ));
+    assert!(matches!(
+        refused(
+            broker
+                .set_policy(&Policy::new(&q, "(unclosed").max_length(1))
+                .await
+        ),
+        PolicyError::InvalidPattern(_)
+    ));
+    assert_eq!(
+        refused(broker.clear_policy(&q).await),
+        PolicyError::NotFound
+    );
+}
