@@ -10,7 +10,7 @@ use clap::Parser;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
-use warren_broker::{Broker, BrokerConfig, User};
+use warren_broker::{Broker, BrokerConfig, Policy, User};
 
 /// An AMQP 0-9-1 broker that behaves like RabbitMQ, for tests.
 #[derive(Debug, Parser)]
@@ -45,6 +45,15 @@ struct Args {
     /// (RabbitMQ's consumer_timeout; 0 never).
     #[arg(long, default_value_t = 1_800_000, value_name = "MS")]
     consumer_timeout: u64,
+    /// A policy, as JSON in the shape of RabbitMQ's definitions export, e.g.
+    /// '{"name":"DLX","pattern":"^jobs$","apply-to":"queues","definition":{"dead-letter-exchange":"dlx"}}'.
+    /// Repeatable.
+    #[arg(long = "policy", value_name = "JSON", value_parser = parse_policy)]
+    policies: Vec<Policy>,
+}
+
+fn parse_policy(text: &str) -> Result<Policy, String> {
+    Policy::from_json(text).map_err(|e| e.to_string())
 }
 
 fn parse_user(text: &str) -> Result<User, String> {
@@ -89,6 +98,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for policy in args.policies {
+        let name = policy.name.clone();
+        if let Err(e) = broker.set_policy(policy) {
+            eprintln!("warren-broker: policy {name}: {e}");
+            broker.shutdown().await;
+            return ExitCode::FAILURE;
+        }
+    }
     for addr in broker.local_addrs() {
         if addr.ip().is_loopback() {
             tracing::info!("listening on {addr} (loopback only)");

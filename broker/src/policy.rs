@@ -185,6 +185,126 @@ impl Policy {
         self
     }
 
+    /// A policy from JSON in the shape of the `policies` entries of RabbitMQ's definitions
+    /// export (`rabbitmqctl export_definitions`): `name`, `pattern`, `definition` (the keys
+    /// `rabbitmqctl set_policy` takes), and optionally `apply-to`, `priority` and `vhost`
+    /// (`/`, the only one), refused in `rabbitmqctl`'s words where it would refuse them.
+    ///
+    /// ```
+    /// use warren_broker::{ApplyTo, Policy};
+    ///
+    /// let policy = Policy::from_json(
+    ///     r#"{"name": "DLX", "pattern": "^jobs$", "apply-to": "queues",
+    ///         "definition": {"dead-letter-exchange": "dlx", "message-ttl": 60000}}"#,
+    /// )
+    /// .unwrap();
+    /// assert_eq!(policy.apply_to, ApplyTo::Queues);
+    /// assert_eq!(policy.definition.message_ttl, Some(60_000));
+    /// assert!(Policy::from_json(r#"{"name": "p", "pattern": ".*", "definition": {"expires": 0}}"#).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`PolicyError::InvalidDefinition`] for malformed JSON, a missing field, a value out of
+    /// range or a key policies do not have.
+    pub fn from_json(text: &str) -> Result<Self, PolicyError> {
+        let invalid = |text: String| PolicyError::InvalidDefinition(text);
+        let json: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| invalid(format!("JSON decoding error: {e}")))?;
+        let field = |key: &str| json.get(key);
+        let text_field = |key: &str| -> Result<Option<String>, PolicyError> {
+            match field(key) {
+                None => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(invalid(format!("{other} is not a valid {key}"))),
+            }
+        };
+        let name = text_field("name")?.ok_or_else(|| invalid("no name".into()))?;
+        let pattern = text_field("pattern")?.ok_or_else(|| invalid("no pattern".into()))?;
+        if let Some(vhost) = text_field("vhost")?
+            && vhost != "/"
+        {
+            return Err(invalid(format!("no vhost {vhost} (Warren has only /)")));
+        }
+        let apply_to = match text_field("apply-to")?.as_deref() {
+            None | Some("all") => ApplyTo::All,
+            Some("queues") => ApplyTo::Queues,
+            Some("exchanges") => ApplyTo::Exchanges,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "apply-to '{other}' unrecognised; should be 'queues', 'exchanges' or 'all'"
+                )));
+            }
+        };
+        let priority = match field("priority") {
+            None => 0,
+            Some(p) => p
+                .as_i64()
+                .and_then(|p| i32::try_from(p).ok())
+                .ok_or_else(|| invalid(format!("{p} is not a valid priority")))?,
+        };
+        let Some(serde_json::Value::Object(keys)) = field("definition") else {
+            return Err(invalid("no policy provided".into()));
+        };
+        let mut definition = PolicyDefinition::default();
+        let mut unknown = Vec::new();
+        for (key, value) in keys {
+            let number = |what: &str, min: u64| {
+                value
+                    .as_u64()
+                    .filter(|n| *n >= min)
+                    .ok_or_else(|| invalid(format!("{value} is not a valid {what}")))
+            };
+            let string = |what: &str| {
+                value
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| invalid(format!("{value} is not a valid {what}")))
+            };
+            match key.as_str() {
+                "message-ttl" => definition.message_ttl = Some(number("message TTL", 0)?),
+                "expires" => definition.expires = Some(number("queue expiry", 1)?),
+                "max-length" => definition.max_length = Some(number("maximum length", 0)?),
+                "max-length-bytes" => {
+                    definition.max_length_bytes = Some(number("maximum length in bytes", 0)?);
+                }
+                "delivery-limit" => {
+                    definition.delivery_limit = Some(number("delivery limit", 0)?);
+                }
+                "overflow" => {
+                    definition.overflow =
+                        Some(value.as_str().and_then(Overflow::parse).ok_or_else(|| {
+                            invalid(format!("{value} is not a valid overflow value"))
+                        })?);
+                }
+                "dead-letter-exchange" => {
+                    definition.dead_letter_exchange = Some(string("dead-letter-exchange")?);
+                }
+                "dead-letter-routing-key" => {
+                    definition.dead_letter_routing_key = Some(string("dead-letter-routing-key")?);
+                }
+                "alternate-exchange" => {
+                    definition.alternate_exchange = Some(string("alternate-exchange")?);
+                }
+                _ => unknown.push(format!("{key}: {value}")),
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(invalid(format!(
+                "[{}] are not recognised policy settings",
+                unknown.join(", ")
+            )));
+        }
+        let policy = Self {
+            name,
+            pattern,
+            apply_to,
+            priority,
+            definition,
+        };
+        validate(&policy.definition)?;
+        Ok(policy)
+    }
+
     /// Whether it applies to queues.
     fn for_queues(&self) -> bool {
         self.apply_to != ApplyTo::Exchanges
