@@ -48,8 +48,11 @@ pub struct BrokerConfig {
     /// Host and port to listen on, e.g. `127.0.0.1:0` (a free port) or `localhost:5672`
     /// (every address the name resolves to).
     pub listen: String,
-    /// Users allowed to connect to vhost `/`.
+    /// Users allowed to connect (to every vhost: Warren has no per-vhost permissions).
     pub users: Vec<User>,
+    /// Vhosts besides `/`, which always exists at start (more can be added and deleted while
+    /// it runs: [`crate::BrokerHandle::add_vhost`]).
+    pub vhosts: Vec<String>,
     /// Largest frame the broker accepts or sends, in bytes (offered in connection.tune).
     pub frame_max: u32,
     /// Most channels a connection may have open at once (offered in connection.tune;
@@ -85,6 +88,7 @@ impl Default for BrokerConfig {
         Self {
             listen: "127.0.0.1:0".to_owned(),
             users: vec![User::new("guest", "guest")],
+            vhosts: Vec::new(),
             frame_max: 131_072,
             channel_max: 2047,
             heartbeat: Duration::from_secs(60),

@@ -7,6 +7,8 @@ use crate::vhost::Vhost;
 pub struct QueueInfo {
     /// Its name.
     pub name: String,
+    /// Its vhost.
+    pub vhost: String,
     /// Messages ready for delivery (expired ones not yet dropped may be counted).
     pub ready: usize,
     /// Messages delivered and not yet acknowledged.
@@ -59,6 +61,8 @@ pub struct ConnectionInfo {
     /// The name the client gave the connection (client property `connection_name`, as
     /// RabbitMQ's "user-provided name"; lapin: `ConnectionProperties::with_connection_name`).
     pub name: Option<String>,
+    /// The vhost it opened.
+    pub vhost: String,
     /// Open channels.
     pub channels: usize,
     /// Whether a resource alarm holds its input: it published while one was raised
@@ -73,6 +77,7 @@ pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {
         .values()
         .map(|q| QueueInfo {
             name: q.name.to_string(),
+            vhost: vhost.name.clone(),
             ready: q.ready_len(),
             unacked: q.unacked,
             consumers: q

@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`config`]: [`BrokerConfig`] and [`User`], with RabbitMQ 3.10's defaults.
-//! - `server`: the accept loop, connection limit and shutdown; [`Broker`], [`BrokerHandle`].
+//! - `server`: the accept loop, connection limit, vhosts and shutdown; [`Broker`],
+//!   [`BrokerHandle`].
 //! - `codec`: frames in and out through amq-protocol, sizes checked before buffering; the
 //!   per-message methods (basic.publish and basic.ack in, basic.deliver and confirms out) take
 //!   a direct path that property tests hold byte-equal to amq-protocol's.

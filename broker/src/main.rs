@@ -23,6 +23,9 @@ struct Args {
     /// A user allowed to log in, as NAME:PASSWORD. Repeatable. Default: guest:guest.
     #[arg(long = "user", value_name = "NAME:PASSWORD", value_parser = parse_user)]
     users: Vec<User>,
+    /// A vhost besides `/` (which always exists). Repeatable.
+    #[arg(long = "vhost", value_name = "NAME")]
+    vhosts: Vec<String>,
     /// Largest frame in bytes, offered in connection.tune (RabbitMQ's default).
     #[arg(long, default_value_t = 131_072)]
     frame_max: u32,
@@ -45,7 +48,7 @@ struct Args {
     /// (RabbitMQ's consumer_timeout; 0 never).
     #[arg(long, default_value_t = 1_800_000, value_name = "MS")]
     consumer_timeout: u64,
-    /// A policy, as JSON in the shape of RabbitMQ's definitions export, e.g.
+    /// A policy, as JSON in the shape of RabbitMQ's definitions export (its vhost must exist), e.g.
     /// '{"name":"DLX","pattern":"^jobs$","apply-to":"queues","definition":{"dead-letter-exchange":"dlx"}}'.
     /// Repeatable.
     #[arg(long = "policy", value_name = "JSON", value_parser = parse_policy)]
@@ -81,6 +84,7 @@ async fn main() -> ExitCode {
     let config = BrokerConfig {
         listen: args.listen,
         users,
+        vhosts: args.vhosts,
         frame_max: args.frame_max,
         channel_max: args.channel_max,
         heartbeat: Duration::from_secs(args.heartbeat),

@@ -39,7 +39,9 @@ use crate::queue::{LengthLimits, Overflow, QueueArgs};
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
-    /// Its name; setting a policy of the same name replaces it.
+    /// The vhost it is set in (`/` unless said otherwise).
+    pub vhost: String,
+    /// Its name; setting a policy of the same name in its vhost replaces it.
     pub name: String,
     /// A regular expression matched against queue and exchange names (unanchored, like
     /// RabbitMQ's: `^` and `$` anchor it). Warren uses the `regex` crate's syntax, which has
@@ -111,12 +113,19 @@ impl Policy {
     /// exchanges at priority 0, setting nothing yet.
     pub fn new(name: impl Into<String>, pattern: impl Into<String>) -> Self {
         Self {
+            vhost: "/".to_owned(),
             name: name.into(),
             pattern: pattern.into(),
             apply_to: ApplyTo::All,
             priority: 0,
             definition: PolicyDefinition::default(),
         }
+    }
+
+    /// Sets it in vhost `vhost` rather than `/`.
+    pub fn vhost(mut self, vhost: impl Into<String>) -> Self {
+        self.vhost = vhost.into();
+        self
     }
 
     /// Applies it to queues, exchanges or both.
@@ -188,7 +197,7 @@ impl Policy {
     /// A policy from JSON in the shape of the `policies` entries of RabbitMQ's definitions
     /// export (`rabbitmqctl export_definitions`): `name`, `pattern`, `definition` (the keys
     /// `rabbitmqctl set_policy` takes), and optionally `apply-to`, `priority` and `vhost`
-    /// (`/`, the only one), refused in `rabbitmqctl`'s words where it would refuse them.
+    /// (`/` by default), refused in `rabbitmqctl`'s words where it would refuse them.
     ///
     /// ```
     /// use warren_broker::{ApplyTo, Policy};
@@ -220,11 +229,7 @@ impl Policy {
         };
         let name = text_field("name")?.ok_or_else(|| invalid("no name".into()))?;
         let pattern = text_field("pattern")?.ok_or_else(|| invalid("no pattern".into()))?;
-        if let Some(vhost) = text_field("vhost")?
-            && vhost != "/"
-        {
-            return Err(invalid(format!("no vhost {vhost} (Warren has only /)")));
-        }
+        let vhost = text_field("vhost")?.unwrap_or_else(|| "/".to_owned());
         let apply_to = match text_field("apply-to")?.as_deref() {
             None | Some("all") => ApplyTo::All,
             Some("queues") => ApplyTo::Queues,
@@ -295,6 +300,7 @@ impl Policy {
             )));
         }
         let policy = Self {
+            vhost,
             name,
             pattern,
             apply_to,
@@ -328,6 +334,9 @@ pub enum PolicyError {
     /// No policy has that name (clearing one).
     #[error("Parameter does not exist")]
     NotFound,
+    /// The vhost does not exist.
+    #[error("Virtual host '{0}' does not exist")]
+    NoVhost(String),
 }
 
 /// A vhost's policies, with their patterns compiled.

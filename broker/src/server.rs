@@ -43,6 +43,8 @@ pub(crate) struct ConnectionEntry {
     pub(crate) client: String,
     pub(crate) name: Option<String>,
     pub(crate) mailbox: Mailbox,
+    /// The name of its vhost.
+    pub(crate) vhost: String,
     pub(crate) channels: Arc<AtomicUsize>,
     /// Whether a resource alarm holds its input (see [`crate::alarm`]).
     pub(crate) blocked: Arc<AtomicBool>,
@@ -53,8 +55,8 @@ pub(crate) struct ConnectionEntry {
 pub(crate) struct BrokerShared {
     /// The configuration it started with.
     pub(crate) config: BrokerConfig,
-    /// The one vhost, `/`.
-    pub(crate) vhost: Arc<Vhost>,
+    /// Its vhosts by name. A std mutex: held only to look one up, add or remove one.
+    vhosts: Mutex<HashMap<String, VhostEntry>>,
     /// Cancelled when the broker shuts down.
     pub(crate) shutdown: CancellationToken,
     /// The frame trace, when enabled.
@@ -70,7 +72,54 @@ pub(crate) struct BrokerShared {
     alarms: Mutex<Alarms>,
 }
 
+/// A vhost, and what stops its expiry task.
+#[derive(Debug)]
+struct VhostEntry {
+    vhost: Arc<Vhost>,
+    stop: CancellationToken,
+}
+
 impl BrokerShared {
+    /// The vhost named `name`, if it exists.
+    pub(crate) fn vhost(&self, name: &str) -> Option<Arc<Vhost>> {
+        self.vhosts_lock().get(name).map(|e| e.vhost.clone())
+    }
+
+    /// Whether `vhost` is still one of the broker's (not deleted since it was looked up).
+    pub(crate) fn has_vhost(&self, vhost: &Arc<Vhost>) -> bool {
+        self.vhosts_lock()
+            .get(&vhost.name)
+            .is_some_and(|e| Arc::ptr_eq(&e.vhost, vhost))
+    }
+
+    fn vhosts_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VhostEntry>> {
+        self.vhosts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every vhost, by name.
+    fn all_vhosts(&self) -> Vec<Arc<Vhost>> {
+        let mut all: Vec<Arc<Vhost>> = self
+            .vhosts_lock()
+            .values()
+            .map(|e| e.vhost.clone())
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Adds a vhost and starts its expiry task on `tracker`; false if it exists.
+    fn add_vhost(&self, name: &str, tracker: &TaskTracker) -> bool {
+        let mut vhosts = self.vhosts_lock();
+        if vhosts.contains_key(name) {
+            return false;
+        }
+        let vhost = Arc::new(Vhost::new(name));
+        let stop = self.shutdown.child_token();
+        tracker.spawn(run_expiry(vhost.clone(), stop.clone()));
+        vhosts.insert(name.to_owned(), VhostEntry { vhost, stop });
+        true
+    }
+
     /// Registers an open connection: its id, and the resource alarms raised now (it is told
     /// of later changes through its mailbox).
     pub(crate) fn register_connection(&self, entry: ConnectionEntry) -> (ConnId, Alarms) {
@@ -147,10 +196,13 @@ impl Broker {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
+        let vhosts: Vec<String> = std::iter::once("/".to_owned())
+            .chain(config.vhosts.iter().cloned())
+            .collect();
         let shared = Arc::new(BrokerShared {
             trace: config.trace.then(Trace::default),
             config,
-            vhost: Arc::new(Vhost::new("/")),
+            vhosts: Mutex::default(),
             shutdown: CancellationToken::new(),
             next_conn_id: AtomicU64::new(0),
             live: AtomicUsize::new(0),
@@ -158,7 +210,9 @@ impl Broker {
             alarms: Mutex::default(),
         });
         let tracker = TaskTracker::new();
-        tracker.spawn(run_expiry(shared.vhost.clone(), shared.shutdown.clone()));
+        for name in &vhosts {
+            shared.add_vhost(name, &tracker);
+        }
         for listener in listeners {
             tracker.spawn(accept_loop(listener, shared.clone(), tracker.clone()));
         }
@@ -328,6 +382,11 @@ impl BrokerHandle {
     /// A URL a local client can connect with: `amqp://guest:guest@127.0.0.1:PORT/%2F`. When
     /// guest is not a configured user, the first user appears without a password.
     pub fn url(&self) -> String {
+        self.url_for("/")
+    }
+
+    /// The URL of vhost `vhost` ([`BrokerHandle::url`] names `/`), percent-encoded.
+    pub fn url_for(&self, vhost: &str) -> String {
         let addr = reachable(self.local_addr());
         let users = &self.shared.config.users;
         let credentials = match users
@@ -337,17 +396,71 @@ impl BrokerHandle {
             Some(_) => "guest:guest".to_owned(),
             None => users.first().map(|u| u.name.clone()).unwrap_or_default(),
         };
-        format!("amqp://{credentials}@{addr}/%2F")
+        let vhost =
+            percent_encoding::utf8_percent_encode(vhost, percent_encoding::NON_ALPHANUMERIC);
+        format!("amqp://{credentials}@{addr}/{vhost}")
     }
 
-    /// Snapshots of every queue.
+    /// Snapshots of every queue, of every vhost (by vhost, then name).
     pub fn queues(&self) -> Vec<QueueInfo> {
-        crate::inspect::queues(&self.shared.vhost)
+        self.shared
+            .all_vhosts()
+            .iter()
+            .flat_map(|vhost| crate::inspect::queues(vhost))
+            .collect()
     }
 
-    /// A snapshot of one queue, if it exists.
+    /// A snapshot of one queue of vhost `/`, if it exists.
     pub fn queue(&self, name: &str) -> Option<QueueInfo> {
-        self.queues().into_iter().find(|q| q.name == name)
+        self.queue_in("/", name)
+    }
+
+    /// A snapshot of one queue of a vhost, if both exist.
+    pub fn queue_in(&self, vhost: &str, name: &str) -> Option<QueueInfo> {
+        crate::inspect::queues(&*self.shared.vhost(vhost)?)
+            .into_iter()
+            .find(|q| q.name == name)
+    }
+
+    /// Adds a vhost, as `rabbitmqctl add_vhost` does; false if it exists. Every user may
+    /// open it (Warren has no per-vhost permissions).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let broker = warren_broker::Broker::start(Default::default()).await.unwrap();
+    /// assert!(broker.add_vhost("orders"));
+    /// let url = broker.url_for("orders"); // amqp://guest:guest@127.0.0.1:PORT/orders
+    /// assert!(url.ends_with("/orders"));
+    /// # }
+    /// ```
+    pub fn add_vhost(&self, name: &str) -> bool {
+        self.shared.add_vhost(name, &self.tracker)
+    }
+
+    /// Deletes a vhost with its queues and exchanges, as `rabbitmqctl delete_vhost` does: its
+    /// connections are closed with 320 CONNECTION_FORCED ("vhost '...' is deleted"). False if
+    /// there is no such vhost.
+    pub fn delete_vhost(&self, name: &str) -> bool {
+        let Some(entry) = self.shared.vhosts_lock().remove(name) else {
+            return false;
+        };
+        entry.stop.cancel();
+        let error = AmqpError::connection_forced(format!("vhost '{name}' is deleted"));
+        for conn in self.shared.connections_lock().values() {
+            if conn.vhost == name {
+                let _ = conn.mailbox.send(Outbound::Close(error.clone()));
+            }
+        }
+        true
+    }
+
+    /// The vhosts, by name.
+    pub fn vhosts(&self) -> Vec<String> {
+        self.shared
+            .all_vhosts()
+            .iter()
+            .map(|v| v.name.clone())
+            .collect()
     }
 
     /// The open connections.
@@ -361,6 +474,7 @@ impl BrokerHandle {
                 user: e.user.clone(),
                 client: e.client.clone(),
                 name: e.name.clone(),
+                vhost: e.vhost.clone(),
                 channels: e.channels.load(Ordering::Relaxed),
                 blocked: e.blocked.load(Ordering::Relaxed),
             })
@@ -463,22 +577,33 @@ impl BrokerHandle {
     ///     .unwrap();
     /// // ... the service declares `jobs` without arguments; what it rejects goes to `dlx` ...
     /// assert!(broker.set_policy(Policy::new("empty", "^jobs$")).is_err()); // sets nothing
-    /// broker.clear_policy("DLX").unwrap();
+    /// broker.clear_policy("/", "DLX").unwrap();
     /// broker.shutdown().await;
     /// # }
     /// ```
     pub fn set_policy(&self, policy: Policy) -> Result<(), PolicyError> {
-        self.shared.vhost.lock().set_policy(policy)
+        self.policy_vhost(&policy.vhost)?.lock().set_policy(policy)
     }
 
-    /// Clears a policy ([`PolicyError::NotFound`] if none has that name).
-    pub fn clear_policy(&self, name: &str) -> Result<(), PolicyError> {
-        self.shared.vhost.lock().clear_policy(name)
+    /// Clears the policy `name` of `vhost` ([`PolicyError::NotFound`] if it has none of that
+    /// name).
+    pub fn clear_policy(&self, vhost: &str, name: &str) -> Result<(), PolicyError> {
+        self.policy_vhost(vhost)?.lock().clear_policy(name)
     }
 
-    /// The policies set, by descending priority.
+    /// The policies of every vhost, by vhost, then descending priority.
     pub fn policies(&self) -> Vec<Policy> {
-        self.shared.vhost.lock().policies.all()
+        self.shared
+            .all_vhosts()
+            .iter()
+            .flat_map(|v| v.lock().policies.all())
+            .collect()
+    }
+
+    fn policy_vhost(&self, name: &str) -> Result<Arc<Vhost>, PolicyError> {
+        self.shared
+            .vhost(name)
+            .ok_or_else(|| PolicyError::NoVhost(name.to_owned()))
     }
 
     /// Closes every connection with 320 CONNECTION_FORCED, stops listening, and returns when

@@ -8,8 +8,9 @@
 //!   end on an external broker), queue counts and waits. Embedded only, through
 //!   [`TestBroker::embedded`]: snapshots, forced closes, resource alarms
 //!   (`raise_alarm`), and a [`BrokerConfig`] of the test's own (e.g. a short
-//!   `consumer_timeout`). Policies on both targets ([`TestBroker::set_policy`]; `rabbitmqctl`
-//!   on an external broker, in `rabbitmqctl`'s module).
+//!   `consumer_timeout`). Policies and vhosts on both targets ([`TestBroker::set_policy`],
+//!   [`TestBroker::add_vhost`]; `rabbitmqctl` on an external broker, in `rabbitmqctl`'s
+//!   module).
 //! - [`proxy`]: [`Proxy`], a TCP proxy for fault injection on either target.
 //! - [`wait`]: [`within`] and [`wait_until`], timeouts with clear failure messages.
 //!
@@ -62,8 +63,11 @@ pub struct TestBroker {
     names: Mutex<Vec<String>>,
     /// A connection for counts and waits, made on first use.
     admin: tokio::sync::OnceCell<lapin::Connection>,
-    /// Policies set by [`TestBroker::set_policy`], cleared at the end on an external broker.
-    policies: Mutex<Vec<String>>,
+    /// Policies set by [`TestBroker::set_policy`] (vhost, name), cleared at the end on an
+    /// external broker.
+    policies: Mutex<Vec<(String, String)>>,
+    /// Vhosts added by [`TestBroker::add_vhost`], deleted at the end on an external broker.
+    vhosts: Mutex<Vec<String>>,
 }
 
 /// Whether `AMQP_URL` names an external broker.
@@ -104,6 +108,7 @@ impl TestBroker {
             names: Mutex::new(Vec::new()),
             admin: tokio::sync::OnceCell::new(),
             policies: Mutex::new(Vec::new()),
+            vhosts: Mutex::new(Vec::new()),
         }
     }
 
@@ -259,7 +264,7 @@ impl TestBroker {
         self.policies
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(policy.name.clone());
+            .push((policy.vhost.clone(), policy.name.clone()));
         match &self.embedded {
             Some(handle) => handle.set_policy(policy.clone()),
             None => {
@@ -268,7 +273,7 @@ impl TestBroker {
                 let args = [
                     "set_policy",
                     "--vhost",
-                    &self.vhost(),
+                    &policy.vhost,
                     "--apply-to",
                     policy.apply_to.as_str(),
                     "--priority",
@@ -282,23 +287,93 @@ impl TestBroker {
         }
     }
 
-    /// Clears a policy ([`PolicyError::NotFound`] if there is none of that name).
+    /// Clears the policy `name` of `vhost` ([`PolicyError::NotFound`] if there is none).
     ///
     /// # Panics
     /// As [`TestBroker::set_policy`].
-    pub async fn clear_policy(&self, name: &str) -> Result<(), PolicyError> {
+    pub async fn clear_policy(&self, vhost: &str, name: &str) -> Result<(), PolicyError> {
         match &self.embedded {
-            Some(handle) => handle.clear_policy(name),
-            None => rabbitmqctl::run(&["clear_policy", "--vhost", &self.vhost(), name]).await,
+            Some(handle) => handle.clear_policy(vhost, name),
+            None => rabbitmqctl::run(&["clear_policy", "--vhost", vhost, name]).await,
         }
     }
 
-    /// The vhost the URL names (`/` when it names none).
-    fn vhost(&self) -> String {
+    /// Adds a vhost the target's user may use (`rabbitmqctl add_vhost` and `set_permissions`
+    /// on an external broker, where it is deleted again when the `TestBroker` is dropped).
+    /// Connect to it with [`TestBroker::url_for`]; name it with [`TestBroker::unique_name`]
+    /// when tests share an external broker.
+    ///
+    /// ```no_run
+    /// # async fn demo() {
+    /// let broker = warren_harness::TestBroker::start().await;
+    /// let vhost = broker.unique_name("orders");
+    /// broker.add_vhost(&vhost).await;
+    /// let conn = warren_harness::connect_to(&broker.url_for(&vhost)).await;
+    /// # let _ = conn;
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// When the vhost cannot be added (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn add_vhost(&self, name: &str) {
+        self.vhosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_owned());
+        match &self.embedded {
+            Some(handle) => assert!(handle.add_vhost(name), "vhost {name} exists already"),
+            None => {
+                let user = self.user();
+                for args in [
+                    vec!["add_vhost", name],
+                    vec!["set_permissions", "--vhost", name, &user, ".*", ".*", ".*"],
+                ] {
+                    rabbitmqctl::run(&args)
+                        .await
+                        .unwrap_or_else(|e| panic!("rabbitmqctl {args:?}: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Deletes a vhost: its connections are closed with 320 CONNECTION_FORCED.
+    ///
+    /// # Panics
+    /// When there is no such vhost (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn delete_vhost(&self, name: &str) {
+        match &self.embedded {
+            Some(handle) => assert!(handle.delete_vhost(name), "no vhost {name}"),
+            None => rabbitmqctl::run(&["delete_vhost", name])
+                .await
+                .unwrap_or_else(|e| panic!("rabbitmqctl delete_vhost {name}: {e}")),
+        }
+    }
+
+    /// The target's URL with vhost `vhost` instead of its own.
+    pub fn url_for(&self, vhost: &str) -> String {
+        let encoded =
+            percent_encoding::utf8_percent_encode(vhost, percent_encoding::NON_ALPHANUMERIC);
+        let (url, query) = self
+            .url
+            .split_once('?')
+            .map_or((self.url.as_str(), None), |(u, q)| (u, Some(q)));
+        let authority_end = url.find("://").map_or(0, |i| i + 3);
+        let base = match url[authority_end..].find('/') {
+            Some(slash) => &url[..authority_end + slash],
+            None => url,
+        };
+        match query {
+            Some(query) => format!("{base}/{encoded}?{query}"),
+            None => format!("{base}/{encoded}"),
+        }
+    }
+
+    /// The user the URL logs in as.
+    fn user(&self) -> String {
         self.url
             .parse::<lapin::uri::AMQPUri>()
-            .map(|uri| uri.vhost)
-            .unwrap_or_else(|_| "/".to_owned())
+            .map(|uri| uri.authority.userinfo.username)
+            .unwrap_or_else(|_| "guest".to_owned())
     }
 
     /// The embedded broker's method trace, one line per method (empty unless `WARREN_TRACE=1`
@@ -341,11 +416,11 @@ impl Drop for TestBroker {
         if self.embedded.is_some() {
             return;
         }
-        if !policies.is_empty() {
-            let vhost = self.vhost();
-            for name in policies {
-                rabbitmqctl::clear_quietly(&vhost, &name);
-            }
+        for (vhost, name) in policies {
+            rabbitmqctl::clear_quietly(&vhost, &name);
+        }
+        for vhost in std::mem::take(self.vhosts.get_mut().unwrap_or_else(|e| e.into_inner())) {
+            rabbitmqctl::delete_vhost_quietly(&vhost);
         }
         if names.is_empty() {
             return;
@@ -388,5 +463,22 @@ impl Drop for TestBroker {
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_for_swaps_the_vhost_and_keeps_the_rest() {
+        let broker = TestBroker::with_url(None, "amqp://u:p@host:5672/%2F?heartbeat=5".into());
+        assert_eq!(
+            broker.url_for("orders/eu"),
+            "amqp://u:p@host:5672/orders%2Feu?heartbeat=5"
+        );
+        let bare = TestBroker::with_url(None, "amqp://host".into());
+        assert_eq!(bare.url_for("/"), "amqp://host/%2F");
+        assert_eq!(bare.user(), "guest");
     }
 }

@@ -1,4 +1,4 @@
-//! Policies on an external RabbitMQ, through `rabbitmqctl` (the management plugin may be off;
+//! Policies and vhosts on an external RabbitMQ, through `rabbitmqctl` (the management plugin may be off;
 //! `rabbitmqctl` is always there beside the node). `WARREN_RABBITMQCTL` replaces the command,
 //! e.g. `docker exec rabbit rabbitmqctl`.
 
@@ -43,6 +43,11 @@ pub(crate) async fn run(args: &[&str]) -> Result<(), PolicyError> {
     let text = String::from_utf8_lossy(&output.stderr).trim().to_owned();
     Err(if text.contains("Parameter does not exist") {
         PolicyError::NotFound
+    } else if let Some(vhost) = text
+        .split_once("Virtual host '")
+        .and_then(|(_, rest)| rest.split_once("' does not exist"))
+    {
+        PolicyError::NoVhost(vhost.0.to_owned())
     } else if text.contains("pattern should be regular expression") {
         PolicyError::InvalidPattern(text)
     } else {
@@ -52,10 +57,19 @@ pub(crate) async fn run(args: &[&str]) -> Result<(), PolicyError> {
 
 /// Clears a policy, ignoring any failure (cleanup at the end of a test).
 pub(crate) fn clear_quietly(vhost: &str, name: &str) {
+    run_quietly(&["clear_policy", "--vhost", vhost, name]);
+}
+
+/// Deletes a vhost, ignoring any failure (cleanup at the end of a test).
+pub(crate) fn delete_vhost_quietly(vhost: &str) {
+    run_quietly(&["delete_vhost", vhost]);
+}
+
+fn run_quietly(args: &[&str]) {
     let command = command();
     let _ = std::process::Command::new(&command[0])
         .args(&command[1..])
-        .args(["clear_policy", "--vhost", vhost, name])
+        .args(args)
         .output();
 }
 

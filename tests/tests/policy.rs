@@ -46,7 +46,7 @@ async fn a_length_policy_trims_an_existing_queue_at_once_and_ends_when_cleared()
     publish_confirmed(&ch, &q, b"5").await;
     assert_eq!(drain_bodies(&ch, &q).await, [b"4", b"5"]);
 
-    broker.clear_policy(&q).await.expect("clear_policy");
+    broker.clear_policy("/", &q).await.expect("clear_policy");
     for body in ["6", "7", "8"] {
         publish_confirmed(&ch, &q, body.as_bytes()).await;
     }
@@ -86,7 +86,7 @@ async fn a_dead_letter_and_ttl_policy_governs_a_queue_declared_without_arguments
         Some(&long_string(&q))
     );
     assert_eq!(get(&ch, &q, true).await.map(|m| m.delivery.data), None);
-    broker.clear_policy(&q).await.expect("clear_policy");
+    broker.clear_policy("/", &q).await.expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -102,7 +102,7 @@ async fn an_expires_policy_deletes_an_unused_existing_queue() {
         .await
         .expect("set_policy");
     until_gone(&ch, &q).await;
-    broker.clear_policy(&q).await.expect("clear_policy");
+    broker.clear_policy("/", &q).await.expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -131,7 +131,7 @@ async fn arguments_and_a_policy_combine_key_by_key() {
     broker.wait_for_messages(&dlq, 3).await;
     assert_eq!(drain_bodies(&ch, &q).await, [b"3", b"4"]);
     assert_eq!(drain_bodies(&ch, &dlq).await, [b"0", b"1", b"2"]);
-    broker.clear_policy(&q).await.expect("clear_policy");
+    broker.clear_policy("/", &q).await.expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -158,10 +158,10 @@ async fn the_policy_of_highest_priority_applies_alone() {
     // Only the high one applies: no length limit.
     broker.wait_for_messages(&q, 3).await;
     // Without it, the low one does, at once.
-    broker.clear_policy(&high).await.expect("clear high");
+    broker.clear_policy("/", &high).await.expect("clear high");
     broker.wait_for_messages(&q, 1).await;
     assert_eq!(drain_bodies(&ch, &q).await, [b"2"]);
-    broker.clear_policy(&low).await.expect("clear low");
+    broker.clear_policy("/", &low).await.expect("clear low");
     close_conn(&conn).await;
 }
 
@@ -230,7 +230,7 @@ async fn an_alternate_exchange_policy_applies_to_exchanges_and_yields_to_the_arg
         b"2"
     );
     assert_eq!(get(&ch, &caught, true).await.map(|m| m.delivery.data), None);
-    broker.clear_policy(&main).await.expect("clear_policy");
+    broker.clear_policy("/", &main).await.expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -273,7 +273,7 @@ async fn a_delivery_limit_policy_lowers_a_quorum_queues_own() {
     }
     broker.wait_for_messages(&q, 0).await;
     assert_eq!(get(&ch, &q, false).await.map(|m| m.delivery.data), None);
-    broker.clear_policy(&q).await.expect("clear_policy");
+    broker.clear_policy("/", &q).await.expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -299,7 +299,7 @@ async fn invalid_policies_are_refused() {
         PolicyError::InvalidPattern(_)
     ));
     assert_eq!(
-        refused(broker.clear_policy(&q).await),
+        refused(broker.clear_policy("/", &q).await),
         PolicyError::NotFound
     );
 }

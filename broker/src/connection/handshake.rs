@@ -4,9 +4,11 @@
 use crate::codec::{self, Frame, PROTOCOL_HEADER};
 use crate::error::{AmqpError, AmqpResult};
 use crate::server::BrokerShared;
+use crate::vhost::Vhost;
 use amq_protocol::protocol::{AMQPClass, connection};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::BytesMut;
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// What the handshake agreed on.
@@ -29,6 +31,8 @@ pub(crate) struct Tuning {
     /// The client takes connection.blocked and connection.unblocked (capability
     /// `connection.blocked`).
     pub(crate) blocked_notify: bool,
+    /// The vhost it opened.
+    pub(crate) vhost: Arc<Vhost>,
 }
 
 /// How a handshake failed.
@@ -261,13 +265,13 @@ where
         AMQPClass::Connection(connection::AMQPMethod::Open(m)) => m,
         other => return Err(unexpected("connection.open", &other)),
     };
-    if open.virtual_host.as_str() != shared.vhost.name {
+    let Some(vhost) = shared.vhost(open.virtual_host.as_str()) else {
         return Err(
             AmqpError::not_allowed(format!("vhost {} not found", open.virtual_host))
                 .during_ids(10, 40)
                 .into(),
         );
-    }
+    };
     codec::write_method(
         &mut out,
         0,
@@ -283,6 +287,7 @@ where
         name,
         cancel_notify,
         blocked_notify,
+        vhost,
     })
 }
 

@@ -143,9 +143,15 @@ where
         client: tuning.client.clone(),
         name: tuning.name.clone(),
         mailbox: mailbox.clone(),
+        vhost: tuning.vhost.name.clone(),
     });
+    if !shared.has_vhost(&tuning.vhost) {
+        // Deleted between connection.open and here: as if it had been deleted just after.
+        let text = format!("vhost '{}' is deleted", tuning.vhost.name);
+        let _ = mailbox.send(Outbound::Close(AmqpError::connection_forced(text)));
+    }
     tracing::info!(%peer, conn = id, user = %tuning.user, client = %tuning.client, "accepting AMQP connection");
-    let vhost = shared.vhost.clone();
+    let vhost = tuning.vhost.clone();
     let throttle = Throttle::new(alarms, tuning.blocked_notify);
     let mut conn = Connection {
         id,
