@@ -1,6 +1,8 @@
 //! Read-only snapshots of a running broker, for tests.
 
 use crate::vhost::Vhost;
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::protocol::basic::parse_properties;
 
 /// A queue's state at one moment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +25,22 @@ pub struct QueueInfo {
     pub auto_delete: bool,
     /// The name of the policy that applies to it, if any ([`crate::BrokerHandle::set_policy`]).
     pub policy: Option<String>,
+}
+
+/// A ready message as its queue holds it, read without taking it
+/// ([`crate::BrokerHandle::messages`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MessageInfo {
+    /// The exchange it was published to (`""`: the default exchange).
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Its properties (lapin's `BasicProperties` is the same type).
+    pub properties: BasicProperties,
+    /// Its body.
+    pub body: Vec<u8>,
+    /// Whether it was delivered before (and put back).
+    pub redelivered: bool,
 }
 
 /// A consumer's state at one moment.
@@ -103,4 +121,26 @@ pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {
         .collect();
     list.sort_by(|a, b| a.name.cmp(&b.name));
     list
+}
+
+/// The ready messages of a queue of `vhost`, in delivery order; `None` if there is no such
+/// queue.
+pub(crate) fn messages(vhost: &Vhost, queue: &str) -> Option<Vec<MessageInfo>> {
+    let state = vhost.lock();
+    let queue = state.queues.get(queue)?;
+    Some(
+        queue
+            .ready_messages()
+            .map(|m| MessageInfo {
+                exchange: m.message.exchange().to_owned(),
+                routing_key: m.message.routing_key().to_owned(),
+                // Checked when it was published.
+                properties: parse_properties(m.message.properties())
+                    .map(|(_, p)| p)
+                    .unwrap_or_default(),
+                body: m.message.body().to_vec(),
+                redelivered: m.redelivered,
+            })
+            .collect(),
+    )
 }

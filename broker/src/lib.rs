@@ -72,7 +72,7 @@ mod vhost;
 
 pub use alarm::ResourceAlarm;
 pub use config::{BrokerConfig, User};
-pub use inspect::{ConnectionInfo, ConsumerInfo, QueueInfo};
+pub use inspect::{ConnectionInfo, ConsumerInfo, MessageInfo, QueueInfo};
 pub use policy::{ApplyTo, Policy, PolicyDefinition, PolicyError};
 pub use queue::Overflow;
 pub use server::{Broker, BrokerHandle, StartError, ThreadedBroker};

@@ -862,6 +862,11 @@ impl Queue {
         self.ready.len()
     }
 
+    /// Its ready messages, in delivery order (expired ones not yet dropped included).
+    pub(crate) fn ready_messages(&self) -> impl Iterator<Item = &QueuedMessage> {
+        self.ready.iter()
+    }
+
     /// Takes every consumer (the queue is being deleted).
     pub(crate) fn take_consumers(&mut self) -> Vec<Consumer> {
         std::mem::take(&mut self.consumers)

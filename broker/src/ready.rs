@@ -119,6 +119,15 @@ impl ReadyMessages {
         }
     }
 
+    /// Every message, in delivery order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &QueuedMessage> {
+        let lines: &[VecDeque<QueuedMessage>] = match self {
+            Self::Fifo(line) => std::slice::from_ref(line),
+            Self::Priority(p) => &p.lines,
+        };
+        lines.iter().rev().flat_map(VecDeque::iter)
+    }
+
     /// Every message, in no particular order.
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut QueuedMessage> {
         let lines: &mut [VecDeque<QueuedMessage>] = match self {

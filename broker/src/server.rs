@@ -5,7 +5,7 @@ use crate::BrokerConfig;
 use crate::alarm::{Alarms, ResourceAlarm};
 use crate::connection;
 use crate::error::AmqpError;
-use crate::inspect::{ConnectionInfo, QueueInfo};
+use crate::inspect::{ConnectionInfo, MessageInfo, QueueInfo};
 use crate::mailbox::{Mailbox, Outbound};
 use crate::policy::{Policy, PolicyError};
 use crate::queue::ConnId;
@@ -420,6 +420,26 @@ impl BrokerHandle {
         crate::inspect::queues(&*self.shared.vhost(vhost)?)
             .into_iter()
             .find(|q| q.name == name)
+    }
+
+    /// The ready messages of queue `name` of vhost `/`, in the order they would be delivered,
+    /// read without taking them (nothing changes: no redelivered flag, no delivery count);
+    /// `None` if there is no such queue. What a dead-letter queue holds, say.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let broker = warren_broker::Broker::start(Default::default()).await.unwrap();
+    /// assert_eq!(broker.messages("jobs"), None);
+    /// // ... a client declares `jobs` and publishes "a", then "b" ...
+    /// # }
+    /// ```
+    pub fn messages(&self, name: &str) -> Option<Vec<MessageInfo>> {
+        self.messages_in("/", name)
+    }
+
+    /// [`BrokerHandle::messages`] of a queue of `vhost`.
+    pub fn messages_in(&self, vhost: &str, name: &str) -> Option<Vec<MessageInfo>> {
+        crate::inspect::messages(&*self.shared.vhost(vhost)?, name)
     }
 
     /// Adds a vhost, as `rabbitmqctl add_vhost` does; false if it exists. Every user may

@@ -5,7 +5,8 @@
 //! # Layout
 //! - [`TestBroker`]: the target of a test (embedded or external), its URL, connections (named
 //!   ones too, found again by name on an embedded broker), unique names (deleted again at the
-//!   end on an external broker), queue counts and waits. Embedded only, through
+//!   end on an external broker), queue counts and waits, the messages a queue holds
+//!   ([`TestBroker::peek`]). Embedded only, through
 //!   [`TestBroker::embedded`]: snapshots, forced closes, resource alarms
 //!   (`raise_alarm`), and a [`BrokerConfig`] of the test's own (e.g. a short
 //!   `consumer_timeout`). Policies and vhosts on both targets ([`TestBroker::set_policy`],
@@ -31,13 +32,16 @@ pub mod proxy;
 mod rabbitmqctl;
 pub mod wait;
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, BasicNackOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 pub use proxy::{Flow, Proxy};
 use std::sync::Mutex;
 use std::time::Duration;
 pub use wait::{DEFAULT_TIMEOUT, try_wait_until, wait_until, within};
-use warren_broker::{Broker, BrokerConfig, BrokerHandle, Policy, PolicyError};
+use warren_broker::{Broker, BrokerConfig, BrokerHandle, MessageInfo, Policy, PolicyError};
 
 /// The environment variable that points tests at an external broker.
 pub const AMQP_URL_ENV: &str = "AMQP_URL";
@@ -207,6 +211,71 @@ impl TestBroker {
         .ok()?;
         let _ = channel.close(200, "OK".into()).await;
         Some((declared.message_count(), declared.consumer_count()))
+    }
+
+    /// The ready messages of `queue`, in delivery order; `None` if the queue does not exist.
+    /// On an embedded broker they are read in place ([`BrokerHandle::messages`]): nothing
+    /// changes. On an external one they are taken with basic.get and put back at once with
+    /// one basic.nack (RabbitMQ puts them back in place): afterwards they are flagged
+    /// redelivered, a quorum queue counts a delivery, and a consumer of the queue may get
+    /// one meanwhile, so look at queues without consumers (a dead-letter queue, say).
+    ///
+    /// ```no_run
+    /// # async fn demo() {
+    /// let broker = warren_harness::TestBroker::start().await;
+    /// // ... the service under test rejects a message into `dead` ...
+    /// let dead = broker.peek("dead").await.expect("the queue exists");
+    /// assert_eq!(dead[0].body, b"poison");
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// On an external broker, when a basic.get or the nack fails for another reason than a
+    /// missing queue, or takes over [`DEFAULT_TIMEOUT`].
+    pub async fn peek(&self, queue: &str) -> Option<Vec<MessageInfo>> {
+        if let Some(handle) = &self.embedded {
+            return handle.messages(queue);
+        }
+        let admin = self.admin.get_or_init(|| connect_to(&self.url)).await;
+        let channel = within("an admin channel", admin.create_channel())
+            .await
+            .expect("an admin channel");
+        let mut messages = Vec::new();
+        let mut last_tag = None;
+        loop {
+            let got = within(
+                "basic.get",
+                channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }),
+            )
+            .await;
+            let Some(message) = (match got {
+                Ok(message) => message,
+                Err(_) if messages.is_empty() => return None,
+                Err(e) => panic!("basic.get from {queue}: {e}"),
+            }) else {
+                break;
+            };
+            let delivery = message.delivery;
+            last_tag = Some(delivery.delivery_tag);
+            messages.push(MessageInfo {
+                exchange: delivery.exchange.to_string(),
+                routing_key: delivery.routing_key.to_string(),
+                properties: delivery.properties,
+                body: delivery.data,
+                redelivered: delivery.redelivered,
+            });
+        }
+        if let Some(tag) = last_tag {
+            let requeue = BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            };
+            within("basic.nack", channel.basic_nack(tag, requeue))
+                .await
+                .unwrap_or_else(|e| panic!("basic.nack of what was taken from {queue}: {e}"));
+        }
+        let _ = within("channel.close", channel.close(200, "OK".into())).await;
+        Some(messages)
     }
 
     /// Waits until `queue` holds exactly `n` ready messages.
