@@ -21,6 +21,8 @@
 //! - `exchange`: exchanges and routing.
 //! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - `sender_selected`: the `CC` and `BCC` headers' extra routing keys.
+//! - [`definitions`]: RabbitMQ's definitions export (vhosts, policies, queues, exchanges,
+//!   bindings) loaded into a running broker.
 //! - [`policy`]: policies ([`Policy`], `rabbitmqctl set_policy`'s) and how they combine with
 //!   declaration arguments.
 //! - `dead_letter`: dead-lettering (`x-dead-letter-exchange`): the `x-death` header, cycles.
@@ -51,6 +53,7 @@ mod codec;
 pub mod config;
 mod connection;
 mod dead_letter;
+pub mod definitions;
 mod direct_reply;
 pub mod error;
 mod exchange;
@@ -72,6 +75,7 @@ mod vhost;
 
 pub use alarm::ResourceAlarm;
 pub use config::{BrokerConfig, User};
+pub use definitions::{DefinitionsError, LoadedDefinitions};
 pub use inspect::{ConnectionInfo, ConsumerInfo, MessageInfo, QueueInfo};
 pub use policy::{ApplyTo, Policy, PolicyDefinition, PolicyError};
 pub use queue::Overflow;

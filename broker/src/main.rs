@@ -10,7 +10,7 @@ use clap::Parser;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
-use warren_broker::{Broker, BrokerConfig, Policy, User};
+use warren_broker::{Broker, BrokerConfig, BrokerHandle, Policy, User};
 
 /// An AMQP 0-9-1 broker that behaves like RabbitMQ, for tests.
 #[derive(Debug, Parser)]
@@ -51,12 +51,12 @@ struct Args {
     /// A policy, as JSON in the shape of RabbitMQ's definitions export (its vhost must exist), e.g.
     /// '{"name":"DLX","pattern":"^jobs$","apply-to":"queues","definition":{"dead-letter-exchange":"dlx"}}'.
     /// Repeatable.
-    #[arg(long = "policy", value_name = "JSON", value_parser = parse_policy)]
-    policies: Vec<Policy>,
-}
-
-fn parse_policy(text: &str) -> Result<Policy, String> {
-    Policy::from_json(text).map_err(|e| e.to_string())
+    #[arg(long = "policy", value_name = "JSON")]
+    policies: Vec<String>,
+    /// RabbitMQ definitions to load at start (the JSON of `rabbitmqctl export_definitions`):
+    /// vhosts, policies, queues, exchanges and bindings; users and permissions are left out.
+    #[arg(long, value_name = "FILE")]
+    definitions: Option<std::path::PathBuf>,
 }
 
 fn parse_user(text: &str) -> Result<User, String> {
@@ -102,13 +102,10 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    for policy in args.policies {
-        let name = policy.name.clone();
-        if let Err(e) = broker.set_policy(policy) {
-            eprintln!("warren-broker: policy {name}: {e}");
-            broker.shutdown().await;
-            return ExitCode::FAILURE;
-        }
+    if let Err(e) = load_setup(&broker, args.definitions.as_deref(), &args.policies) {
+        eprintln!("warren-broker: {e}");
+        broker.shutdown().await;
+        return ExitCode::FAILURE;
     }
     for addr in broker.local_addrs() {
         if addr.ip().is_loopback() {
@@ -124,6 +121,36 @@ async fn main() -> ExitCode {
     tracing::info!("shutting down");
     broker.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Loads the definitions file, then sets the `--policy` policies; says what was refused.
+fn load_setup(
+    broker: &BrokerHandle,
+    definitions: Option<&std::path::Path>,
+    policies: &[String],
+) -> Result<(), String> {
+    if let Some(path) = definitions {
+        let json = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let loaded = broker
+            .load_definitions(&json)
+            .map_err(|e| format!("definitions {}: {e}", path.display()))?;
+        tracing::info!(?loaded, "loaded definitions from {}", path.display());
+        if loaded.users_ignored > 0 {
+            tracing::warn!(
+                "{} users and permissions of the definitions left out: users come from --user",
+                loaded.users_ignored
+            );
+        }
+    }
+    for text in policies {
+        let policy = Policy::from_json(text).map_err(|e| format!("policy {text}: {e}"))?;
+        let name = policy.name.clone();
+        broker
+            .set_policy(policy)
+            .map_err(|e| format!("policy {name}: {e}"))?;
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() {

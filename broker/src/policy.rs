@@ -436,12 +436,16 @@ pub(crate) fn queue_args(
             .get("x-overflow")
             .and_then(string_value)
             .and_then(|text| Overflow::parse(&text));
+        // A quorum queue takes the policy's first (`policy_has_precedence` in RabbitMQ 3.10).
+        let overflow = if declared.quorum.is_some() {
+            policy.overflow.or(declared_overflow)
+        } else {
+            declared_overflow.or(policy.overflow)
+        };
         declared.limits = Some(LengthLimits {
             max_length,
             max_bytes,
-            overflow: declared_overflow
-                .or(policy.overflow)
-                .unwrap_or(Overflow::DropHead),
+            overflow: Overflow::of_queue(overflow, declared.quorum.is_some()),
         });
     }
 

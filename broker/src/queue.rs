@@ -216,6 +216,16 @@ impl Overflow {
         }
     }
 
+    /// What `overflow` (the argument's or the policy's) does in a queue: a quorum queue takes
+    /// `reject-publish-dlx` as `drop-head`, as RabbitMQ 3.10's do; none is `drop-head`.
+    pub(crate) fn of_queue(overflow: Option<Overflow>, quorum: bool) -> Overflow {
+        match overflow {
+            Some(Overflow::RejectPublishDlx) if quorum => Overflow::DropHead,
+            Some(overflow) => overflow,
+            None => Overflow::DropHead,
+        }
+    }
+
     /// Its name, as `x-overflow` and policies spell it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -352,6 +362,7 @@ impl Queue {
         &mut self,
         args: QueueArgs,
         policy: Option<Arc<Policy>>,
+        overflow_until_now: Overflow,
         now: Instant,
         outbox: &mut Outbox,
     ) {
@@ -366,9 +377,33 @@ impl Queue {
             .and_then(|x| x.limits.as_ref()?.max_bytes)
             .map(|_| self.ready.iter_mut().map(|m| m.message.body().len()).sum());
         self.policy = policy;
-        self.drop_over_limit(outbox);
+        if overflow_until_now == Overflow::DropHead {
+            self.drop_head_over_limit(outbox);
+        }
         self.arm_expiry(outbox);
         self.touch(now, outbox);
+    }
+
+    /// What a publish past its length limits does now: its limits' overflow, or, with no
+    /// limit, what its arguments and policy would give one (RabbitMQ keeps it apart).
+    pub(crate) fn overflow(&self) -> Overflow {
+        if let Some(limits) = self.extras.as_ref().and_then(|x| x.limits.as_ref()) {
+            return limits.overflow;
+        }
+        let declared = self
+            .options
+            .arguments
+            .inner()
+            .get("x-overflow")
+            .and_then(crate::methods::queue::string_value)
+            .and_then(|name| Overflow::parse(&name));
+        let from_policy = self.policy.as_ref().and_then(|p| p.definition.overflow);
+        let overflow = if self.quorum().is_some() {
+            from_policy.or(declared)
+        } else {
+            declared.or(from_policy)
+        };
+        Overflow::of_queue(overflow, self.quorum().is_some())
     }
 
     /// Appends a published message (after every message of its `priority` or higher, in a
@@ -383,17 +418,27 @@ impl Queue {
         now: Instant,
         outbox: &mut Outbox,
     ) -> bool {
-        if let Some(limits) = self.extras.as_ref().and_then(|x| x.limits.as_ref())
+        if let Some(extras) = &self.extras
+            && let Some(limits) = &extras.limits
             && limits.overflow != Overflow::DropHead
-            && limits.exceeded(
-                self.ready.len() + 1,
-                self.ready_bytes.unwrap_or(0) + message.body().len(),
-            )
         {
-            if limits.overflow == Overflow::RejectPublishDlx {
-                self.dead_letter(message, DeathReason::Maxlen, outbox);
+            // A quorum queue refuses a publish once it is over its limits (so it can hold one
+            // message more than them), a classic one a publish that would take it over, as
+            // RabbitMQ 3.10's do.
+            let (len, bytes) = if extras.quorum.is_some() {
+                (0, 0)
+            } else {
+                (1, message.body().len())
+            };
+            if limits.exceeded(
+                self.ready.len() + len,
+                self.ready_bytes.unwrap_or(0) + bytes,
+            ) {
+                if limits.overflow == Overflow::RejectPublishDlx {
+                    self.dead_letter(message, DeathReason::Maxlen, outbox);
+                }
+                return false;
             }
-            return false;
         }
         let seq = self.take_seq();
         let queue_expiry = self
@@ -436,12 +481,19 @@ impl Queue {
     /// With `drop-head`, takes the oldest ready messages off (dead-lettering them as `maxlen`)
     /// until the queue is within its limits.
     fn drop_over_limit(&mut self, outbox: &mut Outbox) {
+        if let Some(limits) = self.extras.as_ref().and_then(|x| x.limits.as_ref())
+            && limits.overflow == Overflow::DropHead
+        {
+            self.drop_head_over_limit(outbox);
+        }
+    }
+
+    /// Takes the oldest ready messages off (dead-lettering them as `maxlen`) until the queue
+    /// is within its limits, whatever its overflow.
+    fn drop_head_over_limit(&mut self, outbox: &mut Outbox) {
         let Some(limits) = self.extras.as_ref().and_then(|x| x.limits.as_ref()) else {
             return;
         };
-        if limits.overflow != Overflow::DropHead {
-            return;
-        }
         while limits.exceeded(self.ready.len(), self.ready_bytes.unwrap_or(0)) {
             let Some(head) = Self::pop_ready(&mut self.ready, &mut self.ready_bytes) else {
                 return;

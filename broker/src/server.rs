@@ -4,6 +4,7 @@
 use crate::BrokerConfig;
 use crate::alarm::{Alarms, ResourceAlarm};
 use crate::connection;
+use crate::definitions::{DefinitionsError, LoadedDefinitions};
 use crate::error::AmqpError;
 use crate::inspect::{ConnectionInfo, MessageInfo, QueueInfo};
 use crate::mailbox::{Mailbox, Outbound};
@@ -57,6 +58,8 @@ pub(crate) struct BrokerShared {
     pub(crate) config: BrokerConfig,
     /// Its vhosts by name. A std mutex: held only to look one up, add or remove one.
     vhosts: Mutex<HashMap<String, VhostEntry>>,
+    /// The runtime it runs on, for the tasks of vhosts added from outside it.
+    runtime: tokio::runtime::Handle,
     /// Cancelled when the broker shuts down.
     pub(crate) shutdown: CancellationToken,
     /// The frame trace, when enabled.
@@ -115,7 +118,7 @@ impl BrokerShared {
         }
         let vhost = Arc::new(Vhost::new(name));
         let stop = self.shutdown.child_token();
-        tracker.spawn(run_expiry(vhost.clone(), stop.clone()));
+        tracker.spawn_on(run_expiry(vhost.clone(), stop.clone()), &self.runtime);
         vhosts.insert(name.to_owned(), VhostEntry { vhost, stop });
         true
     }
@@ -203,6 +206,7 @@ impl Broker {
             trace: config.trace.then(Trace::default),
             config,
             vhosts: Mutex::default(),
+            runtime: tokio::runtime::Handle::current(),
             shutdown: CancellationToken::new(),
             next_conn_id: AtomicU64::new(0),
             live: AtomicUsize::new(0),
@@ -443,7 +447,7 @@ impl BrokerHandle {
     }
 
     /// Adds a vhost, as `rabbitmqctl add_vhost` does; false if it exists. Every user may
-    /// open it (Warren has no per-vhost permissions).
+    /// open it (Warren has no per-vhost permissions). May be called from any thread.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -472,6 +476,40 @@ impl BrokerHandle {
             }
         }
         true
+    }
+
+    /// Loads RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions`): vhosts,
+    /// policies, queues, exchanges and bindings; users and permissions are left out (see
+    /// [`crate::definitions`]).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let broker = warren_broker::Broker::start(Default::default()).await.unwrap();
+    /// let loaded = broker
+    ///     .load_definitions(
+    ///         r#"{"queues": [{"name": "jobs", "vhost": "/", "durable": true, "auto_delete": false,
+    ///                          "arguments": {"x-max-length": 1000}}],
+    ///             "exchanges": [{"name": "work", "vhost": "/", "type": "direct", "durable": true,
+    ///                            "auto_delete": false, "internal": false, "arguments": {}}],
+    ///             "bindings": [{"source": "work", "vhost": "/", "destination": "jobs",
+    ///                           "destination_type": "queue", "routing_key": "job", "arguments": {}}]}"#,
+    ///     )
+    ///     .unwrap();
+    /// assert_eq!((loaded.queues, loaded.exchanges, loaded.bindings), (1, 1, 1));
+    /// assert!(broker.queue("jobs").is_some());
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`DefinitionsError`] for JSON that is not definitions, or the first object refused
+    /// (what came before it stays loaded).
+    pub fn load_definitions(&self, json: &str) -> Result<LoadedDefinitions, DefinitionsError> {
+        crate::definitions::load(self, json)
+    }
+
+    /// The vhost `name`, if it exists.
+    pub(crate) fn vhost_of(&self, name: &str) -> Option<Arc<Vhost>> {
+        self.shared.vhost(name)
     }
 
     /// The vhosts, by name.

@@ -164,13 +164,13 @@ impl VhostState {
         } = self;
         for queue in queues.values_mut() {
             let policy = policies.for_queue(&queue.name).cloned();
-            let unchanged = match (&policy, &queue.policy) {
-                (Some(new), Some(old)) => Arc::ptr_eq(new, old),
-                (new, old) => new.is_none() && old.is_none(),
-            };
-            if unchanged {
+            // A policy set again as it was changes nothing (its `expires` clock goes on).
+            if policy == queue.policy {
                 continue;
             }
+            // RabbitMQ applies a new length limit under the overflow the queue had until now:
+            // a queue that dropped its head drops it down to the new limit at once.
+            let overflow_until_now = queue.overflow();
             // Checked when the queue was declared: only the vhost's name, in error texts, is
             // missing here.
             let declared =
@@ -180,7 +180,7 @@ impl VhostState {
                 &queue.options.arguments,
                 policy.as_deref().map(|p| &p.definition),
             );
-            queue.reconfigure(args, policy, now, outbox);
+            queue.reconfigure(args, policy, overflow_until_now, now, outbox);
             if queue.has_timers() {
                 timed_queues.insert(queue.name.clone());
             } else {
@@ -573,6 +573,29 @@ mod tests {
             (1, 0),
             "back in the queue"
         );
+    }
+
+    #[test]
+    fn a_policy_set_again_as_it_was_leaves_its_queues_alone() {
+        let vhost = Vhost::new("/");
+        let mut state = vhost.lock();
+        state.insert_queue(Queue::new("q", QueueOptions::default(), Default::default()));
+        let policy = crate::policy::Policy::new("p", "^q$").expires(60_000);
+        state.set_policy(policy.clone()).unwrap();
+        let applied = state.queues.get("q").unwrap().policy.clone().unwrap();
+        state.set_policy(policy).unwrap();
+        // Not reconfigured: its `expires` clock was not restarted.
+        assert!(Arc::ptr_eq(
+            state.queues.get("q").unwrap().policy.as_ref().unwrap(),
+            &applied
+        ));
+        state
+            .set_policy(crate::policy::Policy::new("p", "^q$").expires(30_000))
+            .unwrap();
+        assert!(!Arc::ptr_eq(
+            state.queues.get("q").unwrap().policy.as_ref().unwrap(),
+            &applied
+        ));
     }
 
     #[test]

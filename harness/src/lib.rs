@@ -310,8 +310,9 @@ impl TestBroker {
 
     /// Sets a policy, as an operator's `rabbitmqctl set_policy` would: on an embedded broker
     /// through [`BrokerHandle::set_policy`], on an external one by running `rabbitmqctl`
-    /// (or the command in `WARREN_RABBITMQCTL`, e.g. `docker exec rabbit rabbitmqctl`) for
-    /// the URL's vhost. Policies a test sets are cleared when the `TestBroker` is dropped.
+    /// (or the command in `WARREN_RABBITMQCTL`, e.g. `docker exec rabbit rabbitmqctl`), in
+    /// the policy's vhost ([`Policy::vhost`]: `/` unless set; [`TestBroker::vhost`] is the
+    /// URL's). Policies a test sets are cleared when the `TestBroker` is dropped.
     /// RabbitMQ applies a policy to existing queues a moment after `rabbitmqctl` returns
     /// (queues declared afterwards have it at once): wait for what it changes, e.g. with
     /// [`TestBroker::wait_for_messages`]. Patterns should name the test's own queues
@@ -322,7 +323,10 @@ impl TestBroker {
     /// use warren_broker::{ApplyTo, Policy};
     /// let broker = warren_harness::TestBroker::start().await;
     /// let queue = broker.unique_name("jobs");
-    /// let policy = Policy::new(&queue, format!("^{queue}$")).apply_to(ApplyTo::Queues).max_length(2);
+    /// let policy = Policy::new(&queue, format!("^{queue}$"))
+    ///     .vhost(broker.vhost())
+    ///     .apply_to(ApplyTo::Queues)
+    ///     .max_length(2);
     /// broker.set_policy(&policy).await.unwrap();
     /// # }
     /// ```
@@ -418,6 +422,60 @@ impl TestBroker {
         }
     }
 
+    /// Loads RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions`): on an
+    /// embedded broker with [`BrokerHandle::load_definitions`] (users and permissions left
+    /// out), on an external one with `rabbitmqctl import_definitions`. The vhosts and policies
+    /// it names are deleted and cleared at the end on an external broker; name its queues and
+    /// exchanges with [`TestBroker::unique_name`] to have them deleted too.
+    ///
+    /// # Panics
+    /// When the definitions are refused, or (externally) `rabbitmqctl` cannot be run.
+    pub async fn load_definitions(&self, json: &str) {
+        if let Some(handle) = &self.embedded {
+            handle
+                .load_definitions(json)
+                .unwrap_or_else(|e| panic!("definitions refused: {e}"));
+            return;
+        }
+        if let Ok(serde_json::Value::Object(root)) = serde_json::from_str(json) {
+            let field = |object: &serde_json::Value, key: &str| {
+                object.get(key).and_then(|v| v.as_str()).map(str::to_owned)
+            };
+            let list = |key: &str| {
+                root.get(key)
+                    .and_then(|v| v.as_array())
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            for policy in list("policies") {
+                if let Some(name) = field(&policy, "name") {
+                    let vhost = field(&policy, "vhost").unwrap_or_else(|| "/".to_owned());
+                    self.policies
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((vhost, name));
+                }
+            }
+            for vhost in list("vhosts") {
+                if let Some(name) = field(&vhost, "name").filter(|n| n != "/") {
+                    self.vhosts
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(name);
+                }
+            }
+        }
+        let file = std::env::temp_dir().join(format!(
+            "warren-definitions-{}.json",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&file, json).expect("write the definitions to a temporary file");
+        let path = file.to_string_lossy().into_owned();
+        let imported = rabbitmqctl::run(&["import_definitions", &path]).await;
+        let _ = std::fs::remove_file(&file);
+        imported.unwrap_or_else(|e| panic!("rabbitmqctl import_definitions refused them: {e}"));
+    }
+
     /// The target's URL with vhost `vhost` instead of its own.
     pub fn url_for(&self, vhost: &str) -> String {
         let encoded =
@@ -435,6 +493,15 @@ impl TestBroker {
             Some(query) => format!("{base}/{encoded}?{query}"),
             None => format!("{base}/{encoded}"),
         }
+    }
+
+    /// The vhost the URL names (`/` when it names none): give it to the policies of a test
+    /// that may run against an `AMQP_URL` naming another.
+    pub fn vhost(&self) -> String {
+        self.url
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|uri| uri.vhost)
+            .unwrap_or_else(|_| "/".to_owned())
     }
 
     /// The user the URL logs in as.

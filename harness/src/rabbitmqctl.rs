@@ -65,12 +65,27 @@ pub(crate) fn delete_vhost_quietly(vhost: &str) {
     run_quietly(&["delete_vhost", vhost]);
 }
 
+/// Runs `rabbitmqctl` with `args`, its output dropped, killing it after [`TIMEOUT`].
 fn run_quietly(args: &[&str]) {
     let command = command();
-    let _ = std::process::Command::new(&command[0])
+    let Ok(mut child) = std::process::Command::new(&command[0])
         .args(&command[1..])
         .args(args)
-        .output();
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The JSON definition `rabbitmqctl set_policy` takes.

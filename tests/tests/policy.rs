@@ -8,7 +8,7 @@ use lapin::{
     options::{BasicNackOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
-use warren_broker::{ApplyTo, Policy, PolicyError};
+use warren_broker::{ApplyTo, Overflow, Policy, PolicyError};
 use warren_harness::TestBroker;
 use warren_tests::{
     bind_queue, close_conn, confirm_channel, declare, declare_args, declare_exchange, declare_with,
@@ -16,9 +16,12 @@ use warren_tests::{
     until_gone, within,
 };
 
-/// A policy for queues named exactly `queue` (tests share an external broker).
-fn queue_policy(name: &str, queue: &str) -> Policy {
-    Policy::new(name, format!("^{queue}$")).apply_to(ApplyTo::Queues)
+/// A policy for queues named exactly `queue` (tests share an external broker), in the vhost
+/// the test runs in.
+fn queue_policy(broker: &TestBroker, name: &str, queue: &str) -> Policy {
+    Policy::new(name, format!("^{queue}$"))
+        .vhost(broker.vhost())
+        .apply_to(ApplyTo::Queues)
 }
 
 #[tokio::test]
@@ -32,7 +35,7 @@ async fn a_length_policy_trims_an_existing_queue_at_once_and_ends_when_cleared()
         publish_confirmed(&ch, &q, body.as_bytes()).await;
     }
 
-    let policy = queue_policy(&q, &q).max_length(2);
+    let policy = queue_policy(&broker, &q, &q).max_length(2);
     broker.set_policy(&policy).await.expect("set_policy");
     broker.wait_for_messages(&q, 2).await;
     if let Some(handle) = broker.embedded() {
@@ -46,7 +49,10 @@ async fn a_length_policy_trims_an_existing_queue_at_once_and_ends_when_cleared()
     publish_confirmed(&ch, &q, b"5").await;
     assert_eq!(drain_bodies(&ch, &q).await, [b"4", b"5"]);
 
-    broker.clear_policy("/", &q).await.expect("clear_policy");
+    broker
+        .clear_policy(&broker.vhost(), &q)
+        .await
+        .expect("clear_policy");
     for body in ["6", "7", "8"] {
         publish_confirmed(&ch, &q, body.as_bytes()).await;
     }
@@ -65,7 +71,7 @@ async fn a_dead_letter_and_ttl_policy_governs_a_queue_declared_without_arguments
     let q = broker.unique_name("pol-work");
     let dlq = broker.unique_name("pol-dead");
     // As an operator would: the policy first, then the service declares its queue plainly.
-    let policy = queue_policy(&q, &q)
+    let policy = queue_policy(&broker, &q, &q)
         .message_ttl(50)
         .dead_letter_exchange("")
         .dead_letter_routing_key(&dlq);
@@ -86,7 +92,10 @@ async fn a_dead_letter_and_ttl_policy_governs_a_queue_declared_without_arguments
         Some(&long_string(&q))
     );
     assert_eq!(get(&ch, &q, true).await.map(|m| m.delivery.data), None);
-    broker.clear_policy("/", &q).await.expect("clear_policy");
+    broker
+        .clear_policy(&broker.vhost(), &q)
+        .await
+        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -98,11 +107,14 @@ async fn an_expires_policy_deletes_an_unused_existing_queue() {
     let q = broker.unique_name("pol-exp");
     declare(&ch, &q).await;
     broker
-        .set_policy(&queue_policy(&q, &q).expires(100))
+        .set_policy(&queue_policy(&broker, &q, &q).expires(100))
         .await
         .expect("set_policy");
     until_gone(&ch, &q).await;
-    broker.clear_policy("/", &q).await.expect("clear_policy");
+    broker
+        .clear_policy(&broker.vhost(), &q)
+        .await
+        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -120,7 +132,7 @@ async fn arguments_and_a_policy_combine_key_by_key() {
     args.insert("x-max-length".into(), AMQPValue::LongInt(4));
     args.insert("x-dead-letter-exchange".into(), long_string(""));
     declare_args(&ch, &q, args).await;
-    let policy = queue_policy(&q, &q)
+    let policy = queue_policy(&broker, &q, &q)
         .max_length(2)
         .dead_letter_exchange(broker.unique_name("pol-no-such-exchange"))
         .dead_letter_routing_key(&dlq);
@@ -131,7 +143,10 @@ async fn arguments_and_a_policy_combine_key_by_key() {
     broker.wait_for_messages(&dlq, 3).await;
     assert_eq!(drain_bodies(&ch, &q).await, [b"3", b"4"]);
     assert_eq!(drain_bodies(&ch, &dlq).await, [b"0", b"1", b"2"]);
-    broker.clear_policy("/", &q).await.expect("clear_policy");
+    broker
+        .clear_policy(&broker.vhost(), &q)
+        .await
+        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -144,11 +159,15 @@ async fn the_policy_of_highest_priority_applies_alone() {
     let low = format!("{q}-low");
     let high = format!("{q}-high");
     broker
-        .set_policy(&queue_policy(&low, &q).priority(1).max_length(1))
+        .set_policy(&queue_policy(&broker, &low, &q).priority(1).max_length(1))
         .await
         .expect("set_policy low");
     broker
-        .set_policy(&queue_policy(&high, &q).priority(5).message_ttl(600_000))
+        .set_policy(
+            &queue_policy(&broker, &high, &q)
+                .priority(5)
+                .message_ttl(600_000),
+        )
         .await
         .expect("set_policy high");
     declare(&ch, &q).await;
@@ -158,10 +177,16 @@ async fn the_policy_of_highest_priority_applies_alone() {
     // Only the high one applies: no length limit.
     broker.wait_for_messages(&q, 3).await;
     // Without it, the low one does, at once.
-    broker.clear_policy("/", &high).await.expect("clear high");
+    broker
+        .clear_policy(&broker.vhost(), &high)
+        .await
+        .expect("clear high");
     broker.wait_for_messages(&q, 1).await;
     assert_eq!(drain_bodies(&ch, &q).await, [b"2"]);
-    broker.clear_policy("/", &low).await.expect("clear low");
+    broker
+        .clear_policy(&broker.vhost(), &low)
+        .await
+        .expect("clear low");
     close_conn(&conn).await;
 }
 
@@ -204,6 +229,7 @@ async fn an_alternate_exchange_policy_applies_to_exchanges_and_yields_to_the_arg
     // A policy for queues does not reach exchanges: the mandatory publish comes back.
     let pattern = format!("^({main}|{own})$");
     let for_queues = Policy::new(&main, &pattern)
+        .vhost(broker.vhost())
         .apply_to(ApplyTo::Queues)
         .alternate_exchange(&ae);
     broker.set_policy(&for_queues).await.expect("set_policy");
@@ -230,7 +256,10 @@ async fn an_alternate_exchange_policy_applies_to_exchanges_and_yields_to_the_arg
         b"2"
     );
     assert_eq!(get(&ch, &caught, true).await.map(|m| m.delivery.data), None);
-    broker.clear_policy("/", &main).await.expect("clear_policy");
+    broker
+        .clear_policy(&broker.vhost(), &main)
+        .await
+        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -241,7 +270,7 @@ async fn a_delivery_limit_policy_lowers_a_quorum_queues_own() {
     let ch = confirm_channel(&conn).await;
     let q = broker.unique_name("pol-qq");
     broker
-        .set_policy(&queue_policy(&q, &q).delivery_limit(1))
+        .set_policy(&queue_policy(&broker, &q, &q).delivery_limit(1))
         .await
         .expect("set_policy");
     let mut args = FieldTable::default();
@@ -273,7 +302,10 @@ async fn a_delivery_limit_policy_lowers_a_quorum_queues_own() {
     }
     broker.wait_for_messages(&q, 0).await;
     assert_eq!(get(&ch, &q, false).await.map(|m| m.delivery.data), None);
-    broker.clear_policy("/", &q).await.expect("clear_policy");
+    broker
+        .clear_policy(&broker.vhost(), &q)
+        .await
+        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -283,11 +315,15 @@ async fn invalid_policies_are_refused() {
     let q = broker.unique_name("pol-bad");
     let refused = |r: Result<(), PolicyError>| r.expect_err("refused");
     assert!(matches!(
-        refused(broker.set_policy(&queue_policy(&q, &q).expires(0)).await),
+        refused(
+            broker
+                .set_policy(&queue_policy(&broker, &q, &q).expires(0))
+                .await
+        ),
         PolicyError::InvalidDefinition(_)
     ));
     assert!(matches!(
-        refused(broker.set_policy(&queue_policy(&q, &q)).await),
+        refused(broker.set_policy(&queue_policy(&broker, &q, &q)).await),
         PolicyError::InvalidDefinition(_)
     ));
     assert!(matches!(
@@ -299,7 +335,34 @@ async fn invalid_policies_are_refused() {
         PolicyError::InvalidPattern(_)
     ));
     assert_eq!(
-        refused(broker.clear_policy("/", &q).await),
+        refused(broker.clear_policy(&broker.vhost(), &q).await),
         PolicyError::NotFound
     );
+}
+
+#[tokio::test]
+async fn a_new_limit_trims_under_the_overflow_the_queue_had_until_then() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("pol-trim");
+    declare(&ch, &q).await;
+    for body in ["0", "1", "2", "3", "4"] {
+        publish_confirmed(&ch, &q, body.as_bytes()).await;
+    }
+    // The queue dropped its head until now, so the new limit drops it at once, though the
+    // policy's own overflow refuses publishes from now on.
+    let policy = queue_policy(&broker, &q, &q)
+        .max_length(2)
+        .overflow(Overflow::RejectPublish);
+    broker.set_policy(&policy).await.expect("set_policy");
+    broker.wait_for_messages(&q, 2).await;
+    let refused = publish_confirmed_to(&ch, "", &q, b"5", false).await;
+    assert!(refused.is_nack(), "{refused:?}");
+    assert_eq!(drain_bodies(&ch, &q).await, [b"3", b"4"]);
+    broker
+        .clear_policy(&broker.vhost(), &q)
+        .await
+        .expect("clear_policy");
+    close_conn(&conn).await;
 }

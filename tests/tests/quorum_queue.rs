@@ -10,11 +10,13 @@ use lapin::{
     options::{BasicNackOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
+use warren_broker::{ApplyTo, Overflow, Policy};
 use warren_harness::TestBroker;
 use warren_tests::{
     ErrorEvents, assert_amqp_error, assert_channel_closed_only, assert_connection_closed, channel,
     cleanup, close_channel, close_conn, confirm_channel, consume_prefetched, declare_with,
-    delivery_count, expect_err, get, long_string, next_delivery, publish_confirmed, within,
+    delivery_count, drain_bodies, expect_err, get, long_string, next_delivery, publish_confirmed,
+    publish_confirmed_to, within,
 };
 
 fn args(entries: &[(&str, AMQPValue)]) -> FieldTable {
@@ -419,4 +421,53 @@ async fn a_quorum_queue_refuses_global_qos_consumers_and_conditional_deletes_wit
         assert_connection_closed(&conn).await;
     }
     cleanup(&broker, &[&queue]).await;
+}
+
+#[tokio::test]
+async fn a_quorum_queue_refuses_publishes_once_over_its_limit_and_takes_dlx_overflow_as_drop_head()
+{
+    let broker = TestBroker::start().await;
+    let by_argument = broker.unique_name("qq-reject");
+    let by_policy = broker.unique_name("qq-reject-policy");
+    let dlx = broker.unique_name("qq-reject-dlx");
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let limit = ("x-max-length", AMQPValue::LongInt(2));
+    let overflow = |name: &str| ("x-overflow", long_string(name));
+    declare_quorum(
+        &ch,
+        &by_argument,
+        &[limit.clone(), overflow("reject-publish")],
+    )
+    .await;
+    declare_quorum(&ch, &dlx, &[limit.clone(), overflow("reject-publish-dlx")]).await;
+    // A quorum queue takes the policy's overflow over its argument's.
+    let policy = Policy::new(&by_policy, format!("^{by_policy}$"))
+        .vhost(broker.vhost())
+        .apply_to(ApplyTo::Queues)
+        .overflow(Overflow::RejectPublish);
+    broker.set_policy(&policy).await.expect("set_policy");
+    declare_quorum(&ch, &by_policy, &[limit.clone(), overflow("drop-head")]).await;
+
+    // It refuses a publish only once it is over its limit: it holds one more.
+    for queue in [&by_argument, &by_policy] {
+        let mut acked = Vec::new();
+        for _ in 0..4 {
+            let confirmation = publish_confirmed_to(&ch, "", queue, b"m", false).await;
+            acked.push(confirmation.is_ack());
+        }
+        assert_eq!(acked, [true, true, true, false], "{queue}");
+        broker.wait_for_messages(queue, 3).await;
+    }
+    // reject-publish-dlx is drop-head in a quorum queue.
+    for body in ["0", "1", "2"] {
+        publish_confirmed(&ch, &dlx, body.as_bytes()).await;
+    }
+    assert_eq!(drain_bodies(&ch, &dlx).await, [b"1", b"2"]);
+    broker
+        .clear_policy(&broker.vhost(), &by_policy)
+        .await
+        .expect("clear_policy");
+    close_conn(&conn).await;
+    cleanup(&broker, &[&by_argument, &by_policy, &dlx]).await;
 }

@@ -3,6 +3,7 @@
 use crate::connection::Connection;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, is_default};
+use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, exchange};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
@@ -67,32 +68,18 @@ impl Connection {
                     exchange_resource(name, &vhost.name)
                 )));
             }
-            None => {
-                if name.starts_with("amq.") {
-                    return Err(AmqpError::access_refused(format!(
-                        "exchange name '{name}' contains reserved prefix 'amq.*'"
-                    )));
-                }
-                let kind = ExchangeKind::parse(m.kind.as_str()).ok_or_else(|| {
-                    AmqpError::command_invalid(format!("unknown exchange type '{}'", m.kind))
-                })?;
-                if let Some(alternate) = m.arguments.inner().get("alternate-exchange")
-                    && !matches!(alternate, AMQPValue::LongString(_))
-                {
-                    return Err(AmqpError::precondition_failed(format!(
-                        "invalid type '{}' for arg 'alternate-exchange' in {}",
-                        crate::methods::queue::type_name(alternate),
-                        exchange_resource(name, &vhost.name)
-                    )));
-                }
-                let mut exchange =
-                    Exchange::declared(kind, m.durable, m.auto_delete, m.internal, m.arguments);
-                exchange.policy_alternate = state
-                    .policies
-                    .for_exchange(name)
-                    .and_then(|p| p.definition.alternate_exchange.clone());
-                state.exchanges.insert(name.to_owned(), exchange);
-            }
+            None => create_exchange(
+                &mut state,
+                &vhost.name,
+                name,
+                m.kind.as_str(),
+                ExchangeFlags {
+                    durable: m.durable,
+                    auto_delete: m.auto_delete,
+                    internal: m.internal,
+                },
+                m.arguments,
+            )?,
             Some(_) if m.passive => {}
             Some(existing) => {
                 let resource = exchange_resource(name, &vhost.name);
@@ -214,4 +201,53 @@ impl Connection {
         }
         Ok(())
     }
+}
+
+/// How an exchange was declared, besides its type and arguments.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ExchangeFlags {
+    pub(crate) durable: bool,
+    pub(crate) auto_delete: bool,
+    pub(crate) internal: bool,
+}
+
+/// Creates exchange `name` of type `kind` in vhost `vhost` (which has none of that name),
+/// refused as RabbitMQ refuses it, with the policy that applies to it.
+pub(crate) fn create_exchange(
+    state: &mut VhostState,
+    vhost: &str,
+    name: &str,
+    kind: &str,
+    flags: ExchangeFlags,
+    arguments: FieldTable,
+) -> AmqpResult {
+    if name.starts_with("amq.") {
+        return Err(AmqpError::access_refused(format!(
+            "exchange name '{name}' contains reserved prefix 'amq.*'"
+        )));
+    }
+    let kind = ExchangeKind::parse(kind)
+        .ok_or_else(|| AmqpError::command_invalid(format!("unknown exchange type '{kind}'")))?;
+    if let Some(alternate) = arguments.inner().get("alternate-exchange")
+        && !matches!(alternate, AMQPValue::LongString(_))
+    {
+        return Err(AmqpError::precondition_failed(format!(
+            "invalid type '{}' for arg 'alternate-exchange' in {}",
+            crate::methods::queue::type_name(alternate),
+            exchange_resource(name, vhost)
+        )));
+    }
+    let mut exchange = Exchange::declared(
+        kind,
+        flags.durable,
+        flags.auto_delete,
+        flags.internal,
+        arguments,
+    );
+    exchange.policy_alternate = state
+        .policies
+        .for_exchange(name)
+        .and_then(|p| p.definition.alternate_exchange.clone());
+    state.exchanges.insert(name.to_owned(), exchange);
+    Ok(())
 }

@@ -3,7 +3,7 @@
 
 mod basic;
 mod channel;
-mod exchange;
+pub(crate) mod exchange;
 pub(crate) mod queue;
 
 use crate::channel::{Assembly, Channel, ChannelState, Publication};

@@ -165,6 +165,9 @@ pub(crate) fn validate_arguments(
     }
     if quorum {
         dead_letter_strategy(args, &resource)?;
+        if let Some(limits) = &mut checked.limits {
+            limits.overflow = Overflow::of_queue(Some(limits.overflow), true);
+        }
         checked.quorum = Some(Quorum {
             delivery_limit: args.inner().get("x-delivery-limit").and_then(integer_value),
         });
@@ -237,14 +240,41 @@ fn string_arg(args: &FieldTable, key: &str, resource: &str) -> AmqpResult<Option
     }
 }
 
+/// Creates queue `name` of vhost `vhost` (which has none of that name), checking its
+/// arguments as RabbitMQ does when it creates a queue (a redeclare only compares them), with
+/// the policy that applies to it.
+pub(crate) fn create_queue(
+    state: &mut VhostState,
+    vhost: &str,
+    name: &str,
+    options: QueueOptions,
+    now: Instant,
+) -> AmqpResult {
+    let args = validate_arguments(&options.arguments, name, vhost)?;
+    if args.quorum.is_some() {
+        check_quorum_flags(&options, &queue_resource(name, vhost))?;
+    }
+    let policy = state.policies.for_queue(name).cloned();
+    let args = queue_args(
+        args,
+        &options.arguments,
+        policy.as_deref().map(|p| &p.definition),
+    );
+    let mut queue = Queue::new(name, options, args);
+    queue.policy = policy;
+    queue.touch(now, &mut state.outbox);
+    state.insert_queue(queue);
+    Ok(())
+}
+
 /// The declare flags a quorum queue cannot have, refused as RabbitMQ refuses them (in this
 /// order, after the arguments).
-fn check_quorum_flags(declare: &queue::Declare, resource: &str) -> AmqpResult {
-    let refused = if declare.auto_delete {
+fn check_quorum_flags(options: &QueueOptions, resource: &str) -> AmqpResult {
+    let refused = if options.auto_delete {
         "auto-delete"
-    } else if declare.exclusive {
+    } else if options.exclusive.is_some() {
         "exclusive-owner"
-    } else if !declare.durable {
+    } else if !options.durable {
         "non-durable"
     } else {
         return Ok(());
@@ -571,26 +601,13 @@ impl Connection {
                 )));
             }
             None => {
-                // As RabbitMQ: arguments are checked when a queue is created; a redeclare only
-                // compares them (`check_equivalence`).
-                let args = validate_arguments(&m.arguments, name.as_str(), &vhost_name)?;
-                if args.quorum.is_some() {
-                    check_quorum_flags(&m, &queue_resource(name.as_str(), &vhost_name))?;
-                }
                 let options = QueueOptions {
                     durable: m.durable,
                     exclusive: m.exclusive.then_some(self.id),
                     auto_delete: m.auto_delete,
                     arguments: m.arguments.clone(),
                 };
-                // Keyed by the queue's own name: lookups with a delivery's `Source::queue` (the
-                // same allocation) then compare pointers, not bytes.
-                let policy = state.policies.for_queue(name.as_str()).cloned();
-                let args = queue_args(args, &m.arguments, policy.as_deref().map(|p| &p.definition));
-                let mut queue = Queue::new(name.as_str(), options, args);
-                queue.policy = policy;
-                queue.touch(now, &mut state.outbox);
-                state.insert_queue(queue);
+                create_queue(&mut state, &vhost_name, name.as_str(), options, now)?;
                 (0, 0)
             }
         };

@@ -1,6 +1,6 @@
-//! The standalone binary's `--policy`: a policy in the shape of RabbitMQ's definitions export
-//! governs the queues it matches, and one `rabbitmqctl` would refuse stops the binary with its
-//! reason.
+//! The standalone binary's `--policy` and `--definitions`: a policy in the shape of RabbitMQ's
+//! definitions export governs the queues it matches, and one `rabbitmqctl` would refuse stops
+//! the binary with its reason (exit code 1); a definitions file declares its queues.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::{BasicProperties, Connection, types::FieldTable};
@@ -12,9 +12,14 @@ use tokio::process::{Child, Command};
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn broker(policy: &str) -> Command {
+    broker_with(&["--policy", policy])
+}
+
+fn broker_with(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_warren-broker"));
     command
-        .args(["--listen", "127.0.0.1:0", "--policy", policy])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -23,7 +28,11 @@ fn broker(policy: &str) -> Command {
 
 /// Starts the binary and returns it with the URL it printed.
 async fn started(policy: &str) -> (Child, String) {
-    let mut child = broker(policy).spawn().expect("spawn warren-broker");
+    started_with(broker(policy)).await
+}
+
+async fn started_with(mut command: Command) -> (Child, String) {
+    let mut child = command.spawn().expect("spawn warren-broker");
     let stdout = child.stdout.take().expect("stdout");
     let line = tokio::time::timeout(TIMEOUT, BufReader::new(stdout).lines().next_line())
         .await
@@ -118,7 +127,51 @@ async fn a_policy_rabbitmqctl_would_refuse_stops_the_binary_with_its_reason() {
             .expect("the broker exited in time")
             .expect("run warren-broker");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{policy} was accepted");
+        assert_eq!(out.status.code(), Some(1), "{policy}: {stderr}");
         assert!(stderr.contains(reason), "{policy}: {stderr}");
     }
+}
+
+#[tokio::test]
+async fn a_definitions_file_declares_its_queues_and_a_bad_one_stops_the_binary() {
+    let dir = std::env::temp_dir();
+    let good = dir.join(format!("warren-defs-{}.json", std::process::id()));
+    std::fs::write(
+        &good,
+        r#"{"vhosts": [{"name": "/"}, {"name": "orders"}],
+            "queues": [{"name": "jobs", "vhost": "orders", "durable": true, "auto_delete": false,
+                        "arguments": {}}]}"#,
+    )
+    .expect("write definitions");
+    let (_child, url) =
+        started_with(broker_with(&["--definitions", &good.to_string_lossy()])).await;
+    let orders = url.replace("/%2F", "/orders");
+    let conn = tokio::time::timeout(TIMEOUT, Connection::connect(&orders, Default::default()))
+        .await
+        .expect("connect in time")
+        .expect("connect to the vhost the definitions added");
+    let ch = conn.create_channel().await.expect("channel");
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare("jobs".into(), passive, FieldTable::default())
+        .await
+        .expect("the queue the definitions declared");
+    let _ = conn.close(200, "bye".into()).await;
+
+    let bad = dir.join(format!("warren-defs-bad-{}.json", std::process::id()));
+    std::fs::write(&bad, r#"{"queues": [{"vhost": "/"}]}"#).expect("write definitions");
+    let out = tokio::time::timeout(
+        TIMEOUT,
+        broker_with(&["--definitions", &bad.to_string_lossy()]).output(),
+    )
+    .await
+    .expect("the broker exited in time")
+    .expect("run warren-broker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no string 'name'"), "{stderr}");
+    let _ = std::fs::remove_file(good);
+    let _ = std::fs::remove_file(bad);
 }

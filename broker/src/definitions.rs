@@ -1,0 +1,245 @@
+//! RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions` or the management UI's
+//! export, which `load_definitions` loads at a RabbitMQ node's start): vhosts, policies,
+//! queues, exchanges and bindings, loaded into a running broker in RabbitMQ's order.
+//!
+//! Users and permissions are left out (their passwords are hashes; Warren's users come from
+//! [`crate::BrokerConfig::users`], and every user may use every vhost), and so are runtime
+//! parameters (federation, shovels). A queue or exchange that exists already is left as it
+//! is. Each object is checked as a client's declaration of it would be: the first refused
+//! stops the load, naming it, and what came before it stays.
+
+use std::sync::Arc;
+
+use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::exchange::{Binding, Destination};
+use crate::methods::exchange::{ExchangeFlags, create_exchange};
+use crate::methods::queue::create_queue;
+use crate::policy::Policy;
+use crate::queue::QueueOptions;
+use crate::server::BrokerHandle;
+
+/// What a load of definitions created.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadedDefinitions {
+    /// Vhosts added.
+    pub vhosts: usize,
+    /// Policies set.
+    pub policies: usize,
+    /// Queues declared (those that existed are not counted).
+    pub queues: usize,
+    /// Exchanges declared (those that existed are not counted).
+    pub exchanges: usize,
+    /// Bindings made.
+    pub bindings: usize,
+    /// Users and permissions left out.
+    pub users_ignored: usize,
+}
+
+/// Why definitions could not be loaded (entirely or from one object on).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionsError {
+    /// Not JSON, or not an object of RabbitMQ's definitions.
+    #[error("definitions are not valid JSON: {0}")]
+    Json(String),
+    /// An object was refused.
+    #[error("{what}: {reason}")]
+    Refused {
+        /// The object, e.g. `queue 'jobs' in vhost '/'`.
+        what: String,
+        /// Why, in RabbitMQ's words where it has them.
+        reason: String,
+    },
+}
+
+/// Loads `json` into the broker behind `handle`.
+pub(crate) fn load(
+    handle: &BrokerHandle,
+    json: &str,
+) -> Result<LoadedDefinitions, DefinitionsError> {
+    let root: Value =
+        serde_json::from_str(json).map_err(|e| DefinitionsError::Json(e.to_string()))?;
+    if !root.is_object() {
+        return Err(DefinitionsError::Json("not a JSON object".into()));
+    }
+    let list = |key: &str| {
+        root.get(key)
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice)
+    };
+    let mut loaded = LoadedDefinitions {
+        users_ignored: list("users").len() + list("permissions").len(),
+        ..LoadedDefinitions::default()
+    };
+    for vhost in list("vhosts") {
+        let name = text(vhost, "name", "a vhost")?;
+        if handle.add_vhost(&name) {
+            loaded.vhosts += 1;
+        }
+    }
+    for policy in list("policies") {
+        let parsed = Policy::from_json(&policy.to_string()).map_err(|e| refused("a policy", e))?;
+        let what = format!("policy '{}' in vhost '{}'", parsed.name, parsed.vhost);
+        handle.set_policy(parsed).map_err(|e| refused(&what, e))?;
+        loaded.policies += 1;
+    }
+    let now = Instant::now();
+    for queue in list("queues") {
+        let name = text(queue, "name", "a queue")?;
+        let vhost = vhost_of(queue);
+        let what = format!("queue '{name}' in vhost '{vhost}'");
+        let options = QueueOptions {
+            durable: flag(queue, "durable"),
+            exclusive: None,
+            auto_delete: flag(queue, "auto_delete"),
+            arguments: arguments(queue, &what)?,
+        };
+        let target = handle
+            .vhost_of(&vhost)
+            .ok_or_else(|| refused(&what, "no such vhost"))?;
+        let mut state = target.lock();
+        if state.queues.contains_key(name.as_str()) {
+            continue;
+        }
+        create_queue(&mut state, &vhost, &name, options, now).map_err(|e| refused(&what, e))?;
+        loaded.queues += 1;
+    }
+    for exchange in list("exchanges") {
+        let name = text(exchange, "name", "an exchange")?;
+        let vhost = vhost_of(exchange);
+        let what = format!("exchange '{name}' in vhost '{vhost}'");
+        let kind = text(exchange, "type", &what)?;
+        let flags = ExchangeFlags {
+            durable: flag(exchange, "durable"),
+            auto_delete: flag(exchange, "auto_delete"),
+            internal: flag(exchange, "internal"),
+        };
+        let args = arguments(exchange, &what)?;
+        let target = handle
+            .vhost_of(&vhost)
+            .ok_or_else(|| refused(&what, "no such vhost"))?;
+        let mut state = target.lock();
+        if name.is_empty() || state.exchanges.contains_key(&name) {
+            continue;
+        }
+        create_exchange(&mut state, &vhost, &name, &kind, flags, args)
+            .map_err(|e| refused(&what, e))?;
+        loaded.exchanges += 1;
+    }
+    for binding in list("bindings") {
+        let source = text(binding, "source", "a binding")?;
+        let destination = text(binding, "destination", "a binding")?;
+        let vhost = vhost_of(binding);
+        let what = format!("binding from '{source}' to '{destination}' in vhost '{vhost}'");
+        let destination = match text(binding, "destination_type", &what)?.as_str() {
+            "queue" => Destination::Queue(Arc::from(destination.as_str())),
+            "exchange" => Destination::Exchange(Arc::from(destination.as_str())),
+            other => {
+                return Err(refused(
+                    &what,
+                    format!("unknown destination_type '{other}'"),
+                ));
+            }
+        };
+        let routing_key = binding
+            .get("routing_key")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let args = arguments(binding, &what)?;
+        let target = handle
+            .vhost_of(&vhost)
+            .ok_or_else(|| refused(&what, "no such vhost"))?;
+        let mut state = target.lock();
+        let exists = match &destination {
+            Destination::Queue(q) => state.queues.contains_key(q),
+            Destination::Exchange(x) => state.exchanges.contains_key(&**x),
+        };
+        if !exists {
+            return Err(refused(&what, "its destination does not exist"));
+        }
+        let Some(exchange) = state
+            .exchanges
+            .get_mut(&source)
+            .filter(|_| !source.is_empty())
+        else {
+            return Err(refused(&what, "its source exchange does not exist"));
+        };
+        exchange.bind(Binding {
+            destination,
+            routing_key,
+            arguments: args,
+        });
+        loaded.bindings += 1;
+    }
+    Ok(loaded)
+}
+
+fn refused(what: &str, reason: impl std::fmt::Display) -> DefinitionsError {
+    DefinitionsError::Refused {
+        what: what.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A string field that must be there.
+fn text(object: &Value, key: &str, what: &str) -> Result<String, DefinitionsError> {
+    object
+        .get(key)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| refused(what, format!("no string '{key}' in {object}")))
+}
+
+/// A boolean field (false when missing).
+fn flag(object: &Value, key: &str) -> bool {
+    object.get(key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// Its vhost (`/` when missing).
+fn vhost_of(object: &Value) -> String {
+    object
+        .get("vhost")
+        .and_then(Value::as_str)
+        .unwrap_or("/")
+        .to_owned()
+}
+
+/// Its `arguments`, as the AMQP table RabbitMQ makes of them (integers as long-long ints,
+/// strings as long strings).
+fn arguments(object: &Value, what: &str) -> Result<FieldTable, DefinitionsError> {
+    match object.get("arguments") {
+        None | Some(Value::Null) => Ok(FieldTable::default()),
+        Some(Value::Object(map)) => Ok(table(map)),
+        Some(other) => Err(refused(
+            what,
+            format!("arguments {other} are not an object"),
+        )),
+    }
+}
+
+fn table(map: &serde_json::Map<String, Value>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in map {
+        table.insert(key.as_str().into(), amqp_value(value));
+    }
+    table
+}
+
+fn amqp_value(value: &Value) -> AMQPValue {
+    match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+        },
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
+            items.iter().map(amqp_value).collect::<Vec<_>>(),
+        )),
+        Value::Object(map) => AMQPValue::FieldTable(table(map)),
+    }
+}
