@@ -2,6 +2,7 @@
 //! queues and exchanges declared without arguments, take effect on existing ones at once and
 //! end when cleared; the highest priority applies alone; with a declaration argument, the
 //! smaller limit wins and the argument's exchange and overflow win, as in RabbitMQ 3.10.
+//! Policies a test leaves are cleared when its `TestBroker` drops.
 
 use lapin::{
     Confirmation, ExchangeKind,
@@ -92,10 +93,6 @@ async fn a_dead_letter_and_ttl_policy_governs_a_queue_declared_without_arguments
         Some(&long_string(&q))
     );
     assert_eq!(get(&ch, &q, true).await.map(|m| m.delivery.data), None);
-    broker
-        .clear_policy(&broker.vhost(), &q)
-        .await
-        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -111,10 +108,6 @@ async fn an_expires_policy_deletes_an_unused_existing_queue() {
         .await
         .expect("set_policy");
     until_gone(&ch, &q).await;
-    broker
-        .clear_policy(&broker.vhost(), &q)
-        .await
-        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -143,10 +136,6 @@ async fn arguments_and_a_policy_combine_key_by_key() {
     broker.wait_for_messages(&dlq, 3).await;
     assert_eq!(drain_bodies(&ch, &q).await, [b"3", b"4"]);
     assert_eq!(drain_bodies(&ch, &dlq).await, [b"0", b"1", b"2"]);
-    broker
-        .clear_policy(&broker.vhost(), &q)
-        .await
-        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -256,10 +245,6 @@ async fn an_alternate_exchange_policy_applies_to_exchanges_and_yields_to_the_arg
         b"2"
     );
     assert_eq!(get(&ch, &caught, true).await.map(|m| m.delivery.data), None);
-    broker
-        .clear_policy(&broker.vhost(), &main)
-        .await
-        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -302,10 +287,6 @@ async fn a_delivery_limit_policy_lowers_a_quorum_queues_own() {
     }
     broker.wait_for_messages(&q, 0).await;
     assert_eq!(get(&ch, &q, false).await.map(|m| m.delivery.data), None);
-    broker
-        .clear_policy(&broker.vhost(), &q)
-        .await
-        .expect("clear_policy");
     close_conn(&conn).await;
 }
 
@@ -360,9 +341,5 @@ async fn a_new_limit_trims_under_the_overflow_the_queue_had_until_then() {
     let refused = publish_confirmed_to(&ch, "", &q, b"5", false).await;
     assert!(refused.is_nack(), "{refused:?}");
     assert_eq!(drain_bodies(&ch, &q).await, [b"3", b"4"]);
-    broker
-        .clear_policy(&broker.vhost(), &q)
-        .await
-        .expect("clear_policy");
     close_conn(&conn).await;
 }

@@ -464,10 +464,6 @@ async fn a_quorum_queue_refuses_publishes_once_over_its_limit_and_takes_dlx_over
         publish_confirmed(&ch, &dlx, body.as_bytes()).await;
     }
     assert_eq!(drain_bodies(&ch, &dlx).await, [b"1", b"2"]);
-    broker
-        .clear_policy(&broker.vhost(), &by_policy)
-        .await
-        .expect("clear_policy");
     close_conn(&conn).await;
     cleanup(&broker, &[&by_argument, &by_policy, &dlx]).await;
 }
