@@ -1,5 +1,6 @@
 //! Read-only snapshots of a running broker, for tests.
 
+use crate::message::Message;
 use crate::vhost::Vhost;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::protocol::basic::parse_properties;
@@ -124,22 +125,29 @@ pub(crate) fn queues(vhost: &Vhost) -> Vec<QueueInfo> {
 }
 
 /// The ready messages of a queue of `vhost`, in delivery order; `None` if there is no such
-/// queue.
+/// queue. Under the lock it only takes a handle on each message; it parses and copies them
+/// after, so a long queue never holds up the vhost's connections.
 pub(crate) fn messages(vhost: &Vhost, queue: &str) -> Option<Vec<MessageInfo>> {
-    let state = vhost.lock();
-    let queue = state.queues.get(queue)?;
-    Some(
+    let ready: Vec<(Message, bool)> = {
+        let state = vhost.lock();
+        let queue = state.queues.get(queue)?;
         queue
             .ready_messages()
-            .map(|m| MessageInfo {
-                exchange: m.message.exchange().to_owned(),
-                routing_key: m.message.routing_key().to_owned(),
+            .map(|m| (m.message.clone(), m.redelivered))
+            .collect()
+    };
+    Some(
+        ready
+            .into_iter()
+            .map(|(message, redelivered)| MessageInfo {
+                exchange: message.exchange().to_owned(),
+                routing_key: message.routing_key().to_owned(),
                 // Checked when it was published.
-                properties: parse_properties(m.message.properties())
+                properties: parse_properties(message.properties())
                     .map(|(_, p)| p)
                     .unwrap_or_default(),
-                body: m.message.body().to_vec(),
-                redelivered: m.redelivered,
+                body: message.body().to_vec(),
+                redelivered,
             })
             .collect(),
     )

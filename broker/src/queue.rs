@@ -356,7 +356,8 @@ impl Queue {
 
     /// Takes the behaviour a policy set or cleared gives it (`args`, its declaration arguments
     /// merged with `policy`), as RabbitMQ applies a policy to a live queue: new length limits
-    /// at once (`drop-head` drops the head over them), a TTL for the messages published from
+    /// at once (the head over them is dropped when the old or the new overflow is
+    /// `drop-head`), a TTL for the messages published from
     /// now on, `expires` counted from now.
     pub(crate) fn reconfigure(
         &mut self,
@@ -377,7 +378,9 @@ impl Queue {
             .and_then(|x| x.limits.as_ref()?.max_bytes)
             .map(|_| self.ready.iter_mut().map(|m| m.message.body().len()).sum());
         self.policy = policy;
-        if overflow_until_now == Overflow::DropHead {
+        // RabbitMQ 3.10 applies the new limits under the overflow the queue had until now,
+        // then the new overflow, which drops the head at once when it is drop-head.
+        if overflow_until_now == Overflow::DropHead || self.overflow() == Overflow::DropHead {
             self.drop_head_over_limit(outbox);
         }
         self.arm_expiry(outbox);

@@ -44,8 +44,8 @@ pub(crate) struct ConnectionEntry {
     pub(crate) client: String,
     pub(crate) name: Option<String>,
     pub(crate) mailbox: Mailbox,
-    /// The name of its vhost.
-    pub(crate) vhost: String,
+    /// Its vhost (this instance: a vhost deleted and added again is another).
+    pub(crate) vhost: Arc<Vhost>,
     pub(crate) channels: Arc<AtomicUsize>,
     /// Whether a resource alarm holds its input (see [`crate::alarm`]).
     pub(crate) blocked: Arc<AtomicBool>,
@@ -471,7 +471,7 @@ impl BrokerHandle {
         entry.stop.cancel();
         let error = AmqpError::connection_forced(format!("vhost '{name}' is deleted"));
         for conn in self.shared.connections_lock().values() {
-            if conn.vhost == name {
+            if Arc::ptr_eq(&conn.vhost, &entry.vhost) {
                 let _ = conn.mailbox.send(Outbound::Close(error.clone()));
             }
         }
@@ -532,7 +532,7 @@ impl BrokerHandle {
                 user: e.user.clone(),
                 client: e.client.clone(),
                 name: e.name.clone(),
-                vhost: e.vhost.clone(),
+                vhost: e.vhost.name.clone(),
                 channels: e.channels.load(Ordering::Relaxed),
                 blocked: e.blocked.load(Ordering::Relaxed),
             })

@@ -168,8 +168,8 @@ impl VhostState {
             if policy == queue.policy {
                 continue;
             }
-            // RabbitMQ applies a new length limit under the overflow the queue had until now:
-            // a queue that dropped its head drops it down to the new limit at once.
+            // RabbitMQ applies a new length limit under the overflow the queue had until now,
+            // then the new overflow: either one being drop-head drops the head at once.
             let overflow_until_now = queue.overflow();
             // Checked when the queue was declared: only the vhost's name, in error texts, is
             // missing here.

@@ -343,3 +343,58 @@ async fn a_new_limit_trims_under_the_overflow_the_queue_had_until_then() {
     assert_eq!(drain_bodies(&ch, &q).await, [b"3", b"4"]);
     close_conn(&conn).await;
 }
+
+#[tokio::test]
+async fn a_new_drop_head_overflow_trims_at_once_and_a_new_dlx_overflow_does_not() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let (to_drop, to_dlx) = (broker.unique_name("pol-hd"), broker.unique_name("pol-dlx"));
+    let dlq = broker.unique_name("pol-dlx-dead");
+    declare(&ch, &dlq).await;
+    declare(&ch, &to_drop).await;
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), long_string(""));
+    args.insert("x-dead-letter-routing-key".into(), long_string(&dlq));
+    declare_args(&ch, &to_dlx, args).await;
+    for q in [&to_drop, &to_dlx] {
+        let refusing = queue_policy(&broker, q, q)
+            .max_length(5)
+            .overflow(Overflow::RejectPublish);
+        broker.set_policy(&refusing).await.expect("set_policy");
+        for body in ["0", "1", "2", "3", "4"] {
+            publish_confirmed(&ch, q, body.as_bytes()).await;
+        }
+    }
+    // No overflow in the new policy: drop-head, which drops the head over the limit at once.
+    let dropping = queue_policy(&broker, &to_drop, &to_drop).max_length(2);
+    broker.set_policy(&dropping).await.expect("set_policy");
+    broker.wait_for_messages(&to_drop, 2).await;
+    assert_eq!(drain_bodies(&ch, &to_drop).await, [b"3", b"4"]);
+    // reject-publish-dlx keeps what is there and dead-letters what it refuses from now on.
+    let dead_lettering = queue_policy(&broker, &to_dlx, &to_dlx)
+        .max_length(2)
+        .overflow(Overflow::RejectPublishDlx);
+    broker
+        .set_policy(&dead_lettering)
+        .await
+        .expect("set_policy");
+    warren_harness::wait_until(
+        "a refused publish dead-lettered",
+        warren_tests::TIMEOUT,
+        async || {
+            let refused = publish_confirmed_to(&ch, "", &to_dlx, b"5", false).await;
+            assert!(refused.is_nack(), "{refused:?}");
+            get(&ch, &dlq, true)
+                .await
+                .map(|_| ())
+                .ok_or_else(|| "nothing dead-lettered yet".to_owned())
+        },
+    )
+    .await;
+    assert_eq!(
+        drain_bodies(&ch, &to_dlx).await,
+        [b"0", b"1", b"2", b"3", b"4"]
+    );
+    close_conn(&conn).await;
+}

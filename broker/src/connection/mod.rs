@@ -143,7 +143,7 @@ where
         client: tuning.client.clone(),
         name: tuning.name.clone(),
         mailbox: mailbox.clone(),
-        vhost: tuning.vhost.name.clone(),
+        vhost: tuning.vhost.clone(),
     });
     if !shared.has_vhost(&tuning.vhost) {
         // Deleted between connection.open and here: as if it had been deleted just after.
