@@ -92,11 +92,20 @@ pub(crate) struct TxBuffer {
     pub(crate) settles: Vec<(Vec<(u64, Unacked)>, Settle)>,
 }
 
-/// A consumer as its channel knows it.
+/// A consumer as its channel knows it. Dropping it (cancel, channel or connection close)
+/// detaches its [`Source`], so deliveries already on their way to it are put back.
 #[derive(Debug)]
 pub(crate) struct ChannelConsumer {
     /// The queue consumed.
     pub(crate) queue: Arc<str>,
+    /// What its deliveries carry.
+    pub(crate) source: Arc<Source>,
+}
+
+impl Drop for ChannelConsumer {
+    fn drop(&mut self) {
+        self.source.detach();
+    }
 }
 
 /// One open channel.

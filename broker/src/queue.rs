@@ -9,7 +9,7 @@ use crate::ready::ReadyMessages;
 use amq_protocol::types::FieldTable;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use tokio::time::Instant;
 
 /// Identifies a client connection within a broker.
@@ -61,6 +61,10 @@ pub(crate) struct Source {
     pub(crate) queue: Arc<str>,
     /// The consumer's tag; `None` for basic.get.
     pub(crate) consumer_tag: Option<ConsumerTag>,
+    /// Whether the consumer is still on its channel: cleared when the channel drops it, so a
+    /// delivery still on its way to a cancelled consumer is put back, even when a new one
+    /// took its tag. Checked by the connection that owns the consumer, which alone clears it.
+    attached: AtomicBool,
 }
 
 impl Source {
@@ -69,15 +73,27 @@ impl Source {
         Arc::new(Self {
             queue,
             consumer_tag: None,
+            attached: AtomicBool::new(false),
         })
     }
 
-    /// The source of a consumer's deliveries.
+    /// The source of a consumer's deliveries, attached until [`Source::detach`].
     pub(crate) fn consumer(queue: Arc<str>, tag: ConsumerTag) -> Arc<Self> {
         Arc::new(Self {
             queue,
             consumer_tag: Some(tag),
+            attached: AtomicBool::new(true),
         })
+    }
+
+    /// Whether its consumer is still on its channel.
+    pub(crate) fn is_attached(&self) -> bool {
+        self.attached.load(Ordering::Relaxed)
+    }
+
+    /// Its consumer left its channel.
+    pub(crate) fn detach(&self) {
+        self.attached.store(false, Ordering::Relaxed);
     }
 }
 

@@ -175,7 +175,7 @@ impl Connection {
             .expect("found above");
         let source = Source::consumer(queue.name.clone(), tag.clone());
         queue.add_consumer(Consumer {
-            source,
+            source: source.clone(),
             conn: self.id,
             channel: ch,
             no_ack: m.no_ack,
@@ -191,7 +191,13 @@ impl Connection {
         drop(state);
         self.channel_mut(ch)
             .consumers
-            .insert(tag, ChannelConsumer { queue: queue_arc });
+            .insert(
+                tag,
+                ChannelConsumer {
+                    queue: queue_arc,
+                    source,
+                },
+            );
         Ok(())
     }
 
@@ -212,12 +218,13 @@ impl Connection {
             return Err(AmqpError::precondition_failed("reply consumer already set"));
         }
         let address = new_address();
+        let source = Source::consumer(PSEUDO_QUEUE.into(), tag.clone());
         self.vhost.lock().reply_consumers.insert(
             address.clone(),
             ReplyConsumer {
                 mailbox: self.mailbox.clone(),
                 channel: ch,
-                source: Source::consumer(PSEUDO_QUEUE.into(), tag.clone()),
+                source: source.clone(),
             },
         );
         let channel = self.channel_mut(ch);
@@ -226,6 +233,7 @@ impl Connection {
             tag.clone(),
             ChannelConsumer {
                 queue: PSEUDO_QUEUE.into(),
+                source,
             },
         );
         if !nowait {
@@ -654,14 +662,13 @@ impl Connection {
             // Dispatch sends only consumers' deliveries.
             return self.return_undelivered(ch, source, no_ack, message);
         };
-        // The very consumer the delivery was dispatched to (the same shared tag), not a newer
-        // one that reuses its tag after a cancel. Looked up by the `Arc`, whose equality
-        // compares pointers before bytes.
-        let Some(channel) = self.open_channel(ch).filter(|c| {
-            c.consumers
-                .get_key_value(consumer_tag)
-                .is_some_and(|(tag, _)| Arc::ptr_eq(tag, consumer_tag))
-        }) else {
+        // The very consumer the delivery was dispatched to, still on its channel (not a newer
+        // one that reuses its tag after a cancel): a flag on the source, not a lookup among
+        // the channel's consumers, which with a thousand of them missed the cache each time.
+        let Some(channel) = self
+            .open_channel(ch)
+            .filter(|_| source.is_attached())
+        else {
             return self.return_undelivered(ch, source, no_ack, message);
         };
         let delivery_tag = channel.next_delivery_tag;
