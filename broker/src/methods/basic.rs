@@ -189,15 +189,13 @@ impl Connection {
         let queue_arc = queue.name.clone();
         state.dispatch(&queue_arc, Instant::now());
         drop(state);
-        self.channel_mut(ch)
-            .consumers
-            .insert(
-                tag,
-                ChannelConsumer {
-                    queue: queue_arc,
-                    source,
-                },
-            );
+        self.channel_mut(ch).consumers.insert(
+            tag,
+            ChannelConsumer {
+                queue: queue_arc,
+                source,
+            },
+        );
         Ok(())
     }
 
@@ -665,10 +663,7 @@ impl Connection {
         // The very consumer the delivery was dispatched to, still on its channel (not a newer
         // one that reuses its tag after a cancel): a flag on the source, not a lookup among
         // the channel's consumers, which with a thousand of them missed the cache each time.
-        let Some(channel) = self
-            .open_channel(ch)
-            .filter(|_| source.is_attached())
-        else {
+        let Some(channel) = self.open_channel(ch).filter(|_| source.is_attached()) else {
             return self.return_undelivered(ch, source, no_ack, message);
         };
         let delivery_tag = channel.next_delivery_tag;
