@@ -14,6 +14,9 @@
 //! `overflow`, `dead-letter-exchange`, `dead-letter-routing-key` and `alternate-exchange`
 //! (each key on its own).
 
+mod inert;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use amq_protocol::types::FieldTable;
@@ -99,6 +102,12 @@ pub struct PolicyDefinition {
     pub delivery_limit: Option<u64>,
     /// `alternate-exchange` (exchanges).
     pub alternate_exchange: Option<String>,
+    /// Keys RabbitMQ 3.10 accepts that change nothing on one in-memory node: `ha-*`
+    /// (mirroring), `queue-mode`, `queue-version`, `queue-master-locator`,
+    /// `queue-leader-locator`, `max-in-memory-length`, `max-in-memory-bytes`, `max-age`,
+    /// `stream-max-segment-size-bytes`, `initial-cluster-size`. [`Policy::from_json`] takes
+    /// them (a definitions export of a real broker carries them) and keeps them here as given.
+    pub inert: BTreeMap<String, serde_json::Value>,
 }
 
 impl PolicyDefinition {
@@ -290,6 +299,9 @@ impl Policy {
                 "alternate-exchange" => {
                     definition.alternate_exchange = Some(string("alternate-exchange")?);
                 }
+                key if inert::is_inert(key) => {
+                    definition.inert.insert(key.to_owned(), value.clone());
+                }
                 _ => unknown.push(format!("{key}: {value}")),
             }
         }
@@ -299,6 +311,7 @@ impl Policy {
                 unknown.join(", ")
             )));
         }
+        inert::validate(&definition.inert).map_err(invalid)?;
         let policy = Self {
             vhost,
             name,

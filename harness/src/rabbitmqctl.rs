@@ -100,6 +100,7 @@ pub(crate) fn definition_json(definition: &PolicyDefinition) -> String {
         dead_letter_routing_key,
         delivery_limit,
         alternate_exchange,
+        inert,
     } = definition;
     let mut json = serde_json::Map::new();
     let mut put = |key: &str, value: Option<serde_json::Value>| {
@@ -125,6 +126,7 @@ pub(crate) fn definition_json(definition: &PolicyDefinition) -> String {
         "alternate-exchange",
         alternate_exchange.clone().map(Into::into),
     );
+    json.extend(inert.iter().map(|(k, v)| (k.clone(), v.clone())));
     serde_json::Value::Object(json).to_string()
 }
 

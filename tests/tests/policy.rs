@@ -398,3 +398,31 @@ async fn a_new_drop_head_overflow_trims_at_once_and_a_new_dlx_overflow_does_not(
     );
     close_conn(&conn).await;
 }
+
+#[tokio::test]
+async fn keys_without_effect_on_one_node_are_taken_beside_those_that_act() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let q = broker.unique_name("pol-inert");
+    declare(&ch, &q).await;
+    // As a definitions export of a mirrored, lazy-queue RabbitMQ carries them.
+    let policy = Policy::from_json(
+        &serde_json::json!({
+            "name": q, "pattern": format!("^{q}$"), "apply-to": "queues",
+            "vhost": broker.vhost(),
+            "definition": {"ha-mode": "all", "ha-sync-mode": "automatic",
+                           "queue-mode": "lazy", "max-length": 1},
+        })
+        .to_string(),
+    )
+    .expect("from_json");
+    assert_eq!(policy.definition.inert.len(), 3, "{policy:?}");
+    broker.set_policy(&policy).await.expect("set_policy");
+    for body in ["0", "1"] {
+        publish_confirmed(&ch, &q, body.as_bytes()).await;
+    }
+    broker.wait_for_messages(&q, 1).await;
+    assert_eq!(drain_bodies(&ch, &q).await, [b"1"]);
+    close_conn(&conn).await;
+}
