@@ -6,7 +6,9 @@
 //! [`crate::BrokerConfig::users`], and every user may use every vhost), and so are runtime
 //! parameters (federation, shovels). A queue or exchange that exists already is left as it
 //! is. Each object is checked as a client's declaration of it would be: the first refused
-//! stops the load, naming it, and what came before it stays.
+//! stops the load, naming it, and what came before it stays (RabbitMQ's import is not
+//! atomic either); the policies are all parsed first, so a policy refused for its keys or
+//! values stops the load before it has changed anything.
 
 use std::sync::Arc;
 
@@ -69,6 +71,12 @@ pub(crate) fn load(
             .and_then(Value::as_array)
             .map_or(&[][..], Vec::as_slice)
     };
+    // Policies are parsed before anything is created: one with a key Warren does not take
+    // (the usual reason to refuse an export) leaves the broker as it was.
+    let policies = list("policies")
+        .iter()
+        .map(|p| Policy::from_json(&p.to_string()).map_err(|e| refused("a policy", e)))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut loaded = LoadedDefinitions {
         users_ignored: list("users").len() + list("permissions").len(),
         ..LoadedDefinitions::default()
@@ -79,8 +87,7 @@ pub(crate) fn load(
             loaded.vhosts += 1;
         }
     }
-    for policy in list("policies") {
-        let parsed = Policy::from_json(&policy.to_string()).map_err(|e| refused("a policy", e))?;
+    for parsed in policies {
         let what = format!("policy '{}' in vhost '{}'", parsed.name, parsed.vhost);
         handle.set_policy(parsed).map_err(|e| refused(&what, e))?;
         loaded.policies += 1;

@@ -71,6 +71,23 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
         "queue 'bad' in vhost '/': 406 PRECONDITION_FAILED - invalid arg 'x-max-length' for queue 'bad' in vhost '/': {value_negative,-1}"
     );
     assert!(handle.queue("ok").is_some(), "what came before stays");
+    // A policy refused for its keys stops the load before anything is created.
+    let err = handle
+        .load_definitions(
+            r#"{"vhosts": [{"name": "never"}],
+                "policies": [{"vhost": "/", "name": "p", "pattern": ".*", "apply-to": "queues",
+                              "priority": 0, "definition": {"federation-upstream-set": "all"}}]}"#,
+        )
+        .expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("are not recognised policy settings"),
+        "{err}"
+    );
+    assert!(
+        !handle.vhosts().contains(&"never".to_owned()),
+        "no vhost added"
+    );
     // Users are left out (their passwords are hashes), and counted.
     let loaded = handle
         .load_definitions(r#"{"users": [{"name": "app", "password_hash": "x", "tags": []}]}"#)
