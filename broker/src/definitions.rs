@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::exchange::{Binding, Destination};
 use crate::methods::exchange::{ExchangeFlags, create_exchange};
 use crate::methods::queue::create_queue;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyError};
 use crate::queue::QueueOptions;
 use crate::server::BrokerHandle;
 
@@ -71,12 +71,22 @@ pub(crate) fn load(
             .and_then(Value::as_array)
             .map_or(&[][..], Vec::as_slice)
     };
-    // Policies are parsed before anything is created: one with a key Warren does not take
-    // (the usual reason to refuse an export) leaves the broker as it was.
-    let policies = list("policies")
+    // Policies are checked before anything is created (keys, values, pattern, vhost): one
+    // Warren refuses (the usual reason an export is refused) leaves the broker as it was.
+    let listed_vhosts: Vec<&str> = list("vhosts")
         .iter()
-        .map(|p| Policy::from_json(&p.to_string()).map_err(|e| refused("a policy", e)))
-        .collect::<Result<Vec<_>, _>>()?;
+        .filter_map(|v| v.get("name").and_then(Value::as_str))
+        .collect();
+    let mut policies = Vec::new();
+    for policy in list("policies") {
+        let parsed = Policy::from_json(&policy.to_string()).map_err(|e| refused("a policy", e))?;
+        let what = format!("policy '{}' in vhost '{}'", parsed.name, parsed.vhost);
+        parsed.check().map_err(|e| refused(&what, e))?;
+        if handle.vhost_of(&parsed.vhost).is_none() && !listed_vhosts.contains(&&*parsed.vhost) {
+            return Err(refused(&what, PolicyError::NoVhost(parsed.vhost.clone())));
+        }
+        policies.push(parsed);
+    }
     let mut loaded = LoadedDefinitions {
         users_ignored: list("users").len() + list("permissions").len(),
         ..LoadedDefinitions::default()

@@ -311,7 +311,6 @@ impl Policy {
                 unknown.join(", ")
             )));
         }
-        inert::validate(&definition.inert).map_err(invalid)?;
         let policy = Self {
             vhost,
             name,
@@ -322,6 +321,14 @@ impl Policy {
         };
         validate(&policy.definition)?;
         Ok(policy)
+    }
+
+    /// Checks it as RabbitMQ does when it is set; gives its compiled pattern.
+    pub(crate) fn check(&self) -> Result<Regex, PolicyError> {
+        let pattern =
+            Regex::new(&self.pattern).map_err(|e| PolicyError::InvalidPattern(e.to_string()))?;
+        validate(&self.definition)?;
+        Ok(pattern)
     }
 
     /// Whether it applies to queues.
@@ -362,9 +369,7 @@ pub(crate) struct Policies {
 impl Policies {
     /// Adds a policy, replacing one of the same name, after checking it as RabbitMQ does.
     pub(crate) fn set(&mut self, policy: Policy) -> Result<(), PolicyError> {
-        let pattern =
-            Regex::new(&policy.pattern).map_err(|e| PolicyError::InvalidPattern(e.to_string()))?;
-        validate(&policy.definition)?;
+        let pattern = policy.check()?;
         self.list.retain(|(p, _)| p.name != policy.name);
         self.list.push((Arc::new(policy), pattern));
         self.list.sort_by(|(a, _), (b, _)| {
@@ -417,7 +422,7 @@ fn validate(definition: &PolicyDefinition) -> Result<(), PolicyError> {
     if definition.expires == Some(0) {
         return invalid("0 is not a valid queue expiry".into());
     }
-    Ok(())
+    inert::validate(&definition.inert).map_err(PolicyError::InvalidDefinition)
 }
 
 /// A queue's behaviour from its declaration `arguments` (already checked into `declared`)

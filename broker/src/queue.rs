@@ -394,9 +394,11 @@ impl Queue {
             .and_then(|x| x.limits.as_ref()?.max_bytes)
             .map(|_| self.ready.iter_mut().map(|m| m.message.body().len()).sum());
         self.policy = policy;
-        // RabbitMQ 3.10 applies the new limits under the overflow the queue had until now,
-        // then the new overflow, which drops the head at once when it is drop-head.
-        if overflow_until_now == Overflow::DropHead || self.overflow() == Overflow::DropHead {
+        // RabbitMQ 3.10 applies a classic queue's new limits under the overflow it had until
+        // now, then the new overflow, which drops the head at once when it is drop-head; a
+        // quorum queue looks at the new overflow only.
+        let under_old = overflow_until_now == Overflow::DropHead && self.quorum().is_none();
+        if under_old || self.overflow() == Overflow::DropHead {
             self.drop_head_over_limit(outbox);
         }
         self.arm_expiry(outbox);

@@ -88,6 +88,24 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
         !handle.vhosts().contains(&"never".to_owned()),
         "no vhost added"
     );
+    // So does a pattern the regex crate refuses (PCRE's look-ahead), after a valid policy.
+    let err = handle
+        .load_definitions(
+            r#"{"vhosts": [{"name": "never"}],
+                "policies": [{"vhost": "/", "name": "ok", "pattern": ".*", "definition": {"max-length": 5}},
+                             {"vhost": "/", "name": "p", "pattern": "^(?!amq\\.).*", "definition": {"max-length": 1}}]}"#,
+        )
+        .expect_err("refused");
+    assert!(
+        err.to_string()
+            .starts_with("policy 'p' in vhost '/': pattern"),
+        "{err}"
+    );
+    assert!(
+        !handle.vhosts().contains(&"never".to_owned()),
+        "no vhost added"
+    );
+    assert!(handle.policies().is_empty(), "no policy set");
     // Users are left out (their passwords are hashes), and counted.
     let loaded = handle
         .load_definitions(r#"{"users": [{"name": "app", "password_hash": "x", "tags": []}]}"#)

@@ -467,3 +467,41 @@ async fn a_quorum_queue_refuses_publishes_once_over_its_limit_and_takes_dlx_over
     close_conn(&conn).await;
     cleanup(&broker, &[&by_argument, &by_policy, &dlx]).await;
 }
+
+#[tokio::test]
+async fn a_reject_publish_policy_keeps_what_a_quorum_queue_holds_over_its_new_limit() {
+    let broker = TestBroker::start().await;
+    let q = broker.unique_name("qq-new-limit");
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    declare_quorum(&ch, &q, &[]).await;
+    for body in ["0", "1", "2", "3", "4"] {
+        publish_confirmed(&ch, &q, body.as_bytes()).await;
+    }
+    // Unlike a classic queue, which would drop 3 under the drop-head it had until then.
+    let policy = Policy::new(&q, format!("^{q}$"))
+        .vhost(broker.vhost())
+        .apply_to(ApplyTo::Queues)
+        .max_length(2)
+        .overflow(Overflow::RejectPublish);
+    broker.set_policy(&policy).await.expect("set_policy");
+    // RabbitMQ applies it a moment later: publishes are taken until it does.
+    let mut taken = 0;
+    warren_harness::wait_until("a publish refused", warren_tests::TIMEOUT, async || {
+        if publish_confirmed_to(&ch, "", &q, b"late", false)
+            .await
+            .is_ack()
+        {
+            taken += 1;
+            Err("taken".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    let bodies = drain_bodies(&ch, &q).await;
+    assert_eq!(bodies.len(), 5 + taken, "{bodies:?}");
+    assert_eq!(bodies[..5], [b"0", b"1", b"2", b"3", b"4"]);
+    close_conn(&conn).await;
+    cleanup(&broker, &[&q]).await;
+}

@@ -1,8 +1,8 @@
 //! Policy keys that RabbitMQ 3.10 accepts but that change nothing on one in-memory node:
 //! classic queue mirroring (`ha-*`), `queue-mode`, `queue-version`, the leader locators, the
 //! quorum queues' in-memory limits and the streams' settings. Exports of real brokers carry
-//! them, so [`super::Policy::from_json`] takes them, checked as `rabbitmqctl` checks them, and
-//! keeps them as given.
+//! them, so [`super::Policy::from_json`] takes them and keeps them as given; every policy set
+//! has them checked as `rabbitmqctl` checks them.
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -47,9 +47,15 @@ pub(super) fn validate(keys: &BTreeMap<String, Value>) -> Result<(), String> {
     one_of("ha-mode", &["all", "exactly", "nodes"])?;
     let params = keys.get("ha-params");
     match keys.get("ha-mode").and_then(Value::as_str) {
-        None if ["ha-params", "ha-sync-mode", "ha-promote-on-shutdown"]
-            .iter()
-            .any(|k| keys.contains_key(*k)) =>
+        None if [
+            "ha-params",
+            "ha-sync-mode",
+            "ha-sync-batch-size",
+            "ha-promote-on-shutdown",
+            "ha-promote-on-failure",
+        ]
+        .iter()
+        .any(|k| keys.contains_key(*k)) =>
         {
             return Err(
                 "ha-mode must be specified to specify ha-params, ha-sync-mode or \
@@ -103,7 +109,7 @@ pub(super) fn validate(keys: &BTreeMap<String, Value>) -> Result<(), String> {
     count("max-in-memory-length", 0)?;
     count("max-in-memory-bytes", 0)?;
     count("stream-max-segment-size-bytes", 0)?;
-    count("initial-cluster-size", 1)?;
+    count("initial-cluster-size", 0)?;
     match keys.get("max-age") {
         Some(v) if !v.as_str().is_some_and(is_age) => {
             Err(format!("{v} is not a valid max-age value"))
@@ -141,6 +147,7 @@ mod tests {
                    "ha-sync-batch-size": 10}),
             json!({"queue-mode": "lazy", "queue-version": 2, "queue-master-locator": "min-masters"}),
             json!({"max-in-memory-length": 5, "max-age": "1D", "initial-cluster-size": 3}),
+            json!({"initial-cluster-size": 0}),
         ] {
             assert_eq!(validate(&keys(ok.clone())), Ok(()), "{ok}");
         }
@@ -159,6 +166,11 @@ mod tests {
             ),
             (
                 json!({"ha-params": 2}),
+                "ha-mode must be specified to specify ha-params, ha-sync-mode or \
+                 ha-promote-on-shutdown",
+            ),
+            (
+                json!({"ha-sync-batch-size": 10}),
                 "ha-mode must be specified to specify ha-params, ha-sync-mode or \
                  ha-promote-on-shutdown",
             ),
