@@ -7,7 +7,7 @@
 
 use crate::error::AmqpError;
 use crate::message::QueuedMessage;
-use crate::queue::{ConsumerTag, Source};
+use crate::queue::Source;
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -41,8 +41,8 @@ pub(crate) enum Outbound {
     Cancel {
         /// Channel of the consumer.
         channel: u16,
-        /// The consumer's tag.
-        consumer_tag: ConsumerTag,
+        /// The consumer (its tag, and which consumer of that tag it is).
+        source: Arc<Source>,
     },
     /// Close the connection with this error (operator's forced close, broker shutdown).
     Close(AmqpError),
@@ -316,7 +316,7 @@ mod tests {
     fn cancel(n: u16) -> Outbound {
         Outbound::Cancel {
             channel: n,
-            consumer_tag: Arc::from("t"),
+            source: crate::queue::Source::consumer("q".into(), "t".into()),
         }
     }
 

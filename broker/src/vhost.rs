@@ -447,7 +447,7 @@ impl VhostState {
                 &consumer.mailbox,
                 Outbound::Cancel {
                     channel: consumer.channel,
-                    consumer_tag: consumer.tag().into(),
+                    source: consumer.source.clone(),
                 },
             );
         }

@@ -1094,3 +1094,60 @@ async fn purge_nowait_takes_effect() {
     c.delete_queue(1, &q).await;
     c.close().await;
 }
+
+#[tokio::test]
+async fn a_server_cancel_crossing_a_new_consumer_of_the_same_tag_leaves_it_alone() {
+    // In one packet: channel 2 deletes the queue of consumer `c` on channel 1 (so the broker
+    // cancels `c`), channel 1 cancels `c` itself and consumes another queue under the same
+    // tag. The broker's cancel is for the old `c`: the new one must stay and get messages.
+    use amq_protocol::frame::AMQPFrame;
+    use amq_protocol::protocol::{AMQPClass, basic, queue};
+    use warren_tests::raw::{RawClient, cancel, consume};
+    let broker = TestBroker::start().await;
+    let (old, new) = (
+        broker.unique_name("xcancel-old"),
+        broker.unique_name("xcancel-new"),
+    );
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
+    c.open_channel(2).await;
+    c.declare_queue(1, &old).await;
+    c.declare_queue(1, &new).await;
+    c.rpc(1, consume(&old, "c", true)).await;
+    let delete = AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+        queue: old.as_str().into(),
+        if_unused: false,
+        if_empty: false,
+        nowait: false,
+    }));
+    let packet = [
+        AMQPFrame::Method(2, delete),
+        AMQPFrame::Method(1, cancel("c")),
+        AMQPFrame::Method(1, consume(&new, "c", true)),
+    ]
+    .iter()
+    .flat_map(RawClient::encode)
+    .collect::<Vec<u8>>();
+    c.send_bytes(&packet).await;
+    c.recv_until(|f| {
+        matches!(
+            f,
+            AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_)))
+        )
+    })
+    .await;
+    c.publish(2, &new, b"to the new c").await;
+    let deliver = c
+        .recv_until(|f| {
+            matches!(
+                f,
+                AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Deliver(_)))
+            )
+        })
+        .await;
+    let AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Deliver(d))) = deliver else {
+        unreachable!("matched above");
+    };
+    assert_eq!(d.consumer_tag.as_str(), "c");
+    c.delete_queue_skipping_deliveries(2, &new).await;
+    c.close().await;
+}

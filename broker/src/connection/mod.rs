@@ -615,10 +615,7 @@ impl Connection {
                 no_ack,
                 message,
             } => self.deliver(channel, source, no_ack, message),
-            Outbound::Cancel {
-                channel,
-                consumer_tag,
-            } => self.server_cancel(channel, consumer_tag),
+            Outbound::Cancel { channel, source } => self.server_cancel(channel, &source),
             Outbound::Close(e) => self.close_connection(e),
             Outbound::Alarms(alarms) => self.set_alarms(alarms),
         }

@@ -687,16 +687,28 @@ impl Connection {
     }
 
     /// The server cancels a consumer (its queue was deleted): tell the client.
-    pub(crate) fn server_cancel(&mut self, ch: u16, consumer_tag: ConsumerTag) {
+    /// Only that very consumer: a cancel that crossed the client's own basic.cancel and a new
+    /// basic.consume with the same tag leaves the new consumer alone.
+    pub(crate) fn server_cancel(&mut self, ch: u16, source: &Arc<Source>) {
+        let Some(consumer_tag) = source.consumer_tag.as_ref() else {
+            return;
+        };
         let Some(channel) = self.open_channel(ch) else {
             return;
         };
-        if channel.consumers.remove(&*consumer_tag).is_some() && self.tuning.cancel_notify {
+        let this_one = channel
+            .consumers
+            .get(&**consumer_tag)
+            .is_some_and(|c| Arc::ptr_eq(&c.source, source));
+        if this_one {
+            channel.consumers.remove(&**consumer_tag);
+        }
+        if this_one && self.tuning.cancel_notify {
             send_basic(
                 self,
                 ch,
                 basic::AMQPMethod::Cancel(basic::Cancel {
-                    consumer_tag: short(&consumer_tag),
+                    consumer_tag: short(consumer_tag),
                     nowait: true,
                 }),
             );
