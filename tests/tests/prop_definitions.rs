@@ -10,7 +10,8 @@ use serde_json::Value;
 use warren_broker::{Broker, BrokerConfig};
 use warren_tests::{TIMEOUT, close_conn, declare};
 
-/// The keys a definitions document, its objects, policy definitions and arguments use.
+/// The keys of a definitions document's objects (with [`POLICY_KEYS`] and [`QUEUE_ARGS`],
+/// every key generated objects take).
 const KEYS: &[&str] = &[
     "name",
     "vhost",
@@ -27,29 +28,6 @@ const KEYS: &[&str] = &[
     "destination",
     "destination_type",
     "routing_key",
-    "message-ttl",
-    "expires",
-    "max-length",
-    "max-length-bytes",
-    "overflow",
-    "dead-letter-exchange",
-    "dead-letter-routing-key",
-    "delivery-limit",
-    "alternate-exchange",
-    "ha-mode",
-    "ha-params",
-    "queue-mode",
-    "queue-version",
-    "max-age",
-    "x-queue-type",
-    "x-max-length",
-    "x-message-ttl",
-    "x-expires",
-    "x-overflow",
-    "x-dead-letter-exchange",
-    "x-max-priority",
-    "x-single-active-consumer",
-    "alternate-exchange",
 ];
 
 /// A policy definition's keys.
@@ -135,7 +113,8 @@ fn leaf() -> impl Strategy<Value = Value> {
 }
 
 fn object(value: BoxedStrategy<Value>) -> impl Strategy<Value = Value> {
-    prop::collection::vec((prop::sample::select(KEYS), value), 0..8).prop_map(|pairs| {
+    let keys: Vec<&str> = [KEYS, POLICY_KEYS, QUEUE_ARGS].concat();
+    prop::collection::vec((prop::sample::select(keys), value), 0..8).prop_map(|pairs| {
         Value::Object(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
     })
 }
