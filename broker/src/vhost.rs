@@ -10,7 +10,7 @@ use crate::mailbox::{Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
 use crate::methods::queue::validate_arguments;
 use crate::policy::{Policies, Policy, PolicyError, queue_args};
-use crate::queue::{ConnId, Queue};
+use crate::queue::{ConnId, Queue, Source};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +27,18 @@ pub(crate) struct Vhost {
     /// A std mutex rather than tokio's: it is only held for in-memory work that never awaits,
     /// so it is never contended across a suspension point and is cheaper than an async lock.
     state: Mutex<VhostState>,
+}
+
+/// The queue a delivery came from, if it still exists: that very queue, not one declared
+/// under its name since it was deleted (RabbitMQ drops what was in flight from a deleted
+/// queue; the new one's messages and counts are its own).
+pub(crate) fn source_queue<'a>(
+    queues: &'a mut FxHashMap<Arc<str>, Queue>,
+    source: &Source,
+) -> Option<&'a mut Queue> {
+    queues
+        .get_mut(&source.queue)
+        .filter(|q| Arc::ptr_eq(&q.name, &source.queue))
 }
 
 /// Everything in a vhost.
@@ -225,7 +237,7 @@ impl VhostState {
                     message,
                     ..
                 } = item
-                    && let Some(q) = self.queues.get_mut(&source.queue)
+                    && let Some(q) = source_queue(&mut self.queues, &source)
                 {
                     q.undo_dispatch(message, no_ack);
                     q.dispatch(now, &mut self.outbox);
@@ -543,7 +555,7 @@ mod tests {
         let mut state = vhost.lock();
         let mut queue = Queue::new("jobs", QueueOptions::default(), Default::default());
         queue.add_consumer(Consumer {
-            source: Source::consumer("jobs".into(), "c".into()),
+            source: Source::consumer(queue.name.clone(), "c".into()),
             conn: 1,
             channel: 1,
             no_ack: false,
@@ -554,7 +566,7 @@ mod tests {
             channel_credit: Arc::default(),
             mailbox: tx,
         });
-        state.queues.insert("jobs".into(), queue);
+        state.queues.insert(queue.name.clone(), queue);
         let message = MessageBuilder::new("", "jobs", &[0, 0], 0).finish();
         assert!(
             state

@@ -581,3 +581,48 @@ async fn rolled_back_acks_leave_each_delivery_unacknowledged_once() {
     delete_quietly(&check, &q).await;
     close_conn(&conn).await;
 }
+
+#[tokio::test]
+async fn a_requeue_after_its_queue_was_deleted_does_not_reach_a_new_queue_of_that_name() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let consumer_ch = channel(&conn).await;
+    let q = broker.unique_name("ack-redeclared");
+    declare(&ch, &q).await;
+    for body in [b"0", b"1", b"2"] {
+        publish_confirmed(&ch, &q, body).await;
+    }
+    let mut consumer = consume(&consumer_ch, &q, false).await;
+    let mut last = 0;
+    for _ in 0..3 {
+        last = next_delivery(&mut consumer).await.delivery_tag;
+    }
+    // Deleted with the three unacked, then declared anew under its name.
+    within(
+        "queue.delete",
+        ch.queue_delete(q.as_str().into(), Default::default()),
+    )
+    .await
+    .expect("queue.delete");
+    declare(&ch, &q).await;
+    publish_confirmed(&ch, &q, b"new").await;
+    within(
+        "basic.nack",
+        consumer_ch.basic_nack(
+            last,
+            BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            },
+        ),
+    )
+    .await
+    .expect("basic.nack");
+    // RabbitMQ drops what was in flight from the deleted queue: the new one has its own.
+    let first = get(&ch, &q, true).await.map(|m| m.delivery.data);
+    assert_eq!(first.as_deref(), Some(&b"new"[..]));
+    assert_eq!(get(&ch, &q, true).await.map(|m| m.delivery.data), None);
+    delete_quietly(&ch, &q).await;
+    close_conn(&conn).await;
+}

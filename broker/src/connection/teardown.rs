@@ -9,7 +9,7 @@ use crate::direct_reply::PSEUDO_QUEUE;
 use crate::mailbox::{MailboxReceiver, Outbound};
 use crate::message::QueuedMessage;
 use crate::queue::{Return, Source};
-use crate::vhost::VhostState;
+use crate::vhost::{VhostState, source_queue};
 use rustc_hash::FxHashSet;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -139,7 +139,7 @@ fn requeue_undelivered(
     no_ack: bool,
     message: QueuedMessage,
 ) {
-    if let Some(q) = state.queues.get_mut(&source.queue) {
+    if let Some(q) = source_queue(&mut state.queues, source) {
         if !no_ack {
             q.settle(conn, channel, source, 1);
         }
@@ -156,7 +156,7 @@ pub(crate) fn requeue(
     message: QueuedMessage,
     how: Return,
 ) {
-    if let Some(q) = state.queues.get_mut(&source.queue) {
+    if let Some(q) = source_queue(&mut state.queues, source) {
         q.settle(conn, channel, source, 1);
         q.requeue(message, how, &mut state.outbox);
     }

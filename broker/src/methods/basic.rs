@@ -12,7 +12,7 @@ use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, encode_properties, parse_expiration};
 use crate::queue::{Consumer, ConsumerTag, Return, Source};
 use crate::sender_selected::header_routes;
-use crate::vhost::{Routed, VhostState};
+use crate::vhost::{Routed, VhostState, source_queue};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::ShortString;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -362,7 +362,7 @@ impl Connection {
                 }
                 Settle::Reject { requeue: false } => {
                     let state = &mut *state;
-                    match state.queues.get(&source.queue) {
+                    match source_queue(&mut state.queues, &source) {
                         Some(q) if q.has_dead_letter_exchange() => q.dead_letter(
                             u.message.message,
                             DeathReason::Rejected,
@@ -393,7 +393,7 @@ impl Connection {
         let now = Instant::now();
         let VhostState { queues, outbox, .. } = &mut *state;
         for (_, (source, n)) in counts.drain() {
-            if let Some(q) = queues.get_mut(&source.queue) {
+            if let Some(q) = source_queue(queues, &source) {
                 q.settle(conn, ch, &source, n);
                 q.dispatch(now, outbox);
             }
