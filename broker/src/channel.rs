@@ -96,10 +96,15 @@ pub(crate) struct TxBuffer {
 /// detaches its [`Source`], so deliveries already on their way to it are put back.
 #[derive(Debug)]
 pub(crate) struct ChannelConsumer {
-    /// The queue consumed.
-    pub(crate) queue: Arc<str>,
-    /// What its deliveries carry.
+    /// What its deliveries carry: its queue and tag.
     pub(crate) source: Arc<Source>,
+}
+
+impl ChannelConsumer {
+    /// The queue consumed.
+    pub(crate) fn queue(&self) -> &Arc<str> {
+        &self.source.queue
+    }
 }
 
 impl Drop for ChannelConsumer {

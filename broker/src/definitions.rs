@@ -85,7 +85,7 @@ pub(crate) fn load(
         if handle.vhost_of(&parsed.vhost).is_none() && !listed_vhosts.contains(&&*parsed.vhost) {
             return Err(refused(&what, PolicyError::NoVhost(parsed.vhost.clone())));
         }
-        policies.push(parsed);
+        policies.push((parsed, what));
     }
     let mut loaded = LoadedDefinitions {
         users_ignored: list("users").len() + list("permissions").len(),
@@ -97,8 +97,7 @@ pub(crate) fn load(
             loaded.vhosts += 1;
         }
     }
-    for parsed in policies {
-        let what = format!("policy '{}' in vhost '{}'", parsed.name, parsed.vhost);
+    for (parsed, what) in policies {
         handle.set_policy(parsed).map_err(|e| refused(&what, e))?;
         loaded.policies += 1;
     }

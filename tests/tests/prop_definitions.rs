@@ -10,6 +10,10 @@ use serde_json::Value;
 use warren_broker::{Broker, BrokerConfig};
 use warren_tests::{TIMEOUT, close_conn, declare};
 
+/// Generated documents per run, and most shrinking steps after a failure.
+const CASES: u32 = 256;
+const SHRINK: u32 = 256;
+
 /// The keys of a definitions document's objects (with [`POLICY_KEYS`] and [`QUEUE_ARGS`],
 /// every key generated objects take).
 const KEYS: &[&str] = &[
@@ -267,8 +271,8 @@ fn generated_definitions_load_or_are_refused_and_the_broker_serves_on() {
         .block_on(Broker::start(BrokerConfig::default()))
         .expect("start");
     let mut runner = TestRunner::new(Config {
-        cases: 256,
-        max_shrink_iters: 256,
+        cases: CASES,
+        max_shrink_iters: SHRINK,
         failure_persistence: None,
         ..Config::default()
     });

@@ -600,7 +600,7 @@ impl Connection {
             if !self.mailbox.has_room() {
                 break;
             }
-            state.dispatch(&consumer.queue, now);
+            state.dispatch(consumer.queue(), now);
             visited += 1;
         }
         self.redispatch_from = start + visited;

@@ -34,7 +34,7 @@ impl Connection {
             self.detach_consumer(&mut state, channel, &tag, &consumer);
             // A waiting consumer may take over (single active consumer): after the requeues
             // below, so that it gets them first.
-            touched.insert(consumer.queue.clone());
+            touched.insert(consumer.queue().clone());
         }
         // The channel's consumers are detached above, so settling finds none of them.
         for (_, u) in unacked.take_all() {
@@ -60,7 +60,7 @@ impl Connection {
         tag: &str,
         consumer: &ChannelConsumer,
     ) {
-        if &*consumer.queue == PSEUDO_QUEUE {
+        if &**consumer.queue() == PSEUDO_QUEUE {
             if let Some(address) = self
                 .channels
                 .get_mut(&channel)
@@ -71,11 +71,11 @@ impl Connection {
             return;
         }
         let VhostState { queues, outbox, .. } = state;
-        if let Some(queue) = queues.get_mut(&consumer.queue) {
+        if let Some(queue) = queues.get_mut(consumer.queue()) {
             queue.remove_consumer(self.id, channel, tag);
             queue.touch(Instant::now(), outbox);
         }
-        state.auto_delete(&consumer.queue);
+        state.auto_delete(consumer.queue());
     }
 
     /// Ends the connection: requeues everything it held and deletes its exclusive queues.

@@ -114,7 +114,7 @@ impl Connection {
                 .channel_mut(ch)
                 .consumers
                 .values()
-                .map(|c| c.queue.clone())
+                .map(|c| c.queue().clone())
                 .collect();
             dispatch_all(&mut self.vhost.lock(), queues);
         }
@@ -186,16 +186,11 @@ impl Connection {
             channel_credit: credit,
             mailbox,
         });
-        let queue_arc = queue.name.clone();
-        state.dispatch(&queue_arc, Instant::now());
+        state.dispatch(&source.queue, Instant::now());
         drop(state);
-        self.channel_mut(ch).consumers.insert(
-            tag,
-            ChannelConsumer {
-                queue: queue_arc,
-                source,
-            },
-        );
+        self.channel_mut(ch)
+            .consumers
+            .insert(tag, ChannelConsumer { source });
         Ok(())
     }
 
@@ -227,13 +222,9 @@ impl Connection {
         );
         let channel = self.channel_mut(ch);
         channel.reply_address = Some(address);
-        channel.consumers.insert(
-            tag.clone(),
-            ChannelConsumer {
-                queue: PSEUDO_QUEUE.into(),
-                source,
-            },
-        );
+        channel
+            .consumers
+            .insert(tag.clone(), ChannelConsumer { source });
         if !nowait {
             send_basic(
                 self,
@@ -256,7 +247,7 @@ impl Connection {
             let mut state = vhost.lock();
             self.detach_consumer(&mut state, ch, m.consumer_tag.as_str(), &consumer);
             // A waiting consumer may take over (single active consumer).
-            state.dispatch(&consumer.queue, Instant::now());
+            state.dispatch(consumer.queue(), Instant::now());
         }
         if !m.nowait {
             send_basic(
@@ -406,7 +397,7 @@ impl Connection {
         if credit.limit.load(Ordering::Relaxed) != 0
             && let Some(channel) = self.channels.get(&ch)
         {
-            touched.extend(channel.consumers.values().map(|c| c.queue.clone()));
+            touched.extend(channel.consumers.values().map(|c| c.queue().clone()));
         }
         dispatch_all(&mut state, touched);
         drop(state);
@@ -700,10 +691,11 @@ impl Connection {
             .consumers
             .get(&**consumer_tag)
             .is_some_and(|c| Arc::ptr_eq(&c.source, source));
-        if this_one {
-            channel.consumers.remove(&**consumer_tag);
+        if !this_one {
+            return;
         }
-        if this_one && self.tuning.cancel_notify {
+        channel.consumers.remove(&**consumer_tag);
+        if self.tuning.cancel_notify {
             send_basic(
                 self,
                 ch,
