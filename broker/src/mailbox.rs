@@ -316,7 +316,7 @@ mod tests {
     fn cancel(n: u16) -> Outbound {
         Outbound::Cancel {
             channel: n,
-            source: crate::queue::Source::consumer("q".into(), "t".into()),
+            source: crate::queue::Source::consumer("q".into(), "t".into(), Default::default()),
         }
     }
 

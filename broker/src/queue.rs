@@ -65,6 +65,10 @@ pub(crate) struct Source {
     /// delivery still on its way to a cancelled consumer is put back, even when a new one
     /// took its tag. Checked by the connection that owns the consumer, which alone clears it.
     attached: AtomicBool,
+    /// The prefetch window its channel had when the consumer started, which its deliveries
+    /// are charged to (never charged for basic.get): a delivery that never reaches the client
+    /// gives its credit back there, not to a channel reopened under the same number.
+    pub(crate) channel_credit: Arc<ChannelCredit>,
 }
 
 impl Source {
@@ -74,15 +78,22 @@ impl Source {
             queue,
             consumer_tag: None,
             attached: AtomicBool::new(false),
+            channel_credit: Arc::default(),
         })
     }
 
-    /// The source of a consumer's deliveries, attached until [`Source::detach`].
-    pub(crate) fn consumer(queue: Arc<str>, tag: ConsumerTag) -> Arc<Self> {
+    /// The source of a consumer's deliveries, attached until [`Source::detach`], charged to
+    /// its channel's window `channel_credit`.
+    pub(crate) fn consumer(
+        queue: Arc<str>,
+        tag: ConsumerTag,
+        channel_credit: Arc<ChannelCredit>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             queue,
             consumer_tag: Some(tag),
             attached: AtomicBool::new(true),
+            channel_credit,
         })
     }
 
@@ -117,8 +128,6 @@ pub(crate) struct Consumer {
     pub(crate) prefetch: u32,
     /// Unacknowledged deliveries to this consumer.
     pub(crate) in_flight: u32,
-    /// The channel's shared prefetch window.
-    pub(crate) channel_credit: Arc<ChannelCredit>,
     /// Where its deliveries go.
     pub(crate) mailbox: Mailbox,
 }
@@ -134,7 +143,7 @@ impl Consumer {
             if self.prefetch != 0 && self.in_flight >= self.prefetch {
                 return false;
             }
-            if !self.channel_credit.has_room() {
+            if !self.source.channel_credit.has_room() {
                 return false;
             }
         }
@@ -671,13 +680,22 @@ impl Queue {
         self.ready.insert_in_place(message);
     }
 
-    /// A delivery that never reached its consumer's connection (it was gone): back at its
-    /// position, no longer counted as unacknowledged, its redelivered flag unchanged (the
-    /// client never saw it). The consumer's own credit is not given back: a mailbox closes
-    /// only when its connection ends, which removes the consumer.
-    pub(crate) fn undo_dispatch(&mut self, message: QueuedMessage, no_ack: bool) {
+    /// A delivery dispatched to `source` that never reached the client (its connection,
+    /// channel or consumer was gone): back at its position, its redelivered flag unchanged
+    /// (the client never saw it), and what dispatch charged for it given back: to this very
+    /// consumer, if the queue still has it, and to the channel window it was charged to, never
+    /// to a newer consumer or channel that reuses its tag or number.
+    pub(crate) fn undo_dispatch(&mut self, source: &Source, no_ack: bool, message: QueuedMessage) {
         if !no_ack {
             self.unacked = self.unacked.saturating_sub(1);
+            if let Some(c) = self
+                .consumers
+                .iter_mut()
+                .find(|c| std::ptr::eq(&*c.source, source))
+            {
+                c.in_flight = c.in_flight.saturating_sub(1);
+            }
+            source.channel_credit.release();
         }
         self.put_back(message);
     }
@@ -722,6 +740,7 @@ impl Queue {
             if !consumer.no_ack {
                 consumer.in_flight += 1;
                 consumer
+                    .source
                     .channel_credit
                     .in_flight
                     .fetch_add(1, Ordering::Relaxed);
@@ -948,9 +967,10 @@ impl Queue {
 
 #[cfg(test)]
 mod tests {
-    use super::{Consumer, Queue, QueueOptions, Return, Source};
-    use crate::mailbox::Outbox;
+    use super::{ChannelCredit, Consumer, Queue, QueueOptions, Return, Source};
+    use crate::mailbox::{MailboxReceiver, Outbound, Outbox};
     use crate::message::{Message, SHARED_BODY_MIN};
+    use std::sync::atomic::Ordering;
     use tokio::time::Instant;
 
     #[test]
@@ -991,7 +1011,7 @@ mod tests {
         let mut queue = Queue::new("q", QueueOptions::default(), Default::default());
         let (mailbox, _receiver) = crate::mailbox::mailbox();
         queue.add_consumer(Consumer {
-            source: Source::consumer("q".into(), "c".into()),
+            source: Source::consumer("q".into(), "c".into(), Default::default()),
             conn: 1,
             channel: 1,
             no_ack: false,
@@ -1000,7 +1020,6 @@ mod tests {
             // Its window is full: what is published now waits in the queue.
             prefetch: 1,
             in_flight: 1,
-            channel_credit: Default::default(),
             mailbox,
         });
         let read_buffer = bytes::Bytes::from(vec![7u8; SHARED_BODY_MIN * 2]);
@@ -1031,5 +1050,90 @@ mod tests {
                 &read_buffer[SHARED_BODY_MIN..]
             ]
         );
+    }
+
+    fn consumer_on(source: std::sync::Arc<Source>, prefetch: u32) -> (Consumer, MailboxReceiver) {
+        let (mailbox, receiver) = crate::mailbox::mailbox();
+        let consumer = Consumer {
+            source,
+            conn: 1,
+            channel: 1,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+            prefetch,
+            in_flight: 0,
+            mailbox,
+        };
+        (consumer, receiver)
+    }
+
+    fn publish_n(queue: &mut Queue, n: usize) -> Vec<Outbound> {
+        let mut outbox = Outbox::default();
+        for _ in 0..n {
+            let message = crate::message::MessageBuilder::new("", "q", &[], 0).finish();
+            queue.publish(message, None, 0, Instant::now(), &mut outbox);
+        }
+        outbox.flush()
+    }
+
+    fn drain(receiver: &mut MailboxReceiver) -> Vec<Outbound> {
+        std::iter::from_fn(|| receiver.try_recv()).collect()
+    }
+
+    /// Deliveries to a cancelled consumer still in its connection's mailbox come back after
+    /// a new consumer took its tag on a channel reopened under the same number: they must
+    /// give back what they were charged for, not free the new consumer's windows (it would
+    /// then hold more unacknowledged deliveries than its prefetch).
+    #[test]
+    fn an_undelivered_return_frees_only_the_window_it_was_charged_to() {
+        let mut queue = Queue::new("q", QueueOptions::default(), Default::default());
+        let old_window = std::sync::Arc::new(ChannelCredit::default());
+        let old = Source::consumer("q".into(), "t".into(), old_window.clone());
+        let (consumer, mut old_receiver) = consumer_on(old.clone(), 10);
+        queue.add_consumer(consumer);
+        assert!(publish_n(&mut queue, 10).is_empty());
+        let stale = drain(&mut old_receiver);
+        assert_eq!(stale.len(), 10);
+        assert_eq!(old_window.in_flight.load(Ordering::Relaxed), 10);
+
+        // The channel closes and is reopened: a new window, a new consumer with the same tag
+        // (and a global prefetch of 10).
+        assert!(queue.remove_consumer(1, 1, "t").is_some());
+        old.detach();
+        let new_window = std::sync::Arc::new(ChannelCredit::default());
+        new_window.limit.store(10, Ordering::Relaxed);
+        let new = Source::consumer("q".into(), "t".into(), new_window.clone());
+        let (consumer, mut new_receiver) = consumer_on(new, 10);
+        queue.add_consumer(consumer);
+        assert!(publish_n(&mut queue, 20).is_empty());
+        assert_eq!(drain(&mut new_receiver).len(), 10);
+
+        for item in stale {
+            let Outbound::Deliver {
+                source,
+                no_ack,
+                message,
+                ..
+            } = item
+            else {
+                panic!("a delivery");
+            };
+            queue.undo_dispatch(&source, no_ack, message);
+        }
+        let mut outbox = Outbox::default();
+        queue.dispatch(Instant::now(), &mut outbox);
+        assert!(outbox.flush().is_empty());
+        assert_eq!(
+            drain(&mut new_receiver).len(),
+            0,
+            "the new consumer's windows are full"
+        );
+        assert_eq!(queue.consumers[0].in_flight, 10);
+        assert_eq!(new_window.in_flight.load(Ordering::Relaxed), 10);
+        assert_eq!(old_window.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!((queue.ready_len(), queue.unacked), (20, 10));
+        // Put back at their places, ahead of the ten never delivered.
+        assert!(queue.ready_messages().take(10).all(|m| !m.redelivered));
     }
 }

@@ -239,7 +239,7 @@ impl VhostState {
                 } = item
                     && let Some(q) = source_queue(&mut self.queues, &source)
                 {
-                    q.undo_dispatch(message, no_ack);
+                    q.undo_dispatch(&source, no_ack, message);
                     q.dispatch(now, &mut self.outbox);
                 }
             }
@@ -555,7 +555,7 @@ mod tests {
         let mut state = vhost.lock();
         let mut queue = Queue::new("jobs", QueueOptions::default(), Default::default());
         queue.add_consumer(Consumer {
-            source: Source::consumer(queue.name.clone(), "c".into()),
+            source: Source::consumer(queue.name.clone(), "c".into(), Arc::default()),
             conn: 1,
             channel: 1,
             no_ack: false,
@@ -563,7 +563,6 @@ mod tests {
             priority: 0,
             prefetch: 0,
             in_flight: 0,
-            channel_credit: Arc::default(),
             mailbox: tx,
         });
         state.queues.insert(queue.name.clone(), queue);

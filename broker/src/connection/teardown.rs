@@ -90,13 +90,13 @@ impl Connection {
         let mut touched = FxHashSet::default();
         for item in pending {
             if let Outbound::Deliver {
-                channel,
                 source,
                 no_ack,
                 message,
+                ..
             } = item
             {
-                requeue_undelivered(&mut state, &source, self.id, channel, no_ack, message);
+                requeue_undelivered(&mut state, &source, no_ack, message);
                 touched.insert(source.queue.clone());
             }
         }
@@ -108,16 +108,12 @@ impl Connection {
     /// to its queue.
     pub(crate) fn return_undelivered(
         &mut self,
-        channel: u16,
         source: Arc<Source>,
         no_ack: bool,
         message: QueuedMessage,
     ) {
-        if !no_ack && let Some(ch) = self.channels.get(&channel) {
-            ch.credit.release();
-        }
         let mut state = self.vhost.lock();
-        requeue_undelivered(&mut state, &source, self.id, channel, no_ack, message);
+        requeue_undelivered(&mut state, &source, no_ack, message);
         state.dispatch(&source.queue, Instant::now());
     }
 
@@ -134,16 +130,11 @@ impl Connection {
 fn requeue_undelivered(
     state: &mut VhostState,
     source: &Source,
-    conn: u64,
-    channel: u16,
     no_ack: bool,
     message: QueuedMessage,
 ) {
     if let Some(q) = source_queue(&mut state.queues, source) {
-        if !no_ack {
-            q.settle(conn, channel, source, 1);
-        }
-        q.put_back(message);
+        q.undo_dispatch(source, no_ack, message);
     }
 }
 

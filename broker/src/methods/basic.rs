@@ -173,7 +173,7 @@ impl Connection {
             .queues
             .get_mut(queue_name.as_str())
             .expect("found above");
-        let source = Source::consumer(queue.name.clone(), tag.clone());
+        let source = Source::consumer(queue.name.clone(), tag.clone(), credit);
         queue.add_consumer(Consumer {
             source: source.clone(),
             conn: self.id,
@@ -183,7 +183,6 @@ impl Connection {
             priority,
             prefetch,
             in_flight: 0,
-            channel_credit: credit,
             mailbox,
         });
         state.dispatch(&source.queue, Instant::now());
@@ -211,7 +210,8 @@ impl Connection {
             return Err(AmqpError::precondition_failed("reply consumer already set"));
         }
         let address = new_address();
-        let source = Source::consumer(PSEUDO_QUEUE.into(), tag.clone());
+        // No-ack: never charged to the window.
+        let source = Source::consumer(PSEUDO_QUEUE.into(), tag.clone(), Arc::default());
         self.vhost.lock().reply_consumers.insert(
             address.clone(),
             ReplyConsumer {
@@ -649,13 +649,13 @@ impl Connection {
     ) {
         let Some(consumer_tag) = source.consumer_tag.as_ref() else {
             // Dispatch sends only consumers' deliveries.
-            return self.return_undelivered(ch, source, no_ack, message);
+            return self.return_undelivered(source, no_ack, message);
         };
         // The very consumer the delivery was dispatched to, still on its channel (not a newer
         // one that reuses its tag after a cancel): a flag on the source, not a lookup among
         // the channel's consumers, which with a thousand of them missed the cache each time.
         let Some(channel) = self.open_channel(ch).filter(|_| source.is_attached()) else {
-            return self.return_undelivered(ch, source, no_ack, message);
+            return self.return_undelivered(source, no_ack, message);
         };
         let delivery_tag = channel.next_delivery_tag;
         channel.next_delivery_tag += 1;
