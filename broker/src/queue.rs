@@ -939,11 +939,13 @@ impl Queue {
         // By channel and tag, not by consumer: as in RabbitMQ, acks for a cancelled consumer's
         // deliveries free the window of a later consumer that reuses its tag on the channel
         // (tests/tests/work_queue.rs holds both brokers to it).
+        // The consumer the deliveries went to is the usual match: compared by address first,
+        // so its tag's bytes (likely cold with many queues) are not read.
         if let Some(tag) = source.consumer_tag.as_deref()
-            && let Some(c) = self
-                .consumers
-                .iter_mut()
-                .find(|c| c.conn == conn && c.channel == channel && c.tag() == tag)
+            && let Some(c) = self.consumers.iter_mut().find(|c| {
+                std::ptr::eq(&*c.source, source)
+                    || (c.conn == conn && c.channel == channel && c.tag() == tag)
+            })
         {
             c.in_flight = c.in_flight.saturating_sub(n);
         }
