@@ -48,7 +48,9 @@ pub struct BrokerConfig {
     /// Host and port to listen on, e.g. `127.0.0.1:0` (a free port) or `localhost:5672`
     /// (every address the name resolves to).
     pub listen: String,
-    /// Users allowed to connect (to every vhost: Warren has no per-vhost permissions).
+    /// Users allowed to connect, with full permissions on every vhost, also those added later
+    /// (more users, and narrower permissions: [`crate::BrokerHandle::add_user`],
+    /// [`crate::BrokerHandle::set_permissions`]).
     pub users: Vec<User>,
     /// Vhosts besides `/`, which always exists at start (more can be added and deleted while
     /// it runs: [`crate::BrokerHandle::add_vhost`]).

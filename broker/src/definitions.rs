@@ -3,7 +3,7 @@
 //! queues, exchanges and bindings, loaded into a running broker in RabbitMQ's order.
 //!
 //! Users and permissions are left out (their passwords are hashes; Warren's users come from
-//! [`crate::BrokerConfig::users`], and every user may use every vhost), and so are runtime
+//! [`crate::BrokerConfig::users`] and [`crate::BrokerHandle::add_user`]), and so are runtime
 //! parameters (federation, shovels). A queue or exchange that exists already is left as it
 //! is. Each object is checked as a client's declaration of it would be: the first refused
 //! stops the load, naming it, and what came before it stays (RabbitMQ's import is not

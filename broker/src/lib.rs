@@ -26,6 +26,7 @@
 //! - [`policy`]: policies ([`Policy`], `rabbitmqctl set_policy`'s) and how they combine with
 //!   declaration arguments.
 //! - `dead_letter`: dead-lettering (`x-dead-letter-exchange`): the `x-death` header, cycles.
+//! - `permissions`: users and their per-vhost permissions ([`PermissionError`]).
 //! - `alarm`: resource alarms a test raises ([`ResourceAlarm`]) and the publisher throttling
 //!   they cause.
 //! - `mailbox`: what other tasks hand a connection (deliveries, cancels, forced close), and
@@ -63,6 +64,7 @@ pub mod inspect;
 mod mailbox;
 mod message;
 mod methods;
+mod permissions;
 pub mod policy;
 mod queue;
 mod ready;
@@ -77,6 +79,7 @@ pub use alarm::ResourceAlarm;
 pub use config::{BrokerConfig, User};
 pub use definitions::{DefinitionsError, LoadedDefinitions};
 pub use inspect::{ConnectionInfo, ConsumerInfo, MessageInfo, QueueInfo};
+pub use permissions::PermissionError;
 pub use policy::{ApplyTo, Policy, PolicyDefinition, PolicyError};
 pub use queue::Overflow;
 pub use server::{Broker, BrokerHandle, StartError, ThreadedBroker};

@@ -8,6 +8,7 @@ use crate::definitions::{DefinitionsError, LoadedDefinitions};
 use crate::error::AmqpError;
 use crate::inspect::{ConnectionInfo, MessageInfo, QueueInfo};
 use crate::mailbox::{Mailbox, Outbound};
+use crate::permissions::{PermissionError, Permissions, Users};
 use crate::policy::{Policy, PolicyError};
 use crate::queue::ConnId;
 use crate::trace::{Trace, TraceEntry};
@@ -73,6 +74,11 @@ pub(crate) struct BrokerShared {
     /// The resource alarms raised; changed only with `connections` locked, so that a
     /// connection registering meanwhile either is told of the change or reads it.
     alarms: Mutex<Alarms>,
+    /// Users and their permissions. A std mutex: held only to look one up or change one.
+    users: Mutex<Users>,
+    /// Bumped at every change of permissions (or users, or vhosts), so that a connection
+    /// rereads its own only then.
+    permissions_version: AtomicU64,
 }
 
 /// A vhost, and what stops its expiry task.
@@ -110,7 +116,8 @@ impl BrokerShared {
         all
     }
 
-    /// Adds a vhost and starts its expiry task on `tracker`; false if it exists.
+    /// Adds a vhost and starts its expiry task on `tracker`; false if it exists. The
+    /// configured users get full permissions on it.
     fn add_vhost(&self, name: &str, tracker: &TaskTracker) -> bool {
         let mut vhosts = self.vhosts_lock();
         if vhosts.contains_key(name) {
@@ -120,7 +127,36 @@ impl BrokerShared {
         let stop = self.shutdown.child_token();
         tracker.spawn_on(run_expiry(vhost.clone(), stop.clone()), &self.runtime);
         vhosts.insert(name.to_owned(), VhostEntry { vhost, stop });
+        drop(vhosts);
+        self.change_users(|users| users.vhost_added(name));
         true
+    }
+
+    fn users_lock(&self) -> std::sync::MutexGuard<'_, Users> {
+        self.users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `name` logs in with `password`.
+    pub(crate) fn authenticates(&self, name: &str, password: &str) -> bool {
+        self.users_lock().authenticates(name, password)
+    }
+
+    /// The version of the permissions (see [`BrokerShared::permissions`]): read it first,
+    /// then the permissions, and read them again once it has changed.
+    pub(crate) fn permissions_version(&self) -> u64 {
+        self.permissions_version.load(Ordering::Acquire)
+    }
+
+    /// `user`'s permissions in `vhost`, if it has any.
+    pub(crate) fn permissions(&self, user: &str, vhost: &str) -> Option<Arc<Permissions>> {
+        self.users_lock().permissions(user, vhost)
+    }
+
+    /// Changes the users, and tells connections to reread their permissions.
+    fn change_users<T>(&self, change: impl FnOnce(&mut Users) -> T) -> T {
+        let result = change(&mut self.users_lock());
+        self.permissions_version.fetch_add(1, Ordering::AcqRel);
+        result
     }
 
     /// Registers an open connection: its id, and the resource alarms raised now (it is told
@@ -202,6 +238,7 @@ impl Broker {
         let vhosts: Vec<String> = std::iter::once("/".to_owned())
             .chain(config.vhosts.iter().cloned())
             .collect();
+        let users = Users::new(&config.users, &[]);
         let shared = Arc::new(BrokerShared {
             trace: config.trace.then(Trace::default),
             config,
@@ -212,6 +249,8 @@ impl Broker {
             live: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
             alarms: Mutex::default(),
+            users: Mutex::new(users),
+            permissions_version: AtomicU64::new(0),
         });
         let tracker = TaskTracker::new();
         for name in &vhosts {
@@ -446,8 +485,9 @@ impl BrokerHandle {
         crate::inspect::messages(&*self.shared.vhost(vhost)?, name)
     }
 
-    /// Adds a vhost, as `rabbitmqctl add_vhost` does; false if it exists. Every user may
-    /// open it (Warren has no per-vhost permissions). May be called from any thread.
+    /// Adds a vhost, as `rabbitmqctl add_vhost` does; false if it exists. The configured
+    /// users get full permissions on it (as the harness grants its user on RabbitMQ), other
+    /// users none. May be called from any thread.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -469,6 +509,7 @@ impl BrokerHandle {
             return false;
         };
         entry.stop.cancel();
+        self.shared.change_users(|users| users.vhost_deleted(name));
         let error = AmqpError::connection_forced(format!("vhost '{name}' is deleted"));
         for conn in self.shared.connections_lock().values() {
             if Arc::ptr_eq(&conn.vhost, &entry.vhost) {
@@ -476,6 +517,73 @@ impl BrokerHandle {
             }
         }
         true
+    }
+
+    /// Adds a user without permissions, as `rabbitmqctl add_user` does: it may log in, but
+    /// open no vhost until [`BrokerHandle::set_permissions`]. False if the name is taken.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let broker = warren_broker::Broker::start(Default::default()).await.unwrap();
+    /// assert!(broker.add_user("reporter", "secret"));
+    /// // Reads `reports`, publishes nowhere, declares nothing.
+    /// broker.set_permissions("/", "reporter", "", "", "^reports$").unwrap();
+    /// # }
+    /// ```
+    pub fn add_user(&self, name: &str, password: &str) -> bool {
+        self.shared.change_users(|users| users.add(name, password))
+    }
+
+    /// Deletes a user, as `rabbitmqctl delete_user` does: its connections are closed with
+    /// 320 CONNECTION_FORCED ("user '...' is deleted"). False if there is no such user.
+    pub fn delete_user(&self, name: &str) -> bool {
+        if !self.shared.change_users(|users| users.delete(name)) {
+            return false;
+        }
+        let error = AmqpError::connection_forced(format!("user '{name}' is deleted"));
+        for conn in self.shared.connections_lock().values() {
+            if conn.user == name {
+                let _ = conn.mailbox.send(Outbound::Close(error.clone()));
+            }
+        }
+        true
+    }
+
+    /// Sets a user's permissions in a vhost, as `rabbitmqctl set_permissions -p VHOST USER
+    /// CONFIGURE WRITE READ` does: each a regular expression that the names of the queues and
+    /// exchanges it may configure (declare, delete), write (publish to, bind to) and read
+    /// (consume, get, purge, bind from) must match; `""` matches none, and the default
+    /// exchange is `amq.default`. A refused operation closes its channel with 403
+    /// ACCESS_REFUSED. They apply at once, to its open connections too.
+    pub fn set_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+        configure: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<(), PermissionError> {
+        let permissions = Permissions::new(configure, write, read)?;
+        self.change_permissions(vhost, user, Some(permissions))
+    }
+
+    /// Clears a user's permissions in a vhost, as `rabbitmqctl clear_permissions` does: it
+    /// may no longer open the vhost, and its open connections there may do nothing more.
+    pub fn clear_permissions(&self, vhost: &str, user: &str) -> Result<(), PermissionError> {
+        self.change_permissions(vhost, user, None)
+    }
+
+    fn change_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+        permissions: Option<Permissions>,
+    ) -> Result<(), PermissionError> {
+        if self.shared.vhost(vhost).is_none() {
+            return Err(PermissionError::NoVhost(vhost.to_owned()));
+        }
+        self.shared
+            .change_users(|users| users.set(user, vhost, permissions))
     }
 
     /// Loads RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions`): vhosts,

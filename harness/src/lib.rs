@@ -72,6 +72,8 @@ pub struct TestBroker {
     policies: Mutex<Vec<(String, String)>>,
     /// Vhosts added by [`TestBroker::add_vhost`], deleted at the end on an external broker.
     vhosts: Mutex<Vec<String>>,
+    /// Users added by [`TestBroker::add_user`], deleted at the end on an external broker.
+    users: Mutex<Vec<String>>,
 }
 
 /// Whether `AMQP_URL` names an external broker.
@@ -113,6 +115,7 @@ impl TestBroker {
             admin: tokio::sync::OnceCell::new(),
             policies: Mutex::new(Vec::new()),
             vhosts: Mutex::new(Vec::new()),
+            users: Mutex::new(Vec::new()),
         }
     }
 
@@ -476,6 +479,114 @@ impl TestBroker {
         imported.unwrap_or_else(|e| panic!("rabbitmqctl import_definitions refused them: {e}"));
     }
 
+    /// Adds a user with no permissions (`rabbitmqctl add_user` on an external broker, where
+    /// it is deleted again when the `TestBroker` is dropped): it may log in but open no vhost
+    /// until [`TestBroker::set_permissions`]. Connect as it with [`TestBroker::url_as`]; name
+    /// it with [`TestBroker::unique_name`] when tests share an external broker.
+    ///
+    /// ```no_run
+    /// # async fn demo() {
+    /// let broker = warren_harness::TestBroker::start().await;
+    /// let user = broker.unique_name("reporter");
+    /// broker.add_user(&user, "secret").await;
+    /// // Reads the `reports` queues, publishes nowhere, declares nothing.
+    /// broker.set_permissions(&broker.vhost(), &user, "", "", "^reports").await;
+    /// let conn = warren_harness::connect_to(&broker.url_as(&user, "secret", &broker.vhost())).await;
+    /// # let _ = conn;
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// When the user exists (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn add_user(&self, name: &str, password: &str) {
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_owned());
+        match &self.embedded {
+            Some(handle) => assert!(handle.add_user(name, password), "user {name} exists"),
+            None => run_or_panic(&["add_user", name, password]).await,
+        }
+    }
+
+    /// Deletes a user: its connections are closed with 320 CONNECTION_FORCED.
+    ///
+    /// # Panics
+    /// When there is no such user (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn delete_user(&self, name: &str) {
+        match &self.embedded {
+            Some(handle) => assert!(handle.delete_user(name), "no user {name}"),
+            None => run_or_panic(&["delete_user", name]).await,
+        }
+    }
+
+    /// Sets a user's permissions in a vhost, as `rabbitmqctl set_permissions` does: regular
+    /// expressions for the queues and exchanges it may configure, write and read (see
+    /// [`BrokerHandle::set_permissions`]).
+    ///
+    /// # Panics
+    /// When the user or vhost does not exist or a pattern is not a regular expression (or,
+    /// externally, `rabbitmqctl` cannot be run).
+    pub async fn set_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+        configure: &str,
+        write: &str,
+        read: &str,
+    ) {
+        match &self.embedded {
+            Some(handle) => handle
+                .set_permissions(vhost, user, configure, write, read)
+                .unwrap_or_else(|e| panic!("set_permissions: {e}")),
+            None => {
+                let args = [
+                    "set_permissions",
+                    "--vhost",
+                    vhost,
+                    user,
+                    configure,
+                    write,
+                    read,
+                ];
+                run_or_panic(&args).await;
+            }
+        }
+    }
+
+    /// Clears a user's permissions in a vhost: it may no longer open it.
+    ///
+    /// # Panics
+    /// As [`TestBroker::set_permissions`].
+    pub async fn clear_permissions(&self, vhost: &str, user: &str) {
+        match &self.embedded {
+            Some(handle) => handle
+                .clear_permissions(vhost, user)
+                .unwrap_or_else(|e| panic!("clear_permissions: {e}")),
+            None => run_or_panic(&["clear_permissions", "--vhost", vhost, user]).await,
+        }
+    }
+
+    /// The target's URL for vhost `vhost`, logging in as `user` with `password`.
+    pub fn url_as(&self, user: &str, password: &str, vhost: &str) -> String {
+        let url = self.url_for(vhost);
+        let encode = |text: &str| {
+            percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC)
+                .to_string()
+        };
+        let start = url.find("://").map_or(0, |i| i + 3);
+        let host = match url[start..].find('@') {
+            Some(at) => &url[start + at + 1..],
+            None => &url[start..],
+        };
+        format!(
+            "{}{}:{}@{host}",
+            &url[..start],
+            encode(user),
+            encode(password)
+        )
+    }
+
     /// The target's URL with vhost `vhost` instead of its own.
     pub fn url_for(&self, vhost: &str) -> String {
         let encoded =
@@ -522,6 +633,16 @@ impl TestBroker {
     }
 }
 
+/// Runs `rabbitmqctl` with `args`.
+///
+/// # Panics
+/// When it fails or cannot be run.
+async fn run_or_panic(args: &[&str]) {
+    rabbitmqctl::run(args)
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmqctl {args:?}: {e}"));
+}
+
 /// Connects lapin to `url` within 10 seconds.
 ///
 /// # Panics
@@ -557,6 +678,9 @@ impl Drop for TestBroker {
         }
         for vhost in std::mem::take(self.vhosts.get_mut().unwrap_or_else(|e| e.into_inner())) {
             rabbitmqctl::delete_vhost_quietly(&vhost);
+        }
+        for user in std::mem::take(self.users.get_mut().unwrap_or_else(|e| e.into_inner())) {
+            rabbitmqctl::delete_user_quietly(&user);
         }
         if names.is_empty() {
             return;

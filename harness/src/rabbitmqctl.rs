@@ -1,4 +1,4 @@
-//! Policies and vhosts on an external RabbitMQ, through `rabbitmqctl` (the management plugin may be off;
+//! Policies, vhosts, users and permissions on an external RabbitMQ, through `rabbitmqctl` (the management plugin may be off;
 //! `rabbitmqctl` is always there beside the node). `WARREN_RABBITMQCTL` replaces the command,
 //! e.g. `docker exec rabbit rabbitmqctl`.
 
@@ -63,6 +63,11 @@ pub(crate) fn clear_quietly(vhost: &str, name: &str) {
 /// Deletes a vhost, ignoring any failure (cleanup at the end of a test).
 pub(crate) fn delete_vhost_quietly(vhost: &str) {
     run_quietly(&["delete_vhost", vhost]);
+}
+
+/// Deletes a user, ignoring any failure (cleanup at the end of a test).
+pub(crate) fn delete_user_quietly(user: &str) {
+    run_quietly(&["delete_user", user]);
 }
 
 /// Runs `rabbitmqctl` with `args`, its output dropped, killing it after [`TIMEOUT`].

@@ -3,6 +3,7 @@
 
 use crate::codec::{self, Frame, PROTOCOL_HEADER};
 use crate::error::{AmqpError, AmqpResult};
+use crate::permissions::Permissions;
 use crate::server::BrokerShared;
 use crate::vhost::Vhost;
 use amq_protocol::protocol::{AMQPClass, connection};
@@ -33,6 +34,10 @@ pub(crate) struct Tuning {
     pub(crate) blocked_notify: bool,
     /// The vhost it opened.
     pub(crate) vhost: Arc<Vhost>,
+    /// The user's permissions there, as of [`Tuning::permissions_version`].
+    pub(crate) permissions: Arc<Permissions>,
+    /// The broker's permissions version when they were read.
+    pub(crate) permissions_version: u64,
 }
 
 /// How a handshake failed.
@@ -272,6 +277,15 @@ where
                 .into(),
         );
     };
+    let permissions_version = shared.permissions_version();
+    let Some(permissions) = shared.permissions(&user, &vhost.name) else {
+        return Err(AmqpError::not_allowed(format!(
+            "access to vhost '{}' refused for user '{user}'",
+            vhost.name
+        ))
+        .during_ids(10, 40)
+        .into());
+    };
     codec::write_method(
         &mut out,
         0,
@@ -288,6 +302,8 @@ where
         cancel_notify,
         blocked_notify,
         vhost,
+        permissions,
+        permissions_version,
     })
 }
 
@@ -327,12 +343,7 @@ fn authenticate(shared: &BrokerShared, start_ok: &connection::StartOk) -> AmqpRe
         ))
     };
     let (name, password) = credentials.ok_or_else(refused)?;
-    let known = shared
-        .config
-        .users
-        .iter()
-        .any(|u| u.name == name && u.password == password);
-    if known {
+    if shared.authenticates(&name, &password) {
         Ok(name)
     } else {
         tracing::warn!(user = %name, mechanism, "login refused: wrong user name or password");

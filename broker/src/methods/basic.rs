@@ -1,6 +1,7 @@
 //! The basic class: qos, consume, cancel, publish, get, ack, nack, reject, recover; and the
 //! two directions of content: completing a publish and writing a delivery.
 
+use super::Resource;
 use super::queue::{generated_tag, integer_arg, queue_resource, usable_queue};
 use crate::channel::{Assembly, ChannelConsumer, Publication, Settle, SettleCount, Unacked};
 use crate::codec;
@@ -10,6 +11,7 @@ use crate::dead_letter::DeathReason;
 use crate::direct_reply::{PSEUDO_QUEUE, ReplyConsumer, new_address};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{Message, QueuedMessage, encode_properties, parse_expiration};
+use crate::permissions::Access;
 use crate::queue::{Consumer, ConsumerTag, Return, Source};
 use crate::sender_selected::header_routes;
 use crate::vhost::{Routed, VhostState, source_queue};
@@ -69,6 +71,7 @@ impl Connection {
                 if m.immediate {
                     return Err(AmqpError::not_implemented("immediate=true"));
                 }
+                self.check_access(Access::Write, Resource::Exchange, m.exchange.as_str())?;
                 self.channel_mut(ch).assembly = Assembly::Header(m);
                 self.publish_received();
                 Ok(())
@@ -140,6 +143,7 @@ impl Connection {
         if queue_name.as_str() == PSEUDO_QUEUE {
             return self.consume_replies(ch, tag, m.no_ack, m.nowait);
         }
+        self.check_access(Access::Read, Resource::Queue, queue_name.as_str())?;
         let vhost_name = self.vhost.name.clone();
         let mailbox = self.mailbox.clone();
         let vhost = self.vhost.clone();
@@ -263,6 +267,7 @@ impl Connection {
 
     fn basic_get(&mut self, ch: u16, m: basic::Get) -> AmqpResult {
         let queue_name = self.expand_queue_name(ch, m.queue)?;
+        self.check_access(Access::Read, Resource::Queue, queue_name.as_str())?;
         let vhost_name = self.vhost.name.clone();
         let mut state = self.vhost.lock();
         let VhostState { queues, outbox, .. } = &mut *state;

@@ -1,8 +1,11 @@
 //! The exchange class: declare, delete, and exchange-to-exchange bind and unbind.
 
+use super::Resource;
+use super::queue::string_value;
 use crate::connection::Connection;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, is_default};
+use crate::permissions::Access;
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, exchange};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -59,6 +62,17 @@ impl Connection {
         let name = m.exchange.as_str();
         if is_default(name) {
             return Err(default_exchange_refused());
+        }
+        if !m.passive {
+            self.check_access(Access::Configure, Resource::Exchange, name)?;
+            // A new exchange with an alternate exchange: read on it, write on that one.
+            let alternate = m.arguments.inner().get("alternate-exchange");
+            if let Some(alternate) = alternate.and_then(string_value)
+                && !vhost.lock().exchanges.contains_key(name)
+            {
+                self.check_access(Access::Read, Resource::Exchange, name)?;
+                self.check_access(Access::Write, Resource::Exchange, &alternate)?;
+            }
         }
         let mut state = vhost.lock();
         match state.exchanges.get(name) {
@@ -123,8 +137,9 @@ impl Connection {
     }
 
     /// exchange.bind (`bind`) or exchange.unbind: a binding from `source` to the exchange
-    /// `destination`. As RabbitMQ: both must exist to bind (404 naming the missing one); an
-    /// unbind of what is not there succeeds; the default exchange is refused either way (403).
+    /// `destination`. As RabbitMQ: write permission on the destination, then read on the
+    /// source; both must exist to bind (404 naming the missing one); an unbind of what is not
+    /// there succeeds; the default exchange is refused either way (403).
     fn exchange_binding(
         &mut self,
         destination: &ShortString,
@@ -133,9 +148,11 @@ impl Connection {
         arguments: FieldTable,
         bind: bool,
     ) -> AmqpResult {
+        self.check_access(Access::Write, Resource::Exchange, destination.as_str())?;
         if is_default(destination.as_str()) || is_default(source.as_str()) {
             return Err(default_exchange_refused());
         }
+        self.check_access(Access::Read, Resource::Exchange, source.as_str())?;
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
         let missing = |name: &str| {
@@ -175,10 +192,11 @@ impl Connection {
         }
         if name.starts_with("amq.") {
             return Err(AmqpError::access_refused(format!(
-                "deletion of system {} is not allowed",
+                "deletion of system {} not allowed",
                 exchange_resource(name, &vhost.name)
             )));
         }
+        self.check_access(Access::Configure, Resource::Exchange, name)?;
         let mut state = vhost.lock();
         match state.exchanges.get(name) {
             // Deleting an exchange that does not exist succeeds, as in RabbitMQ.

@@ -8,11 +8,13 @@ pub(crate) mod queue;
 
 use crate::channel::{Assembly, Channel, ChannelState, Publication};
 use crate::connection::{Connection, method_name};
-use crate::error::AmqpError;
+use crate::error::{AmqpError, AmqpResult};
 use crate::message::MessageBuilder;
+use crate::permissions::{Access, Permissions};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
 use bytes::Bytes;
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// RabbitMQ's text for a content frame where a method was due.
 const EXPECTED_METHOD: &str = "expected method frame, got non method frame instead";
@@ -20,7 +22,45 @@ const EXPECTED_METHOD: &str = "expected method frame, got non method frame inste
 /// A handler's failure with the channel it concerns.
 pub(crate) type Failed = (u16, AmqpError);
 
+/// The kind of resource an access check is about, as RabbitMQ's refusals name it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Resource {
+    Queue,
+    Exchange,
+}
+
 impl Connection {
+    /// 403 ACCESS_REFUSED unless the user's permissions in this vhost allow `access` to the
+    /// queue or exchange `name` (the default exchange is `amq.default`). Permissions changed
+    /// since the connection last read them are read again first.
+    pub(crate) fn check_access(
+        &mut self,
+        access: Access,
+        resource: Resource,
+        name: &str,
+    ) -> AmqpResult {
+        let version = self.shared.permissions_version();
+        if version != self.tuning.permissions_version {
+            self.tuning.permissions = self
+                .shared
+                .permissions(&self.tuning.user, &self.vhost.name)
+                .unwrap_or_else(|| Arc::new(Permissions::new("", "", "").expect("valid")));
+            self.tuning.permissions_version = version;
+        }
+        let (kind, name) = match resource {
+            Resource::Queue => ("queue", name),
+            Resource::Exchange if name.is_empty() => ("exchange", "amq.default"),
+            Resource::Exchange => ("exchange", name),
+        };
+        if self.tuning.permissions.allows(access, name) {
+            return Ok(());
+        }
+        Err(AmqpError::access_refused(format!(
+            "access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+            self.vhost.name, self.tuning.user
+        )))
+    }
+
     /// A method on a non-zero channel.
     pub(crate) fn channel_method(&mut self, ch: u16, method: AMQPClass) -> Result<(), Failed> {
         let (class_id, method_id) = (method.get_amqp_class_id(), method.get_amqp_method_id());

@@ -1,10 +1,12 @@
 //! The queue class: declare, delete, purge (bind and unbind arrive with exchanges).
 
+use super::Resource;
 use super::exchange::{default_exchange_refused, exchange_resource};
 use crate::connection::Connection;
 use crate::dead_letter::DeadLetterTarget;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, is_default};
+use crate::permissions::Access;
 use crate::policy::queue_args;
 use crate::queue::{ConnId, LengthLimits, Overflow, Queue, QueueArgs, QueueOptions, Quorum};
 use crate::vhost::VhostState;
@@ -563,6 +565,17 @@ impl Connection {
         } else {
             m.queue.clone()
         };
+        if !m.passive {
+            self.check_access(Access::Configure, Resource::Queue, name.as_str())?;
+            // A new queue that dead-letters: read on it, write on its dead-letter exchange.
+            let dead_letter_exchange = m.arguments.inner().get("x-dead-letter-exchange");
+            if let Some(exchange) = dead_letter_exchange.and_then(string_value)
+                && !self.vhost.lock().queues.contains_key(name.as_str())
+            {
+                self.check_access(Access::Read, Resource::Queue, name.as_str())?;
+                self.check_access(Access::Write, Resource::Exchange, &exchange)?;
+            }
+        }
         if m.passive && name.as_str() == crate::direct_reply::PSEUDO_QUEUE {
             if !m.nowait {
                 self.send(
@@ -644,9 +657,11 @@ impl Connection {
         } else {
             routing_key.to_string()
         };
+        self.check_access(Access::Write, Resource::Queue, queue_name.as_str())?;
         if is_default(exchange_name.as_str()) {
             return Err(default_exchange_refused());
         }
+        self.check_access(Access::Read, Resource::Exchange, exchange_name.as_str())?;
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
         // As RabbitMQ: unbinding from a queue or exchange that is not there succeeds.
@@ -680,6 +695,7 @@ impl Connection {
 
     fn queue_delete(&mut self, ch: u16, m: queue::Delete) -> AmqpResult {
         let name = self.expand_queue_name(ch, m.queue)?;
+        self.check_access(Access::Configure, Resource::Queue, name.as_str())?;
         let vhost_name = self.vhost.name.clone();
         let mut state = self.vhost.lock();
         let VhostState { queues, outbox, .. } = &mut *state;
@@ -724,6 +740,7 @@ impl Connection {
 
     fn queue_purge(&mut self, ch: u16, m: queue::Purge) -> AmqpResult {
         let name = self.expand_queue_name(ch, m.queue)?;
+        self.check_access(Access::Read, Resource::Queue, name.as_str())?;
         let vhost_name = self.vhost.name.clone();
         let mut state = self.vhost.lock();
         let message_count =

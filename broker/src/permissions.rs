@@ -1,0 +1,221 @@
+//! Users and what they may do in each vhost, as RabbitMQ's internal database keeps them
+//! (`rabbitmqctl add_user`, `set_permissions`): three regular expressions per user and vhost,
+//! matched against the names of the queues and exchanges an operation touches. A user with
+//! no permissions in a vhost may not open it (530).
+//!
+//! The users of [`crate::BrokerConfig::users`] get `.*` for every vhost, also the ones added
+//! later (what the harness grants its user on RabbitMQ); users added at run time get nothing
+//! until permissions are set for them.
+
+use regex::Regex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What an operation needs on a resource: RabbitMQ's three permissions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Create or delete it (queue.declare, queue.delete, exchange.declare, exchange.delete).
+    Configure,
+    /// Put messages into it (basic.publish to an exchange; the destination of a binding).
+    Write,
+    /// Take messages out of it (basic.consume, basic.get, queue.purge; the source of a
+    /// binding).
+    Read,
+}
+
+/// Why permissions could not be set, as `rabbitmqctl set_permissions` refuses them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PermissionError {
+    /// No user of that name.
+    #[error("no such user '{0}'")]
+    NoUser(String),
+    /// No vhost of that name.
+    #[error("no such vhost '{0}'")]
+    NoVhost(String),
+    /// A pattern is not a regular expression.
+    #[error("invalid regular expression '{0}'")]
+    InvalidPattern(String),
+}
+
+/// A user's permissions in one vhost.
+#[derive(Debug)]
+pub(crate) struct Permissions {
+    configure: Regex,
+    write: Regex,
+    read: Regex,
+    /// All three match every name (`.*`): nothing to check.
+    unrestricted: bool,
+}
+
+impl Permissions {
+    /// From the three patterns of `rabbitmqctl set_permissions`; an empty one matches no name
+    /// (RabbitMQ reads it as `^$`).
+    pub(crate) fn new(configure: &str, write: &str, read: &str) -> Result<Self, PermissionError> {
+        let compile = |pattern: &str| {
+            let pattern = if pattern.is_empty() { "^$" } else { pattern };
+            Regex::new(pattern).map_err(|_| PermissionError::InvalidPattern(pattern.to_owned()))
+        };
+        Ok(Self {
+            configure: compile(configure)?,
+            write: compile(write)?,
+            read: compile(read)?,
+            unrestricted: [configure, write, read].iter().all(|p| *p == ".*"),
+        })
+    }
+
+    /// `.*` for all three.
+    pub(crate) fn full() -> Self {
+        Self::new(".*", ".*", ".*").expect("valid patterns")
+    }
+
+    /// Whether `access` to the resource `name` is allowed (the default exchange is named
+    /// `amq.default` here, as in RabbitMQ).
+    pub(crate) fn allows(&self, access: Access, name: &str) -> bool {
+        if self.unrestricted {
+            return true;
+        }
+        let pattern = match access {
+            Access::Configure => &self.configure,
+            Access::Write => &self.write,
+            Access::Read => &self.read,
+        };
+        pattern.is_match(name)
+    }
+}
+
+/// A user: password, and permissions by vhost.
+#[derive(Debug)]
+struct UserEntry {
+    password: String,
+    /// From the configuration: granted `.*` on every vhost added.
+    configured: bool,
+    permissions: HashMap<String, Arc<Permissions>>,
+}
+
+/// Every user of a broker.
+#[derive(Debug, Default)]
+pub(crate) struct Users {
+    users: HashMap<String, UserEntry>,
+}
+
+impl Users {
+    /// The configured users, with full permissions on `vhosts`.
+    pub(crate) fn new(configured: &[crate::User], vhosts: &[String]) -> Self {
+        let full = Arc::new(Permissions::full());
+        let users = configured
+            .iter()
+            .map(|u| {
+                let entry = UserEntry {
+                    password: u.password.clone(),
+                    configured: true,
+                    permissions: vhosts.iter().map(|v| (v.clone(), full.clone())).collect(),
+                };
+                (u.name.clone(), entry)
+            })
+            .collect();
+        Self { users }
+    }
+
+    /// Whether `name` logs in with `password`.
+    pub(crate) fn authenticates(&self, name: &str, password: &str) -> bool {
+        self.users.get(name).is_some_and(|u| u.password == password)
+    }
+
+    /// `user`'s permissions in `vhost`, if it has any.
+    pub(crate) fn permissions(&self, user: &str, vhost: &str) -> Option<Arc<Permissions>> {
+        self.users.get(user)?.permissions.get(vhost).cloned()
+    }
+
+    /// Adds a user without permissions; false if one has that name.
+    pub(crate) fn add(&mut self, name: &str, password: &str) -> bool {
+        if self.users.contains_key(name) {
+            return false;
+        }
+        let entry = UserEntry {
+            password: password.to_owned(),
+            configured: false,
+            permissions: HashMap::new(),
+        };
+        self.users.insert(name.to_owned(), entry);
+        true
+    }
+
+    /// Deletes a user; false if there is none of that name.
+    pub(crate) fn delete(&mut self, name: &str) -> bool {
+        self.users.remove(name).is_some()
+    }
+
+    /// Sets (`Some`) or clears (`None`) `user`'s permissions in `vhost`.
+    pub(crate) fn set(
+        &mut self,
+        user: &str,
+        vhost: &str,
+        permissions: Option<Permissions>,
+    ) -> Result<(), PermissionError> {
+        let entry = self
+            .users
+            .get_mut(user)
+            .ok_or_else(|| PermissionError::NoUser(user.to_owned()))?;
+        match permissions {
+            Some(p) => entry.permissions.insert(vhost.to_owned(), Arc::new(p)),
+            None => entry.permissions.remove(vhost),
+        };
+        Ok(())
+    }
+
+    /// A vhost was added: the configured users get full permissions on it.
+    pub(crate) fn vhost_added(&mut self, vhost: &str) {
+        let full = Arc::new(Permissions::full());
+        for entry in self.users.values_mut().filter(|u| u.configured) {
+            entry.permissions.insert(vhost.to_owned(), full.clone());
+        }
+    }
+
+    /// A vhost was deleted: so are the permissions on it.
+    pub(crate) fn vhost_deleted(&mut self, vhost: &str) {
+        for entry in self.users.values_mut() {
+            entry.permissions.remove(vhost);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_anywhere_and_an_empty_one_matches_nothing() {
+        let p = Permissions::new("^cq", "", "rq").expect("valid");
+        assert!(p.allows(Access::Configure, "cq1"));
+        assert!(!p.allows(Access::Configure, "xcq"));
+        assert!(!p.allows(Access::Write, "amq.default"));
+        assert!(!p.allows(Access::Write, "anything"));
+        assert!(
+            p.allows(Access::Read, "my-rq-2"),
+            "unanchored, as PCRE's re:run"
+        );
+        assert!(Permissions::full().allows(Access::Write, ""));
+        assert_eq!(
+            Permissions::new("(", ".*", ".*").err(),
+            Some(PermissionError::InvalidPattern("(".into()))
+        );
+    }
+
+    #[test]
+    fn configured_users_get_every_vhost_added_later_and_others_nothing() {
+        let mut users = Users::new(&[crate::User::new("guest", "guest")], &["/".to_owned()]);
+        assert!(users.add("probe", "secret"));
+        assert!(!users.add("probe", "other"), "exists");
+        assert!(users.authenticates("probe", "secret"));
+        assert!(!users.authenticates("probe", "guest"));
+        users.vhost_added("v");
+        assert!(users.permissions("guest", "v").is_some());
+        assert!(users.permissions("probe", "v").is_none());
+        users.vhost_deleted("v");
+        assert!(users.permissions("guest", "v").is_none());
+        assert_eq!(
+            users.set("nobody", "/", None),
+            Err(PermissionError::NoUser("nobody".into()))
+        );
+    }
+}

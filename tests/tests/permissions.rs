@@ -1,0 +1,500 @@
+//! Users and their per-vhost permissions (`TestBroker::add_user` and `set_permissions`:
+//! `rabbitmqctl` on RabbitMQ): a user with none in a vhost is refused at connection.open with
+//! 530; each operation needs configure, write or read permission on the queues and exchanges
+//! it names (403 on its channel otherwise, before the resource is even looked up); changes
+//! apply to open connections; deleting a user closes its connections with 320.
+
+use amq_protocol::{
+    frame::AMQPFrame,
+    protocol::{AMQPClass, connection},
+};
+use lapin::{
+    BasicProperties, Channel, Connection, ExchangeKind,
+    options::{
+        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+        ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    },
+    types::FieldTable,
+};
+use warren_harness::{TestBroker, connect_to};
+use warren_tests::raw::{Incoming, RawClient};
+use warren_tests::{
+    assert_amqp_error, assert_connection_closed, assert_connection_works, close_conn, declare,
+    expect_err, long_string, within,
+};
+
+const PASSWORD: &str = "s3cret";
+
+/// A new user of the target, with no permissions yet.
+async fn new_user(broker: &TestBroker) -> String {
+    let user = broker.unique_name("user");
+    broker.add_user(&user, PASSWORD).await;
+    user
+}
+
+/// 403 ACCESS_REFUSED's text for `kind` `name`.
+fn refused(broker: &TestBroker, user: &str, kind: &str, name: &str) -> String {
+    format!(
+        "ACCESS_REFUSED - access to {kind} '{name}' in vhost '{}' refused for user '{user}'",
+        broker.vhost()
+    )
+}
+
+#[tokio::test]
+async fn a_user_without_permissions_in_a_vhost_cannot_open_it() {
+    let broker = TestBroker::start().await;
+    let user = new_user(&broker).await;
+    let vhost = broker.vhost();
+    let url = broker.url_as(&user, PASSWORD, &vhost);
+    let err = expect_err(
+        "opening a vhost without permissions",
+        within("connect", Connection::connect(&url, Default::default())).await,
+    );
+    assert_amqp_error(
+        &err,
+        530,
+        Some(&format!(
+            "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'"
+        )),
+    );
+
+    // Empty patterns open the vhost, and allow nothing in it.
+    broker.set_permissions(&vhost, &user, "", "", "").await;
+    let conn = connect_to(&url).await;
+    let ch = conn.create_channel().await.expect("channel");
+    let q = broker.unique_name("perm-none");
+    let err = expect_err(
+        "queue.declare without configure permission",
+        within(
+            "queue.declare",
+            ch.queue_declare(q.as_str().into(), Default::default(), FieldTable::default()),
+        )
+        .await,
+    );
+    assert_amqp_error(&err, 403, Some(&refused(&broker, &user, "queue", &q)));
+
+    // Cleared, the vhost is refused again.
+    broker.clear_permissions(&vhost, &user).await;
+    let err = expect_err(
+        "opening a vhost after clear_permissions",
+        within("connect", Connection::connect(&url, Default::default())).await,
+    );
+    assert_amqp_error(&err, 530, None);
+    close_conn(&conn).await;
+}
+
+/// What a user may do, with the queues and exchanges named after `p`: it configures `p-c*`,
+/// writes `p-w`, the default exchange and `amq.direct`, reads `p-r` and `amq.direct`.
+struct Setup {
+    broker: TestBroker,
+    user: String,
+    conn: Connection,
+    admin: Channel,
+    p: String,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let broker = TestBroker::start().await;
+        let user = new_user(&broker).await;
+        let p = broker.unique_name("perm");
+        broker
+            .set_permissions(
+                &broker.vhost(),
+                &user,
+                &format!("^{p}-c"),
+                &format!(r"^({p}-w|amq\.default|amq\.direct)$"),
+                &format!(r"^({p}-r|amq\.direct)$"),
+            )
+            .await;
+        let conn = connect_to(&broker.url_as(&user, PASSWORD, &broker.vhost())).await;
+        let admin_conn = broker.connect().await;
+        let admin = admin_conn.create_channel().await.expect("channel");
+        for suffix in ["w", "r", "x"] {
+            declare(&admin, &format!("{p}-{suffix}")).await;
+        }
+        Self {
+            broker,
+            user,
+            conn,
+            admin,
+            p,
+        }
+    }
+
+    fn name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.p)
+    }
+
+    async fn channel(&self) -> Channel {
+        within("channel.open", self.conn.create_channel())
+            .await
+            .expect("channel")
+    }
+
+    /// Asserts that `what` closed its channel with 403 naming `kind` `name`.
+    #[track_caller]
+    fn assert_refused<T: std::fmt::Debug>(
+        &self,
+        what: &str,
+        result: lapin::Result<T>,
+        kind: &str,
+        name: &str,
+    ) {
+        let err = expect_err(what, result);
+        let text = refused(&self.broker, &self.user, kind, name);
+        assert_amqp_error(&err, 403, Some(&text));
+    }
+
+    async fn cleanup(self) {
+        for suffix in ["c", "c-dlx", "w", "r", "x"] {
+            let _ = self
+                .admin
+                .queue_delete(self.name(suffix).as_str().into(), Default::default())
+                .await;
+        }
+        close_conn(&self.conn).await;
+    }
+}
+
+#[tokio::test]
+async fn queue_operations_need_their_permission() {
+    let s = Setup::new().await;
+    let (c, w, r, x) = (s.name("c"), s.name("w"), s.name("r"), s.name("x"));
+    let none = FieldTable::default;
+
+    let ch = s.channel().await;
+    declare(&ch, &c).await;
+    let result = within(
+        "queue.declare",
+        ch.queue_declare(x.as_str().into(), Default::default(), none()),
+    )
+    .await;
+    s.assert_refused("declaring a queue", result, "queue", &x);
+
+    // A passive declare needs no permission.
+    let ch = s.channel().await;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    within(
+        "passive queue.declare",
+        ch.queue_declare(x.as_str().into(), passive, none()),
+    )
+    .await
+    .expect("a passive declare");
+
+    // Checked before the queue is looked up: a missing one is refused, not 404.
+    let missing = s.name("missing");
+    for name in [&x, &missing] {
+        let ch = s.channel().await;
+        let result = within(
+            "queue.delete",
+            ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default()),
+        )
+        .await;
+        s.assert_refused("deleting a queue", result, "queue", name);
+        let ch = s.channel().await;
+        let result = within(
+            "queue.purge",
+            ch.queue_purge(name.as_str().into(), QueuePurgeOptions::default()),
+        )
+        .await;
+        s.assert_refused("purging a queue", result, "queue", name);
+    }
+    let ch = s.channel().await;
+    within(
+        "queue.purge",
+        ch.queue_purge(r.as_str().into(), QueuePurgeOptions::default()),
+    )
+    .await
+    .expect("read permits purge");
+
+    // Consuming and getting need read.
+    let result = within(
+        "basic.consume",
+        ch.basic_consume(
+            x.as_str().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            none(),
+        ),
+    )
+    .await;
+    s.assert_refused("consuming", result, "queue", &x);
+    let ch = s.channel().await;
+    let result = within(
+        "basic.get",
+        ch.basic_get(x.as_str().into(), BasicGetOptions::default()),
+    )
+    .await;
+    s.assert_refused("basic.get", result, "queue", &x);
+    let ch = s.channel().await;
+    within(
+        "basic.get",
+        ch.basic_get(r.as_str().into(), BasicGetOptions::default()),
+    )
+    .await
+    .expect("read permits basic.get");
+    within(
+        "basic.consume",
+        ch.basic_consume(
+            r.as_str().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            none(),
+        ),
+    )
+    .await
+    .expect("read permits consuming");
+
+    // A binding: write on the queue first, then read on the exchange.
+    let bind = |ch: Channel, queue: String, exchange: &'static str| async move {
+        within(
+            "queue.bind",
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+    };
+    let result = bind(s.channel().await, x.clone(), "amq.fanout").await;
+    s.assert_refused("binding a queue", result, "queue", &x);
+    let result = bind(s.channel().await, w.clone(), "amq.fanout").await;
+    s.assert_refused("binding from an exchange", result, "exchange", "amq.fanout");
+    bind(s.channel().await, w.clone(), "amq.direct")
+        .await
+        .expect("write on the queue and read on the exchange permit binding");
+
+    // A new queue that dead-letters needs read on itself and write on its exchange.
+    let dlx = s.name("c-dlx");
+    let ch = s.channel().await;
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), long_string("amq.direct"));
+    let result = within(
+        "queue.declare",
+        ch.queue_declare(dlx.as_str().into(), Default::default(), args),
+    )
+    .await;
+    s.assert_refused("declaring a dead-lettering queue", result, "queue", &dlx);
+
+    // The admin's view: nothing the refused operations named changed.
+    assert_eq!(
+        s.broker.queue_counts(&x).await,
+        Some((0, 0)),
+        "{x} is still there"
+    );
+    s.cleanup().await;
+}
+
+#[tokio::test]
+async fn exchange_operations_and_publishes_need_their_permission() {
+    let s = Setup::new().await;
+    let (w, x) = (s.name("w"), s.name("x"));
+
+    // Publishing needs write on the exchange, the default one included (`amq.default`).
+    let publish = |ch: Channel, exchange: &'static str, key: String| async move {
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm.select");
+        let confirm = within(
+            "basic.publish",
+            ch.basic_publish(
+                exchange.into(),
+                key.as_str().into(),
+                BasicPublishOptions::default(),
+                b"m",
+                BasicProperties::default(),
+            ),
+        )
+        .await?;
+        within("the confirm", confirm).await
+    };
+    let result = publish(s.channel().await, "amq.fanout", w.clone()).await;
+    s.assert_refused("publishing", result, "exchange", "amq.fanout");
+    let result = publish(s.channel().await, "", w.clone()).await;
+    assert!(
+        result.is_ok_and(|c| c.is_ack()),
+        "write on amq.default permits publishing to the default exchange"
+    );
+    s.broker.wait_for_messages(&w, 1).await;
+
+    let ch = s.channel().await;
+    let result = within(
+        "exchange.declare",
+        ch.exchange_declare(
+            x.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    s.assert_refused("declaring an exchange", result, "exchange", &x);
+    // A passive declare needs none.
+    let ch = s.channel().await;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    within(
+        "passive exchange.declare",
+        ch.exchange_declare(
+            "amq.fanout".into(),
+            ExchangeKind::Fanout,
+            passive,
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("a passive declare");
+    // A system exchange is refused as such before permissions are looked at.
+    let result = within(
+        "exchange.delete",
+        ch.exchange_delete("amq.fanout".into(), ExchangeDeleteOptions::default()),
+    )
+    .await;
+    let err = expect_err("deleting amq.fanout", result);
+    assert_amqp_error(
+        &err,
+        403,
+        Some(&format!(
+            "ACCESS_REFUSED - deletion of system exchange 'amq.fanout' in vhost '{}' not allowed",
+            s.broker.vhost()
+        )),
+    );
+    let ch = s.channel().await;
+    let result = within(
+        "exchange.delete",
+        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()),
+    )
+    .await;
+    s.assert_refused("deleting an exchange", result, "exchange", &x);
+
+    // exchange.bind: write on the destination, then read on the source.
+    for (destination, source) in [("amq.fanout", "amq.direct"), ("amq.direct", "amq.fanout")] {
+        let ch = s.channel().await;
+        let result = within(
+            "exchange.bind",
+            ch.exchange_bind(
+                destination.into(),
+                source.into(),
+                w.as_str().into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        s.assert_refused("binding exchanges", result, "exchange", "amq.fanout");
+    }
+    s.cleanup().await;
+}
+
+/// basic.get from `q` on a new channel of `conn`.
+async fn get(conn: &Connection, q: &str) -> lapin::Result<Option<lapin::message::BasicGetMessage>> {
+    let ch = conn.create_channel().await.expect("channel");
+    within(
+        "basic.get",
+        ch.basic_get(q.into(), BasicGetOptions::default()),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn changed_permissions_apply_to_open_connections() {
+    let broker = TestBroker::start().await;
+    let user = new_user(&broker).await;
+    let vhost = broker.vhost();
+    let q = broker.unique_name("perm-change");
+    let admin = broker.connect().await;
+    declare(&admin.create_channel().await.expect("channel"), &q).await;
+    broker.set_permissions(&vhost, &user, "", "", ".*").await;
+    let conn = connect_to(&broker.url_as(&user, PASSWORD, &vhost)).await;
+    get(&conn, &q).await.expect("read permitted");
+    broker.set_permissions(&vhost, &user, "", "", "^$").await;
+    let err = expect_err("basic.get after read was taken away", get(&conn, &q).await);
+    assert_amqp_error(&err, 403, Some(&refused(&broker, &user, "queue", &q)));
+    broker.set_permissions(&vhost, &user, "", "", ".*").await;
+    get(&conn, &q).await.expect("read permitted again");
+    assert_connection_works(&admin).await;
+    let _ = admin
+        .create_channel()
+        .await
+        .expect("channel")
+        .queue_delete(q.as_str().into(), Default::default())
+        .await;
+    close_conn(&conn).await;
+    close_conn(&admin).await;
+}
+
+#[tokio::test]
+async fn deleting_a_user_closes_its_connections_and_only_them() {
+    let broker = TestBroker::start().await;
+    let user = new_user(&broker).await;
+    let vhost = broker.vhost();
+    broker
+        .set_permissions(&vhost, &user, ".*", ".*", ".*")
+        .await;
+    let url = broker.url_as(&user, PASSWORD, &vhost);
+    let doomed = connect_to(&url).await;
+    let mut raw = RawClient::open(&url).await;
+    let other = broker.connect().await;
+
+    broker.delete_user(&user).await;
+    let close = match raw.recv().await {
+        Incoming::Frame(AMQPFrame::Method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(close)),
+        )) => close,
+        other => panic!("expected connection.close 320, got {other:?}"),
+    };
+    assert_eq!(close.reply_code, 320);
+    assert_eq!(
+        close.reply_text.as_str(),
+        format!("CONNECTION_FORCED - user '{user}' is deleted")
+    );
+    assert_connection_closed(&doomed).await;
+    assert_connection_works(&other).await;
+    // It can no longer log in.
+    let err = expect_err(
+        "logging in as a deleted user",
+        within("connect", Connection::connect(&url, Default::default())).await,
+    );
+    assert_amqp_error(&err, 403, None);
+    close_conn(&other).await;
+}
+
+#[tokio::test]
+async fn permissions_are_refused_for_a_missing_user_or_vhost_or_a_bad_pattern() {
+    let broker = TestBroker::start().await;
+    let Some(handle) = broker.embedded() else {
+        // On RabbitMQ these are rabbitmqctl's own refusals.
+        return;
+    };
+    use warren_broker::PermissionError;
+    assert_eq!(
+        handle.set_permissions("/", "nobody", ".*", ".*", ".*"),
+        Err(PermissionError::NoUser("nobody".into()))
+    );
+    assert_eq!(
+        handle.set_permissions("missing", "guest", ".*", ".*", ".*"),
+        Err(PermissionError::NoVhost("missing".into()))
+    );
+    assert_eq!(
+        handle.set_permissions("/", "guest", "(", ".*", ".*"),
+        Err(PermissionError::InvalidPattern("(".into()))
+    );
+    assert!(handle.add_user("u", "p"));
+    assert!(!handle.add_user("u", "other"), "the name is taken");
+    // The configured users may open vhosts added later; others may not.
+    assert!(handle.add_vhost("later"));
+    let guest = connect_to(&handle.url_for("later")).await;
+    assert_connection_works(&guest).await;
+    close_conn(&guest).await;
+}
