@@ -121,6 +121,11 @@ impl Users {
         self.users.get(name).is_some_and(|u| u.password == password)
     }
 
+    /// Whether there is a user of that name.
+    pub(crate) fn exists(&self, name: &str) -> bool {
+        self.users.contains_key(name)
+    }
+
     /// `user`'s permissions in `vhost`, if it has any.
     pub(crate) fn permissions(&self, user: &str, vhost: &str) -> Option<Arc<Permissions>> {
         self.users.get(user)?.permissions.get(vhost).cloned()

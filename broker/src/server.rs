@@ -126,14 +126,20 @@ impl BrokerShared {
         let vhost = Arc::new(Vhost::new(name));
         let stop = self.shutdown.child_token();
         tracker.spawn_on(run_expiry(vhost.clone(), stop.clone()), &self.runtime);
-        vhosts.insert(name.to_owned(), VhostEntry { vhost, stop });
-        drop(vhosts);
+        // Under the vhosts lock (always taken before the users lock): a configured user
+        // never finds the vhost without its permissions.
         self.change_users(|users| users.vhost_added(name));
+        vhosts.insert(name.to_owned(), VhostEntry { vhost, stop });
         true
     }
 
     fn users_lock(&self) -> std::sync::MutexGuard<'_, Users> {
         self.users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether there is a user of that name.
+    pub(crate) fn has_user(&self, name: &str) -> bool {
+        self.users_lock().exists(name)
     }
 
     /// Whether `name` logs in with `password`.
@@ -505,11 +511,13 @@ impl BrokerHandle {
     /// connections are closed with 320 CONNECTION_FORCED ("vhost '...' is deleted"). False if
     /// there is no such vhost.
     pub fn delete_vhost(&self, name: &str) -> bool {
-        let Some(entry) = self.shared.vhosts_lock().remove(name) else {
+        let mut vhosts = self.shared.vhosts_lock();
+        let Some(entry) = vhosts.remove(name) else {
             return false;
         };
-        entry.stop.cancel();
         self.shared.change_users(|users| users.vhost_deleted(name));
+        drop(vhosts);
+        entry.stop.cancel();
         let error = AmqpError::connection_forced(format!("vhost '{name}' is deleted"));
         for conn in self.shared.connections_lock().values() {
             if Arc::ptr_eq(&conn.vhost, &entry.vhost) {
@@ -579,7 +587,9 @@ impl BrokerHandle {
         user: &str,
         permissions: Option<Permissions>,
     ) -> Result<(), PermissionError> {
-        if self.shared.vhost(vhost).is_none() {
+        // Under the vhosts lock, so that a vhost deleted meanwhile leaves no permissions.
+        let vhosts = self.shared.vhosts_lock();
+        if !vhosts.contains_key(vhost) {
             return Err(PermissionError::NoVhost(vhost.to_owned()));
         }
         self.shared

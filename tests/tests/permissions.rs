@@ -62,7 +62,9 @@ async fn a_user_without_permissions_in_a_vhost_cannot_open_it() {
     // Empty patterns open the vhost, and allow nothing in it.
     broker.set_permissions(&vhost, &user, "", "", "").await;
     let conn = connect_to(&url).await;
-    let ch = conn.create_channel().await.expect("channel");
+    let ch = within("channel.open", conn.create_channel())
+        .await
+        .expect("channel");
     let q = broker.unique_name("perm-none");
     let err = expect_err(
         "queue.declare without configure permission",
@@ -80,12 +82,19 @@ async fn a_user_without_permissions_in_a_vhost_cannot_open_it() {
         "opening a vhost after clear_permissions",
         within("connect", Connection::connect(&url, Default::default())).await,
     );
-    assert_amqp_error(&err, 530, None);
+    assert_amqp_error(
+        &err,
+        530,
+        Some(&format!(
+            "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'"
+        )),
+    );
     close_conn(&conn).await;
 }
 
 /// What a user may do, with the queues and exchanges named after `p`: it configures `p-c*`,
-/// writes `p-w`, the default exchange and `amq.direct`, reads `p-r` and `amq.direct`.
+/// writes `p-w`, the default exchange and `amq.direct`, reads `p-r`, `p-c-r*` and
+/// `amq.direct`.
 struct Setup {
     broker: TestBroker,
     user: String,
@@ -105,12 +114,14 @@ impl Setup {
                 &user,
                 &format!("^{p}-c"),
                 &format!(r"^({p}-w|amq\.default|amq\.direct)$"),
-                &format!(r"^({p}-r|amq\.direct)$"),
+                &format!(r"^({p}-r|{p}-c-r.*|amq\.direct)$"),
             )
             .await;
         let conn = connect_to(&broker.url_as(&user, PASSWORD, &broker.vhost())).await;
         let admin_conn = broker.connect().await;
-        let admin = admin_conn.create_channel().await.expect("channel");
+        let admin = within("channel.open", admin_conn.create_channel())
+            .await
+            .expect("channel");
         for suffix in ["w", "r", "x"] {
             declare(&admin, &format!("{p}-{suffix}")).await;
         }
@@ -148,11 +159,13 @@ impl Setup {
     }
 
     async fn cleanup(self) {
-        for suffix in ["c", "c-dlx", "w", "r", "x"] {
-            let _ = self
-                .admin
-                .queue_delete(self.name(suffix).as_str().into(), Default::default())
-                .await;
+        for suffix in ["c", "c-dlx", "c-rd", "w", "r", "x"] {
+            let _ = within(
+                "queue.delete",
+                self.admin
+                    .queue_delete(self.name(suffix).as_str().into(), Default::default()),
+            )
+            .await;
         }
         close_conn(&self.conn).await;
     }
@@ -186,7 +199,10 @@ async fn queue_operations_need_their_permission() {
     .await
     .expect("a passive declare");
 
-    // Checked before the queue is looked up: a missing one is refused, not 404.
+    // Checked before the queue is looked up: a missing one is refused, not 404. (And the
+    // refused purge leaves the message in `x` alone.)
+    warren_tests::publish(&s.admin, &x, b"kept").await;
+    s.broker.wait_for_messages(&x, 1).await;
     let missing = s.name("missing");
     for name in [&x, &missing] {
         let ch = s.channel().await;
@@ -283,12 +299,28 @@ async fn queue_operations_need_their_permission() {
     )
     .await;
     s.assert_refused("declaring a dead-lettering queue", result, "queue", &dlx);
+    // Read on it, but no write on its dead-letter exchange.
+    let dlx = s.name("c-rd");
+    let ch = s.channel().await;
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), long_string("amq.fanout"));
+    let result = within(
+        "queue.declare",
+        ch.queue_declare(dlx.as_str().into(), Default::default(), args),
+    )
+    .await;
+    s.assert_refused(
+        "declaring a dead-lettering queue",
+        result,
+        "exchange",
+        "amq.fanout",
+    );
 
     // The admin's view: nothing the refused operations named changed.
     assert_eq!(
         s.broker.queue_counts(&x).await,
-        Some((0, 0)),
-        "{x} is still there"
+        Some((1, 0)),
+        "{x} is still there, with its message"
     );
     s.cleanup().await;
 }
@@ -299,14 +331,17 @@ async fn exchange_operations_and_publishes_need_their_permission() {
     let (w, x) = (s.name("w"), s.name("x"));
 
     // Publishing needs write on the exchange, the default one included (`amq.default`).
-    let publish = |ch: Channel, exchange: &'static str, key: String| async move {
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirm.select");
+    let publish = |ch: Channel, exchange: String, key: String| async move {
+        within(
+            "confirm.select",
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await
+        .expect("confirm.select");
         let confirm = within(
             "basic.publish",
             ch.basic_publish(
-                exchange.into(),
+                exchange.as_str().into(),
                 key.as_str().into(),
                 BasicPublishOptions::default(),
                 b"m",
@@ -316,9 +351,12 @@ async fn exchange_operations_and_publishes_need_their_permission() {
         .await?;
         within("the confirm", confirm).await
     };
-    let result = publish(s.channel().await, "amq.fanout", w.clone()).await;
+    let result = publish(s.channel().await, "amq.fanout".into(), w.clone()).await;
     s.assert_refused("publishing", result, "exchange", "amq.fanout");
-    let result = publish(s.channel().await, "", w.clone()).await;
+    // Before the exchange is looked up: a missing one is refused, not 404.
+    let result = publish(s.channel().await, x.clone(), w.clone()).await;
+    s.assert_refused("publishing to a missing exchange", result, "exchange", &x);
+    let result = publish(s.channel().await, String::new(), w.clone()).await;
     assert!(
         result.is_ok_and(|c| c.is_ack()),
         "write on amq.default permits publishing to the default exchange"
@@ -377,8 +415,13 @@ async fn exchange_operations_and_publishes_need_their_permission() {
     .await;
     s.assert_refused("deleting an exchange", result, "exchange", &x);
 
-    // exchange.bind: write on the destination, then read on the source.
-    for (destination, source) in [("amq.fanout", "amq.direct"), ("amq.direct", "amq.fanout")] {
+    // exchange.bind: write on the destination, then read on the source (both refused: the
+    // destination is named).
+    for (destination, source) in [
+        ("amq.fanout", "amq.direct"),
+        ("amq.direct", "amq.fanout"),
+        ("amq.fanout", "amq.topic"),
+    ] {
         let ch = s.channel().await;
         let result = within(
             "exchange.bind",
@@ -398,7 +441,9 @@ async fn exchange_operations_and_publishes_need_their_permission() {
 
 /// basic.get from `q` on a new channel of `conn`.
 async fn get(conn: &Connection, q: &str) -> lapin::Result<Option<lapin::message::BasicGetMessage>> {
-    let ch = conn.create_channel().await.expect("channel");
+    let ch = within("channel.open", conn.create_channel())
+        .await
+        .expect("channel");
     within(
         "basic.get",
         ch.basic_get(q.into(), BasicGetOptions::default()),
@@ -413,7 +458,10 @@ async fn changed_permissions_apply_to_open_connections() {
     let vhost = broker.vhost();
     let q = broker.unique_name("perm-change");
     let admin = broker.connect().await;
-    declare(&admin.create_channel().await.expect("channel"), &q).await;
+    let admin_ch = within("channel.open", admin.create_channel())
+        .await
+        .expect("channel");
+    declare(&admin_ch, &q).await;
     broker.set_permissions(&vhost, &user, "", "", ".*").await;
     let conn = connect_to(&broker.url_as(&user, PASSWORD, &vhost)).await;
     get(&conn, &q).await.expect("read permitted");
@@ -423,12 +471,11 @@ async fn changed_permissions_apply_to_open_connections() {
     broker.set_permissions(&vhost, &user, "", "", ".*").await;
     get(&conn, &q).await.expect("read permitted again");
     assert_connection_works(&admin).await;
-    let _ = admin
-        .create_channel()
-        .await
-        .expect("channel")
-        .queue_delete(q.as_str().into(), Default::default())
-        .await;
+    let _ = within(
+        "queue.delete",
+        admin_ch.queue_delete(q.as_str().into(), Default::default()),
+    )
+    .await;
     close_conn(&conn).await;
     close_conn(&admin).await;
 }
@@ -497,4 +544,14 @@ async fn permissions_are_refused_for_a_missing_user_or_vhost_or_a_bad_pattern() 
     let guest = connect_to(&handle.url_for("later")).await;
     assert_connection_works(&guest).await;
     close_conn(&guest).await;
+    let url = handle.url_for("later").replacen("guest:guest@", "u:p@", 1);
+    let err = expect_err(
+        "opening a later vhost as an added user",
+        within("connect", Connection::connect(&url, Default::default())).await,
+    );
+    assert_amqp_error(
+        &err,
+        530,
+        Some("NOT_ALLOWED - access to vhost 'later' refused for user 'u'"),
+    );
 }

@@ -149,6 +149,10 @@ where
         // Deleted between connection.open and here: as if it had been deleted just after.
         let text = format!("vhost '{}' is deleted", tuning.vhost.name);
         let _ = mailbox.send(Outbound::Close(AmqpError::connection_forced(text)));
+    } else if !shared.has_user(&tuning.user) {
+        // Likewise for a user deleted meanwhile.
+        let text = format!("user '{}' is deleted", tuning.user);
+        let _ = mailbox.send(Outbound::Close(AmqpError::connection_forced(text)));
     }
     tracing::info!(%peer, conn = id, user = %tuning.user, client = %tuning.client, "accepting AMQP connection");
     let vhost = tuning.vhost.clone();

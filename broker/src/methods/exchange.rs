@@ -1,7 +1,6 @@
 //! The exchange class: declare, delete, and exchange-to-exchange bind and unbind.
 
 use super::Resource;
-use super::queue::string_value;
 use crate::connection::Connection;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, is_default};
@@ -65,9 +64,16 @@ impl Connection {
         }
         if !m.passive {
             self.check_access(Access::Configure, Resource::Exchange, name)?;
-            // A new exchange with an alternate exchange: read on it, write on that one.
-            let alternate = m.arguments.inner().get("alternate-exchange");
-            if let Some(alternate) = alternate.and_then(string_value)
+            // A new exchange with an alternate exchange (a long string: another type is
+            // refused as such later): read on it, write on that one, after the check of its
+            // name's prefix (made when it is created).
+            let alternate = match m.arguments.inner().get("alternate-exchange") {
+                Some(AMQPValue::LongString(alternate)) if !name.starts_with("amq.") => {
+                    Some(alternate.to_string())
+                }
+                _ => None,
+            };
+            if let Some(alternate) = alternate
                 && !vhost.lock().exchanges.contains_key(name)
             {
                 self.check_access(Access::Read, Resource::Exchange, name)?;

@@ -568,8 +568,12 @@ impl Connection {
         if !m.passive {
             self.check_access(Access::Configure, Resource::Queue, name.as_str())?;
             // A new queue that dead-letters: read on it, write on its dead-letter exchange.
-            let dead_letter_exchange = m.arguments.inner().get("x-dead-letter-exchange");
-            if let Some(exchange) = dead_letter_exchange.and_then(string_value)
+            // (A long string: another type is refused as such later.)
+            let dead_letter_exchange = match m.arguments.inner().get("x-dead-letter-exchange") {
+                Some(AMQPValue::LongString(exchange)) => Some(exchange.to_string()),
+                _ => None,
+            };
+            if let Some(exchange) = dead_letter_exchange
                 && !self.vhost.lock().queues.contains_key(name.as_str())
             {
                 self.check_access(Access::Read, Resource::Queue, name.as_str())?;
