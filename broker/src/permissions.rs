@@ -99,16 +99,16 @@ pub(crate) struct Users {
 }
 
 impl Users {
-    /// The configured users, with full permissions on `vhosts`.
-    pub(crate) fn new(configured: &[crate::User], vhosts: &[String]) -> Self {
-        let full = Arc::new(Permissions::full());
+    /// The configured users, with no vhost yet (each vhost added gives them full
+    /// permissions: [`Users::vhost_added`]).
+    pub(crate) fn new(configured: &[crate::User]) -> Self {
         let users = configured
             .iter()
             .map(|u| {
                 let entry = UserEntry {
                     password: u.password.clone(),
                     configured: true,
-                    permissions: vhosts.iter().map(|v| (v.clone(), full.clone())).collect(),
+                    permissions: HashMap::new(),
                 };
                 (u.name.clone(), entry)
             })
@@ -208,7 +208,8 @@ mod tests {
 
     #[test]
     fn configured_users_get_every_vhost_added_later_and_others_nothing() {
-        let mut users = Users::new(&[crate::User::new("guest", "guest")], &["/".to_owned()]);
+        let mut users = Users::new(&[crate::User::new("guest", "guest")]);
+        users.vhost_added("/");
         assert!(users.add("probe", "secret"));
         assert!(!users.add("probe", "other"), "exists");
         assert!(users.authenticates("probe", "secret"));

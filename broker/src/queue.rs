@@ -972,6 +972,7 @@ mod tests {
     use super::{ChannelCredit, Consumer, Queue, QueueOptions, Return, Source};
     use crate::mailbox::{MailboxReceiver, Outbound, Outbox};
     use crate::message::{Message, SHARED_BODY_MIN};
+    use std::sync::Arc;
     use std::sync::atomic::Ordering;
     use tokio::time::Instant;
 
@@ -1011,19 +1012,11 @@ mod tests {
     #[test]
     fn a_message_waiting_for_a_consumer_stays_pinned_until_the_last_consumer_leaves() {
         let mut queue = Queue::new("q", QueueOptions::default(), Default::default());
-        let (mailbox, _receiver) = crate::mailbox::mailbox();
-        queue.add_consumer(Consumer {
-            source: Source::consumer("q".into(), "c".into(), Default::default()),
-            conn: 1,
-            channel: 1,
-            no_ack: false,
-            exclusive: false,
-            priority: 0,
-            // Its window is full: what is published now waits in the queue.
-            prefetch: 1,
-            in_flight: 1,
-            mailbox,
-        });
+        let source = Source::consumer("q".into(), "c".into(), Default::default());
+        let (mut consumer, _receiver) = consumer_on(source, 1);
+        // Its window is full: what is published now waits in the queue.
+        consumer.in_flight = 1;
+        queue.add_consumer(consumer);
         let read_buffer = bytes::Bytes::from(vec![7u8; SHARED_BODY_MIN * 2]);
         for half in [0..SHARED_BODY_MIN, SHARED_BODY_MIN..SHARED_BODY_MIN * 2] {
             let message = Message::with_shared_body("", "q", &[], read_buffer.slice(half));
@@ -1054,7 +1047,7 @@ mod tests {
         );
     }
 
-    fn consumer_on(source: std::sync::Arc<Source>, prefetch: u32) -> (Consumer, MailboxReceiver) {
+    fn consumer_on(source: Arc<Source>, prefetch: u32) -> (Consumer, MailboxReceiver) {
         let (mailbox, receiver) = crate::mailbox::mailbox();
         let consumer = Consumer {
             source,
@@ -1090,7 +1083,7 @@ mod tests {
     #[test]
     fn an_undelivered_return_frees_only_the_window_it_was_charged_to() {
         let mut queue = Queue::new("q", QueueOptions::default(), Default::default());
-        let old_window = std::sync::Arc::new(ChannelCredit::default());
+        let old_window = Arc::new(ChannelCredit::default());
         let old = Source::consumer("q".into(), "t".into(), old_window.clone());
         let (consumer, mut old_receiver) = consumer_on(old.clone(), 10);
         queue.add_consumer(consumer);
@@ -1103,7 +1096,7 @@ mod tests {
         // (and a global prefetch of 10).
         assert!(queue.remove_consumer(1, 1, "t").is_some());
         old.detach();
-        let new_window = std::sync::Arc::new(ChannelCredit::default());
+        let new_window = Arc::new(ChannelCredit::default());
         new_window.limit.store(10, Ordering::Relaxed);
         let new = Source::consumer("q".into(), "t".into(), new_window.clone());
         let (consumer, mut new_receiver) = consumer_on(new, 10);

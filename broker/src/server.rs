@@ -195,6 +195,13 @@ impl BrokerShared {
     fn connections_lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, ConnectionEntry>> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Closes every connection `which` picks with `error` (320 for an operator's deletion).
+    fn close_connections(&self, error: AmqpError, which: impl Fn(&ConnectionEntry) -> bool) {
+        for conn in self.connections_lock().values().filter(|c| which(c)) {
+            let _ = conn.mailbox.send(Outbound::Close(error.clone()));
+        }
+    }
 }
 
 /// Counts a live connection task while it exists.
@@ -244,7 +251,7 @@ impl Broker {
         let vhosts: Vec<String> = std::iter::once("/".to_owned())
             .chain(config.vhosts.iter().cloned())
             .collect();
-        let users = Users::new(&config.users, &[]);
+        let users = Users::new(&config.users);
         let shared = Arc::new(BrokerShared {
             trace: config.trace.then(Trace::default),
             config,
@@ -519,11 +526,8 @@ impl BrokerHandle {
         drop(vhosts);
         entry.stop.cancel();
         let error = AmqpError::connection_forced(format!("vhost '{name}' is deleted"));
-        for conn in self.shared.connections_lock().values() {
-            if Arc::ptr_eq(&conn.vhost, &entry.vhost) {
-                let _ = conn.mailbox.send(Outbound::Close(error.clone()));
-            }
-        }
+        self.shared
+            .close_connections(error, |c| Arc::ptr_eq(&c.vhost, &entry.vhost));
         true
     }
 
@@ -549,11 +553,7 @@ impl BrokerHandle {
             return false;
         }
         let error = AmqpError::connection_forced(format!("user '{name}' is deleted"));
-        for conn in self.shared.connections_lock().values() {
-            if conn.user == name {
-                let _ = conn.mailbox.send(Outbound::Close(error.clone()));
-            }
-        }
+        self.shared.close_connections(error, |c| c.user == name);
         true
     }
 

@@ -404,9 +404,7 @@ impl TestBroker {
                     vec!["add_vhost", name],
                     vec!["set_permissions", "--vhost", name, &user, ".*", ".*", ".*"],
                 ] {
-                    rabbitmqctl::run(&args)
-                        .await
-                        .unwrap_or_else(|e| panic!("rabbitmqctl {args:?}: {e}"));
+                    run_or_panic(&args).await;
                 }
             }
         }
@@ -419,9 +417,7 @@ impl TestBroker {
     pub async fn delete_vhost(&self, name: &str) {
         match &self.embedded {
             Some(handle) => assert!(handle.delete_vhost(name), "no vhost {name}"),
-            None => rabbitmqctl::run(&["delete_vhost", name])
-                .await
-                .unwrap_or_else(|e| panic!("rabbitmqctl delete_vhost {name}: {e}")),
+            None => run_or_panic(&["delete_vhost", name]).await,
         }
     }
 

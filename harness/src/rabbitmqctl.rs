@@ -1,5 +1,5 @@
-//! Policies, vhosts, users and permissions on an external RabbitMQ, through `rabbitmqctl` (the management plugin may be off;
-//! `rabbitmqctl` is always there beside the node). `WARREN_RABBITMQCTL` replaces the command,
+//! Policies, vhosts, users and permissions on an external RabbitMQ, through `rabbitmqctl`
+//! (the management plugin may be off; `rabbitmqctl` is always there beside the node). `WARREN_RABBITMQCTL` replaces the command,
 //! e.g. `docker exec rabbit rabbitmqctl`.
 
 use std::time::Duration;

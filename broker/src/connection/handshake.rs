@@ -34,8 +34,9 @@ pub(crate) struct Tuning {
     pub(crate) blocked_notify: bool,
     /// The vhost it opened.
     pub(crate) vhost: Arc<Vhost>,
-    /// The user's permissions there, as of [`Tuning::permissions_version`].
-    pub(crate) permissions: Arc<Permissions>,
+    /// The user's permissions there, as of [`Tuning::permissions_version`] (`None` once they
+    /// are cleared: nothing is allowed).
+    pub(crate) permissions: Option<Arc<Permissions>>,
     /// The broker's permissions version when they were read.
     pub(crate) permissions_version: u64,
 }
@@ -302,7 +303,7 @@ where
         cancel_notify,
         blocked_notify,
         vhost,
-        permissions,
+        permissions: Some(permissions),
         permissions_version,
     })
 }

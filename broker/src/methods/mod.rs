@@ -10,11 +10,10 @@ use crate::channel::{Assembly, Channel, ChannelState, Publication};
 use crate::connection::{Connection, method_name};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::MessageBuilder;
-use crate::permissions::{Access, Permissions};
+use crate::permissions::Access;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
 use bytes::Bytes;
 use std::borrow::Cow;
-use std::sync::Arc;
 
 /// RabbitMQ's text for a content frame where a method was due.
 const EXPECTED_METHOD: &str = "expected method frame, got non method frame instead";
@@ -41,10 +40,7 @@ impl Connection {
     ) -> AmqpResult {
         let version = self.shared.permissions_version();
         if version != self.tuning.permissions_version {
-            self.tuning.permissions = self
-                .shared
-                .permissions(&self.tuning.user, &self.vhost.name)
-                .unwrap_or_else(|| Arc::new(Permissions::new("", "", "").expect("valid")));
+            self.tuning.permissions = self.shared.permissions(&self.tuning.user, &self.vhost.name);
             self.tuning.permissions_version = version;
         }
         let (kind, name) = match resource {
@@ -52,7 +48,8 @@ impl Connection {
             Resource::Exchange if name.is_empty() => ("exchange", "amq.default"),
             Resource::Exchange => ("exchange", name),
         };
-        if self.tuning.permissions.allows(access, name) {
+        let permissions = self.tuning.permissions.as_ref();
+        if permissions.is_some_and(|p| p.allows(access, name)) {
             return Ok(());
         }
         Err(AmqpError::access_refused(format!(

@@ -47,16 +47,7 @@ pub(super) fn validate(keys: &BTreeMap<String, Value>) -> Result<(), String> {
     one_of("ha-mode", &["all", "exactly", "nodes"])?;
     let params = keys.get("ha-params");
     match keys.get("ha-mode").and_then(Value::as_str) {
-        None if [
-            "ha-params",
-            "ha-sync-mode",
-            "ha-sync-batch-size",
-            "ha-promote-on-shutdown",
-            "ha-promote-on-failure",
-        ]
-        .iter()
-        .any(|k| keys.contains_key(*k)) =>
-        {
+        None if keys.keys().any(|k| k.starts_with("ha-")) => {
             return Err(
                 "ha-mode must be specified to specify ha-params, ha-sync-mode or \
                  ha-promote-on-shutdown"
