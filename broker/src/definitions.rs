@@ -16,7 +16,7 @@ use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::exchange::{Binding, Destination};
+use crate::exchange::{Binding, Destination, ExchangeKind};
 use crate::methods::exchange::{ExchangeFlags, create_exchange};
 use crate::methods::queue::create_queue;
 use crate::policy::{Policy, PolicyError};
@@ -140,7 +140,8 @@ pub(crate) fn load(
         if name.is_empty() || state.exchanges.contains_key(&name) {
             continue;
         }
-        create_exchange(&mut state, &vhost, &name, &kind, flags, args)
+        ExchangeKind::parse(&kind)
+            .and_then(|kind| create_exchange(&mut state, &vhost, &name, kind, flags, args))
             .map_err(|e| refused(&what, e))?;
         loaded.exchanges += 1;
     }

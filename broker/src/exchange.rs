@@ -3,6 +3,7 @@
 //! lead to queues or to other exchanges (RabbitMQ's exchange-to-exchange bindings), and an
 //! exchange that routes a message nowhere hands it to its `alternate-exchange`.
 
+use crate::error::{AmqpError, AmqpResult};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
@@ -21,14 +22,16 @@ pub(crate) enum ExchangeKind {
 }
 
 impl ExchangeKind {
-    /// The kind named in exchange.declare.
-    pub(crate) fn parse(name: &str) -> Option<Self> {
+    /// The kind named in exchange.declare, or RabbitMQ's 503 for a type it does not have.
+    pub(crate) fn parse(name: &str) -> AmqpResult<Self> {
         match name {
-            "direct" => Some(Self::Direct),
-            "fanout" => Some(Self::Fanout),
-            "topic" => Some(Self::Topic),
-            "headers" => Some(Self::Headers),
-            _ => None,
+            "direct" => Ok(Self::Direct),
+            "fanout" => Ok(Self::Fanout),
+            "topic" => Ok(Self::Topic),
+            "headers" => Ok(Self::Headers),
+            _ => Err(AmqpError::command_invalid(format!(
+                "unknown exchange type '{name}'"
+            ))),
         }
     }
 

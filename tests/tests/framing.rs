@@ -554,28 +554,34 @@ async fn consume_ok_comes_before_the_first_delivery() {
 async fn unknown_exchange_type_is_503_command_invalid() {
     use amq_protocol::protocol::exchange;
     let broker = TestBroker::start().await;
-    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
-    c.send_method(
-        1,
-        AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
-            exchange: unique("x-bad-type").as_str().into(),
-            kind: "x-no-such-type".into(),
-            passive: false,
-            durable: false,
-            auto_delete: false,
-            internal: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })),
-    )
-    .await;
-    let ids = c
-        .expect_connection_close_and_eof(
-            503,
-            Some("COMMAND_INVALID - unknown exchange type 'x-no-such-type'"),
+    // The type is checked first: before the default exchange's 403, the reserved prefix's
+    // 403 and an existing exchange's 406 (RabbitMQ says "invalid" instead of "unknown" for
+    // a name that happens to be an Erlang atom, such as 'foo').
+    let new = unique("x-bad-type");
+    for name in [new.as_str(), "", "amq.direct", "amq.not-there"] {
+        let mut c = RawClient::open_on_channel(broker.url(), 1).await;
+        c.send_method(
+            1,
+            AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
+                exchange: name.into(),
+                kind: "x-no-such-type".into(),
+                passive: false,
+                durable: false,
+                auto_delete: false,
+                internal: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
         )
         .await;
-    assert_eq!(ids, (40, 10));
+        let ids = c
+            .expect_connection_close_and_eof(
+                503,
+                Some("COMMAND_INVALID - unknown exchange type 'x-no-such-type'"),
+            )
+            .await;
+        assert_eq!(ids, (40, 10), "exchange '{name}'");
+    }
 }
 
 #[tokio::test]

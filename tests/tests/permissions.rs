@@ -436,6 +436,28 @@ async fn exchange_operations_and_publishes_need_their_permission() {
         .await;
         s.assert_refused("binding exchanges", result, "exchange", "amq.fanout");
     }
+    // An unknown exchange type is refused before the permission is looked at (503, which
+    // closes the connection: a connection of its own).
+    let conn = connect_to(&s.broker.url_as(&s.user, PASSWORD, &s.broker.vhost())).await;
+    let ch = within("channel.open", conn.create_channel())
+        .await
+        .expect("channel");
+    let result = within(
+        "exchange.declare",
+        ch.exchange_declare(
+            x.as_str().into(),
+            ExchangeKind::Custom("x-no-such-type".into()),
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    let err = expect_err("declaring an exchange of an unknown type", result);
+    assert_amqp_error(
+        &err,
+        503,
+        Some("COMMAND_INVALID - unknown exchange type 'x-no-such-type'"),
+    );
     s.cleanup().await;
 }
 

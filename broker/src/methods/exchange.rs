@@ -59,6 +59,13 @@ impl Connection {
     fn exchange_declare(&mut self, ch: u16, m: exchange::Declare) -> AmqpResult {
         let vhost = self.vhost.clone();
         let name = m.exchange.as_str();
+        // RabbitMQ checks the type first, before the name and the permissions; a passive
+        // declare has none to check.
+        let kind = if m.passive {
+            None
+        } else {
+            Some(ExchangeKind::parse(m.kind.as_str())?)
+        };
         if is_default(name) {
             return Err(default_exchange_refused());
         }
@@ -81,18 +88,18 @@ impl Connection {
             }
         }
         let mut state = vhost.lock();
-        match state.exchanges.get(name) {
-            None if m.passive => {
+        match (state.exchanges.get(name), kind) {
+            (None, None) => {
                 return Err(AmqpError::not_found(format!(
                     "no {}",
                     exchange_resource(name, &vhost.name)
                 )));
             }
-            None => create_exchange(
+            (None, Some(kind)) => create_exchange(
                 &mut state,
                 &vhost.name,
                 name,
-                m.kind.as_str(),
+                kind,
                 ExchangeFlags {
                     durable: m.durable,
                     auto_delete: m.auto_delete,
@@ -100,10 +107,10 @@ impl Connection {
                 },
                 m.arguments,
             )?,
-            Some(_) if m.passive => {}
-            Some(existing) => {
+            (Some(_), None) => {}
+            (Some(existing), Some(kind)) => {
                 let resource = exchange_resource(name, &vhost.name);
-                if existing.kind.name() != m.kind.as_str() {
+                if existing.kind != kind {
                     return Err(AmqpError::precondition_failed(format!(
                         "inequivalent arg 'type' for {resource}: received '{}' but current is '{}'",
                         m.kind,
@@ -241,7 +248,7 @@ pub(crate) fn create_exchange(
     state: &mut VhostState,
     vhost: &str,
     name: &str,
-    kind: &str,
+    kind: ExchangeKind,
     flags: ExchangeFlags,
     arguments: FieldTable,
 ) -> AmqpResult {
@@ -250,8 +257,6 @@ pub(crate) fn create_exchange(
             "exchange name '{name}' contains reserved prefix 'amq.*'"
         )));
     }
-    let kind = ExchangeKind::parse(kind)
-        .ok_or_else(|| AmqpError::command_invalid(format!("unknown exchange type '{kind}'")))?;
     if let Some(alternate) = arguments.inner().get("alternate-exchange")
         && !matches!(alternate, AMQPValue::LongString(_))
     {
