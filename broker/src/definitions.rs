@@ -1,14 +1,17 @@
 //! RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions` or the management UI's
-//! export, which `load_definitions` loads at a RabbitMQ node's start): vhosts, policies,
-//! queues, exchanges and bindings, loaded into a running broker in RabbitMQ's order.
+//! export, which `load_definitions` loads at a RabbitMQ node's start): users, vhosts,
+//! permissions, policies, queues, exchanges and bindings, loaded into a running broker in
+//! RabbitMQ's order.
 //!
-//! Users and permissions are left out (their passwords are hashes; Warren's users come from
-//! [`crate::BrokerConfig::users`] and [`crate::BrokerHandle::add_user`]), and so are runtime
-//! parameters (federation, shovels). A queue or exchange that exists already is left as it
-//! is. Each object is checked as a client's declaration of it would be: the first refused
-//! stops the load, naming it, and what came before it stays (RabbitMQ's import is not
-//! atomic either); the policies are all parsed first, so a policy refused for its keys or
-//! values stops the load before it has changed anything.
+//! A user logs in with its exported `password_hash` (RabbitMQ's salted SHA-256, SHA-512 or
+//! MD5, as its `hashing_algorithm` says) or a `password` in the clear; one that exists
+//! already gets the new one, as in RabbitMQ. Its tags and limits, topic permissions and
+//! runtime parameters (federation, shovels) are left out. A queue or exchange that exists
+//! already is left as it is. Each object is checked as a client's declaration of it would
+//! be: the first refused stops the load, naming it, and what came before it stays
+//! (RabbitMQ's import is not atomic either); the users, permission patterns and policies
+//! are all parsed first, so one refused for its form stops the load before it has changed
+//! anything.
 
 use std::sync::Arc;
 
@@ -16,9 +19,11 @@ use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::credential::{Credential, HashAlgorithm};
 use crate::exchange::{Binding, Destination, ExchangeKind};
 use crate::methods::exchange::{ExchangeFlags, create_exchange};
 use crate::methods::queue::create_queue;
+use crate::permissions::Permissions;
 use crate::policy::{Policy, PolicyError};
 use crate::queue::QueueOptions;
 use crate::server::BrokerHandle;
@@ -36,8 +41,12 @@ pub struct LoadedDefinitions {
     pub exchanges: usize,
     /// Bindings made.
     pub bindings: usize,
-    /// Users and permissions left out.
-    pub users_ignored: usize,
+    /// Users added or given a new password.
+    pub users: usize,
+    /// Permissions set (a user's in one vhost).
+    pub permissions: usize,
+    /// Topic permissions left out (not modelled).
+    pub topic_permissions_ignored: usize,
 }
 
 /// Why definitions could not be loaded (entirely or from one object on).
@@ -87,15 +96,42 @@ pub(crate) fn load(
         }
         policies.push((parsed, what));
     }
+    let mut users = Vec::new();
+    for user in list("users") {
+        let name = text(user, "name", "a user")?;
+        let what = format!("user '{name}'");
+        users.push((credential(user, &what)?, name));
+    }
+    let mut permissions = Vec::new();
+    for entry in list("permissions") {
+        let user = text(entry, "user", "a permission")?;
+        let vhost = vhost_of(entry);
+        let what = format!("permissions of user '{user}' in vhost '{vhost}'");
+        let [configure, write, read] =
+            ["configure", "write", "read"].map(|key| text(entry, key, &what));
+        let parsed =
+            Permissions::new(&configure?, &write?, &read?).map_err(|e| refused(&what, e))?;
+        permissions.push((parsed, user, vhost, what));
+    }
     let mut loaded = LoadedDefinitions {
-        users_ignored: list("users").len() + list("permissions").len(),
+        topic_permissions_ignored: list("topic_permissions").len(),
         ..LoadedDefinitions::default()
     };
+    for (credential, name) in users {
+        handle.put_user(&name, credential);
+        loaded.users += 1;
+    }
     for vhost in list("vhosts") {
         let name = text(vhost, "name", "a vhost")?;
         if handle.add_vhost(&name) {
             loaded.vhosts += 1;
         }
+    }
+    for (parsed, user, vhost, what) in permissions {
+        handle
+            .change_permissions(&vhost, &user, Some(parsed))
+            .map_err(|e| refused(&what, e))?;
+        loaded.permissions += 1;
     }
     for (parsed, what) in policies {
         handle.set_policy(parsed).map_err(|e| refused(&what, e))?;
@@ -192,6 +228,28 @@ pub(crate) fn load(
         loaded.bindings += 1;
     }
     Ok(loaded)
+}
+
+/// How a user of the definitions logs in: its `password`, or its `password_hash` (none: no
+/// password lets it in).
+fn credential(user: &Value, what: &str) -> Result<Credential, DefinitionsError> {
+    let field = |key: &str| user.get(key).and_then(Value::as_str);
+    match (field("password"), field("password_hash")) {
+        (Some(_), Some(_)) => Err(refused(
+            what,
+            "both password and password_hash are provided",
+        )),
+        (Some(password), None) => Ok(Credential::Password(password.to_owned())),
+        (None, hash) => {
+            let algorithm = match field("hashing_algorithm") {
+                None => HashAlgorithm::Sha256,
+                Some(name) => HashAlgorithm::parse(name)
+                    .ok_or_else(|| refused(what, format!("unknown hashing_algorithm '{name}'")))?,
+            };
+            Credential::from_hash(algorithm, hash.unwrap_or_default())
+                .ok_or_else(|| refused(what, "password_hash is not base64"))
+        }
+    }
 }
 
 fn refused(what: &str, reason: impl std::fmt::Display) -> DefinitionsError {

@@ -21,12 +21,13 @@
 //! - `exchange`: exchanges and routing.
 //! - `direct_reply`: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - `sender_selected`: the `CC` and `BCC` headers' extra routing keys.
-//! - [`definitions`]: RabbitMQ's definitions export (vhosts, policies, queues, exchanges,
-//!   bindings) loaded into a running broker.
+//! - [`definitions`]: RabbitMQ's definitions export (users, vhosts, permissions, policies,
+//!   queues, exchanges, bindings) loaded into a running broker.
 //! - [`policy`]: policies ([`Policy`], `rabbitmqctl set_policy`'s) and how they combine with
 //!   declaration arguments.
 //! - `dead_letter`: dead-lettering (`x-dead-letter-exchange`): the `x-death` header, cycles.
 //! - `permissions`: users and their per-vhost permissions ([`PermissionError`]).
+//! - `credential`: a user's password, in the clear or as RabbitMQ's salted hash.
 //! - `alarm`: resource alarms a test raises ([`ResourceAlarm`]) and the publisher throttling
 //!   they cause.
 //! - `mailbox`: what other tasks hand a connection (deliveries, cancels, forced close), and
@@ -53,6 +54,7 @@ mod channel;
 mod codec;
 pub mod config;
 mod connection;
+mod credential;
 mod dead_letter;
 pub mod definitions;
 mod direct_reply;

@@ -54,7 +54,7 @@ struct Args {
     #[arg(long = "policy", value_name = "JSON")]
     policies: Vec<String>,
     /// RabbitMQ definitions to load at start (the JSON of `rabbitmqctl export_definitions`):
-    /// vhosts, policies, queues, exchanges and bindings; users and permissions are left out.
+    /// users, vhosts, permissions, policies, queues, exchanges and bindings.
     #[arg(long, value_name = "FILE")]
     definitions: Option<std::path::PathBuf>,
 }
@@ -136,10 +136,10 @@ fn load_setup(
             .load_definitions(&json)
             .map_err(|e| format!("definitions {}: {e}", path.display()))?;
         tracing::info!(?loaded, "loaded definitions from {}", path.display());
-        if loaded.users_ignored > 0 {
+        if loaded.topic_permissions_ignored > 0 {
             tracing::warn!(
-                "{} users and permissions of the definitions left out: users come from --user",
-                loaded.users_ignored
+                "{} topic permissions of the definitions left out: not modelled",
+                loaded.topic_permissions_ignored
             );
         }
     }

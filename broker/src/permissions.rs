@@ -7,6 +7,7 @@
 //! later (what the harness grants its user on RabbitMQ); users added at run time get nothing
 //! until permissions are set for them.
 
+use crate::credential::Credential;
 use regex::Regex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -108,10 +109,10 @@ impl Permissions {
     }
 }
 
-/// A user: password, and permissions by vhost.
+/// A user: credential, and permissions by vhost.
 #[derive(Debug)]
 struct UserEntry {
-    password: String,
+    credential: Credential,
     /// From the configuration: granted `.*` on every vhost added.
     configured: bool,
     permissions: HashMap<String, Arc<Permissions>>,
@@ -131,7 +132,7 @@ impl Users {
             .iter()
             .map(|u| {
                 let entry = UserEntry {
-                    password: u.password.clone(),
+                    credential: Credential::Password(u.password.clone()),
                     configured: true,
                     permissions: HashMap::new(),
                 };
@@ -143,7 +144,16 @@ impl Users {
 
     /// Whether `name` logs in with `password`.
     pub(crate) fn authenticates(&self, name: &str, password: &str) -> bool {
-        self.users.get(name).is_some_and(|u| u.password == password)
+        self.users
+            .get(name)
+            .is_some_and(|u| u.credential.verifies(password))
+    }
+
+    /// The users' names, sorted.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.users.keys().cloned().collect();
+        names.sort_unstable();
+        names
     }
 
     /// Whether there is a user of that name.
@@ -161,13 +171,24 @@ impl Users {
         if self.users.contains_key(name) {
             return false;
         }
-        let entry = UserEntry {
-            password: password.to_owned(),
-            configured: false,
-            permissions: HashMap::new(),
-        };
-        self.users.insert(name.to_owned(), entry);
+        self.put(name, Credential::Password(password.to_owned()));
         true
+    }
+
+    /// Adds a user without permissions, or gives an existing one a new credential (keeping
+    /// its permissions), as a definitions import does.
+    pub(crate) fn put(&mut self, name: &str, credential: Credential) {
+        match self.users.get_mut(name) {
+            Some(user) => user.credential = credential,
+            None => {
+                let entry = UserEntry {
+                    credential,
+                    configured: false,
+                    permissions: HashMap::new(),
+                };
+                self.users.insert(name.to_owned(), entry);
+            }
+        }
     }
 
     /// Deletes a user; false if there is none of that name.

@@ -4,6 +4,7 @@
 use crate::BrokerConfig;
 use crate::alarm::{Alarms, ResourceAlarm};
 use crate::connection;
+use crate::credential::Credential;
 use crate::definitions::{DefinitionsError, LoadedDefinitions};
 use crate::error::AmqpError;
 use crate::inspect::{ConnectionInfo, MessageInfo, QueueInfo};
@@ -546,6 +547,17 @@ impl BrokerHandle {
         self.shared.change_users(|users| users.add(name, password))
     }
 
+    /// The users' names, sorted: the configured ones, those added, those of definitions.
+    pub fn users(&self) -> Vec<String> {
+        self.shared.users_lock().names()
+    }
+
+    /// Adds a user, or gives an existing one a new credential (a definitions import).
+    pub(crate) fn put_user(&self, name: &str, credential: Credential) {
+        self.shared
+            .change_users(|users| users.put(name, credential));
+    }
+
     /// Deletes a user, as `rabbitmqctl delete_user` does: its connections are closed with
     /// 320 CONNECTION_FORCED ("user '...' is deleted"). False if there is no such user.
     pub fn delete_user(&self, name: &str) -> bool {
@@ -581,7 +593,8 @@ impl BrokerHandle {
         self.change_permissions(vhost, user, None)
     }
 
-    fn change_permissions(
+    /// Sets (`Some`) or clears (`None`) a user's permissions in a vhost.
+    pub(crate) fn change_permissions(
         &self,
         vhost: &str,
         user: &str,
@@ -596,9 +609,9 @@ impl BrokerHandle {
             .change_users(|users| users.set(user, vhost, permissions))
     }
 
-    /// Loads RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions`): vhosts,
-    /// policies, queues, exchanges and bindings; users and permissions are left out (see
-    /// [`crate::definitions`]).
+    /// Loads RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions`): users (who
+    /// log in with their exported password hashes), vhosts, permissions, policies, queues,
+    /// exchanges and bindings (see [`crate::definitions`]).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {

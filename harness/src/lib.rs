@@ -422,10 +422,10 @@ impl TestBroker {
     }
 
     /// Loads RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions`): on an
-    /// embedded broker with [`BrokerHandle::load_definitions`] (users and permissions left
-    /// out), on an external one with `rabbitmqctl import_definitions`. The vhosts and policies
-    /// it names are deleted and cleared at the end on an external broker; name its queues and
-    /// exchanges with [`TestBroker::unique_name`] to have them deleted too.
+    /// embedded broker with [`BrokerHandle::load_definitions`], on an external one with
+    /// `rabbitmqctl import_definitions`. The vhosts, policies and users it names (but the
+    /// URL's own user) are deleted and cleared at the end on an external broker; name its
+    /// queues and exchanges with [`TestBroker::unique_name`] to have them deleted too.
     ///
     /// # Panics
     /// When the definitions are refused, or (externally) `rabbitmqctl` cannot be run.
@@ -458,6 +458,15 @@ impl TestBroker {
             for vhost in list("vhosts") {
                 if let Some(name) = field(&vhost, "name").filter(|n| n != "/") {
                     self.vhosts
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(name);
+                }
+            }
+            let own = self.user();
+            for user in list("users") {
+                if let Some(name) = field(&user, "name").filter(|n| *n != own) {
+                    self.users
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push(name);

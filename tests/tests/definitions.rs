@@ -2,9 +2,13 @@
 //! `TestBroker::load_definitions` (`rabbitmqctl import_definitions` on RabbitMQ): the
 //! topology a team keeps for its RabbitMQ, ready before the service under test starts.
 
-use lapin::Confirmation;
-use warren_harness::TestBroker;
-use warren_tests::{close_conn, confirm_channel, get_eventually, publish_confirmed_to};
+use lapin::types::FieldTable;
+use lapin::{Confirmation, Connection};
+use warren_harness::{TestBroker, connect_to};
+use warren_tests::{
+    assert_amqp_error, close_conn, confirm_channel, declare, expect_err, get_eventually,
+    publish_confirmed_to, within,
+};
 
 #[tokio::test]
 async fn definitions_declare_exchanges_queues_bindings_and_policies() {
@@ -96,10 +100,144 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
     );
     assert!(err.starts_with("policy 'p' in vhost '/': pattern"), "{err}");
     assert!(handle.policies().is_empty(), "no policy set");
-    // Users are left out (their passwords are hashes), and counted.
+    // Users and permission patterns are checked before anything is created too.
+    for (json, reason) in [
+        (
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p", "password_hash": "AQIDBA=="}]}"#,
+            "user 'u': both password and password_hash are provided",
+        ),
+        (
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password_hash": "AQIDBA==", "hashing_algorithm": "bcrypt"}]}"#,
+            "user 'u': unknown hashing_algorithm 'bcrypt'",
+        ),
+        (
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password_hash": "not base64!"}]}"#,
+            "user 'u': password_hash is not base64",
+        ),
+        (
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p"}],
+                "permissions": [{"user": "u", "vhost": "/", "configure": "(", "write": "", "read": ""}]}"#,
+            "permissions of user 'u' in vhost '/': invalid regular expression '('",
+        ),
+    ] {
+        assert_eq!(refused_untouched(json), reason);
+        assert_eq!(handle.users(), ["guest"], "no user added");
+    }
+    // Permissions of a user that is nowhere are refused when they are set (RabbitMQ:
+    // `no_such_user`), after the users and vhosts before them.
+    let err = handle
+        .load_definitions(
+            r#"{"users": [{"name": "first", "password": "p"}],
+                "permissions": [{"user": "nobody", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}]}"#,
+        )
+        .expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        "permissions of user 'nobody' in vhost '/': no such user 'nobody'"
+    );
+    assert!(handle.users().contains(&"first".to_owned()));
+    // Topic permissions are left out, and counted.
     let loaded = handle
-        .load_definitions(r#"{"users": [{"name": "app", "password_hash": "x", "tags": []}]}"#)
+        .load_definitions(
+            r#"{"topic_permissions": [{"user": "guest", "vhost": "/", "exchange": "amq.topic", "write": ".*", "read": ".*"}]}"#,
+        )
         .expect("loaded");
-    assert_eq!(loaded.users_ignored, 1);
+    assert_eq!(loaded.topic_permissions_ignored, 1);
     assert!(handle.load_definitions("[]").is_err());
+}
+
+/// RabbitMQ's `password_hash` of "secret" with SHA-256 (the default `hashing_algorithm`),
+/// salt 01 02 03 04.
+const SECRET_SHA256: &str = "AQIDBDB9kM21iEUzN1lZ+6VReCsdNqS0sERdAQTcY6Xs3PMz";
+/// The same with SHA-512, salt 09 08 07 06, of "secret5".
+const SECRET5_SHA512: &str =
+    "CQgHBpMTJ5jX6mPK2LLBcbWDhf0PohTKKhzFlNCi28YLeGe46//nFLhlqSPjV+HjAN8jTqyK9912CKqpKULObCJ4Hzo=";
+
+#[tokio::test]
+async fn definitions_users_log_in_with_their_exported_hashes_and_get_their_permissions() {
+    let broker = TestBroker::start().await;
+    let vhost = broker.vhost();
+    let (app, ops, plain) = (
+        broker.unique_name("defs-app"),
+        broker.unique_name("defs-ops"),
+        broker.unique_name("defs-plain"),
+    );
+    let q = broker.unique_name("defs-q");
+    let json = format!(
+        r#"{{
+  "users": [
+    {{"name": "{app}", "password_hash": "{SECRET_SHA256}", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": [], "limits": {{}}}},
+    {{"name": "{ops}", "password_hash": "{SECRET5_SHA512}", "hashing_algorithm": "rabbit_password_hashing_sha512", "tags": ["administrator"]}},
+    {{"name": "{plain}", "password": "clear", "tags": []}}
+  ],
+  "permissions": [
+    {{"user": "{app}", "vhost": "{vhost}", "configure": "^{q}$", "write": ".*", "read": ".*"}},
+    {{"user": "{ops}", "vhost": "{vhost}", "configure": ".*", "write": ".*", "read": ".*"}},
+    {{"user": "{plain}", "vhost": "{vhost}", "configure": ".*", "write": ".*", "read": ".*"}}
+  ]
+}}"#
+    );
+    broker.load_definitions(&json).await;
+
+    for (user, password) in [(&app, "secret"), (&ops, "secret5"), (&plain, "clear")] {
+        let conn = connect_to(&broker.url_as(user, password, &vhost)).await;
+        close_conn(&conn).await;
+        let err = expect_err(
+            "a wrong password",
+            within(
+                "connect",
+                Connection::connect(
+                    &broker.url_as(user, "not-the-password", &vhost),
+                    Default::default(),
+                ),
+            )
+            .await,
+        );
+        assert_amqp_error(
+            &err,
+            403,
+            Some(
+                "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. \
+                 For details see the broker logfile.",
+            ),
+        );
+    }
+    // The permissions came along: app configures its queue and nothing else.
+    let conn = connect_to(&broker.url_as(&app, "secret", &vhost)).await;
+    let ch = within("channel.open", conn.create_channel())
+        .await
+        .expect("channel");
+    declare(&ch, &q).await;
+    let other = broker.unique_name("defs-other");
+    let err = expect_err(
+        "declaring a queue outside its configure pattern",
+        within(
+            "queue.declare",
+            ch.queue_declare(
+                other.as_str().into(),
+                Default::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await,
+    );
+    assert_amqp_error(
+        &err,
+        403,
+        Some(&format!(
+            "ACCESS_REFUSED - access to queue '{other}' in vhost '{vhost}' refused for user '{app}'"
+        )),
+    );
+    let admin = broker.connect().await;
+    let ch = within("channel.open", admin.create_channel())
+        .await
+        .expect("channel");
+    within(
+        "queue.delete",
+        ch.queue_delete(q.as_str().into(), Default::default()),
+    )
+    .await
+    .expect("queue.delete");
+    close_conn(&admin).await;
+    close_conn(&conn).await;
 }
