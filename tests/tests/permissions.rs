@@ -577,3 +577,51 @@ async fn permissions_are_refused_for_a_missing_user_or_vhost_or_a_bad_pattern() 
         Some("NOT_ALLOWED - access to vhost 'later' refused for user 'u'"),
     );
 }
+
+/// A publish is checked for its size before its write permission, and for that before its
+/// properties (RabbitMQ 3.10 too: an oversized publish to an exchange the user may not
+/// write gets 406, probed with a 128 MiB + 1 body; a small one gets 403 even with a
+/// `user_id` that is not the user's). Embedded: a small max message size keeps it cheap.
+#[tokio::test]
+#[cfg_attr(warren_external, ignore = "embedded only: RabbitMQ's limit is 128 MiB")]
+async fn embedded_only_a_publish_is_checked_for_size_then_permission_then_properties() {
+    let broker = TestBroker::start_embedded(warren_broker::BrokerConfig {
+        max_message_size: 1024,
+        ..Default::default()
+    })
+    .await;
+    let user = new_user(&broker).await;
+    broker
+        .set_permissions("/", &user, "", "^amq\\.direct$", "")
+        .await;
+    let url = broker.url_as(&user, PASSWORD, "/");
+    let mut c = RawClient::open_on_channel(&url, 1).await;
+    c.publish_full(1, "amq.fanout", "k", false, &[0; 1025], Default::default())
+        .await;
+    c.expect_channel_close(
+        1,
+        406,
+        Some("PRECONDITION_FAILED - message size 1025 is larger than configured max size 1024"),
+    )
+    .await;
+    c.open_channel(1).await;
+    let not_the_user = amq_protocol::protocol::basic::AMQPProperties::default()
+        .with_user_id("someone-else".into());
+    c.publish_full(1, "amq.fanout", "k", false, b"m", not_the_user.clone())
+        .await;
+    let text = refused(&broker, &user, "exchange", "amq.fanout");
+    let ids = c.expect_channel_close(1, 403, Some(&text)).await;
+    assert_eq!(ids, (60, 40));
+    c.open_channel(1).await;
+    c.publish_full(1, "amq.direct", "k", false, b"m", not_the_user)
+        .await;
+    c.expect_channel_close(
+        1,
+        406,
+        Some(&format!(
+            "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated user was '{user}'"
+        )),
+    )
+    .await;
+    c.close().await;
+}

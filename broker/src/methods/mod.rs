@@ -193,6 +193,9 @@ impl Connection {
                 .during_ids(60, 40),
             ));
         }
+        // RabbitMQ checks the size first, then write permission, then the properties.
+        self.check_access(Access::Write, Resource::Exchange, publish.exchange.as_str())
+            .map_err(|e| (ch, e.during_ids(60, 40)))?;
         let (publication, raw_properties) = self
             .prepare_content(ch, &properties, raw_properties)
             .map_err(|e| (ch, e.during_ids(60, 40)))?;
