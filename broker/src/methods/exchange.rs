@@ -69,22 +69,23 @@ impl Connection {
         if is_default(name) {
             return Err(default_exchange_refused());
         }
+        // A new exchange with an alternate exchange (a long string: another type is refused
+        // as such later) needs read on itself and write on that one, after the check of its
+        // name's prefix. Checked here and answered only if the exchange is created, under the
+        // same lock as its creation.
+        let mut alternate_access = Ok(());
         if !m.passive {
             self.check_access(Access::Configure, Resource::Exchange, name)?;
-            // A new exchange with an alternate exchange (a long string: another type is
-            // refused as such later): read on it, write on that one, after the check of its
-            // name's prefix (made when it is created).
-            let alternate = match m.arguments.inner().get("alternate-exchange") {
-                Some(AMQPValue::LongString(alternate)) if !name.starts_with("amq.") => {
-                    Some(alternate.to_string())
-                }
-                _ => None,
-            };
-            if let Some(alternate) = alternate
-                && !vhost.lock().exchanges.contains_key(name)
+            if let Some(AMQPValue::LongString(alternate)) =
+                m.arguments.inner().get("alternate-exchange")
+                && !name.starts_with("amq.")
             {
-                self.check_access(Access::Read, Resource::Exchange, name)?;
-                self.check_access(Access::Write, Resource::Exchange, &alternate)?;
+                let alternate = alternate.to_string();
+                alternate_access = self
+                    .check_access(Access::Read, Resource::Exchange, name)
+                    .and_then(|()| {
+                        self.check_access(Access::Write, Resource::Exchange, &alternate)
+                    });
             }
         }
         let mut state = vhost.lock();
@@ -95,18 +96,21 @@ impl Connection {
                     exchange_resource(name, &vhost.name)
                 )));
             }
-            (None, Some(kind)) => create_exchange(
-                &mut state,
-                &vhost.name,
-                name,
-                kind,
-                ExchangeFlags {
-                    durable: m.durable,
-                    auto_delete: m.auto_delete,
-                    internal: m.internal,
-                },
-                m.arguments,
-            )?,
+            (None, Some(kind)) => {
+                alternate_access?;
+                create_exchange(
+                    &mut state,
+                    &vhost.name,
+                    name,
+                    kind,
+                    ExchangeFlags {
+                        durable: m.durable,
+                        auto_delete: m.auto_delete,
+                        internal: m.internal,
+                    },
+                    m.arguments,
+                )?
+            }
             (Some(_), None) => {}
             (Some(existing), Some(kind)) => {
                 let resource = exchange_resource(name, &vhost.name);

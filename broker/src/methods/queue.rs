@@ -565,19 +565,19 @@ impl Connection {
         } else {
             m.queue.clone()
         };
+        // A new queue that dead-letters needs read on itself and write on its dead-letter
+        // exchange (a long string: another type is refused as such later). Checked here and
+        // answered only if the queue is created, under the same lock as its creation.
+        let mut dead_letter_access = Ok(());
         if !m.passive {
             self.check_access(Access::Configure, Resource::Queue, name.as_str())?;
-            // A new queue that dead-letters: read on it, write on its dead-letter exchange.
-            // (A long string: another type is refused as such later.)
-            let dead_letter_exchange = match m.arguments.inner().get("x-dead-letter-exchange") {
-                Some(AMQPValue::LongString(exchange)) => Some(exchange.to_string()),
-                _ => None,
-            };
-            if let Some(exchange) = dead_letter_exchange
-                && !self.vhost.lock().queues.contains_key(name.as_str())
+            if let Some(AMQPValue::LongString(exchange)) =
+                m.arguments.inner().get("x-dead-letter-exchange")
             {
-                self.check_access(Access::Read, Resource::Queue, name.as_str())?;
-                self.check_access(Access::Write, Resource::Exchange, &exchange)?;
+                let exchange = exchange.to_string();
+                dead_letter_access = self
+                    .check_access(Access::Read, Resource::Queue, name.as_str())
+                    .and_then(|()| self.check_access(Access::Write, Resource::Exchange, &exchange));
             }
         }
         if m.passive && name.as_str() == crate::direct_reply::PSEUDO_QUEUE {
@@ -618,6 +618,7 @@ impl Connection {
                 )));
             }
             None => {
+                dead_letter_access?;
                 let options = QueueOptions {
                     durable: m.durable,
                     exclusive: m.exclusive.then_some(self.id),
