@@ -1,12 +1,12 @@
 //! RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions` or the management UI's
 //! export, which `load_definitions` loads at a RabbitMQ node's start): users, vhosts,
-//! permissions, policies, queues, exchanges and bindings, loaded into a running broker in
-//! RabbitMQ's order.
+//! permissions, topic permissions, policies, queues, exchanges and bindings, loaded into a
+//! running broker in RabbitMQ's order.
 //!
 //! A user logs in with its exported `password_hash` (RabbitMQ's salted SHA-256, SHA-512 or
 //! MD5, as its `hashing_algorithm` says) or a `password` in the clear; one that exists
-//! already gets the new one, as in RabbitMQ. Its tags and limits, topic permissions and
-//! runtime parameters (federation, shovels) are left out. A queue or exchange that exists
+//! already gets the new one, as in RabbitMQ. Its tags and limits and runtime parameters
+//! (federation, shovels) are left out. A queue or exchange that exists
 //! already is left as it is. Each object is checked as a client's declaration of it would
 //! be: the first refused stops the load, naming it, and what came before it stays
 //! (RabbitMQ's import is not atomic either); the users, permission patterns and policies
@@ -23,7 +23,7 @@ use crate::credential::{Credential, HashAlgorithm};
 use crate::exchange::{Binding, Destination, ExchangeKind};
 use crate::methods::exchange::{ExchangeFlags, create_exchange};
 use crate::methods::queue::create_queue;
-use crate::permissions::Permissions;
+use crate::permissions::{Permissions, TopicPermission};
 use crate::policy::{Policy, PolicyError};
 use crate::queue::QueueOptions;
 use crate::server::BrokerHandle;
@@ -45,8 +45,8 @@ pub struct LoadedDefinitions {
     pub users: usize,
     /// Permissions set (a user's in one vhost).
     pub permissions: usize,
-    /// Topic permissions left out (not modelled).
-    pub topic_permissions_ignored: usize,
+    /// Topic permissions set (a user's on one exchange in one vhost).
+    pub topic_permissions: usize,
 }
 
 /// Why definitions could not be loaded (entirely or from one object on).
@@ -113,10 +113,20 @@ pub(crate) fn load(
             Permissions::new(&configure?, &write?, &read?).map_err(|e| refused(&what, e))?;
         permissions.push((parsed, user, vhost, what));
     }
-    let mut loaded = LoadedDefinitions {
-        topic_permissions_ignored: list("topic_permissions").len(),
-        ..LoadedDefinitions::default()
-    };
+    let mut topic_permissions = Vec::new();
+    for entry in list("topic_permissions") {
+        let user = text(entry, "user", "a topic permission")?;
+        let vhost = vhost_of(entry);
+        let exchange = text(entry, "exchange", "a topic permission")?;
+        let what = format!(
+            "topic permissions of user '{user}' on exchange '{exchange}' in vhost '{vhost}'"
+        );
+        let [write, read] = ["write", "read"].map(|key| text(entry, key, &what));
+        let parsed =
+            TopicPermission::new(&user, &vhost, &write?, &read?).map_err(|e| refused(&what, e))?;
+        topic_permissions.push((parsed, user, vhost, exchange, what));
+    }
+    let mut loaded = LoadedDefinitions::default();
     for (credential, name) in users {
         handle.put_user(&name, credential);
         loaded.users += 1;
@@ -132,6 +142,12 @@ pub(crate) fn load(
             .change_permissions(&vhost, &user, Some(parsed))
             .map_err(|e| refused(&what, e))?;
         loaded.permissions += 1;
+    }
+    for (parsed, user, vhost, exchange, what) in topic_permissions {
+        handle
+            .change_topic_permissions(&vhost, &user, Some(&exchange), Some(parsed))
+            .map_err(|e| refused(&what, e))?;
+        loaded.topic_permissions += 1;
     }
     for (parsed, what) in policies {
         handle.set_policy(parsed).map_err(|e| refused(&what, e))?;

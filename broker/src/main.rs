@@ -136,12 +136,6 @@ fn load_setup(
             .load_definitions(&json)
             .map_err(|e| format!("definitions {}: {e}", path.display()))?;
         tracing::info!(?loaded, "loaded definitions from {}", path.display());
-        if loaded.topic_permissions_ignored > 0 {
-            tracing::warn!(
-                "{} topic permissions of the definitions left out: not modelled",
-                loaded.topic_permissions_ignored
-            );
-        }
     }
     for text in policies {
         let policy = Policy::from_json(text).map_err(|e| format!("policy {text}: {e}"))?;

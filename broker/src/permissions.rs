@@ -40,7 +40,7 @@ pub enum PermissionError {
 
 /// One of the three patterns: `.*` (what every configured user has on every vhost) matches
 /// without a compiled expression, which costs start-up time and memory.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Pattern {
     /// `.*`: every name.
     Any,
@@ -109,6 +109,50 @@ impl Permissions {
     }
 }
 
+/// A user's topic permissions on one exchange (`rabbitmqctl set_topic_permissions`): what
+/// routing keys it may publish with (write) and bind with (read) when that exchange is a
+/// topic exchange.
+#[derive(Clone, Debug)]
+pub(crate) struct TopicPermission {
+    write: Pattern,
+    read: Pattern,
+}
+
+impl TopicPermission {
+    /// From `rabbitmqctl set_topic_permissions`'s two patterns, with `{username}` and
+    /// `{vhost}` replaced by the user's name and the vhost's (as RabbitMQ expands them, without
+    /// escaping); an empty pattern matches only the empty key.
+    pub(crate) fn new(
+        user: &str,
+        vhost: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<Self, PermissionError> {
+        let expand = |pattern: &str| {
+            Pattern::new(
+                &pattern
+                    .replace("{username}", user)
+                    .replace("{vhost}", vhost),
+            )
+        };
+        Ok(Self {
+            write: expand(write)?,
+            read: expand(read)?,
+        })
+    }
+
+    /// Whether the routing key `key` may be published with (write) or bound with (read).
+    pub(crate) fn allows(&self, access: Access, key: &str) -> bool {
+        match access {
+            Access::Write => self.write.is_match(key),
+            Access::Read | Access::Configure => self.read.is_match(key),
+        }
+    }
+}
+
+/// A user's topic permissions in one vhost, by exchange name.
+pub(crate) type TopicPermissions = HashMap<String, TopicPermission>;
+
 /// A user: credential, and permissions by vhost.
 #[derive(Debug)]
 struct UserEntry {
@@ -116,6 +160,8 @@ struct UserEntry {
     /// From the configuration: granted `.*` on every vhost added.
     configured: bool,
     permissions: HashMap<String, Arc<Permissions>>,
+    /// Topic permissions by vhost (none: every routing key is allowed).
+    topic_permissions: HashMap<String, Arc<TopicPermissions>>,
 }
 
 /// Every user of a broker.
@@ -135,6 +181,7 @@ impl Users {
                     credential: Credential::Password(u.password.clone()),
                     configured: true,
                     permissions: HashMap::new(),
+                    topic_permissions: HashMap::new(),
                 };
                 (u.name.clone(), entry)
             })
@@ -185,6 +232,7 @@ impl Users {
                     credential,
                     configured: false,
                     permissions: HashMap::new(),
+                    topic_permissions: HashMap::new(),
                 };
                 self.users.insert(name.to_owned(), entry);
             }
@@ -214,6 +262,52 @@ impl Users {
         Ok(())
     }
 
+    /// `user`'s topic permissions in `vhost`, if it has any.
+    pub(crate) fn topic_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+    ) -> Option<Arc<TopicPermissions>> {
+        self.users.get(user)?.topic_permissions.get(vhost).cloned()
+    }
+
+    /// Sets (`Some`) or clears (`None`) `user`'s topic permissions on `exchange` in `vhost`,
+    /// or clears all of them there (`exchange` `None`).
+    pub(crate) fn set_topic(
+        &mut self,
+        user: &str,
+        vhost: &str,
+        exchange: Option<&str>,
+        permission: Option<TopicPermission>,
+    ) -> Result<(), PermissionError> {
+        let entry = self
+            .users
+            .get_mut(user)
+            .ok_or_else(|| PermissionError::NoUser(user.to_owned()))?;
+        let Some(exchange) = exchange else {
+            entry.topic_permissions.remove(vhost);
+            return Ok(());
+        };
+        // Connections hold the current map: a changed copy replaces it.
+        let mut changed = entry
+            .topic_permissions
+            .get(vhost)
+            .map(|topics| TopicPermissions::clone(topics))
+            .unwrap_or_default();
+        match permission {
+            Some(permission) => changed.insert(exchange.to_owned(), permission),
+            None => changed.remove(exchange),
+        };
+        if changed.is_empty() {
+            entry.topic_permissions.remove(vhost);
+        } else {
+            entry
+                .topic_permissions
+                .insert(vhost.to_owned(), Arc::new(changed));
+        }
+        Ok(())
+    }
+
     /// A vhost was added: the configured users get full permissions on it.
     pub(crate) fn vhost_added(&mut self, vhost: &str) {
         let full = Arc::new(Permissions::full());
@@ -226,6 +320,7 @@ impl Users {
     pub(crate) fn vhost_deleted(&mut self, vhost: &str) {
         for entry in self.users.values_mut() {
             entry.permissions.remove(vhost);
+            entry.topic_permissions.remove(vhost);
         }
     }
 }
@@ -257,6 +352,37 @@ mod tests {
             Permissions::new("(", ".*", ".*").err(),
             Some(PermissionError::InvalidPattern("(".into()))
         );
+    }
+
+    #[test]
+    fn topic_patterns_expand_username_and_vhost_and_an_empty_one_takes_the_empty_key() {
+        let p = TopicPermission::new("ann", "prod", r"^{username}\.{vhost}\.", "").expect("valid");
+        assert!(p.allows(Access::Write, "ann.prod.x"));
+        assert!(!p.allows(Access::Write, "bob.prod.x"));
+        assert!(p.allows(Access::Read, ""));
+        assert!(!p.allows(Access::Read, "ann.prod.x"));
+        assert_eq!(
+            TopicPermission::new("ann", "/", "(", "").err(),
+            Some(PermissionError::InvalidPattern("(".into()))
+        );
+        let mut users = Users::new(&[]);
+        users.add("ann", "p");
+        let set = |users: &mut Users, exchange, permission| {
+            users
+                .set_topic("ann", "/", exchange, permission)
+                .expect("user exists")
+        };
+        let any = || TopicPermission::new("ann", "/", ".*", ".*").ok();
+        set(&mut users, Some("x"), any());
+        set(&mut users, Some("y"), any());
+        set(&mut users, Some("x"), None);
+        let topics = users.topic_permissions("ann", "/").expect("y's are left");
+        assert_eq!(
+            (topics.contains_key("x"), topics.contains_key("y")),
+            (false, true)
+        );
+        set(&mut users, None, None);
+        assert!(users.topic_permissions("ann", "/").is_none());
     }
 
     #[test]

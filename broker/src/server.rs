@@ -9,7 +9,7 @@ use crate::definitions::{DefinitionsError, LoadedDefinitions};
 use crate::error::AmqpError;
 use crate::inspect::{ConnectionInfo, MessageInfo, QueueInfo};
 use crate::mailbox::{Mailbox, Outbound};
-use crate::permissions::{PermissionError, Permissions, Users};
+use crate::permissions::{PermissionError, Permissions, TopicPermission, TopicPermissions, Users};
 use crate::policy::{Policy, PolicyError};
 use crate::queue::ConnId;
 use crate::trace::{Trace, TraceEntry};
@@ -157,6 +157,15 @@ impl BrokerShared {
     /// `user`'s permissions in `vhost`, if it has any.
     pub(crate) fn permissions(&self, user: &str, vhost: &str) -> Option<Arc<Permissions>> {
         self.users_lock().permissions(user, vhost)
+    }
+
+    /// `user`'s topic permissions in `vhost`, if any.
+    pub(crate) fn topic_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+    ) -> Option<Arc<TopicPermissions>> {
+        self.users_lock().topic_permissions(user, vhost)
     }
 
     /// Changes the users, and tells connections to reread their permissions.
@@ -591,6 +600,72 @@ impl BrokerHandle {
     /// may no longer open the vhost, and its open connections there may do nothing more.
     pub fn clear_permissions(&self, vhost: &str, user: &str) -> Result<(), PermissionError> {
         self.change_permissions(vhost, user, None)
+    }
+
+    /// Sets a user's topic permissions on an exchange in a vhost, as `rabbitmqctl
+    /// set_topic_permissions -p VHOST USER EXCHANGE WRITE READ` does: when that exchange is a
+    /// topic exchange, the user may publish to it only with routing keys that `write`
+    /// matches, and bind from it (queue.bind, queue.unbind, exchange.bind, exchange.unbind)
+    /// only with keys that `read` matches (403 ACCESS_REFUSED `access to topic 'key' in
+    /// exchange 'x' in vhost '/' refused for user 'u'`). `{username}` and `{vhost}` in the
+    /// patterns stand for the user's and the vhost's names; `""` matches only the empty key.
+    /// Without topic permissions on an exchange, every key is allowed.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let broker = warren_broker::Broker::start(Default::default()).await.unwrap();
+    /// assert!(broker.add_user("sensor", "secret"));
+    /// broker.set_permissions("/", "sensor", "", ".*", "").unwrap();
+    /// // Publishes to amq.topic only under its own name.
+    /// broker
+    ///     .set_topic_permissions("/", "sensor", "amq.topic", "^{username}\\.", "")
+    ///     .unwrap();
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`PermissionError`] for a missing user or vhost, or a pattern that is not a regular
+    /// expression once expanded.
+    pub fn set_topic_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+        exchange: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<(), PermissionError> {
+        let permission = TopicPermission::new(user, vhost, write, read)?;
+        self.change_topic_permissions(vhost, user, Some(exchange), Some(permission))
+    }
+
+    /// Clears a user's topic permissions in a vhost, on one exchange or (`None`) on all, as
+    /// `rabbitmqctl clear_topic_permissions` does.
+    ///
+    /// # Errors
+    /// [`PermissionError`] for a missing user or vhost.
+    pub fn clear_topic_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+        exchange: Option<&str>,
+    ) -> Result<(), PermissionError> {
+        self.change_topic_permissions(vhost, user, exchange, None)
+    }
+
+    /// Sets or clears topic permissions, under the vhosts lock as permissions are.
+    pub(crate) fn change_topic_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+        exchange: Option<&str>,
+        permission: Option<TopicPermission>,
+    ) -> Result<(), PermissionError> {
+        let vhosts = self.shared.vhosts_lock();
+        if !vhosts.contains_key(vhost) {
+            return Err(PermissionError::NoVhost(vhost.to_owned()));
+        }
+        self.shared
+            .change_users(|users| users.set_topic(user, vhost, exchange, permission))
     }
 
     /// Sets (`Some`) or clears (`None`) a user's permissions in a vhost.

@@ -572,6 +572,57 @@ impl TestBroker {
         }
     }
 
+    /// Sets a user's topic permissions on an exchange in a vhost, as `rabbitmqctl
+    /// set_topic_permissions` does (on a topic exchange, the routing keys it may publish
+    /// with and bind with; `{username}` and `{vhost}` are expanded). See
+    /// [`BrokerHandle::set_topic_permissions`].
+    ///
+    /// # Panics
+    /// When they are refused (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn set_topic_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+        exchange: &str,
+        write: &str,
+        read: &str,
+    ) {
+        match &self.embedded {
+            Some(handle) => handle
+                .set_topic_permissions(vhost, user, exchange, write, read)
+                .unwrap_or_else(|e| panic!("set_topic_permissions: {e}")),
+            None => {
+                let args = [
+                    "set_topic_permissions",
+                    "--vhost",
+                    vhost,
+                    user,
+                    exchange,
+                    write,
+                    read,
+                ];
+                run_or_panic(&args).await;
+            }
+        }
+    }
+
+    /// Clears a user's topic permissions on `exchange` in a vhost, as `rabbitmqctl
+    /// clear_topic_permissions` does.
+    ///
+    /// # Panics
+    /// When they are refused (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn clear_topic_permissions(&self, vhost: &str, user: &str, exchange: &str) {
+        match &self.embedded {
+            Some(handle) => handle
+                .clear_topic_permissions(vhost, user, Some(exchange))
+                .unwrap_or_else(|e| panic!("clear_topic_permissions: {e}")),
+            None => {
+                let args = ["clear_topic_permissions", "--vhost", vhost, user, exchange];
+                run_or_panic(&args).await;
+            }
+        }
+    }
+
     /// The target's URL for vhost `vhost`, logging in as `user` with `password`.
     pub fn url_as(&self, user: &str, password: &str, vhost: &str) -> String {
         let url = self.url_for(vhost);

@@ -119,6 +119,11 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
                 "permissions": [{"user": "u", "vhost": "/", "configure": "(", "write": "", "read": ""}]}"#,
             "permissions of user 'u' in vhost '/': invalid regular expression '('",
         ),
+        (
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p"}],
+                "topic_permissions": [{"user": "u", "vhost": "/", "exchange": "x", "write": "", "read": "("}]}"#,
+            "topic permissions of user 'u' on exchange 'x' in vhost '/': invalid regular expression '('",
+        ),
     ] {
         assert_eq!(refused_untouched(json), reason);
         assert_eq!(handle.users(), ["guest"], "no user added");
@@ -136,13 +141,6 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
         "permissions of user 'nobody' in vhost '/': no such user 'nobody'"
     );
     assert!(handle.users().contains(&"first".to_owned()));
-    // Topic permissions are left out, and counted.
-    let loaded = handle
-        .load_definitions(
-            r#"{"topic_permissions": [{"user": "guest", "vhost": "/", "exchange": "amq.topic", "write": ".*", "read": ".*"}]}"#,
-        )
-        .expect("loaded");
-    assert_eq!(loaded.topic_permissions_ignored, 1);
     assert!(handle.load_definitions("[]").is_err());
 }
 
@@ -169,6 +167,9 @@ async fn definitions_users_log_in_with_their_exported_hashes_and_get_their_permi
     {{"name": "{app}", "password_hash": "{SECRET_SHA256}", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": [], "limits": {{}}}},
     {{"name": "{ops}", "password_hash": "{SECRET5_SHA512}", "hashing_algorithm": "rabbit_password_hashing_sha512", "tags": ["administrator"]}},
     {{"name": "{plain}", "password": "clear", "tags": []}}
+  ],
+  "topic_permissions": [
+    {{"user": "{app}", "vhost": "{vhost}", "exchange": "amq.topic", "write": "^{{username}}\\.", "read": ".*"}}
   ],
   "permissions": [
     {{"user": "{app}", "vhost": "{vhost}", "configure": "^{q}$", "write": ".*", "read": ".*"}},
@@ -202,6 +203,34 @@ async fn definitions_users_log_in_with_their_exported_hashes_and_get_their_permi
             ),
         );
     }
+    // The topic permissions came along: app publishes to amq.topic under its own name only.
+    let conn = connect_to(&broker.url_as(&app, "secret", &vhost)).await;
+    let ch = confirm_channel(&conn).await;
+    let own = publish_confirmed_to(&ch, "amq.topic", &format!("{app}.event"), b"e", false).await;
+    assert!(own.is_ack(), "{own:?}");
+    let result = within(
+        "basic.publish",
+        ch.basic_publish(
+            "amq.topic".into(),
+            "other.event".into(),
+            Default::default(),
+            b"e",
+            Default::default(),
+        ),
+    )
+    .await;
+    let result = match result {
+        Ok(confirm) => within("the confirm", confirm).await,
+        Err(e) => Err(e),
+    };
+    assert_amqp_error(
+        &expect_err("publishing under another name", result),
+        403,
+        Some(&format!(
+            "ACCESS_REFUSED - access to topic 'other.event' in exchange 'amq.topic' in vhost '{vhost}' refused for user '{app}'"
+        )),
+    );
+    close_conn(&conn).await;
     // The permissions came along: app configures its queue and nothing else.
     let conn = connect_to(&broker.url_as(&app, "secret", &vhost)).await;
     let ch = within("channel.open", conn.create_channel())

@@ -325,38 +325,41 @@ async fn queue_operations_need_their_permission() {
     s.cleanup().await;
 }
 
+/// Publishes `m` to `exchange` with routing key `key` on `ch`, in confirm mode: the
+/// broker's confirm, or the error that closed the channel.
+async fn publish(ch: Channel, exchange: &str, key: &str) -> lapin::Result<lapin::Confirmation> {
+    within(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await
+    .expect("confirm.select");
+    let confirm = within(
+        "basic.publish",
+        ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            b"m",
+            BasicProperties::default(),
+        ),
+    )
+    .await?;
+    within("the confirm", confirm).await
+}
+
 #[tokio::test]
 async fn exchange_operations_and_publishes_need_their_permission() {
     let s = Setup::new().await;
     let (w, x) = (s.name("w"), s.name("x"));
 
     // Publishing needs write on the exchange, the default one included (`amq.default`).
-    let publish = |ch: Channel, exchange: String, key: String| async move {
-        within(
-            "confirm.select",
-            ch.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await
-        .expect("confirm.select");
-        let confirm = within(
-            "basic.publish",
-            ch.basic_publish(
-                exchange.as_str().into(),
-                key.as_str().into(),
-                BasicPublishOptions::default(),
-                b"m",
-                BasicProperties::default(),
-            ),
-        )
-        .await?;
-        within("the confirm", confirm).await
-    };
-    let result = publish(s.channel().await, "amq.fanout".into(), w.clone()).await;
+    let result = publish(s.channel().await, "amq.fanout", &w).await;
     s.assert_refused("publishing", result, "exchange", "amq.fanout");
     // Before the exchange is looked up: a missing one is refused, not 404.
-    let result = publish(s.channel().await, x.clone(), w.clone()).await;
+    let result = publish(s.channel().await, &x, &w).await;
     s.assert_refused("publishing to a missing exchange", result, "exchange", &x);
-    let result = publish(s.channel().await, String::new(), w.clone()).await;
+    let result = publish(s.channel().await, "", &w).await;
     assert!(
         result.is_ok_and(|c| c.is_ack()),
         "write on amq.default permits publishing to the default exchange"
@@ -624,4 +627,149 @@ async fn embedded_only_a_publish_is_checked_for_size_then_permission_then_proper
     )
     .await;
     c.close().await;
+}
+
+/// Topic permissions (`rabbitmqctl set_topic_permissions`), as probed on RabbitMQ 3.10.8:
+/// on a topic exchange, publishing needs the routing key to match `write` and binding from
+/// it (queue.bind, queue.unbind, exchange.bind with it as source) the binding key to match
+/// `read`; `{username}` is expanded; other exchange types ignore them; clearing them applies
+/// to open connections.
+#[tokio::test]
+async fn topic_permissions_limit_the_routing_keys_of_topic_exchanges() {
+    let broker = TestBroker::start().await;
+    let vhost = broker.vhost();
+    let user = new_user(&broker).await;
+    broker.set_permissions(&vhost, &user, "", ".*", ".*").await;
+    let p = broker.unique_name("topic");
+    let (topic, direct, q) = (format!("{p}-t"), format!("{p}-d"), format!("{p}-q"));
+    let admin_conn = broker.connect().await;
+    let admin = within("channel.open", admin_conn.create_channel())
+        .await
+        .expect("channel");
+    for (name, kind) in [
+        (&topic, ExchangeKind::Topic),
+        (&direct, ExchangeKind::Direct),
+    ] {
+        within(
+            "exchange.declare",
+            admin.exchange_declare(
+                name.as_str().into(),
+                kind,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("exchange.declare");
+    }
+    declare(&admin, &q).await;
+    broker
+        .set_topic_permissions(&vhost, &user, &topic, r"^(a|{username})\.", r"^r\.")
+        .await;
+    broker
+        .set_topic_permissions(&vhost, &user, &direct, "^a", "^r")
+        .await;
+    let conn = connect_to(&broker.url_as(&user, PASSWORD, &vhost)).await;
+    let channel = || async {
+        within("channel.open", conn.create_channel())
+            .await
+            .expect("channel")
+    };
+    let refused_topic = |key: &str| {
+        format!(
+            "ACCESS_REFUSED - access to topic '{key}' in exchange '{topic}' in vhost '{vhost}' refused for user '{user}'"
+        )
+    };
+
+    for key in ["a.1".to_owned(), format!("{user}.1")] {
+        let confirmation = publish(channel().await, &topic, &key).await;
+        assert!(confirmation.is_ok_and(|c| c.is_ack()), "{key} is allowed");
+    }
+    let err = expect_err(
+        "publishing b.1",
+        publish(channel().await, &topic, "b.1").await,
+    );
+    assert_amqp_error(&err, 403, Some(&refused_topic("b.1")));
+    let confirmation = publish(channel().await, &direct, "b.1").await;
+    assert!(
+        confirmation.is_ok_and(|c| c.is_ack()),
+        "a direct exchange ignores topic permissions"
+    );
+
+    let bind = |ch: Channel, key: &'static str| {
+        let (q, topic) = (q.clone(), topic.clone());
+        async move {
+            within(
+                "queue.bind",
+                ch.queue_bind(
+                    q.as_str().into(),
+                    topic.as_str().into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await
+        }
+    };
+    bind(channel().await, "r.#")
+        .await
+        .expect("r.# may be bound");
+    let err = expect_err("binding a.#", bind(channel().await, "a.#").await);
+    assert_amqp_error(&err, 403, Some(&refused_topic("a.#")));
+    let ch = channel().await;
+    let result = within(
+        "queue.unbind",
+        ch.queue_unbind(
+            q.as_str().into(),
+            topic.as_str().into(),
+            "a.#".into(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_amqp_error(
+        &expect_err("unbinding a.#", result),
+        403,
+        Some(&refused_topic("a.#")),
+    );
+    let ch = channel().await;
+    let result = within(
+        "exchange.bind",
+        ch.exchange_bind(
+            direct.as_str().into(),
+            topic.as_str().into(),
+            "a.#".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_amqp_error(
+        &expect_err("binding from the topic exchange with a.#", result),
+        403,
+        Some(&refused_topic("a.#")),
+    );
+
+    // Cleared, every key goes, on the open connection too.
+    broker.clear_topic_permissions(&vhost, &user, &topic).await;
+    let confirmation = publish(channel().await, &topic, "b.1").await;
+    assert!(confirmation.is_ok_and(|c| c.is_ack()), "b.1 once cleared");
+
+    for name in [&topic, &direct] {
+        within(
+            "exchange.delete",
+            admin.exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default()),
+        )
+        .await
+        .expect("exchange.delete");
+    }
+    within(
+        "queue.delete",
+        admin.queue_delete(q.as_str().into(), QueueDeleteOptions::default()),
+    )
+    .await
+    .expect("queue.delete");
+    close_conn(&conn).await;
+    close_conn(&admin_conn).await;
 }

@@ -3,7 +3,7 @@
 
 use crate::codec::{self, Frame, PROTOCOL_HEADER};
 use crate::error::{AmqpError, AmqpResult};
-use crate::permissions::Permissions;
+use crate::permissions::{Permissions, TopicPermissions};
 use crate::server::BrokerShared;
 use crate::vhost::Vhost;
 use amq_protocol::protocol::{AMQPClass, connection};
@@ -37,6 +37,8 @@ pub(crate) struct Tuning {
     /// The user's permissions there, as of [`Tuning::permissions_version`] (`None` once they
     /// are cleared: nothing is allowed).
     pub(crate) permissions: Option<Arc<Permissions>>,
+    /// The user's topic permissions there (`None`: every routing key is allowed).
+    pub(crate) topic_permissions: Option<Arc<TopicPermissions>>,
     /// The broker's permissions version when they were read.
     pub(crate) permissions_version: u64,
 }
@@ -287,6 +289,7 @@ where
         .during_ids(10, 40)
         .into());
     };
+    let topic_permissions = shared.topic_permissions(&user, &vhost.name);
     codec::write_method(
         &mut out,
         0,
@@ -303,6 +306,7 @@ where
         cancel_notify,
         blocked_notify,
         vhost,
+        topic_permissions,
         permissions: Some(permissions),
         permissions_version,
     })

@@ -170,6 +170,7 @@ impl Connection {
             return Err(default_exchange_refused());
         }
         self.check_access(Access::Read, Resource::Exchange, source.as_str())?;
+        self.check_topic_access(Access::Read, source.as_str(), routing_key.as_str())?;
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
         let missing = |name: &str| {

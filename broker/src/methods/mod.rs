@@ -9,6 +9,7 @@ pub(crate) mod queue;
 use crate::channel::{Assembly, Channel, ChannelState, Publication};
 use crate::connection::{Connection, method_name};
 use crate::error::{AmqpError, AmqpResult};
+use crate::exchange::ExchangeKind;
 use crate::message::MessageBuilder;
 use crate::permissions::Access;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
@@ -38,11 +39,7 @@ impl Connection {
         resource: Resource,
         name: &str,
     ) -> AmqpResult {
-        let version = self.shared.permissions_version();
-        if version != self.tuning.permissions_version {
-            self.tuning.permissions = self.shared.permissions(&self.tuning.user, &self.vhost.name);
-            self.tuning.permissions_version = version;
-        }
+        self.reread_permissions();
         let (kind, name) = match resource {
             Resource::Queue => ("queue", name),
             Resource::Exchange if name.is_empty() => ("exchange", "amq.default"),
@@ -54,6 +51,48 @@ impl Connection {
         }
         Err(AmqpError::access_refused(format!(
             "access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+            self.vhost.name, self.tuning.user
+        )))
+    }
+
+    /// Rereads the user's permissions and topic permissions if they changed since the
+    /// connection last read them.
+    fn reread_permissions(&mut self) {
+        let version = self.shared.permissions_version();
+        if version != self.tuning.permissions_version {
+            let (user, vhost) = (&self.tuning.user, &self.vhost.name);
+            self.tuning.permissions = self.shared.permissions(user, vhost);
+            self.tuning.topic_permissions = self.shared.topic_permissions(user, vhost);
+            self.tuning.permissions_version = version;
+        }
+    }
+
+    /// 403 ACCESS_REFUSED unless the user's topic permissions allow publishing (`Write`) or
+    /// binding (`Read`) with routing key `key` on `exchange`, if it is a topic exchange (and,
+    /// for a publish, not an internal one: that publish is refused as such).
+    pub(crate) fn check_topic_access(
+        &mut self,
+        access: Access,
+        exchange: &str,
+        key: &str,
+    ) -> AmqpResult {
+        self.reread_permissions();
+        let Some(permission) = self
+            .tuning
+            .topic_permissions
+            .as_ref()
+            .and_then(|topics| topics.get(exchange))
+        else {
+            return Ok(());
+        };
+        let checked = self.vhost.lock().exchanges.get(exchange).is_some_and(|x| {
+            x.kind == ExchangeKind::Topic && !(access == Access::Write && x.internal)
+        });
+        if !checked || permission.allows(access, key) {
+            return Ok(());
+        }
+        Err(AmqpError::access_refused(format!(
+            "access to topic '{key}' in exchange '{exchange}' in vhost '{}' refused for user '{}'",
             self.vhost.name, self.tuning.user
         )))
     }
@@ -195,6 +234,13 @@ impl Connection {
         }
         // RabbitMQ checks the size first, then write permission, then the properties.
         self.check_access(Access::Write, Resource::Exchange, publish.exchange.as_str())
+            .and_then(|()| {
+                self.check_topic_access(
+                    Access::Write,
+                    publish.exchange.as_str(),
+                    publish.routing_key.as_str(),
+                )
+            })
             .map_err(|e| (ch, e.during_ids(60, 40)))?;
         let (publication, raw_properties) = self
             .prepare_content(ch, &properties, raw_properties)

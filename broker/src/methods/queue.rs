@@ -667,6 +667,7 @@ impl Connection {
             return Err(default_exchange_refused());
         }
         self.check_access(Access::Read, Resource::Exchange, exchange_name.as_str())?;
+        self.check_topic_access(Access::Read, exchange_name.as_str(), &routing_key)?;
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
         // As RabbitMQ: unbinding from a queue or exchange that is not there succeeds.
