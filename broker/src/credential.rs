@@ -12,11 +12,12 @@ use sha2::{Digest, Sha256, Sha512};
 pub(crate) enum Credential {
     /// A password given in the clear.
     Password(String),
-    /// RabbitMQ's salted hash; one too short to hold a salt lets no password in (as
-    /// RabbitMQ's does, e.g. the empty hash of a user created without a password).
+    /// RabbitMQ's salted hash; one too short to hold a salt, or of a `hashing_algorithm`
+    /// RabbitMQ does not have (`None`), lets no password in (as in RabbitMQ, e.g. the empty
+    /// hash of a user created without a password).
     Hash {
         /// The hash function.
-        algorithm: HashAlgorithm,
+        algorithm: Option<HashAlgorithm>,
         /// Four bytes of salt, then the hash of salt and password.
         salted: Vec<u8>,
     },
@@ -63,23 +64,33 @@ impl HashAlgorithm {
 impl Credential {
     /// A definitions `password_hash` (base64), hashed with `algorithm`; `None` when it is not
     /// base64.
-    pub(crate) fn from_hash(algorithm: HashAlgorithm, base64: &str) -> Option<Self> {
+    pub(crate) fn from_hash(algorithm: Option<HashAlgorithm>, base64: &str) -> Option<Self> {
         let salted = base64::engine::general_purpose::STANDARD
             .decode(base64)
             .ok()?;
         Some(Self::Hash { algorithm, salted })
     }
 
-    /// Whether `password` is this user's.
+    /// Whether `password` is this user's. An empty password never is (RabbitMQ refuses it
+    /// before looking at the user).
     pub(crate) fn verifies(&self, password: &str) -> bool {
+        if password.is_empty() {
+            return false;
+        }
         match self {
             Self::Password(own) => own == password,
-            Self::Hash { algorithm, salted } => match salted.split_at_checked(4) {
+            Self::Hash {
+                algorithm: Some(algorithm),
+                salted,
+            } => match salted.split_at_checked(4) {
                 Some((salt, hash)) if !hash.is_empty() => {
                     algorithm.digest(salt, password.as_bytes()) == hash
                 }
                 _ => false,
             },
+            Self::Hash {
+                algorithm: None, ..
+            } => false,
         }
     }
 }
@@ -93,7 +104,7 @@ mod tests {
         // Made as RabbitMQ makes them (salt 01 02 03 04), and checked by logging in to
         // RabbitMQ 3.10.8 after importing them (ORACLE.md).
         let sha256 = Credential::from_hash(
-            HashAlgorithm::Sha256,
+            Some(HashAlgorithm::Sha256),
             "AQIDBDB9kM21iEUzN1lZ+6VReCsdNqS0sERdAQTcY6Xs3PMz",
         )
         .expect("base64");
@@ -101,7 +112,7 @@ mod tests {
         assert!(!sha256.verifies("Secret"));
         assert!(!sha256.verifies(""));
         let sha512 = Credential::from_hash(
-            HashAlgorithm::Sha512,
+            Some(HashAlgorithm::Sha512),
             "CQgHBpMTJ5jX6mPK2LLBcbWDhf0PohTKKhzFlNCi28YLeGe46//nFLhlqSPjV+HjAN8jTqyK9912CKqpKULObCJ4Hzo=",
         )
         .expect("base64");
@@ -109,7 +120,7 @@ mod tests {
         assert!(!sha512.verifies("secret"));
         // md5 over salt 01 02 03 04 and "old".
         let md5 = Credential::Hash {
-            algorithm: HashAlgorithm::Md5,
+            algorithm: Some(HashAlgorithm::Md5),
             salted: [
                 &[1u8, 2, 3, 4][..],
                 &Md5::digest(b"\x01\x02\x03\x04old")[..],
@@ -119,13 +130,29 @@ mod tests {
         assert!(md5.verifies("old"));
         assert!(!md5.verifies("new"));
         for short in ["", "AQID", "AQIDBA=="] {
-            let hash = Credential::from_hash(HashAlgorithm::Sha256, short).expect("base64");
+            let hash = Credential::from_hash(Some(HashAlgorithm::Sha256), short).expect("base64");
             assert!(!hash.verifies(""), "{short:?} lets nothing in");
         }
         assert_eq!(
-            Credential::from_hash(HashAlgorithm::Sha256, "not base64!"),
+            Credential::from_hash(Some(HashAlgorithm::Sha256), "not base64!"),
             None
         );
+        let unknown = Credential::Hash {
+            algorithm: None,
+            salted: [
+                &[1u8, 2, 3, 4][..],
+                &Md5::digest(b"\x01\x02\x03\x04old")[..],
+            ]
+            .concat(),
+        };
+        assert!(
+            !unknown.verifies("old"),
+            "an unknown algorithm lets nothing in"
+        );
         assert!(Credential::Password("p".into()).verifies("p"));
+        assert!(
+            !Credential::Password(String::new()).verifies(""),
+            "nor does an empty password"
+        );
     }
 }

@@ -4,8 +4,9 @@
 //! running broker in RabbitMQ's order.
 //!
 //! A user logs in with its exported `password_hash` (RabbitMQ's salted SHA-256, SHA-512 or
-//! MD5, as its `hashing_algorithm` says) or a `password` in the clear; one that exists
-//! already gets the new one, as in RabbitMQ. Its tags and limits and runtime parameters
+//! MD5, as its `hashing_algorithm` or the exporting version says) or a `password` in the
+//! clear, never with an empty one; one that exists already gets the new one, as in
+//! RabbitMQ. Its tags and limits and runtime parameters
 //! (federation, shovels) are left out. A queue or exchange that exists
 //! already is left as it is. Each object is checked as a client's declaration of it would
 //! be: the first refused stops the load, naming it, and what came before it stays
@@ -30,6 +31,7 @@ use crate::server::BrokerHandle;
 
 /// What a load of definitions created.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LoadedDefinitions {
     /// Vhosts added.
     pub vhosts: usize,
@@ -96,11 +98,14 @@ pub(crate) fn load(
         }
         policies.push((parsed, what));
     }
+    let version = ["rabbitmq_version", "rabbit_version"]
+        .iter()
+        .find_map(|key| root.get(key).and_then(Value::as_str));
     let mut users = Vec::new();
     for user in list("users") {
         let name = text(user, "name", "a user")?;
         let what = format!("user '{name}'");
-        users.push((credential(user, &what)?, name));
+        users.push((credential(user, &what, version)?, name));
     }
     let mut permissions = Vec::new();
     for entry in list("permissions") {
@@ -247,8 +252,17 @@ pub(crate) fn load(
 }
 
 /// How a user of the definitions logs in: its `password`, or its `password_hash` (none: no
-/// password lets it in).
-fn credential(user: &Value, what: &str) -> Result<Credential, DefinitionsError> {
+/// password lets it in), hashed as its `hashing_algorithm` says or, without one, as
+/// RabbitMQ hashed in the version that exported it (`rabbit_version` before 3.6.0: MD5,
+/// later SHA-256). A user must have `tags`, as RabbitMQ requires (`tags_not_present`).
+fn credential(
+    user: &Value,
+    what: &str,
+    version: Option<&str>,
+) -> Result<Credential, DefinitionsError> {
+    if user.get("tags").is_none() && user.get("administrator").is_none() {
+        return Err(refused(what, "tags_not_present"));
+    }
     let field = |key: &str| user.get(key).and_then(Value::as_str);
     match (field("password"), field("password_hash")) {
         (Some(_), Some(_)) => Err(refused(
@@ -258,14 +272,22 @@ fn credential(user: &Value, what: &str) -> Result<Credential, DefinitionsError> 
         (Some(password), None) => Ok(Credential::Password(password.to_owned())),
         (None, hash) => {
             let algorithm = match field("hashing_algorithm") {
-                None => HashAlgorithm::Sha256,
-                Some(name) => HashAlgorithm::parse(name)
-                    .ok_or_else(|| refused(what, format!("unknown hashing_algorithm '{name}'")))?,
+                None if version.is_some_and(before_3_6) => Some(HashAlgorithm::Md5),
+                None => Some(HashAlgorithm::Sha256),
+                // RabbitMQ takes any name, and then lets no password in.
+                Some(name) => HashAlgorithm::parse(name),
             };
             Credential::from_hash(algorithm, hash.unwrap_or_default())
                 .ok_or_else(|| refused(what, "password_hash is not base64"))
         }
     }
+}
+
+/// Whether a RabbitMQ version (`3.5.7`) is older than 3.6.0, when SHA-256 replaced MD5.
+fn before_3_6(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) < (3, 6)
 }
 
 fn refused(what: &str, reason: impl std::fmt::Display) -> DefinitionsError {

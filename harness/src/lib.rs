@@ -426,6 +426,8 @@ impl TestBroker {
     /// `rabbitmqctl import_definitions`. The vhosts, policies and users it names (but the
     /// URL's own user) are deleted and cleared at the end on an external broker; name its
     /// queues and exchanges with [`TestBroker::unique_name`] to have them deleted too.
+    /// Definitions that change the URL's own user (a full export lists `guest`) change it on
+    /// RabbitMQ for good: leave that user out of them.
     ///
     /// # Panics
     /// When the definitions are refused, or (externally) `rabbitmqctl` cannot be run.

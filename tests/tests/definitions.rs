@@ -103,24 +103,24 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
     // Users and permission patterns are checked before anything is created too.
     for (json, reason) in [
         (
-            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p", "password_hash": "AQIDBA=="}]}"#,
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p", "password_hash": "AQIDBA==", "tags": []}]}"#,
             "user 'u': both password and password_hash are provided",
         ),
         (
-            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password_hash": "AQIDBA==", "hashing_algorithm": "bcrypt"}]}"#,
-            "user 'u': unknown hashing_algorithm 'bcrypt'",
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p"}]}"#,
+            "user 'u': tags_not_present",
         ),
         (
-            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password_hash": "not base64!"}]}"#,
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password_hash": "not base64!", "tags": []}]}"#,
             "user 'u': password_hash is not base64",
         ),
         (
-            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p"}],
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p", "tags": []}],
                 "permissions": [{"user": "u", "vhost": "/", "configure": "(", "write": "", "read": ""}]}"#,
             "permissions of user 'u' in vhost '/': invalid regular expression '('",
         ),
         (
-            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p"}],
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p", "tags": []}],
                 "topic_permissions": [{"user": "u", "vhost": "/", "exchange": "x", "write": "", "read": "("}]}"#,
             "topic permissions of user 'u' on exchange 'x' in vhost '/': invalid regular expression '('",
         ),
@@ -132,7 +132,7 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
     // `no_such_user`), after the users and vhosts before them.
     let err = handle
         .load_definitions(
-            r#"{"users": [{"name": "first", "password": "p"}],
+            r#"{"users": [{"name": "first", "password": "p", "tags": []}],
                 "permissions": [{"user": "nobody", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}]}"#,
         )
         .expect_err("refused");
@@ -147,6 +147,8 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
 /// RabbitMQ's `password_hash` of "secret" with SHA-256 (the default `hashing_algorithm`),
 /// salt 01 02 03 04.
 const SECRET_SHA256: &str = "AQIDBDB9kM21iEUzN1lZ+6VReCsdNqS0sERdAQTcY6Xs3PMz";
+/// RabbitMQ's MD5 `password_hash` (before 3.6.0) of "old", salt 01 02 03 04.
+const OLD_MD5: &str = "AQIDBGxb0KNJl2lwiTXCqEm6tzM=";
 /// The same with SHA-512, salt 09 08 07 06, of "secret5".
 const SECRET5_SHA512: &str =
     "CQgHBpMTJ5jX6mPK2LLBcbWDhf0PohTKKhzFlNCi28YLeGe46//nFLhlqSPjV+HjAN8jTqyK9912CKqpKULObCJ4Hzo=";
@@ -203,6 +205,43 @@ async fn definitions_users_log_in_with_their_exported_hashes_and_get_their_permi
             ),
         );
     }
+    // Without a hashing_algorithm, an export from before 3.6.0 means MD5; an algorithm
+    // RabbitMQ does not have is taken, and lets no password in; nor does an empty password.
+    let (old, unknown, empty) = (
+        broker.unique_name("defs-old"),
+        broker.unique_name("defs-unknown"),
+        broker.unique_name("defs-empty"),
+    );
+    let json = format!(
+        r#"{{
+  "rabbit_version": "3.5.7",
+  "users": [
+    {{"name": "{old}", "password_hash": "{OLD_MD5}", "tags": ""}},
+    {{"name": "{unknown}", "password_hash": "{SECRET_SHA256}", "hashing_algorithm": "bcrypt", "tags": ""}},
+    {{"name": "{empty}", "password": "", "tags": ""}}
+  ],
+  "permissions": [
+    {{"user": "{old}", "vhost": "{vhost}", "configure": ".*", "write": ".*", "read": ".*"}},
+    {{"user": "{unknown}", "vhost": "{vhost}", "configure": ".*", "write": ".*", "read": ".*"}},
+    {{"user": "{empty}", "vhost": "{vhost}", "configure": ".*", "write": ".*", "read": ".*"}}
+  ]
+}}"#
+    );
+    broker.load_definitions(&json).await;
+    let conn = connect_to(&broker.url_as(&old, "old", &vhost)).await;
+    close_conn(&conn).await;
+    for (user, password) in [(&unknown, "secret"), (&empty, "")] {
+        let err = expect_err(
+            "logging in",
+            within(
+                "connect",
+                Connection::connect(&broker.url_as(user, password, &vhost), Default::default()),
+            )
+            .await,
+        );
+        assert_amqp_error(&err, 403, None);
+    }
+
     // The topic permissions came along: app publishes to amq.topic under its own name only.
     let conn = connect_to(&broker.url_as(&app, "secret", &vhost)).await;
     let ch = confirm_channel(&conn).await;

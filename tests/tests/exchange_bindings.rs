@@ -428,3 +428,113 @@ async fn unbinding_a_queue_from_what_is_not_there_succeeds() {
     }
     close_conn(&conn).await;
 }
+
+/// A redeclare that differs is 406 on the channel, as RabbitMQ 3.10 answers it: the type,
+/// then durable, auto_delete and internal, and only then `alternate-exchange`, with the
+/// values compared as for queue arguments. Other arguments are not compared.
+#[tokio::test]
+async fn an_inequivalent_exchange_redeclare_is_406_flags_before_the_alternate_exchange() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let x = broker.unique_name("x-equiv");
+    let y = broker.unique_name("y-equiv");
+    let resource = |name: &str| format!("exchange '{name}' in vhost '{}'", broker.vhost());
+    let args = |pairs: &[(&str, AMQPValue)]| {
+        let mut table = FieldTable::default();
+        for (key, value) in pairs {
+            table.insert((*key).into(), value.clone());
+        }
+        table
+    };
+    let ch = channel(&conn).await;
+    declare_exchange(
+        &ch,
+        &x,
+        ExchangeKind::Direct,
+        Default::default(),
+        args(&[("alternate-exchange", long_string("a"))]),
+    )
+    .await;
+    exchange(&ch, &y, ExchangeKind::Direct, Default::default()).await;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let cases = [
+        (
+            &x,
+            durable,
+            args(&[("alternate-exchange", long_string("b"))]),
+            format!(
+                "inequivalent arg 'durable' for {}: received 'true' but current is 'false'",
+                resource(&x)
+            ),
+        ),
+        (
+            &x,
+            ExchangeDeclareOptions::default(),
+            args(&[("alternate-exchange", long_string("b"))]),
+            format!(
+                "inequivalent arg 'alternate-exchange' for {}: received 'b' but current is 'a'",
+                resource(&x)
+            ),
+        ),
+        (
+            &x,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+            format!(
+                "inequivalent arg 'alternate-exchange' for {}: received none but current is \
+                 the value 'a' of type 'longstr'",
+                resource(&x)
+            ),
+        ),
+        (
+            &y,
+            ExchangeDeclareOptions::default(),
+            args(&[("alternate-exchange", long_string("b"))]),
+            format!(
+                "inequivalent arg 'alternate-exchange' for {}: received the value 'b' of type \
+                 'longstr' but current is none",
+                resource(&y)
+            ),
+        ),
+    ];
+    for (name, options, arguments, text) in cases {
+        let ch = channel(&conn).await;
+        let result = within(
+            "exchange.declare",
+            ch.exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Direct,
+                options,
+                arguments,
+            ),
+        )
+        .await;
+        let err = expect_err("an inequivalent redeclare", result);
+        assert_amqp_error(&err, 406, Some(&format!("PRECONDITION_FAILED - {text}")));
+    }
+    // Other arguments are not compared.
+    declare_exchange(
+        &channel(&conn).await,
+        &x,
+        ExchangeKind::Direct,
+        Default::default(),
+        args(&[
+            ("alternate-exchange", long_string("a")),
+            ("x-other", AMQPValue::LongLongInt(1)),
+        ]),
+    )
+    .await;
+    let ch = channel(&conn).await;
+    for name in [&x, &y] {
+        within(
+            "exchange.delete",
+            ch.exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default()),
+        )
+        .await
+        .expect("exchange.delete");
+    }
+    close_conn(&conn).await;
+}

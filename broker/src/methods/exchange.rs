@@ -4,6 +4,7 @@ use super::Resource;
 use crate::connection::Connection;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, is_default};
+use crate::methods::queue::check_arg_equivalence;
 use crate::permissions::Access;
 use crate::vhost::VhostState;
 use amq_protocol::protocol::{AMQPClass, exchange};
@@ -121,14 +122,6 @@ impl Connection {
                         existing.kind.name()
                     )));
                 }
-                let alternate = |args: &amq_protocol::types::FieldTable| {
-                    args.inner().get("alternate-exchange").cloned()
-                };
-                if alternate(&existing.arguments) != alternate(&m.arguments) {
-                    return Err(AmqpError::precondition_failed(format!(
-                        "inequivalent arg 'alternate-exchange' for {resource}"
-                    )));
-                }
                 for (field, current, received) in [
                     ("durable", existing.durable, m.durable),
                     ("auto_delete", existing.auto_delete, m.auto_delete),
@@ -140,6 +133,14 @@ impl Connection {
                         )));
                     }
                 }
+                // Then the arguments, of which RabbitMQ compares only this one.
+                const ALTERNATE: &str = "alternate-exchange";
+                check_arg_equivalence(
+                    ALTERNATE,
+                    m.arguments.inner().get(ALTERNATE),
+                    existing.arguments.inner().get(ALTERNATE),
+                    &resource,
+                )?;
             }
         }
         drop(state);

@@ -459,23 +459,34 @@ fn check_equivalence(queue: &Queue, declare: &queue::Declare, vhost: &str) -> Am
         {
             continue;
         }
-        let detail = match (received, current) {
-            (Some(r), Some(c)) if r == c => continue,
-            (Some(r), Some(c)) if type_name(r) == type_name(c) => {
-                format!(
-                    "received '{}' but current is '{}'",
-                    value_text(r),
-                    value_text(c)
-                )
-            }
-            (None, None) => continue,
-            (r, c) => format!("received {} but current is {}", describe(r), describe(c)),
-        };
-        return Err(AmqpError::precondition_failed(format!(
-            "inequivalent arg '{key}' for {resource}: {detail}"
-        )));
+        check_arg_equivalence(key, received, current, &resource)?;
     }
     Ok(())
+}
+
+/// RabbitMQ's 406 when a redeclare's argument `key` differs from the current one:
+/// `inequivalent arg 'key' for queue 'q' in vhost '/': received ... but current is ...`.
+pub(crate) fn check_arg_equivalence(
+    key: &str,
+    received: Option<&AMQPValue>,
+    current: Option<&AMQPValue>,
+    resource: &str,
+) -> AmqpResult {
+    let detail = match (received, current) {
+        (Some(r), Some(c)) if r == c => return Ok(()),
+        (Some(r), Some(c)) if type_name(r) == type_name(c) => {
+            format!(
+                "received '{}' but current is '{}'",
+                value_text(r),
+                value_text(c)
+            )
+        }
+        (None, None) => return Ok(()),
+        (r, c) => format!("received {} but current is {}", describe(r), describe(c)),
+    };
+    Err(AmqpError::precondition_failed(format!(
+        "inequivalent arg '{key}' for {resource}: {detail}"
+    )))
 }
 
 /// A server-generated queue name, like RabbitMQ's `amq.gen-` names.
