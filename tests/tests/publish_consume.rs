@@ -260,6 +260,49 @@ async fn user_id_other_than_the_login_is_406() {
     close_conn(&conn).await;
 }
 
+/// A publish refused for several reasons gets RabbitMQ's first: a missing exchange, then a
+/// direct reply-to without its consumer, then `user_id`, then `expiration`.
+#[tokio::test]
+async fn a_publish_refused_twice_gets_rabbitmqs_first_reason() {
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::open_on_channel(broker.url(), 1).await;
+    let missing = broker.unique_name("no-such-exchange");
+    let foreign = || basic::AMQPProperties::default().with_user_id("someone-else".into());
+    let cases = [
+        (
+            missing.as_str(),
+            foreign().with_expiration("bad".into()),
+            404,
+            format!(
+                "NOT_FOUND - no exchange '{missing}' in vhost '{}'",
+                broker.vhost()
+            ),
+        ),
+        (
+            "amq.direct",
+            foreign().with_reply_to("amq.rabbitmq.reply-to".into()),
+            406,
+            "PRECONDITION_FAILED - fast reply consumer does not exist".to_owned(),
+        ),
+        (
+            "amq.direct",
+            foreign().with_expiration("bad".into()),
+            406,
+            "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated \
+             user was 'guest'"
+                .to_owned(),
+        ),
+    ];
+    for (exchange, properties, code, text) in cases {
+        c.publish_full(1, exchange, "k", false, b"m", properties)
+            .await;
+        let ids = c.expect_channel_close(1, code, Some(&text)).await;
+        assert_eq!(ids, (60, 40), "{text}");
+        c.open_channel(1).await;
+    }
+    c.close().await;
+}
+
 #[tokio::test]
 async fn bodies_of_any_size_are_reassembled() {
     let broker = TestBroker::start().await;

@@ -61,6 +61,27 @@ fn send_basic(conn: &mut Connection, ch: u16, method: basic::AMQPMethod) {
     conn.send(ch, AMQPClass::Basic(method));
 }
 
+/// RabbitMQ's refusal of a publish to `exchange` itself: 404 when it does not exist, 403 when
+/// it is internal. The default exchange always exists and is not internal: no lookup.
+pub(crate) fn check_publish_exchange(
+    state: &VhostState,
+    vhost: &str,
+    exchange: &str,
+) -> AmqpResult {
+    if exchange.is_empty() {
+        return Ok(());
+    }
+    match state.exchanges.get(exchange) {
+        None => Err(AmqpError::not_found(format!(
+            "no exchange '{exchange}' in vhost '{vhost}'"
+        ))),
+        Some(e) if e.internal => Err(AmqpError::access_refused(format!(
+            "cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
 impl Connection {
     pub(crate) fn basic_class(&mut self, ch: u16, method: basic::AMQPMethod) -> AmqpResult {
         match method {
@@ -429,6 +450,18 @@ impl Connection {
         properties: &BasicProperties,
         raw_properties: Cow<'a, [u8]>,
     ) -> AmqpResult<(Publication, Cow<'a, [u8]>)> {
+        // In RabbitMQ's order: direct reply-to without its consumer, user_id, expiration.
+        let reply_address = match properties.reply_to() {
+            Some(reply_to) if reply_to.as_str() == PSEUDO_QUEUE => {
+                let Some(address) = self.channel_mut(ch).reply_address.clone() else {
+                    return Err(AmqpError::precondition_failed(
+                        "fast reply consumer does not exist",
+                    ));
+                };
+                Some(address)
+            }
+            _ => None,
+        };
         if let Some(user_id) = properties.user_id()
             && user_id.as_str() != self.tuning.user
         {
@@ -446,20 +479,10 @@ impl Connection {
         let routes = header_routes(properties.headers().as_ref())?;
         // Properties the broker changes (a direct reply-to address, no `BCC`) are encoded
         // again; the others are kept as received.
-        let mut changed: Option<BasicProperties> = None;
-        if properties
-            .reply_to()
-            .as_ref()
-            .is_some_and(|r| r.as_str() == PSEUDO_QUEUE)
-        {
-            let Some(address) = self.channel_mut(ch).reply_address.clone() else {
-                return Err(AmqpError::precondition_failed(
-                    "fast reply consumer does not exist",
-                ));
-            };
+        let mut changed: Option<BasicProperties> = reply_address.map(|address| {
             let address = ShortString::try_new(address).expect("address is short");
-            changed = Some(properties.clone().with_reply_to(address));
-        }
+            properties.clone().with_reply_to(address)
+        });
         let headers = match routes.without_bcc {
             Some(headers) => {
                 let base = changed.unwrap_or_else(|| properties.clone());
@@ -551,26 +574,7 @@ impl Connection {
         publication: Publication,
         message: Message,
     ) -> AmqpResult {
-        let vhost = &self.vhost;
-        let exchange = message.exchange();
-        // The default exchange always exists and is not internal: no lookup per message.
-        if !exchange.is_empty() {
-            match state.exchanges.get(exchange) {
-                None => {
-                    return Err(AmqpError::not_found(format!(
-                        "no exchange '{exchange}' in vhost '{}'",
-                        vhost.name
-                    )));
-                }
-                Some(e) if e.internal => {
-                    return Err(AmqpError::access_refused(format!(
-                        "cannot publish to internal exchange '{exchange}' in vhost '{}'",
-                        vhost.name
-                    )));
-                }
-                Some(_) => {}
-            }
-        }
+        check_publish_exchange(state, &self.vhost.name, message.exchange())?;
         let routed = state.publish(&publication, message, now);
         let refused = matches!(routed, Ok(Routed::Refused));
         if let Err(message) = routed

@@ -11,6 +11,7 @@ use crate::connection::{Connection, method_name};
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::ExchangeKind;
 use crate::message::MessageBuilder;
+use crate::methods::basic::check_publish_exchange;
 use crate::permissions::Access;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
 use bytes::Bytes;
@@ -244,7 +245,14 @@ impl Connection {
             .map_err(|e| (ch, e.during_ids(60, 40)))?;
         let (publication, raw_properties) = self
             .prepare_content(ch, &properties, raw_properties)
-            .map_err(|e| (ch, e.during_ids(60, 40)))?;
+            .map_err(|e| {
+            // RabbitMQ refuses a missing or internal exchange before the properties
+            // (this lookup is only made on that error's path).
+            let vhost = self.vhost.clone();
+            let refused =
+                check_publish_exchange(&vhost.lock(), &vhost.name, publish.exchange.as_str());
+            (ch, refused.err().unwrap_or(e).during_ids(60, 40))
+        })?;
         let mut builder = MessageBuilder::new(
             publish.exchange.as_str(),
             publish.routing_key.as_str(),
