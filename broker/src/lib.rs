@@ -27,6 +27,7 @@
 //!   declaration arguments.
 //! - `dead_letter`: dead-lettering (`x-dead-letter-exchange`): the `x-death` header, cycles.
 //! - `permissions`: users and their per-vhost permissions ([`PermissionError`]).
+//! - `limits`: per-vhost and per-user limits ([`VhostLimits`], [`UserLimits`]).
 //! - `credential`: a user's password, in the clear or as RabbitMQ's salted hash.
 //! - `alarm`: resource alarms a test raises ([`ResourceAlarm`]) and the publisher throttling
 //!   they cause.
@@ -63,6 +64,7 @@ mod exchange;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod inspect;
+mod limits;
 mod mailbox;
 mod message;
 mod methods;
@@ -81,6 +83,7 @@ pub use alarm::ResourceAlarm;
 pub use config::{BrokerConfig, User};
 pub use definitions::{DefinitionsError, LoadedDefinitions};
 pub use inspect::{ConnectionInfo, ConsumerInfo, MessageInfo, QueueInfo};
+pub use limits::{UserLimits, VhostLimits};
 pub use permissions::PermissionError;
 pub use policy::{ApplyTo, Policy, PolicyDefinition, PolicyError};
 pub use queue::Overflow;

@@ -8,6 +8,7 @@
 //! until permissions are set for them.
 
 use crate::credential::Credential;
+use crate::limits::UserLimits;
 use regex::Regex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -162,6 +163,8 @@ struct UserEntry {
     permissions: HashMap<String, Arc<Permissions>>,
     /// Topic permissions by vhost (none: every routing key is allowed).
     topic_permissions: HashMap<String, Arc<TopicPermissions>>,
+    /// Its limits (`rabbitmqctl set_user_limits`).
+    limits: UserLimits,
 }
 
 /// Every user of a broker.
@@ -182,6 +185,7 @@ impl Users {
                     configured: true,
                     permissions: HashMap::new(),
                     topic_permissions: HashMap::new(),
+                    limits: UserLimits::default(),
                 };
                 (u.name.clone(), entry)
             })
@@ -233,6 +237,7 @@ impl Users {
                     configured: false,
                     permissions: HashMap::new(),
                     topic_permissions: HashMap::new(),
+                    limits: UserLimits::default(),
                 };
                 self.users.insert(name.to_owned(), entry);
             }
@@ -260,6 +265,19 @@ impl Users {
             None => entry.permissions.remove(vhost),
         };
         Ok(())
+    }
+
+    /// `user`'s limits (none for a user that does not exist).
+    pub(crate) fn limits(&self, user: &str) -> UserLimits {
+        self.users.get(user).map(|u| u.limits).unwrap_or_default()
+    }
+
+    /// Sets `user`'s limits; false if there is no such user.
+    pub(crate) fn set_limits(&mut self, user: &str, limits: UserLimits) -> bool {
+        self.users
+            .get_mut(user)
+            .map(|u| u.limits = limits)
+            .is_some()
     }
 
     /// `user`'s topic permissions in `vhost`, if it has any.

@@ -8,6 +8,7 @@ use crate::credential::Credential;
 use crate::definitions::{DefinitionsError, LoadedDefinitions};
 use crate::error::AmqpError;
 use crate::inspect::{ConnectionInfo, MessageInfo, QueueInfo};
+use crate::limits::{UserLimits, VhostLimits};
 use crate::mailbox::{Mailbox, Outbound};
 use crate::permissions::{PermissionError, Permissions, TopicPermission, TopicPermissions, Users};
 use crate::policy::{Policy, PolicyError};
@@ -157,6 +158,32 @@ impl BrokerShared {
     /// `user`'s permissions in `vhost`, if it has any.
     pub(crate) fn permissions(&self, user: &str, vhost: &str) -> Option<Arc<Permissions>> {
         self.users_lock().permissions(user, vhost)
+    }
+
+    /// `user`'s limits.
+    pub(crate) fn user_limits(&self, user: &str) -> UserLimits {
+        self.users_lock().limits(user)
+    }
+
+    /// How many open connections are to `vhost` (this very vhost), and how many are `user`'s.
+    pub(crate) fn connection_counts(&self, vhost: &Arc<Vhost>, user: &str) -> (usize, usize) {
+        let connections = self.connections_lock();
+        let to_vhost = connections
+            .values()
+            .filter(|c| Arc::ptr_eq(&c.vhost, vhost))
+            .count();
+        let of_user = connections.values().filter(|c| c.user == user).count();
+        (to_vhost, of_user)
+    }
+
+    /// How many channels `user`'s connections other than `except` have open (as of their
+    /// last read).
+    pub(crate) fn user_channels(&self, user: &str, except: ConnId) -> usize {
+        self.connections_lock()
+            .iter()
+            .filter(|(id, c)| **id != except && c.user == user)
+            .map(|(_, c)| c.channels.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// `user`'s topic permissions in `vhost`, if any.
@@ -600,6 +627,40 @@ impl BrokerHandle {
     /// may no longer open the vhost, and its open connections there may do nothing more.
     pub fn clear_permissions(&self, vhost: &str, user: &str) -> Result<(), PermissionError> {
         self.change_permissions(vhost, user, None)
+    }
+
+    /// Sets a vhost's limits, as `rabbitmqctl set_vhost_limits` does (`VhostLimits::default()`
+    /// clears them, as `clear_vhost_limits`): connections beyond `max_connections` are
+    /// refused at connection.open (530 `access to vhost 'v' refused for user 'u': connection
+    /// limit (N) is reached`), a queue beyond `max_queues` at its declare (406 `cannot
+    /// declare queue 'q': queue limit in vhost 'v' (N) is reached`). What is open already
+    /// stays. False if there is no such vhost.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use warren_broker::VhostLimits;
+    /// let broker = warren_broker::Broker::start(Default::default()).await.unwrap();
+    /// let limits = VhostLimits { max_queues: Some(0), ..Default::default() };
+    /// assert!(broker.set_vhost_limits("/", limits));
+    /// # }
+    /// ```
+    pub fn set_vhost_limits(&self, vhost: &str, limits: VhostLimits) -> bool {
+        let Some(vhost) = self.shared.vhost(vhost) else {
+            return false;
+        };
+        vhost.lock().limits = limits;
+        true
+    }
+
+    /// Sets a user's limits, as `rabbitmqctl set_user_limits` does (`UserLimits::default()`
+    /// clears them): connections beyond `max_connections` are refused at connection.open
+    /// (530 `connection refused for user 'u': user connection limit (N) is reached`), and a
+    /// channel.open beyond `max_channels` over all its connections closes that connection
+    /// (530 `number of channels opened for user 'u' has reached the maximum allowed user
+    /// limit of (N)`). False if there is no such user.
+    pub fn set_user_limits(&self, user: &str, limits: UserLimits) -> bool {
+        self.shared
+            .change_users(|users| users.set_limits(user, limits))
     }
 
     /// Sets a user's topic permissions on an exchange in a vhost, as `rabbitmqctl

@@ -6,6 +6,7 @@ use crate::channel::Publication;
 use crate::dead_letter::{dead_lettered, is_cycle};
 use crate::direct_reply::{ADDRESS_PREFIX, ReplyConsumer};
 use crate::exchange::{Destination, Exchange, RoutingKeys, builtin_exchanges, is_default, route};
+use crate::limits::VhostLimits;
 use crate::mailbox::{Outbound, Outbox};
 use crate::message::{Message, QueuedMessage};
 use crate::methods::queue::validate_arguments;
@@ -61,6 +62,8 @@ pub(crate) struct VhostState {
     expiry_wake: Arc<Notify>,
     /// Its policies.
     pub(crate) policies: Policies,
+    /// Its limits (`rabbitmqctl set_vhost_limits`).
+    pub(crate) limits: VhostLimits,
 }
 
 /// Where a routed publish went.
@@ -135,6 +138,7 @@ impl Vhost {
                 expiry_armed: None,
                 expiry_wake: Arc::new(Notify::new()),
                 policies: Policies::default(),
+                limits: VhostLimits::default(),
             }),
         }
     }

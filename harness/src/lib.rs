@@ -41,7 +41,9 @@ pub use proxy::{Flow, Proxy};
 use std::sync::Mutex;
 use std::time::Duration;
 pub use wait::{DEFAULT_TIMEOUT, try_wait_until, wait_until, within};
-use warren_broker::{Broker, BrokerConfig, BrokerHandle, MessageInfo, Policy, PolicyError};
+use warren_broker::{
+    Broker, BrokerConfig, BrokerHandle, MessageInfo, Policy, PolicyError, UserLimits, VhostLimits,
+};
 
 /// The environment variable that points tests at an external broker.
 pub const AMQP_URL_ENV: &str = "AMQP_URL";
@@ -74,6 +76,15 @@ pub struct TestBroker {
     vhosts: Mutex<Vec<String>>,
     /// Users added by [`TestBroker::add_user`], deleted at the end on an external broker.
     users: Mutex<Vec<String>>,
+}
+
+/// `rabbitmqctl`'s JSON for limits: each one, `-1` for none.
+fn limits_json(limits: &[(&str, Option<u32>)]) -> String {
+    let fields: Vec<String> = limits
+        .iter()
+        .map(|(key, limit)| format!("\"{key}\": {}", limit.map_or(-1, i64::from)))
+        .collect();
+    format!("{{{}}}", fields.join(", "))
 }
 
 /// Whether `AMQP_URL` names an external broker.
@@ -571,6 +582,43 @@ impl TestBroker {
                 .clear_permissions(vhost, user)
                 .unwrap_or_else(|e| panic!("clear_permissions: {e}")),
             None => run_or_panic(&["clear_permissions", "--vhost", vhost, user]).await,
+        }
+    }
+
+    /// Sets a vhost's limits (connections, queues), as `rabbitmqctl set_vhost_limits` does:
+    /// see [`BrokerHandle::set_vhost_limits`]. Give the test a vhost of its own
+    /// ([`TestBroker::add_vhost`]) when it may run against a shared RabbitMQ.
+    ///
+    /// # Panics
+    /// When there is no such vhost (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn set_vhost_limits(&self, vhost: &str, limits: VhostLimits) {
+        match &self.embedded {
+            Some(handle) => assert!(handle.set_vhost_limits(vhost, limits), "no vhost {vhost}"),
+            None => {
+                let json = limits_json(&[
+                    ("max-connections", limits.max_connections),
+                    ("max-queues", limits.max_queues),
+                ]);
+                run_or_panic(&["set_vhost_limits", "--vhost", vhost, &json]).await;
+            }
+        }
+    }
+
+    /// Sets a user's limits (connections, channels), as `rabbitmqctl set_user_limits` does:
+    /// see [`BrokerHandle::set_user_limits`].
+    ///
+    /// # Panics
+    /// When there is no such user (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn set_user_limits(&self, user: &str, limits: UserLimits) {
+        match &self.embedded {
+            Some(handle) => assert!(handle.set_user_limits(user, limits), "no user {user}"),
+            None => {
+                let json = limits_json(&[
+                    ("max-connections", limits.max_connections),
+                    ("max-channels", limits.max_channels),
+                ]);
+                run_or_panic(&["set_user_limits", user, &json]).await;
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 
 use crate::codec::{self, Frame, PROTOCOL_HEADER};
 use crate::error::{AmqpError, AmqpResult};
+use crate::limits;
 use crate::permissions::{Permissions, TopicPermissions};
 use crate::server::BrokerShared;
 use crate::vhost::Vhost;
@@ -280,6 +281,28 @@ where
                 .into(),
         );
     };
+    // RabbitMQ's order: the vhost's connection limit, the user's, then the permission.
+    let (to_vhost, of_user) = shared.connection_counts(&vhost, &user);
+    let vhost_limit = vhost.lock().limits.max_connections;
+    let refused = if let Some(max) = vhost_limit
+        && limits::reached(max, to_vhost)
+    {
+        Some(format!(
+            "access to vhost '{}' refused for user '{user}': connection limit ({max}) is reached",
+            vhost.name
+        ))
+    } else if let Some(max) = shared.user_limits(&user).max_connections
+        && limits::reached(max, of_user)
+    {
+        Some(format!(
+            "connection refused for user '{user}': user connection limit ({max}) is reached"
+        ))
+    } else {
+        None
+    };
+    if let Some(text) = refused {
+        return Err(AmqpError::not_allowed(text).during_ids(10, 40).into());
+    }
     let permissions_version = shared.permissions_version();
     let Some(permissions) = shared.permissions(&user, &vhost.name) else {
         return Err(AmqpError::not_allowed(format!(

@@ -10,6 +10,7 @@ use crate::channel::{Assembly, Channel, ChannelState, Publication};
 use crate::connection::{Connection, method_name};
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::ExchangeKind;
+use crate::limits;
 use crate::message::MessageBuilder;
 use crate::methods::basic::check_publish_exchange;
 use crate::permissions::Access;
@@ -187,6 +188,19 @@ impl Connection {
                     self.channels.len()
                 )),
             ));
+        }
+        if let Some(max) = self.shared.user_limits(&self.tuning.user).max_channels {
+            let open = self.channels.len() + self.shared.user_channels(&self.tuning.user, self.id);
+            if limits::reached(max, open) {
+                return Err((
+                    0,
+                    AmqpError::not_allowed(format!(
+                        "number of channels opened for user '{}' has reached the maximum \
+                         allowed user limit of ({max})",
+                        self.tuning.user
+                    )),
+                ));
+            }
         }
         self.channels.insert(ch, Channel::new());
         self.send(

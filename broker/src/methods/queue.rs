@@ -6,6 +6,7 @@ use crate::connection::Connection;
 use crate::dead_letter::DeadLetterTarget;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, is_default};
+use crate::limits;
 use crate::permissions::Access;
 use crate::policy::queue_args;
 use crate::queue::{ConnId, LengthLimits, Overflow, Queue, QueueArgs, QueueOptions, Quorum};
@@ -629,6 +630,14 @@ impl Connection {
                 )));
             }
             None => {
+                if let Some(max) = state.limits.max_queues
+                    && limits::reached(max, state.queues.len())
+                {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "cannot declare queue '{name}': queue limit in vhost '{vhost_name}' \
+                         ({max}) is reached"
+                    )));
+                }
                 dead_letter_access?;
                 let options = QueueOptions {
                     durable: m.durable,

@@ -1,0 +1,136 @@
+//! Vhost and user limits (`TestBroker::set_vhost_limits` and `set_user_limits`:
+//! `rabbitmqctl set_vhost_limits` / `set_user_limits` on RabbitMQ), as RabbitMQ 3.10 refuses
+//! what goes beyond them: connections and queues of a vhost, connections and channels of a
+//! user.
+
+use lapin::Connection;
+use lapin::types::FieldTable;
+use warren_broker::{UserLimits, VhostLimits};
+use warren_harness::{TestBroker, connect_to};
+use warren_tests::{assert_amqp_error, close_conn, declare, expect_err, within};
+
+async fn refused_connection(url: &str) -> lapin::Error {
+    expect_err(
+        "a connection beyond the limit",
+        within("connect", Connection::connect(url, Default::default())).await,
+    )
+}
+
+#[tokio::test]
+async fn a_vhost_refuses_connections_and_queues_beyond_its_limits() {
+    let broker = TestBroker::start().await;
+    let vhost = broker.unique_name("limited");
+    broker.add_vhost(&vhost).await;
+    let one = Some(1);
+    let limits = VhostLimits {
+        max_connections: one,
+        max_queues: one,
+    };
+    broker.set_vhost_limits(&vhost, limits).await;
+    let url = broker.url_for(&vhost);
+    let conn = connect_to(&url).await;
+    let err = refused_connection(&url).await;
+    let user = "guest";
+    assert_amqp_error(
+        &err,
+        530,
+        Some(&format!(
+            "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}': connection limit \
+             (1) is reached"
+        )),
+    );
+
+    let ch = within("channel.open", conn.create_channel())
+        .await
+        .expect("channel");
+    let (first, second) = (broker.unique_name("q1"), broker.unique_name("q2"));
+    declare(&ch, &first).await;
+    declare(&ch, &first).await; // a redeclare creates nothing
+    let err = expect_err(
+        "a queue beyond the limit",
+        within(
+            "queue.declare",
+            ch.queue_declare(
+                second.as_str().into(),
+                Default::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await,
+    );
+    assert_amqp_error(
+        &err,
+        406,
+        Some(&format!(
+            "PRECONDITION_FAILED - cannot declare queue '{second}': queue limit in vhost \
+             '{vhost}' (1) is reached"
+        )),
+    );
+
+    // Raised, the limit lets them in; what was open stays open.
+    broker
+        .set_vhost_limits(&vhost, VhostLimits::default())
+        .await;
+    let ch = within("channel.open", conn.create_channel())
+        .await
+        .expect("channel");
+    declare(&ch, &second).await;
+    let another = connect_to(&url).await;
+    close_conn(&another).await;
+    close_conn(&conn).await;
+}
+
+#[tokio::test]
+async fn a_user_is_refused_connections_and_channels_beyond_its_limits() {
+    let broker = TestBroker::start().await;
+    let user = broker.unique_name("limited-user");
+    broker.add_user(&user, "secret").await;
+    let vhost = broker.vhost();
+    broker
+        .set_permissions(&vhost, &user, ".*", ".*", ".*")
+        .await;
+    let limits = UserLimits {
+        max_connections: Some(1),
+        max_channels: Some(2),
+    };
+    broker.set_user_limits(&user, limits).await;
+    let url = broker.url_as(&user, "secret", &vhost);
+    let conn = connect_to(&url).await;
+    let err = refused_connection(&url).await;
+    assert_amqp_error(
+        &err,
+        530,
+        Some(&format!(
+            "NOT_ALLOWED - connection refused for user '{user}': user connection limit (1) is \
+             reached"
+        )),
+    );
+    // Another user's connections do not count.
+    let other = broker.connect().await;
+
+    // Kept: lapin closes a channel whose last handle is dropped.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let ch = within("channel.open", conn.create_channel())
+            .await
+            .expect("a channel within the limit");
+        open.push(ch);
+    }
+    let err = expect_err(
+        "a channel beyond the limit",
+        within("channel.open", conn.create_channel()).await,
+    );
+    assert_amqp_error(
+        &err,
+        530,
+        Some(&format!(
+            "NOT_ALLOWED - number of channels opened for user '{user}' has reached the maximum \
+             allowed user limit of (2)"
+        )),
+    );
+    assert!(!conn.status().connected(), "the connection is closed");
+    within("channel.open", other.create_channel())
+        .await
+        .expect("the other user's connection goes on");
+    close_conn(&other).await;
+}
