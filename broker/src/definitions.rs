@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::credential::{Credential, HashAlgorithm};
 use crate::exchange::{Binding, Destination, ExchangeKind};
+use crate::limits::{UserLimits, VhostLimits};
 use crate::methods::exchange::{ExchangeFlags, create_exchange};
 use crate::methods::queue::create_queue;
 use crate::permissions::{Permissions, TopicPermission};
@@ -105,7 +106,29 @@ pub(crate) fn load(
     for user in list("users") {
         let name = text(user, "name", "a user")?;
         let what = format!("user '{name}'");
-        users.push((credential(user, &what, version)?, name));
+        let limits = match user.get("limits") {
+            Some(own) => Some(UserLimits {
+                max_connections: limit(own, "max-connections", &what)?,
+                max_channels: limit(own, "max-channels", &what)?,
+            }),
+            None => None,
+        };
+        users.push((credential(user, &what, version)?, limits, name));
+    }
+    // Of the runtime parameters, the vhosts' limits.
+    let mut vhost_limits = Vec::new();
+    for parameter in list("parameters")
+        .iter()
+        .filter(|p| p.get("component").and_then(Value::as_str) == Some("vhost-limits"))
+    {
+        let vhost = vhost_of(parameter);
+        let what = format!("limits of vhost '{vhost}'");
+        let value = parameter.get("value").unwrap_or(&Value::Null);
+        let limits = VhostLimits {
+            max_connections: limit(value, "max-connections", &what)?,
+            max_queues: limit(value, "max-queues", &what)?,
+        };
+        vhost_limits.push((vhost, limits, what));
     }
     let mut permissions = Vec::new();
     for entry in list("permissions") {
@@ -132,8 +155,11 @@ pub(crate) fn load(
         topic_permissions.push((parsed, user, vhost, exchange, what));
     }
     let mut loaded = LoadedDefinitions::default();
-    for (credential, name) in users {
+    for (credential, limits, name) in users {
         handle.put_user(&name, credential);
+        if let Some(limits) = limits {
+            handle.set_user_limits(&name, limits);
+        }
         loaded.users += 1;
     }
     for vhost in list("vhosts") {
@@ -147,6 +173,11 @@ pub(crate) fn load(
             .change_permissions(&vhost, &user, Some(parsed))
             .map_err(|e| refused(&what, e))?;
         loaded.permissions += 1;
+    }
+    for (vhost, limits, what) in vhost_limits {
+        if !handle.set_vhost_limits(&vhost, limits) {
+            return Err(refused(&what, "no such vhost"));
+        }
     }
     for (parsed, user, vhost, exchange, what) in topic_permissions {
         handle
@@ -280,6 +311,21 @@ fn credential(
             Credential::from_hash(algorithm, hash.unwrap_or_default())
                 .ok_or_else(|| refused(what, "password_hash is not base64"))
         }
+    }
+}
+
+/// A limit of a user's `limits` or of a `vhost-limits` parameter's `value`: `None` when
+/// absent or negative (RabbitMQ's `-1`), else how many.
+fn limit(object: &Value, key: &str, what: &str) -> Result<Option<u32>, DefinitionsError> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => match value.as_i64() {
+            Some(n) if n < 0 => Ok(None),
+            Some(n) => u32::try_from(n)
+                .map(Some)
+                .map_err(|_| refused(what, format!("{key} {n} is too large"))),
+            None => Err(refused(what, format!("{key} {value} is not an integer"))),
+        },
     }
 }
 

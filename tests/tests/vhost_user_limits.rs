@@ -134,3 +134,53 @@ async fn a_user_is_refused_connections_and_channels_beyond_its_limits() {
         .expect("the other user's connection goes on");
     close_conn(&other).await;
 }
+
+/// Limits come with definitions: a user's `limits`, and a vhost's as the `vhost-limits`
+/// runtime parameter `rabbitmqctl export_definitions` writes.
+#[tokio::test]
+async fn limits_come_with_definitions() {
+    let broker = TestBroker::start().await;
+    let vhost = broker.unique_name("defs-limited");
+    let user = broker.unique_name("defs-limited-user");
+    let json = format!(
+        r#"{{
+  "vhosts": [{{"name": "{vhost}"}}],
+  "users": [{{"name": "{user}", "password": "secret", "tags": [], "limits": {{"max-connections": 1, "max-channels": -1}}}}],
+  "permissions": [{{"user": "{user}", "vhost": "{vhost}", "configure": ".*", "write": ".*", "read": ".*"}}],
+  "parameters": [{{"component": "vhost-limits", "name": "limits", "vhost": "{vhost}", "value": {{"max-queues": 0}}}}]
+}}"#
+    );
+    broker.load_definitions(&json).await;
+    let url = broker.url_as(&user, "secret", &vhost);
+    let conn = connect_to(&url).await;
+    let err = refused_connection(&url).await;
+    assert_amqp_error(
+        &err,
+        530,
+        Some(&format!(
+            "NOT_ALLOWED - connection refused for user '{user}': user connection limit (1) is \
+             reached"
+        )),
+    );
+    let ch = within("channel.open", conn.create_channel())
+        .await
+        .expect("channel");
+    let q = broker.unique_name("none-allowed");
+    let err = expect_err(
+        "a queue in a vhost that allows none",
+        within(
+            "queue.declare",
+            ch.queue_declare(q.as_str().into(), Default::default(), FieldTable::default()),
+        )
+        .await,
+    );
+    assert_amqp_error(
+        &err,
+        406,
+        Some(&format!(
+            "PRECONDITION_FAILED - cannot declare queue '{q}': queue limit in vhost '{vhost}' \
+             (0) is reached"
+        )),
+    );
+    close_conn(&conn).await;
+}
