@@ -48,6 +48,10 @@ trap 'exit 130' INT TERM
 start() { # name command...
   local name=$1
   shift
+  # Emptied here, not only by the background job's redirection: await_line must not find
+  # the previous check's line in the file before the job has truncated it.
+  : >"$tmp/$name.out"
+  : >"$tmp/$name.err"
   timeout "$((4 * step_timeout))" "$@" >"$tmp/$name.out" 2>"$tmp/$name.err" &
   pids+=("$!")
   last_pid=$!
@@ -122,7 +126,10 @@ check() { # url
   [ "$got" = "$expected" ] ||
     fail "fib-client against rpc_server.py: got '$got', expected '$expected'"
   grep -q -- " \[\.\] fib($n)" "$tmp/py-server.out" || fail "rpc_server.py did not log fib($n)"
-  stop "$pid" || fail "rpc_server.py did not stop cleanly"
+  stop "$pid" || {
+    cat "$tmp/py-server.err" >&2
+    fail "rpc_server.py did not stop cleanly"
+  }
   log "  pika server + fib-client: fib($n) = $got"
   delete_rpc_queue "$url" || fail "cannot delete rpc_queue"
 
@@ -135,7 +142,10 @@ check() { # url
   grep -qx -- " \[\.\] Got $expected" <<<"$got" ||
     fail "rpc_client.py against fib-server: got '$got', expected ' [.] Got $expected'"
   grep -qx -- " \[\.\] fib($n)" "$tmp/fib-server.out" || fail "fib-server did not log fib($n)"
-  stop "$pid" || fail "fib-server did not stop cleanly"
+  stop "$pid" || {
+    cat "$tmp/fib-server.err" >&2
+    fail "fib-server did not stop cleanly"
+  }
   log "  fib-server + pika client: fib($n) = $expected"
   delete_rpc_queue "$url" || fail "cannot delete rpc_queue"
 }

@@ -2,7 +2,8 @@
 """The seed's RPC server (RabbitMQ tutorial, pika), indentation restored.
 
 Changes from the seed, all for running it in CI: the broker URL comes from AMQP_URL
-(default amqp://guest:guest@127.0.0.1:5672/%2F), and Ctrl-C/SIGTERM stop it quietly.
+(default amqp://guest:guest@127.0.0.1:5672/%2F), and Ctrl-C/SIGTERM stop it quietly (its
+consuming loop checks for them between events, instead of channel.start_consuming()).
 The wire behaviour is the seed's: queue 'rpc_queue', prefetch 1, reply to props.reply_to
 with the correlation_id copied, then ack.
 """
@@ -44,16 +45,24 @@ def on_request(ch, method, props, body):
     ch.basic_ack(delivery_tag=method.delivery_tag)
 
 
+# SIGTERM or Ctrl-C only ask the loop below to stop: an exception raised from the handler
+# could land inside pika's own I/O, and `timeout` (which CI runs this under) delivers its
+# SIGTERM twice, the second during connection.close().
+stopping = False
+
+
 def stop(signum, frame):
-    raise KeyboardInterrupt
+    global stopping
+    stopping = True
 
 
 signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
 channel.basic_qos(prefetch_count=1)
 channel.basic_consume(queue='rpc_queue', on_message_callback=on_request)
 print(" [x] Awaiting RPC requests")
-try:
-    channel.start_consuming()
-except KeyboardInterrupt:
-    connection.close()
-    sys.exit(0)
+# The seed's channel.start_consuming(), with a way out.
+while not stopping:
+    connection.process_data_events(time_limit=0.1)
+connection.close()
+sys.exit(0)
