@@ -1,14 +1,14 @@
 //! RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions` or the management UI's
-//! export, which `load_definitions` loads at a RabbitMQ node's start): users, vhosts,
-//! permissions, topic permissions, policies, queues, exchanges and bindings, loaded into a
-//! running broker in RabbitMQ's order.
+//! export, which `load_definitions` loads at a RabbitMQ node's start): users and their
+//! limits, vhosts, permissions, topic permissions, vhost limits, policies, queues, exchanges
+//! and bindings, loaded into a running broker in RabbitMQ's order.
 //!
 //! A user logs in with its exported `password_hash` (RabbitMQ's salted SHA-256, SHA-512 or
 //! MD5, as its `hashing_algorithm` or the exporting version says) or a `password` in the
 //! clear, never with an empty one; one that exists already gets the new one, as in
-//! RabbitMQ. Its tags and limits and runtime parameters
-//! (federation, shovels) are left out. A queue or exchange that exists
-//! already is left as it is. Each object is checked as a client's declaration of it would
+//! RabbitMQ, and its limits come along; its tags are left out. Of the runtime parameters only
+//! the vhosts' limits (`vhost-limits`) are loaded (federation, shovels and the like are left
+//! out). A queue or exchange that exists already is left as it is. Each object is checked as a client's declaration of it would
 //! be: the first refused stops the load, naming it, and what came before it stays
 //! (RabbitMQ's import is not atomic either); the users, permission patterns and policies
 //! are all parsed first, so one refused for its form stops the load before it has changed
@@ -50,6 +50,8 @@ pub struct LoadedDefinitions {
     pub permissions: usize,
     /// Topic permissions set (a user's on one exchange in one vhost).
     pub topic_permissions: usize,
+    /// Vhosts whose limits were set (the `vhost-limits` runtime parameter).
+    pub vhost_limits: usize,
 }
 
 /// Why definitions could not be loaded (entirely or from one object on).
@@ -174,16 +176,17 @@ pub(crate) fn load(
             .map_err(|e| refused(&what, e))?;
         loaded.permissions += 1;
     }
-    for (vhost, limits, what) in vhost_limits {
-        if !handle.set_vhost_limits(&vhost, limits) {
-            return Err(refused(&what, "no such vhost"));
-        }
-    }
     for (parsed, user, vhost, exchange, what) in topic_permissions {
         handle
             .change_topic_permissions(&vhost, &user, Some(&exchange), Some(parsed))
             .map_err(|e| refused(&what, e))?;
         loaded.topic_permissions += 1;
+    }
+    for (vhost, limits, what) in vhost_limits {
+        if !handle.set_vhost_limits(&vhost, limits) {
+            return Err(refused(&what, "no such vhost"));
+        }
+        loaded.vhost_limits += 1;
     }
     for (parsed, what) in policies {
         handle.set_policy(parsed).map_err(|e| refused(&what, e))?;

@@ -645,10 +645,12 @@ impl BrokerHandle {
     /// # }
     /// ```
     pub fn set_vhost_limits(&self, vhost: &str, limits: VhostLimits) -> bool {
-        let Some(vhost) = self.shared.vhost(vhost) else {
+        // Under the vhosts lock, so that a vhost deleted meanwhile is not reported set.
+        let vhosts = self.shared.vhosts_lock();
+        let Some(entry) = vhosts.get(vhost) else {
             return false;
         };
-        vhost.lock().limits = limits;
+        entry.vhost.lock().limits = limits;
         true
     }
 
@@ -659,8 +661,8 @@ impl BrokerHandle {
     /// (530 `number of channels opened for user 'u' has reached the maximum allowed user
     /// limit of (N)`). False if there is no such user.
     pub fn set_user_limits(&self, user: &str, limits: UserLimits) -> bool {
-        self.shared
-            .change_users(|users| users.set_limits(user, limits))
+        // Read at each connection.open and channel.open: no permissions to reread.
+        self.shared.users_lock().set_limits(user, limits)
     }
 
     /// Sets a user's topic permissions on an exchange in a vhost, as `rabbitmqctl

@@ -30,15 +30,26 @@ async fn a_vhost_refuses_connections_and_queues_beyond_its_limits() {
     let url = broker.url_for(&vhost);
     let conn = connect_to(&url).await;
     let err = refused_connection(&url).await;
-    let user = "guest";
-    assert_amqp_error(
-        &err,
-        530,
-        Some(&format!(
+    let vhost_refusal = |user: &str| {
+        format!(
             "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}': connection limit \
              (1) is reached"
-        )),
-    );
+        )
+    };
+    assert_amqp_error(&err, 530, Some(&vhost_refusal("guest")));
+    // The vhost's limit is checked before the user's.
+    let user = broker.unique_name("no-connections");
+    broker.add_user(&user, "secret").await;
+    broker
+        .set_permissions(&vhost, &user, ".*", ".*", ".*")
+        .await;
+    let none = UserLimits {
+        max_connections: Some(0),
+        ..Default::default()
+    };
+    broker.set_user_limits(&user, none).await;
+    let err = refused_connection(&broker.url_as(&user, "secret", &vhost)).await;
+    assert_amqp_error(&err, 530, Some(&vhost_refusal(&user)));
 
     let ch = within("channel.open", conn.create_channel())
         .await
@@ -83,6 +94,16 @@ async fn a_vhost_refuses_connections_and_queues_beyond_its_limits() {
 #[tokio::test]
 async fn a_user_is_refused_connections_and_channels_beyond_its_limits() {
     let broker = TestBroker::start().await;
+    // Another user's connection and channels, open first, do not count.
+    let other = broker.connect().await;
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        others.push(
+            within("channel.open", other.create_channel())
+                .await
+                .expect("channel"),
+        );
+    }
     let user = broker.unique_name("limited-user");
     broker.add_user(&user, "secret").await;
     let vhost = broker.vhost();
@@ -90,27 +111,26 @@ async fn a_user_is_refused_connections_and_channels_beyond_its_limits() {
         .set_permissions(&vhost, &user, ".*", ".*", ".*")
         .await;
     let limits = UserLimits {
-        max_connections: Some(1),
-        max_channels: Some(2),
+        max_connections: Some(2),
+        max_channels: Some(3),
     };
     broker.set_user_limits(&user, limits).await;
     let url = broker.url_as(&user, "secret", &vhost);
-    let conn = connect_to(&url).await;
+    let (first, second) = (connect_to(&url).await, connect_to(&url).await);
     let err = refused_connection(&url).await;
     assert_amqp_error(
         &err,
         530,
         Some(&format!(
-            "NOT_ALLOWED - connection refused for user '{user}': user connection limit (1) is \
+            "NOT_ALLOWED - connection refused for user '{user}': user connection limit (2) is \
              reached"
         )),
     );
-    // Another user's connections do not count.
-    let other = broker.connect().await;
 
-    // Kept: lapin closes a channel whose last handle is dropped.
+    // The channel limit counts the user's channels over both its connections. Kept open:
+    // lapin closes a channel whose last handle is dropped.
     let mut open = Vec::new();
-    for _ in 0..2 {
+    for conn in [&first, &first, &second] {
         let ch = within("channel.open", conn.create_channel())
             .await
             .expect("a channel within the limit");
@@ -118,20 +138,25 @@ async fn a_user_is_refused_connections_and_channels_beyond_its_limits() {
     }
     let err = expect_err(
         "a channel beyond the limit",
-        within("channel.open", conn.create_channel()).await,
+        within("channel.open", second.create_channel()).await,
     );
     assert_amqp_error(
         &err,
         530,
         Some(&format!(
             "NOT_ALLOWED - number of channels opened for user '{user}' has reached the maximum \
-             allowed user limit of (2)"
+             allowed user limit of (3)"
         )),
     );
-    assert!(!conn.status().connected(), "the connection is closed");
+    assert!(!second.status().connected(), "that connection is closed");
+    assert!(
+        first.status().connected(),
+        "the user's other connection goes on"
+    );
     within("channel.open", other.create_channel())
         .await
         .expect("the other user's connection goes on");
+    close_conn(&first).await;
     close_conn(&other).await;
 }
 

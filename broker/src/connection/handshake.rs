@@ -281,9 +281,16 @@ where
                 .into(),
         );
     };
-    // RabbitMQ's order: the vhost's connection limit, the user's, then the permission.
-    let (to_vhost, of_user) = shared.connection_counts(&vhost, &user);
+    // RabbitMQ's order: the vhost's connection limit, the user's, then the permission. The
+    // connections are counted only when there is a limit, and as registered now: two opens
+    // at the same moment may both pass (RabbitMQ's own count lags too).
     let vhost_limit = vhost.lock().limits.max_connections;
+    let user_limit = shared.user_limits(&user).max_connections;
+    let (to_vhost, of_user) = if vhost_limit.is_some() || user_limit.is_some() {
+        shared.connection_counts(&vhost, &user)
+    } else {
+        (0, 0)
+    };
     let refused = if let Some(max) = vhost_limit
         && limits::reached(max, to_vhost)
     {
@@ -291,7 +298,7 @@ where
             "access to vhost '{}' refused for user '{user}': connection limit ({max}) is reached",
             vhost.name
         ))
-    } else if let Some(max) = shared.user_limits(&user).max_connections
+    } else if let Some(max) = user_limit
         && limits::reached(max, of_user)
     {
         Some(format!(

@@ -2,6 +2,7 @@
 //! two directions of content: completing a publish and writing a delivery.
 
 use super::Resource;
+use super::exchange::exchange_resource;
 use super::queue::{generated_tag, integer_arg, queue_resource, usable_queue};
 use crate::channel::{Assembly, ChannelConsumer, Publication, Settle, SettleCount, Unacked};
 use crate::codec;
@@ -73,10 +74,12 @@ pub(crate) fn check_publish_exchange(
     }
     match state.exchanges.get(exchange) {
         None => Err(AmqpError::not_found(format!(
-            "no exchange '{exchange}' in vhost '{vhost}'"
+            "no {}",
+            exchange_resource(exchange, vhost)
         ))),
         Some(e) if e.internal => Err(AmqpError::access_refused(format!(
-            "cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"
+            "cannot publish to internal {}",
+            exchange_resource(exchange, vhost)
         ))),
         Some(_) => Ok(()),
     }

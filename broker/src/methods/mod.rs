@@ -71,14 +71,15 @@ impl Connection {
 
     /// 403 ACCESS_REFUSED unless the user's topic permissions allow publishing (`Write`) or
     /// binding (`Read`) with routing key `key` on `exchange`, if it is a topic exchange (and,
-    /// for a publish, not an internal one: that publish is refused as such).
+    /// for a publish, not an internal one: that publish is refused as such). Called right
+    /// after [`Connection::check_access`], which has reread the permissions. Only a user
+    /// with topic permissions on that exchange takes the vhost lock here.
     pub(crate) fn check_topic_access(
-        &mut self,
+        &self,
         access: Access,
         exchange: &str,
         key: &str,
     ) -> AmqpResult {
-        self.reread_permissions();
         let Some(permission) = self
             .tuning
             .topic_permissions
