@@ -6,8 +6,8 @@ use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection};
 use warren_harness::{TestBroker, connect_to};
 use warren_tests::{
-    assert_amqp_error, close_conn, confirm_channel, declare, expect_err, get_eventually,
-    publish_confirmed_to, within,
+    assert_amqp_error, close_conn, confirm_channel, declare, declare_with, expect_err,
+    get_eventually, publish_confirmed_to, within,
 };
 
 #[tokio::test]
@@ -279,15 +279,7 @@ async fn definitions_users_log_in_with_their_exported_hashes_and_get_their_permi
     let other = broker.unique_name("defs-other");
     let err = expect_err(
         "declaring a queue outside its configure pattern",
-        within(
-            "queue.declare",
-            ch.queue_declare(
-                other.as_str().into(),
-                Default::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await,
+        declare_with(&ch, &other, Default::default(), FieldTable::default()).await,
     );
     assert_amqp_error(
         &err,

@@ -7,7 +7,7 @@ use lapin::Connection;
 use lapin::types::FieldTable;
 use warren_broker::{UserLimits, VhostLimits};
 use warren_harness::{TestBroker, connect_to};
-use warren_tests::{assert_amqp_error, close_conn, declare, expect_err, within};
+use warren_tests::{assert_amqp_error, close_conn, declare, declare_with, expect_err, within};
 
 async fn refused_connection(url: &str) -> lapin::Error {
     expect_err(
@@ -59,15 +59,7 @@ async fn a_vhost_refuses_connections_and_queues_beyond_its_limits() {
     declare(&ch, &first).await; // a redeclare creates nothing
     let err = expect_err(
         "a queue beyond the limit",
-        within(
-            "queue.declare",
-            ch.queue_declare(
-                second.as_str().into(),
-                Default::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await,
+        declare_with(&ch, &second, Default::default(), FieldTable::default()).await,
     );
     assert_amqp_error(
         &err,
@@ -193,11 +185,7 @@ async fn limits_come_with_definitions() {
     let q = broker.unique_name("none-allowed");
     let err = expect_err(
         "a queue in a vhost that allows none",
-        within(
-            "queue.declare",
-            ch.queue_declare(q.as_str().into(), Default::default(), FieldTable::default()),
-        )
-        .await,
+        declare_with(&ch, &q, Default::default(), FieldTable::default()).await,
     );
     assert_amqp_error(
         &err,
