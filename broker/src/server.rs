@@ -149,15 +149,24 @@ impl BrokerShared {
         self.users_lock().authenticates(name, password)
     }
 
-    /// The version of the permissions (see [`BrokerShared::permissions`]): read it first,
+    /// The version of the permissions (see [`BrokerShared::access`]): read it first,
     /// then the permissions, and read them again once it has changed.
     pub(crate) fn permissions_version(&self) -> u64 {
         self.permissions_version.load(Ordering::Acquire)
     }
 
-    /// `user`'s permissions in `vhost`, if it has any.
-    pub(crate) fn permissions(&self, user: &str, vhost: &str) -> Option<Arc<Permissions>> {
-        self.users_lock().permissions(user, vhost)
+    /// `user`'s permissions and topic permissions in `vhost`, under one hold of the users
+    /// lock (`None`: no permissions, or no topic permissions).
+    pub(crate) fn access(
+        &self,
+        user: &str,
+        vhost: &str,
+    ) -> (Option<Arc<Permissions>>, Option<Arc<TopicPermissions>>) {
+        let users = self.users_lock();
+        (
+            users.permissions(user, vhost),
+            users.topic_permissions(user, vhost),
+        )
     }
 
     /// `user`'s limits.
@@ -168,12 +177,12 @@ impl BrokerShared {
     /// How many open connections are to `vhost` (this very vhost), and how many are `user`'s.
     pub(crate) fn connection_counts(&self, vhost: &Arc<Vhost>, user: &str) -> (usize, usize) {
         let connections = self.connections_lock();
-        let to_vhost = connections
-            .values()
-            .filter(|c| Arc::ptr_eq(&c.vhost, vhost))
-            .count();
-        let of_user = connections.values().filter(|c| c.user == user).count();
-        (to_vhost, of_user)
+        connections.values().fold((0, 0), |(to_vhost, of_user), c| {
+            (
+                to_vhost + usize::from(Arc::ptr_eq(&c.vhost, vhost)),
+                of_user + usize::from(c.user == user),
+            )
+        })
     }
 
     /// How many channels `user`'s connections other than `except` have open (as of their
@@ -184,15 +193,6 @@ impl BrokerShared {
             .filter(|(id, c)| **id != except && c.user == user)
             .map(|(_, c)| c.channels.load(Ordering::Relaxed))
             .sum()
-    }
-
-    /// `user`'s topic permissions in `vhost`, if any.
-    pub(crate) fn topic_permissions(
-        &self,
-        user: &str,
-        vhost: &str,
-    ) -> Option<Arc<TopicPermissions>> {
-        self.users_lock().topic_permissions(user, vhost)
     }
 
     /// Changes the users, and tells connections to reread their permissions.
@@ -715,7 +715,7 @@ impl BrokerHandle {
         self.change_topic_permissions(vhost, user, exchange, None)
     }
 
-    /// Sets or clears topic permissions, under the vhosts lock as permissions are.
+    /// Sets or clears topic permissions (see [`BrokerHandle::change_permissions`]).
     pub(crate) fn change_topic_permissions(
         &self,
         vhost: &str,
@@ -723,12 +723,9 @@ impl BrokerHandle {
         exchange: Option<&str>,
         permission: Option<TopicPermission>,
     ) -> Result<(), PermissionError> {
-        let vhosts = self.shared.vhosts_lock();
-        if !vhosts.contains_key(vhost) {
-            return Err(PermissionError::NoVhost(vhost.to_owned()));
-        }
-        self.shared
-            .change_users(|users| users.set_topic(user, vhost, exchange, permission))
+        self.change_in_vhost(vhost, |users| {
+            users.set_topic(user, vhost, exchange, permission)
+        })
     }
 
     /// Sets (`Some`) or clears (`None`) a user's permissions in a vhost.
@@ -738,13 +735,21 @@ impl BrokerHandle {
         user: &str,
         permissions: Option<Permissions>,
     ) -> Result<(), PermissionError> {
-        // Under the vhosts lock, so that a vhost deleted meanwhile leaves no permissions.
+        self.change_in_vhost(vhost, |users| users.set(user, vhost, permissions))
+    }
+
+    /// Changes the users' entries for `vhost` under the vhosts lock, so that a vhost deleted
+    /// meanwhile leaves none behind; `NoVhost` if there is no such vhost.
+    fn change_in_vhost(
+        &self,
+        vhost: &str,
+        change: impl FnOnce(&mut Users) -> Result<(), PermissionError>,
+    ) -> Result<(), PermissionError> {
         let vhosts = self.shared.vhosts_lock();
         if !vhosts.contains_key(vhost) {
             return Err(PermissionError::NoVhost(vhost.to_owned()));
         }
-        self.shared
-            .change_users(|users| users.set(user, vhost, permissions))
+        self.shared.change_users(change)
     }
 
     /// Loads RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions`): users (who

@@ -6,7 +6,7 @@ use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection};
 use warren_harness::{TestBroker, connect_to};
 use warren_tests::{
-    assert_amqp_error, close_conn, confirm_channel, declare, declare_with, expect_err,
+    assert_amqp_error, channel, close_conn, confirm_channel, declare, declare_with, expect_err,
     get_eventually, publish_confirmed_to, within,
 };
 
@@ -272,9 +272,7 @@ async fn definitions_users_log_in_with_their_exported_hashes_and_get_their_permi
     close_conn(&conn).await;
     // The permissions came along: app configures its queue and nothing else.
     let conn = connect_to(&broker.url_as(&app, "secret", &vhost)).await;
-    let ch = within("channel.open", conn.create_channel())
-        .await
-        .expect("channel");
+    let ch = channel(&conn).await;
     declare(&ch, &q).await;
     let other = broker.unique_name("defs-other");
     let err = expect_err(
@@ -289,9 +287,7 @@ async fn definitions_users_log_in_with_their_exported_hashes_and_get_their_permi
         )),
     );
     let admin = broker.connect().await;
-    let ch = within("channel.open", admin.create_channel())
-        .await
-        .expect("channel");
+    let ch = channel(&admin).await;
     within(
         "queue.delete",
         ch.queue_delete(q.as_str().into(), Default::default()),

@@ -20,8 +20,8 @@ use lapin::{
 use warren_harness::{TestBroker, connect_to};
 use warren_tests::raw::{Incoming, RawClient};
 use warren_tests::{
-    assert_amqp_error, assert_connection_closed, assert_connection_works, close_conn, declare,
-    expect_err, long_string, within,
+    assert_amqp_error, assert_connection_closed, assert_connection_works, channel, close_conn,
+    declare, declare_exchange, expect_err, long_string, within,
 };
 
 const PASSWORD: &str = "s3cret";
@@ -62,9 +62,7 @@ async fn a_user_without_permissions_in_a_vhost_cannot_open_it() {
     // Empty patterns open the vhost, and allow nothing in it.
     broker.set_permissions(&vhost, &user, "", "", "").await;
     let conn = connect_to(&url).await;
-    let ch = within("channel.open", conn.create_channel())
-        .await
-        .expect("channel");
+    let ch = channel(&conn).await;
     let q = broker.unique_name("perm-none");
     let err = expect_err(
         "queue.declare without configure permission",
@@ -119,9 +117,7 @@ impl Setup {
             .await;
         let conn = connect_to(&broker.url_as(&user, PASSWORD, &broker.vhost())).await;
         let admin_conn = broker.connect().await;
-        let admin = within("channel.open", admin_conn.create_channel())
-            .await
-            .expect("channel");
+        let admin = channel(&admin_conn).await;
         for suffix in ["w", "r", "x"] {
             declare(&admin, &format!("{p}-{suffix}")).await;
         }
@@ -139,9 +135,7 @@ impl Setup {
     }
 
     async fn channel(&self) -> Channel {
-        within("channel.open", self.conn.create_channel())
-            .await
-            .expect("channel")
+        channel(&self.conn).await
     }
 
     /// Asserts that `what` closed its channel with 403 naming `kind` `name`.
@@ -442,9 +436,7 @@ async fn exchange_operations_and_publishes_need_their_permission() {
     // An unknown exchange type is refused before the permission is looked at (503, which
     // closes the connection: a connection of its own).
     let conn = connect_to(&s.broker.url_as(&s.user, PASSWORD, &s.broker.vhost())).await;
-    let ch = within("channel.open", conn.create_channel())
-        .await
-        .expect("channel");
+    let ch = channel(&conn).await;
     let result = within(
         "exchange.declare",
         ch.exchange_declare(
@@ -466,9 +458,7 @@ async fn exchange_operations_and_publishes_need_their_permission() {
 
 /// basic.get from `q` on a new channel of `conn`.
 async fn get(conn: &Connection, q: &str) -> lapin::Result<Option<lapin::message::BasicGetMessage>> {
-    let ch = within("channel.open", conn.create_channel())
-        .await
-        .expect("channel");
+    let ch = channel(conn).await;
     within(
         "basic.get",
         ch.basic_get(q.into(), BasicGetOptions::default()),
@@ -483,9 +473,7 @@ async fn changed_permissions_apply_to_open_connections() {
     let vhost = broker.vhost();
     let q = broker.unique_name("perm-change");
     let admin = broker.connect().await;
-    let admin_ch = within("channel.open", admin.create_channel())
-        .await
-        .expect("channel");
+    let admin_ch = channel(&admin).await;
     declare(&admin_ch, &q).await;
     broker.set_permissions(&vhost, &user, "", "", ".*").await;
     let conn = connect_to(&broker.url_as(&user, PASSWORD, &vhost)).await;
@@ -643,24 +631,19 @@ async fn topic_permissions_limit_the_routing_keys_of_topic_exchanges() {
     let p = broker.unique_name("topic");
     let (topic, direct, q) = (format!("{p}-t"), format!("{p}-d"), format!("{p}-q"));
     let admin_conn = broker.connect().await;
-    let admin = within("channel.open", admin_conn.create_channel())
-        .await
-        .expect("channel");
+    let admin = channel(&admin_conn).await;
     for (name, kind) in [
         (&topic, ExchangeKind::Topic),
         (&direct, ExchangeKind::Direct),
     ] {
-        within(
-            "exchange.declare",
-            admin.exchange_declare(
-                name.as_str().into(),
-                kind,
-                ExchangeDeclareOptions::default(),
-                FieldTable::default(),
-            ),
+        declare_exchange(
+            &admin,
+            name,
+            kind,
+            Default::default(),
+            FieldTable::default(),
         )
-        .await
-        .expect("exchange.declare");
+        .await;
     }
     declare(&admin, &q).await;
     broker
@@ -670,11 +653,6 @@ async fn topic_permissions_limit_the_routing_keys_of_topic_exchanges() {
         .set_topic_permissions(&vhost, &user, &direct, "^a", "^r")
         .await;
     let conn = connect_to(&broker.url_as(&user, PASSWORD, &vhost)).await;
-    let channel = || async {
-        within("channel.open", conn.create_channel())
-            .await
-            .expect("channel")
-    };
     let refused_topic = |key: &str| {
         format!(
             "ACCESS_REFUSED - access to topic '{key}' in exchange '{topic}' in vhost '{vhost}' refused for user '{user}'"
@@ -682,15 +660,15 @@ async fn topic_permissions_limit_the_routing_keys_of_topic_exchanges() {
     };
 
     for key in ["a.1".to_owned(), format!("{user}.1")] {
-        let confirmation = publish(channel().await, &topic, &key).await;
+        let confirmation = publish(channel(&conn).await, &topic, &key).await;
         assert!(confirmation.is_ok_and(|c| c.is_ack()), "{key} is allowed");
     }
     let err = expect_err(
         "publishing b.1",
-        publish(channel().await, &topic, "b.1").await,
+        publish(channel(&conn).await, &topic, "b.1").await,
     );
     assert_amqp_error(&err, 403, Some(&refused_topic("b.1")));
-    let confirmation = publish(channel().await, &direct, "b.1").await;
+    let confirmation = publish(channel(&conn).await, &direct, "b.1").await;
     assert!(
         confirmation.is_ok_and(|c| c.is_ack()),
         "a direct exchange ignores topic permissions"
@@ -712,12 +690,12 @@ async fn topic_permissions_limit_the_routing_keys_of_topic_exchanges() {
             .await
         }
     };
-    bind(channel().await, "r.#")
+    bind(channel(&conn).await, "r.#")
         .await
         .expect("r.# may be bound");
-    let err = expect_err("binding a.#", bind(channel().await, "a.#").await);
+    let err = expect_err("binding a.#", bind(channel(&conn).await, "a.#").await);
     assert_amqp_error(&err, 403, Some(&refused_topic("a.#")));
-    let ch = channel().await;
+    let ch = channel(&conn).await;
     let result = within(
         "queue.unbind",
         ch.queue_unbind(
@@ -733,7 +711,7 @@ async fn topic_permissions_limit_the_routing_keys_of_topic_exchanges() {
         403,
         Some(&refused_topic("a.#")),
     );
-    let ch = channel().await;
+    let ch = channel(&conn).await;
     let result = within(
         "exchange.bind",
         ch.exchange_bind(
@@ -753,7 +731,7 @@ async fn topic_permissions_limit_the_routing_keys_of_topic_exchanges() {
 
     // Cleared, every key goes, on the open connection too.
     broker.clear_topic_permissions(&vhost, &user, &topic).await;
-    let confirmation = publish(channel().await, &topic, "b.1").await;
+    let confirmation = publish(channel(&conn).await, &topic, "b.1").await;
     assert!(confirmation.is_ok_and(|c| c.is_ack()), "b.1 once cleared");
 
     for name in [&topic, &direct] {

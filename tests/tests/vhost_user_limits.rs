@@ -7,7 +7,9 @@ use lapin::Connection;
 use lapin::types::FieldTable;
 use warren_broker::{UserLimits, VhostLimits};
 use warren_harness::{TestBroker, connect_to};
-use warren_tests::{assert_amqp_error, close_conn, declare, declare_with, expect_err, within};
+use warren_tests::{
+    assert_amqp_error, channel, close_conn, declare, declare_with, expect_err, within,
+};
 
 async fn refused_connection(url: &str) -> lapin::Error {
     expect_err(
@@ -51,9 +53,7 @@ async fn a_vhost_refuses_connections_and_queues_beyond_its_limits() {
     let err = refused_connection(&broker.url_as(&user, "secret", &vhost)).await;
     assert_amqp_error(&err, 530, Some(&vhost_refusal(&user)));
 
-    let ch = within("channel.open", conn.create_channel())
-        .await
-        .expect("channel");
+    let ch = channel(&conn).await;
     let (first, second) = (broker.unique_name("q1"), broker.unique_name("q2"));
     declare(&ch, &first).await;
     declare(&ch, &first).await; // a redeclare creates nothing
@@ -74,9 +74,7 @@ async fn a_vhost_refuses_connections_and_queues_beyond_its_limits() {
     broker
         .set_vhost_limits(&vhost, VhostLimits::default())
         .await;
-    let ch = within("channel.open", conn.create_channel())
-        .await
-        .expect("channel");
+    let ch = channel(&conn).await;
     declare(&ch, &second).await;
     let another = connect_to(&url).await;
     close_conn(&another).await;
@@ -90,11 +88,7 @@ async fn a_user_is_refused_connections_and_channels_beyond_its_limits() {
     let other = broker.connect().await;
     let mut others = Vec::new();
     for _ in 0..3 {
-        others.push(
-            within("channel.open", other.create_channel())
-                .await
-                .expect("channel"),
-        );
+        others.push(channel(&other).await);
     }
     let user = broker.unique_name("limited-user");
     broker.add_user(&user, "secret").await;
@@ -179,9 +173,7 @@ async fn limits_come_with_definitions() {
              reached"
         )),
     );
-    let ch = within("channel.open", conn.create_channel())
-        .await
-        .expect("channel");
+    let ch = channel(&conn).await;
     let q = broker.unique_name("none-allowed");
     let err = expect_err(
         "a queue in a vhost that allows none",

@@ -311,7 +311,8 @@ where
         return Err(AmqpError::not_allowed(text).during_ids(10, 40).into());
     }
     let permissions_version = shared.permissions_version();
-    let Some(permissions) = shared.permissions(&user, &vhost.name) else {
+    let (permissions, topic_permissions) = shared.access(&user, &vhost.name);
+    let Some(permissions) = permissions else {
         return Err(AmqpError::not_allowed(format!(
             "access to vhost '{}' refused for user '{user}'",
             vhost.name
@@ -319,7 +320,6 @@ where
         .during_ids(10, 40)
         .into());
     };
-    let topic_permissions = shared.topic_permissions(&user, &vhost.name);
     codec::write_method(
         &mut out,
         0,

@@ -62,9 +62,9 @@ impl Connection {
     fn reread_permissions(&mut self) {
         let version = self.shared.permissions_version();
         if version != self.tuning.permissions_version {
-            let (user, vhost) = (&self.tuning.user, &self.vhost.name);
-            self.tuning.permissions = self.shared.permissions(user, vhost);
-            self.tuning.topic_permissions = self.shared.topic_permissions(user, vhost);
+            let (permissions, topics) = self.shared.access(&self.tuning.user, &self.vhost.name);
+            self.tuning.permissions = permissions;
+            self.tuning.topic_permissions = topics;
             self.tuning.permissions_version = version;
         }
     }
