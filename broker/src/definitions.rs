@@ -6,7 +6,7 @@
 //! A user logs in with its exported `password_hash` (RabbitMQ's salted SHA-256, SHA-512 or
 //! MD5, as its `hashing_algorithm` or the exporting version says) or a `password` in the
 //! clear, never with an empty one; one that exists already gets the new one, as in
-//! RabbitMQ, and its limits come along; its tags are left out. Of the runtime parameters only
+//! RabbitMQ, and its tags and limits come along. Of the runtime parameters only
 //! the vhosts' limits (`vhost-limits`) are loaded (federation, shovels and the like are left
 //! out). A queue or exchange that exists already is left as it is. Each object is checked as a client's declaration of it would
 //! be: the first refused stops the load, naming it, and what came before it stays
@@ -115,7 +115,8 @@ pub(crate) fn load(
             }),
             None => None,
         };
-        users.push((credential(user, &what, version)?, limits, name));
+        let credential = credential(user, &what, version)?;
+        users.push((credential, user_tags(user, &what)?, limits, name));
     }
     // Of the runtime parameters, the vhosts' limits.
     let mut vhost_limits = Vec::new();
@@ -157,8 +158,8 @@ pub(crate) fn load(
         topic_permissions.push((parsed, user, vhost, exchange, what));
     }
     let mut loaded = LoadedDefinitions::default();
-    for (credential, limits, name) in users {
-        handle.put_user(&name, credential);
+    for (credential, tags, limits, name) in users {
+        handle.put_user(&name, credential, tags);
         if let Some(limits) = limits {
             handle.set_user_limits(&name, limits);
         }
@@ -314,6 +315,30 @@ fn credential(
             Credential::from_hash(algorithm, hash.unwrap_or_default())
                 .ok_or_else(|| refused(what, "password_hash is not base64"))
         }
+    }
+}
+
+/// A user's tags, read as RabbitMQ 3.10 reads them: a list (each tag trimmed), or (older
+/// exports) one string of comma-separated tags, or (the oldest) `"administrator": true`.
+fn user_tags(user: &Value, what: &str) -> Result<Vec<String>, DefinitionsError> {
+    let not_tags = || refused(what, "tags must be a list of strings or a string");
+    match user.get("tags") {
+        None => Ok(if user.get("administrator") == Some(&Value::Bool(true)) {
+            vec!["administrator".to_owned()]
+        } else {
+            Vec::new()
+        }),
+        Some(Value::String(tags)) => Ok(tags
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()),
+        Some(Value::Array(tags)) => tags
+            .iter()
+            .map(|t| t.as_str().map(|t| t.trim().to_owned()).ok_or_else(not_tags))
+            .collect(),
+        Some(_) => Err(not_tags()),
     }
 }
 

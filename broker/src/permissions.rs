@@ -165,6 +165,16 @@ struct UserEntry {
     topic_permissions: HashMap<String, Arc<TopicPermissions>>,
     /// Its limits (`rabbitmqctl set_user_limits`).
     limits: UserLimits,
+    /// Its tags (`rabbitmqctl set_user_tags`), as given.
+    tags: Vec<String>,
+}
+
+/// What a login's user tags grant, for the connection's life: as in RabbitMQ, tags are read
+/// at login, and a change of them applies to later logins.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Login {
+    /// Tagged `impersonator`: may publish with another user's name as `user_id`.
+    pub(crate) impersonator: bool,
 }
 
 /// Every user of a broker.
@@ -186,6 +196,7 @@ impl Users {
                     permissions: HashMap::new(),
                     topic_permissions: HashMap::new(),
                     limits: UserLimits::default(),
+                    tags: Vec::new(),
                 };
                 (u.name.clone(), entry)
             })
@@ -193,11 +204,25 @@ impl Users {
         Self { users }
     }
 
-    /// Whether `name` logs in with `password`.
-    pub(crate) fn authenticates(&self, name: &str, password: &str) -> bool {
-        self.users
+    /// Whether `name` logs in with `password`, and if so what its tags grant.
+    pub(crate) fn authenticate(&self, name: &str, password: &str) -> Option<Login> {
+        let user = self
+            .users
             .get(name)
-            .is_some_and(|u| u.credential.verifies(password))
+            .filter(|u| u.credential.verifies(password))?;
+        Some(Login {
+            impersonator: user.tags.iter().any(|t| t == "impersonator"),
+        })
+    }
+
+    /// `user`'s tags, if there is such a user.
+    pub(crate) fn tags(&self, user: &str) -> Option<&[String]> {
+        self.users.get(user).map(|u| u.tags.as_slice())
+    }
+
+    /// Replaces `user`'s tags; false if there is no such user.
+    pub(crate) fn set_tags(&mut self, user: &str, tags: Vec<String>) -> bool {
+        self.users.get_mut(user).map(|u| u.tags = tags).is_some()
     }
 
     /// The users' names, sorted.
@@ -222,15 +247,18 @@ impl Users {
         if self.users.contains_key(name) {
             return false;
         }
-        self.put(name, Credential::Password(password.to_owned()));
+        self.put(name, Credential::Password(password.to_owned()), Vec::new());
         true
     }
 
-    /// Adds a user without permissions, or gives an existing one a new credential (keeping
-    /// its permissions), as a definitions import does.
-    pub(crate) fn put(&mut self, name: &str, credential: Credential) {
+    /// Adds a user without permissions, or gives an existing one a new credential and tags
+    /// (keeping its permissions and limits), as a definitions import does.
+    pub(crate) fn put(&mut self, name: &str, credential: Credential, tags: Vec<String>) {
         match self.users.get_mut(name) {
-            Some(user) => user.credential = credential,
+            Some(user) => {
+                user.credential = credential;
+                user.tags = tags;
+            }
             None => {
                 let entry = UserEntry {
                     credential,
@@ -238,6 +266,7 @@ impl Users {
                     permissions: HashMap::new(),
                     topic_permissions: HashMap::new(),
                     limits: UserLimits::default(),
+                    tags,
                 };
                 self.users.insert(name.to_owned(), entry);
             }
@@ -409,8 +438,8 @@ mod tests {
         users.vhost_added("/");
         assert!(users.add("probe", "secret"));
         assert!(!users.add("probe", "other"), "exists");
-        assert!(users.authenticates("probe", "secret"));
-        assert!(!users.authenticates("probe", "guest"));
+        assert!(users.authenticate("probe", "secret").is_some());
+        assert!(users.authenticate("probe", "guest").is_none());
         users.vhost_added("v");
         assert!(users.permissions("guest", "v").is_some());
         assert!(users.permissions("probe", "v").is_none());

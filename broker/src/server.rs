@@ -10,7 +10,9 @@ use crate::error::AmqpError;
 use crate::inspect::{ConnectionInfo, MessageInfo, QueueInfo};
 use crate::limits::{UserLimits, VhostLimits};
 use crate::mailbox::{Mailbox, Outbound};
-use crate::permissions::{PermissionError, Permissions, TopicPermission, TopicPermissions, Users};
+use crate::permissions::{
+    Login, PermissionError, Permissions, TopicPermission, TopicPermissions, Users,
+};
 use crate::policy::{Policy, PolicyError};
 use crate::queue::ConnId;
 use crate::trace::{Trace, TraceEntry};
@@ -145,8 +147,8 @@ impl BrokerShared {
     }
 
     /// Whether `name` logs in with `password`.
-    pub(crate) fn authenticates(&self, name: &str, password: &str) -> bool {
-        self.users_lock().authenticates(name, password)
+    pub(crate) fn authenticate(&self, name: &str, password: &str) -> Option<Login> {
+        self.users_lock().authenticate(name, password)
     }
 
     /// The version of the permissions (see [`BrokerShared::access`]): read it first,
@@ -588,10 +590,39 @@ impl BrokerHandle {
         self.shared.users_lock().names()
     }
 
-    /// Adds a user, or gives an existing one a new credential (a definitions import).
-    pub(crate) fn put_user(&self, name: &str, credential: Credential) {
+    /// Adds a user, or gives an existing one a new credential and tags (a definitions
+    /// import).
+    pub(crate) fn put_user(&self, name: &str, credential: Credential, tags: Vec<String>) {
         self.shared
-            .change_users(|users| users.put(name, credential));
+            .change_users(|users| users.put(name, credential, tags));
+    }
+
+    /// Replaces a user's tags, as `rabbitmqctl set_user_tags USER TAG...` does (an empty
+    /// list clears them). False if there is no such user.
+    ///
+    /// Of RabbitMQ's tags only `impersonator` changes what a client may do: its connections
+    /// may publish with a `user_id` property other than their own user's name (any other
+    /// user gets 406 PRECONDITION_FAILED). Tags are compared exactly (`Impersonator` is
+    /// another tag), and, as in RabbitMQ, they are read at login: a connection keeps the
+    /// tags its user had when it opened.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let broker = warren_broker::Broker::start(Default::default()).await.unwrap();
+    /// assert!(broker.add_user("relay", "secret"));
+    /// assert!(broker.set_user_tags("relay", &["impersonator", "monitoring"]));
+    /// assert_eq!(broker.user_tags("relay").unwrap(), ["impersonator", "monitoring"]);
+    /// assert!(!broker.set_user_tags("nobody", &[]));
+    /// # }
+    /// ```
+    pub fn set_user_tags(&self, user: &str, tags: &[&str]) -> bool {
+        let tags = tags.iter().map(|t| (*t).to_owned()).collect();
+        self.shared.users_lock().set_tags(user, tags)
+    }
+
+    /// A user's tags, as given (`None` if there is no such user).
+    pub fn user_tags(&self, user: &str) -> Option<Vec<String>> {
+        self.shared.users_lock().tags(user).map(<[String]>::to_vec)
     }
 
     /// Deletes a user, as `rabbitmqctl delete_user` does: its connections are closed with

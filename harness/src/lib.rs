@@ -622,6 +622,26 @@ impl TestBroker {
         }
     }
 
+    /// Replaces a user's tags, as `rabbitmqctl set_user_tags USER TAG...` does (none clears
+    /// them). Of the tags only `impersonator` changes what a client may do (publish with
+    /// another user's name as `user_id`), and a connection keeps the tags its user had when
+    /// it opened. See [`BrokerHandle::set_user_tags`].
+    ///
+    /// # Panics
+    /// When there is no such user (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn set_user_tags(&self, user: &str, tags: &[&str]) {
+        match &self.embedded {
+            Some(handle) => assert!(handle.set_user_tags(user, tags), "no user {user}"),
+            None => {
+                let args: Vec<&str> = ["set_user_tags", user]
+                    .into_iter()
+                    .chain(tags.iter().copied())
+                    .collect();
+                run_or_panic(&args).await;
+            }
+        }
+    }
+
     /// Sets a user's topic permissions on an exchange in a vhost, as `rabbitmqctl
     /// set_topic_permissions` does (on a topic exchange, the routing keys it may publish
     /// with and bind with; `{username}` and `{vhost}` are expanded). See

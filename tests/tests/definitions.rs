@@ -5,6 +5,7 @@
 use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection};
 use warren_harness::{TestBroker, connect_to};
+use warren_tests::raw::RawClient;
 use warren_tests::{
     assert_amqp_error, channel, close_conn, confirm_channel, declare, declare_with, expect_err,
     get_eventually, publish_confirmed_to, within,
@@ -109,6 +110,11 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
         (
             r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p"}]}"#,
             "user 'u': tags_not_present",
+        ),
+        (
+            // RabbitMQ 3.10.8: function_clause.
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p", "tags": 5}]}"#,
+            "user 'u': tags must be a list of strings or a string",
         ),
         (
             r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password_hash": "not base64!", "tags": []}]}"#,
@@ -296,4 +302,86 @@ async fn definitions_users_log_in_with_their_exported_hashes_and_get_their_permi
     .expect("queue.delete");
     close_conn(&admin).await;
     close_conn(&conn).await;
+}
+
+/// Users' tags come along, in each form RabbitMQ 3.10.8 reads (probed): a list (each tag
+/// trimmed), a comma-separated string, or the oldest exports' `"administrator": true`; an
+/// import replaces an existing user's tags. What a client sees of them: a user tagged
+/// `impersonator` may publish with another user's name as `user_id`.
+#[tokio::test]
+async fn definitions_users_bring_their_tags() {
+    let broker = TestBroker::start().await;
+    let vhost = broker.vhost();
+    let [listed, spaced, joined, untagged, replaced] =
+        ["list", "spaced", "joined", "untagged", "replaced"]
+            .map(|n| broker.unique_name(&format!("defs-tags-{n}")));
+    let users = [
+        (&listed, r#"["monitoring", "impersonator"]"#),
+        (&spaced, r#"[" impersonator "]"#),
+        (&joined, r#""management, impersonator""#),
+        (&untagged, r#""""#),
+        (&replaced, r#"["impersonator"]"#),
+    ];
+    let definitions = |users: &[(&String, &str)]| {
+        let users: Vec<String> = users
+            .iter()
+            .map(|(name, tags)| format!(r#"{{"name": "{name}", "password": "p", "tags": {tags}}}"#))
+            .collect();
+        format!(r#"{{"users": [{}]}}"#, users.join(", "))
+    };
+    broker.load_definitions(&definitions(&users)).await;
+    // The second import of `replaced` drops its tag.
+    broker
+        .load_definitions(&definitions(&[(&replaced, r#""monitoring""#)]))
+        .await;
+    let q = broker.unique_name("defs-tags-q");
+    let admin_conn = broker.connect().await;
+    let admin = channel(&admin_conn).await;
+    declare(&admin, &q).await;
+    for (user, impersonator) in [
+        (&listed, true),
+        (&spaced, true),
+        (&joined, true),
+        (&untagged, false),
+        (&replaced, false),
+    ] {
+        broker.set_permissions(&vhost, user, ".*", ".*", ".*").await;
+        let mut c = RawClient::open_on_channel(&broker.url_as(user, "p", &vhost), 1).await;
+        let as_someone_else = amq_protocol::protocol::basic::AMQPProperties::default()
+            .with_user_id("someone-else".into());
+        c.publish_full(1, "", &q, false, b"m", as_someone_else)
+            .await;
+        if impersonator {
+            get_eventually(&admin, &q, true).await;
+        } else {
+            c.expect_channel_close(
+                1,
+                406,
+                Some(&format!(
+                    "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated user was '{user}'"
+                )),
+            )
+            .await;
+        }
+        c.close().await;
+    }
+    if let Some(handle) = broker.embedded() {
+        assert_eq!(
+            handle.user_tags(&listed).unwrap(),
+            ["monitoring", "impersonator"]
+        );
+        assert_eq!(handle.user_tags(&spaced).unwrap(), ["impersonator"]);
+        assert_eq!(
+            handle.user_tags(&joined).unwrap(),
+            ["management", "impersonator"]
+        );
+        assert!(handle.user_tags(&untagged).unwrap().is_empty());
+        assert_eq!(handle.user_tags(&replaced).unwrap(), ["monitoring"]);
+        let oldest = r#"{"users": [{"name": "old-admin", "password": "p", "administrator": true},
+                                   {"name": "old-user", "password": "p", "administrator": false}]}"#;
+        handle.load_definitions(oldest).expect("loaded");
+        assert_eq!(handle.user_tags("old-admin").unwrap(), ["administrator"]);
+        assert!(handle.user_tags("old-user").unwrap().is_empty());
+    }
+    close_conn(&admin_conn).await;
 }

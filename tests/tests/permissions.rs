@@ -21,7 +21,7 @@ use warren_harness::{TestBroker, connect_to};
 use warren_tests::raw::{Incoming, RawClient};
 use warren_tests::{
     assert_amqp_error, assert_connection_closed, assert_connection_works, channel, close_conn,
-    declare, declare_exchange, expect_err, long_string, within,
+    declare, declare_exchange, expect_err, get_eventually, long_string, within,
 };
 
 const PASSWORD: &str = "s3cret";
@@ -749,5 +749,72 @@ async fn topic_permissions_limit_the_routing_keys_of_topic_exchanges() {
     .await
     .expect("queue.delete");
     close_conn(&conn).await;
+    close_conn(&admin_conn).await;
+}
+
+/// A user tagged `impersonator` may publish with another user's name as `user_id`; without
+/// the tag that is 406. As probed on RabbitMQ 3.10.8: tags are read at login (a connection
+/// opened before the tag was set is still refused, and one opened before it was cleared
+/// still may), compared exactly (`Impersonator` is another tag), and the message keeps the
+/// `user_id` it was published with.
+#[tokio::test]
+async fn an_impersonator_may_publish_as_another_user_from_its_next_login() {
+    let broker = TestBroker::start().await;
+    let vhost = broker.vhost();
+    let user = new_user(&broker).await;
+    broker
+        .set_permissions(&vhost, &user, ".*", ".*", ".*")
+        .await;
+    let url = broker.url_as(&user, PASSWORD, &vhost);
+    let q = broker.unique_name("impersonated");
+    let admin_conn = broker.connect().await;
+    let admin = channel(&admin_conn).await;
+    declare(&admin, &q).await;
+    let as_someone_else = amq_protocol::protocol::basic::AMQPProperties::default()
+        .with_user_id("someone-else".into());
+    let refused_text = format!(
+        "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated user was '{user}'"
+    );
+    let expect_refused = async |c: &mut RawClient| {
+        c.open_channel(1).await;
+        c.publish_full(1, "", &q, false, b"m", as_someone_else.clone())
+            .await;
+        c.expect_channel_close(1, 406, Some(&refused_text)).await;
+    };
+    // A channel of its own each time: the one it published on stays open.
+    let expect_accepted = async |c: &mut RawClient, ch: u16| {
+        c.open_channel(ch).await;
+        c.publish_full(ch, "", &q, false, b"m", as_someone_else.clone())
+            .await;
+        let got = get_eventually(&admin, &q, true).await;
+        assert_eq!(
+            got.delivery
+                .properties
+                .user_id()
+                .as_ref()
+                .map(|u| u.as_str()),
+            Some("someone-else")
+        );
+    };
+
+    let mut before_tag = RawClient::open(&url).await;
+    expect_refused(&mut before_tag).await;
+    broker
+        .set_user_tags(&user, &["monitoring", "impersonator"])
+        .await;
+    expect_refused(&mut before_tag).await;
+    let mut tagged = RawClient::open(&url).await;
+    expect_accepted(&mut tagged, 1).await;
+
+    broker.set_user_tags(&user, &["Impersonator"]).await;
+    expect_accepted(&mut tagged, 2).await;
+    let mut wrong_case = RawClient::open(&url).await;
+    expect_refused(&mut wrong_case).await;
+    broker.set_user_tags(&user, &[]).await;
+    let mut untagged = RawClient::open(&url).await;
+    expect_refused(&mut untagged).await;
+    for c in [before_tag, tagged, wrong_case, untagged] {
+        c.close().await;
+    }
     close_conn(&admin_conn).await;
 }

@@ -4,7 +4,7 @@
 use crate::codec::{self, Frame, PROTOCOL_HEADER};
 use crate::error::{AmqpError, AmqpResult};
 use crate::limits;
-use crate::permissions::{Permissions, TopicPermissions};
+use crate::permissions::{Login, Permissions, TopicPermissions};
 use crate::server::BrokerShared;
 use crate::vhost::Vhost;
 use amq_protocol::protocol::{AMQPClass, connection};
@@ -24,6 +24,8 @@ pub(crate) struct Tuning {
     pub(crate) heartbeat: u16,
     /// Who logged in.
     pub(crate) user: String,
+    /// What its tags granted at login.
+    pub(crate) login: Login,
     /// The client's product name, for logs.
     pub(crate) client: String,
     /// The name the client gave its connection (client property `connection_name`), if any.
@@ -218,7 +220,7 @@ where
     let blocked_notify = client_capability(&start_ok.client_properties, "connection.blocked");
     let failure_close =
         client_capability(&start_ok.client_properties, "authentication_failure_close");
-    let user = authenticate(shared, &start_ok).map_err(|e| {
+    let (user, login) = authenticate(shared, &start_ok).map_err(|e| {
         // An unknown mechanism is closed without a word whatever the client's capabilities,
         // as RabbitMQ does.
         if failure_close && e.code == 403 {
@@ -331,6 +333,7 @@ where
         channel_max,
         heartbeat: tune_ok.heartbeat,
         user,
+        login,
         client,
         name,
         cancel_notify,
@@ -359,8 +362,11 @@ fn check_negotiated(field: &str, min: u64, server: u64, client: u64) -> AmqpResu
     Ok(())
 }
 
-/// Checks the credentials of start-ok; returns the user name.
-fn authenticate(shared: &BrokerShared, start_ok: &connection::StartOk) -> AmqpResult<String> {
+/// Checks the credentials of start-ok; returns the user name and what its tags grant.
+fn authenticate(
+    shared: &BrokerShared,
+    start_ok: &connection::StartOk,
+) -> AmqpResult<(String, Login)> {
     let mechanism = start_ok.mechanism.as_str();
     let credentials = match mechanism {
         "PLAIN" => parse_plain(start_ok.response.as_bytes()),
@@ -378,11 +384,12 @@ fn authenticate(shared: &BrokerShared, start_ok: &connection::StartOk) -> AmqpRe
         ))
     };
     let (name, password) = credentials.ok_or_else(refused)?;
-    if shared.authenticates(&name, &password) {
-        Ok(name)
-    } else {
-        tracing::warn!(user = %name, mechanism, "login refused: wrong user name or password");
-        Err(refused())
+    match shared.authenticate(&name, &password) {
+        Some(login) => Ok((name, login)),
+        None => {
+            tracing::warn!(user = %name, mechanism, "login refused: wrong user name or password");
+            Err(refused())
+        }
     }
 }
 
