@@ -890,14 +890,17 @@ impl BrokerHandle {
             .unwrap_or_default()
     }
 
-    /// Closes a connection with connection.close (code and text), as an operator would with
-    /// `rabbitmqctl close_connection`. Returns false if there is no such connection.
-    pub fn close_connection(&self, id: u64, code: u16, text: &str) -> bool {
+    /// Closes a connection with connection.close, as an operator would with `rabbitmqctl
+    /// close_connection`: `code` and its name go before `reason`, as in every reply text
+    /// (320 and "maintenance" send `CONNECTION_FORCED - maintenance`, what RabbitMQ sends for
+    /// `rabbitmqctl close_connection PID maintenance`). Returns false if there is no such
+    /// connection. [`BrokerHandle::connections`] lists their ids.
+    pub fn close_connection(&self, id: u64, code: u16, reason: &str) -> bool {
         let map = self.shared.connections_lock();
         let Some(entry) = map.get(&id) else {
             return false;
         };
-        let error = AmqpError::new(crate::error::Scope::Connection, code, text);
+        let error = AmqpError::new(crate::error::Scope::Connection, code, reason);
         entry.mailbox.send(Outbound::Close(error)).is_ok()
     }
 

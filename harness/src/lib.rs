@@ -186,6 +186,50 @@ impl TestBroker {
         .ok()
     }
 
+    /// Closes the connection named `name` (see [`TestBroker::connect_named`]) as an operator's
+    /// `rabbitmqctl close_connection` does, on both targets: its client gets connection.close
+    /// 320 `CONNECTION_FORCED - {reason}`, and its unacknowledged messages go back to their
+    /// queues. For what a service does when RabbitMQ drops it; for a fault below AMQP (a cut
+    /// or stalled socket) see [`TestBroker::proxy`].
+    ///
+    /// ```no_run
+    /// # async fn f() {
+    /// let broker = warren_harness::TestBroker::start().await;
+    /// let service = broker.connect_named("billing").await;
+    /// broker.close_connection("billing", "maintenance").await;
+    /// // The service's next operation fails with 320 CONNECTION_FORCED - maintenance.
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// When no connection of that name is listed within [`DEFAULT_TIMEOUT`] (or, externally,
+    /// `rabbitmqctl` cannot be run).
+    pub async fn close_connection(&self, name: &str, reason: &str) {
+        match &self.embedded {
+            Some(handle) => {
+                let id = self
+                    .connection_id(name)
+                    .await
+                    .unwrap_or_else(|| panic!("no connection named '{name}'"));
+                // false: it closed on its own since it was listed, which is what was asked.
+                handle.close_connection(id, 320, reason);
+            }
+            None => {
+                let pid = wait_until(
+                    &format!("connection '{name}' is listed"),
+                    DEFAULT_TIMEOUT,
+                    || async {
+                        rabbitmqctl::connection_pid(name)
+                            .await
+                            .ok_or_else(|| "not listed".to_owned())
+                    },
+                )
+                .await;
+                run_or_panic(&["close_connection", &pid, reason]).await;
+            }
+        }
+    }
+
     /// A name with a random suffix, so tests sharing one external broker never collide. On an
     /// external broker, a queue or exchange of that name is deleted when the `TestBroker` is
     /// dropped, even if the test failed.

@@ -1,4 +1,5 @@
-//! Policies, vhosts, users and permissions on an external RabbitMQ, through `rabbitmqctl`
+//! Policies, vhosts, users, permissions and connections on an external RabbitMQ, through
+//! `rabbitmqctl`
 //! (the management plugin may be off; `rabbitmqctl` is always there beside the node). `WARREN_RABBITMQCTL` replaces the command,
 //! e.g. `docker exec rabbit rabbitmqctl`.
 
@@ -26,6 +27,15 @@ fn command() -> Vec<String> {
 /// # Panics
 /// When the command cannot be run or takes longer than [`TIMEOUT`].
 pub(crate) async fn run(args: &[&str]) -> Result<(), PolicyError> {
+    output(args).await.map(drop)
+}
+
+/// Runs `rabbitmqctl` with `args` and returns what it printed; its refusal becomes the
+/// [`PolicyError`] it stands for.
+///
+/// # Panics
+/// As [`run`].
+async fn output(args: &[&str]) -> Result<String, PolicyError> {
     let command = command();
     let run = tokio::process::Command::new(&command[0])
         .args(&command[1..])
@@ -38,7 +48,7 @@ pub(crate) async fn run(args: &[&str]) -> Result<(), PolicyError> {
         Err(_) => panic!("{command:?} {args:?} took over {TIMEOUT:?}"),
     };
     if output.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
     let text = String::from_utf8_lossy(&output.stderr).trim().to_owned();
     Err(if text.contains("Parameter does not exist") {
@@ -52,6 +62,31 @@ pub(crate) async fn run(args: &[&str]) -> Result<(), PolicyError> {
         PolicyError::InvalidPattern(text)
     } else {
         PolicyError::InvalidDefinition(text)
+    })
+}
+
+/// The pid (as `close_connection` takes it) of the connection whose client property
+/// `connection_name` is `name`, if RabbitMQ lists one.
+///
+/// # Panics
+/// As [`run`], and when `rabbitmqctl list_connections` is refused.
+pub(crate) async fn connection_pid(name: &str) -> Option<String> {
+    let listing = output(&[
+        "list_connections",
+        "pid",
+        "client_properties",
+        "--quiet",
+        "--no-table-headers",
+    ])
+    .await
+    .unwrap_or_else(|e| panic!("rabbitmqctl list_connections: {e}"));
+    // Each line: `<rabbit@host.1.2.0>\t[{"product","lapin"},...,{"connection_name","NAME"}]`,
+    // strings as Erlang prints them.
+    let escaped = name.replace('\\', "\\\\").replace('"', "\\\"");
+    let property = format!("{{\"connection_name\",\"{escaped}\"}}");
+    listing.lines().find_map(|line| {
+        let (pid, properties) = line.split_once('\t')?;
+        properties.contains(&property).then(|| pid.to_owned())
     })
 }
 

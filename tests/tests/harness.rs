@@ -1,12 +1,14 @@
 //! The harness itself, on both targets: waits, the fault-injection proxy, cleanup of unique
-//! names, and (embedded only) forced connection closes and inspection.
+//! names, forced connection closes, and (embedded only) inspection.
 
 use futures_util::StreamExt;
 use lapin::options::BasicQosOptions;
 use lapin::{Channel, Connection};
 use std::time::Duration;
 use warren_harness::{DEFAULT_TIMEOUT, Flow, TestBroker, connect_to, wait_until, within};
-use warren_tests::{consume, declare, publish};
+use warren_tests::{
+    ErrorEvents, assert_amqp_error, close_conn, consume, declare, get_eventually, publish,
+};
 
 async fn consumer(conn: &Connection, queue: &str) -> (Channel, lapin::Consumer) {
     let ch = warren_tests::channel(conn).await;
@@ -147,6 +149,40 @@ async fn external_only_unique_names_are_deleted_at_the_end() {
     );
 }
 
+/// `TestBroker::close_connection` closes a named connection as `rabbitmqctl
+/// close_connection` does, on both targets: its client gets 320 with the reason, its
+/// unacknowledged message goes back to the queue flagged redelivered, and other connections
+/// carry on.
+#[tokio::test]
+async fn close_connection_forces_a_named_connection_closed() {
+    let broker = TestBroker::start().await;
+    let name = broker.unique_name("service");
+    let queue = broker.unique_name("harness-forced");
+    let other = broker.connect().await;
+    let other_ch = warren_tests::channel(&other).await;
+    declare(&other_ch, &queue).await;
+    publish(&other_ch, &queue, b"job").await;
+    let service = broker.connect_named(&name).await;
+    let mut events = ErrorEvents::new(&service);
+    let (_ch, mut deliveries) = consumer(&service, &queue).await;
+    let job = within("the job", deliveries.next())
+        .await
+        .expect("a delivery")
+        .expect("a delivery");
+    assert!(!job.redelivered);
+
+    broker.close_connection(&name, "closed by the test").await;
+    assert_amqp_error(
+        &events.next_error().await,
+        320,
+        Some("CONNECTION_FORCED - closed by the test"),
+    );
+    let again = get_eventually(&other_ch, &queue, true).await;
+    assert_eq!(again.delivery.data, b"job");
+    assert!(again.delivery.redelivered, "the unacked job came back");
+    close_conn(&other).await;
+}
+
 #[tokio::test]
 #[cfg_attr(warren_external, ignore = "embedded only")]
 async fn embedded_only_forced_close_reaches_the_client_with_its_code() {
@@ -161,7 +197,7 @@ async fn embedded_only_forced_close_reaches_the_client_with_its_code() {
             .ok_or("none yet".to_owned())
     })
     .await;
-    assert!(handle.close_connection(id, 320, "CONNECTION_FORCED - closed by the test"));
+    assert!(handle.close_connection(id, 320, "closed by the test"));
     let ch = within("the next operation", conn.create_channel()).await;
     assert!(ch.is_err(), "the connection is closed");
     wait_until(
@@ -193,7 +229,7 @@ async fn embedded_only_a_named_connection_is_found_by_its_name() {
         named.contains(&(false, None)),
         "a connection without a name has none"
     );
-    assert!(handle.close_connection(id, 320, "CONNECTION_FORCED - closed by the test"));
+    assert!(handle.close_connection(id, 320, "closed by the test"));
     let ch = within("the next operation", worker.create_channel()).await;
     assert!(ch.is_err(), "the named connection is closed");
 }
