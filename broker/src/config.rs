@@ -5,8 +5,9 @@ use std::time::Duration;
 /// A user allowed to log in (PLAIN or AMQPLAIN).
 ///
 /// ```
-/// let user = warren_broker::User::new("guest", "guest");
-/// assert_eq!(user.name, "guest");
+/// let user = warren_broker::User::new("relay", "secret").with_tags(&["impersonator"]);
+/// assert_eq!(user.name, "relay");
+/// assert_eq!(warren_broker::User::guest().tags, ["administrator"]);
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct User {
@@ -14,15 +15,31 @@ pub struct User {
     pub name: String,
     /// Password, compared as given. Never logged.
     pub password: String,
+    /// Its tags, as `rabbitmqctl set_user_tags` gives them: of RabbitMQ's tags only
+    /// `impersonator` changes what a client may do (see
+    /// [`crate::BrokerHandle::set_user_tags`]).
+    pub tags: Vec<String>,
 }
 
 impl User {
-    /// A user with this name and password.
+    /// A user with this name and password, and no tags.
     pub fn new(name: impl Into<String>, password: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             password: password.into(),
+            tags: Vec::new(),
         }
+    }
+
+    /// RabbitMQ's default user: `guest`, password `guest`, tagged `administrator`.
+    pub fn guest() -> Self {
+        Self::new("guest", "guest").with_tags(&["administrator"])
+    }
+
+    /// The same user with these tags instead of its own.
+    pub fn with_tags(mut self, tags: &[&str]) -> Self {
+        self.tags = tags.iter().map(|t| (*t).to_owned()).collect();
+        self
     }
 }
 
@@ -31,6 +48,7 @@ impl std::fmt::Debug for User {
         f.debug_struct("User")
             .field("name", &self.name)
             .field("password", &"<redacted>")
+            .field("tags", &self.tags)
             .finish()
     }
 }
@@ -89,7 +107,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:0".to_owned(),
-            users: vec![User::new("guest", "guest")],
+            users: vec![User::guest()],
             vhosts: Vec::new(),
             frame_max: 131_072,
             channel_max: 2047,

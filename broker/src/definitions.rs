@@ -318,25 +318,32 @@ fn credential(
     }
 }
 
-/// A user's tags, read as RabbitMQ 3.10 reads them: a list (each tag trimmed), or (older
-/// exports) one string of comma-separated tags, or (the oldest) `"administrator": true`.
+/// A user's tags, read as RabbitMQ 3.10.8 reads them (probed): a list of strings, integers
+/// or booleans (each written as text, spaces stripped from the ends), or (older exports) one
+/// string of comma-separated tags (none if it is empty; spaces stripped, empty ones kept), or
+/// (the oldest) `"administrator": true` (or `"true"`).
 fn user_tags(user: &Value, what: &str) -> Result<Vec<String>, DefinitionsError> {
+    let strip = |tag: &str| tag.trim_matches(' ').to_owned();
+    // RabbitMQ: function_clause.
     let not_tags = || refused(what, "tags must be a list of strings or a string");
     match user.get("tags") {
-        None => Ok(if user.get("administrator") == Some(&Value::Bool(true)) {
-            vec!["administrator".to_owned()]
-        } else {
-            Vec::new()
-        }),
-        Some(Value::String(tags)) => Ok(tags
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .collect()),
+        None => match user.get("administrator") {
+            None | Some(Value::Bool(false)) => Ok(Vec::new()),
+            Some(Value::Bool(true)) => Ok(vec!["administrator".to_owned()]),
+            Some(Value::String(flag)) if flag == "true" => Ok(vec!["administrator".to_owned()]),
+            Some(Value::String(flag)) if flag == "false" => Ok(Vec::new()),
+            Some(other) => Err(refused(what, format!("{{not_boolean,{other}}}"))),
+        },
+        Some(Value::String(tags)) if tags.is_empty() => Ok(Vec::new()),
+        Some(Value::String(tags)) => Ok(tags.split(',').map(strip).collect()),
         Some(Value::Array(tags)) => tags
             .iter()
-            .map(|t| t.as_str().map(|t| t.trim().to_owned()).ok_or_else(not_tags))
+            .map(|tag| match tag {
+                Value::String(tag) => Ok(strip(tag)),
+                Value::Bool(flag) => Ok(flag.to_string()),
+                Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+                _ => Err(not_tags()),
+            })
             .collect(),
         Some(_) => Err(not_tags()),
     }

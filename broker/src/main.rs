@@ -20,7 +20,8 @@ struct Args {
     /// port 0 picks a free port. Defaults to loopback only.
     #[arg(long, default_value = "127.0.0.1:5672", value_name = "ADDR")]
     listen: String,
-    /// A user allowed to log in, as NAME:PASSWORD. Repeatable. Default: guest:guest.
+    /// A user allowed to log in, as NAME:PASSWORD (no tags; --definitions gives users tags).
+    /// Repeatable. Default: guest:guest, tagged administrator.
     #[arg(long = "user", value_name = "NAME:PASSWORD", value_parser = parse_user)]
     users: Vec<User>,
     /// A vhost besides `/` (which always exists). Repeatable.
@@ -54,7 +55,8 @@ struct Args {
     #[arg(long = "policy", value_name = "JSON")]
     policies: Vec<String>,
     /// RabbitMQ definitions to load at start (the JSON of `rabbitmqctl export_definitions`):
-    /// users, vhosts, permissions, policies, queues, exchanges and bindings.
+    /// users (with their tags and limits), vhosts, permissions, topic permissions, vhost
+    /// limits, policies, queues, exchanges and bindings.
     #[arg(long, value_name = "FILE")]
     definitions: Option<std::path::PathBuf>,
 }
@@ -77,7 +79,7 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let users = if args.users.is_empty() {
-        vec![User::new("guest", "guest")]
+        vec![User::guest()]
     } else {
         args.users
     };

@@ -172,7 +172,7 @@ struct UserEntry {
 /// What a login's user tags grant, for the connection's life: as in RabbitMQ, tags are read
 /// at login, and a change of them applies to later logins.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Login {
+pub(crate) struct TagGrants {
     /// Tagged `impersonator`: may publish with another user's name as `user_id`.
     pub(crate) impersonator: bool,
 }
@@ -196,7 +196,7 @@ impl Users {
                     permissions: HashMap::new(),
                     topic_permissions: HashMap::new(),
                     limits: UserLimits::default(),
-                    tags: Vec::new(),
+                    tags: u.tags.clone(),
                 };
                 (u.name.clone(), entry)
             })
@@ -205,12 +205,12 @@ impl Users {
     }
 
     /// Whether `name` logs in with `password`, and if so what its tags grant.
-    pub(crate) fn authenticate(&self, name: &str, password: &str) -> Option<Login> {
+    pub(crate) fn authenticate(&self, name: &str, password: &str) -> Option<TagGrants> {
         let user = self
             .users
             .get(name)
             .filter(|u| u.credential.verifies(password))?;
-        Some(Login {
+        Some(TagGrants {
             impersonator: user.tags.iter().any(|t| t == "impersonator"),
         })
     }

@@ -11,7 +11,7 @@ use crate::inspect::{ConnectionInfo, MessageInfo, QueueInfo};
 use crate::limits::{UserLimits, VhostLimits};
 use crate::mailbox::{Mailbox, Outbound};
 use crate::permissions::{
-    Login, PermissionError, Permissions, TopicPermission, TopicPermissions, Users,
+    PermissionError, Permissions, TagGrants, TopicPermission, TopicPermissions, Users,
 };
 use crate::policy::{Policy, PolicyError};
 use crate::queue::ConnId;
@@ -147,7 +147,7 @@ impl BrokerShared {
     }
 
     /// Whether `name` logs in with `password`.
-    pub(crate) fn authenticate(&self, name: &str, password: &str) -> Option<Login> {
+    pub(crate) fn authenticate(&self, name: &str, password: &str) -> Option<TagGrants> {
         self.users_lock().authenticate(name, password)
     }
 
@@ -784,8 +784,9 @@ impl BrokerHandle {
     }
 
     /// Loads RabbitMQ definitions (the JSON of `rabbitmqctl export_definitions`): users (who
-    /// log in with their exported password hashes), vhosts, permissions, policies, queues,
-    /// exchanges and bindings (see [`crate::definitions`]).
+    /// log in with their exported password hashes) with their tags and limits, vhosts,
+    /// permissions, topic permissions, vhost limits, policies, queues, exchanges and bindings
+    /// (see [`crate::definitions`]).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {

@@ -195,11 +195,17 @@ impl TestBroker {
     /// ```no_run
     /// # async fn f() {
     /// let broker = warren_harness::TestBroker::start().await;
-    /// let service = broker.connect_named("billing").await;
-    /// broker.close_connection("billing", "maintenance").await;
+    /// // A unique name: on a shared RabbitMQ, another test's connection may be named alike.
+    /// let name = broker.unique_name("billing");
+    /// let service = broker.connect_named(&name).await;
+    /// broker.close_connection(&name, "maintenance").await;
     /// // The service's next operation fails with 320 CONNECTION_FORCED - maintenance.
     /// # }
     /// ```
+    ///
+    /// On RabbitMQ the connection is found in `rabbitmqctl list_connections`'s listing of
+    /// client properties, where a name with characters Erlang prints escaped (control
+    /// characters, some non-ASCII) would not be found: keep names plain.
     ///
     /// # Panics
     /// When no connection of that name is listed within [`DEFAULT_TIMEOUT`] (or, externally,

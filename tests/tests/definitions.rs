@@ -112,9 +112,17 @@ async fn embedded_only_a_refused_object_stops_the_load_and_names_it() {
             "user 'u': tags_not_present",
         ),
         (
-            // RabbitMQ 3.10.8: function_clause.
+            // RabbitMQ 3.10.8: function_clause, also for a null or 2.5 in the list.
             r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p", "tags": 5}]}"#,
             "user 'u': tags must be a list of strings or a string",
+        ),
+        (
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p", "tags": [null]}]}"#,
+            "user 'u': tags must be a list of strings or a string",
+        ),
+        (
+            r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password": "p", "administrator": "yes"}]}"#,
+            "user 'u': {not_boolean,\"yes\"}",
         ),
         (
             r#"{"vhosts": [{"name": "never"}], "users": [{"name": "u", "password_hash": "not base64!", "tags": []}]}"#,
@@ -304,20 +312,22 @@ async fn definitions_users_log_in_with_their_exported_hashes_and_get_their_permi
     close_conn(&conn).await;
 }
 
-/// Users' tags come along, in each form RabbitMQ 3.10.8 reads (probed): a list (each tag
-/// trimmed), a comma-separated string, or the oldest exports' `"administrator": true`; an
-/// import replaces an existing user's tags. What a client sees of them: a user tagged
-/// `impersonator` may publish with another user's name as `user_id`.
+/// Users' tags come along, in each form RabbitMQ 3.10.8 reads (probed): a list (spaces
+/// stripped from each tag's ends, and only spaces), a comma-separated string, or the oldest
+/// exports' `"administrator": true`; an import replaces an existing user's tags. What a
+/// client sees of them: a user tagged `impersonator` may publish with another user's name as
+/// `user_id`.
 #[tokio::test]
 async fn definitions_users_bring_their_tags() {
     let broker = TestBroker::start().await;
     let vhost = broker.vhost();
-    let [listed, spaced, joined, untagged, replaced] =
-        ["list", "spaced", "joined", "untagged", "replaced"]
+    let [listed, spaced, tabbed, joined, untagged, replaced] =
+        ["list", "spaced", "tabbed", "joined", "untagged", "replaced"]
             .map(|n| broker.unique_name(&format!("defs-tags-{n}")));
     let users = [
         (&listed, r#"["monitoring", "impersonator"]"#),
         (&spaced, r#"[" impersonator "]"#),
+        (&tabbed, r#"["\timpersonator"]"#),
         (&joined, r#""management, impersonator""#),
         (&untagged, r#""""#),
         (&replaced, r#"["impersonator"]"#),
@@ -341,6 +351,7 @@ async fn definitions_users_bring_their_tags() {
     for (user, impersonator) in [
         (&listed, true),
         (&spaced, true),
+        (&tabbed, false),
         (&joined, true),
         (&untagged, false),
         (&replaced, false),
@@ -371,17 +382,29 @@ async fn definitions_users_bring_their_tags() {
             ["monitoring", "impersonator"]
         );
         assert_eq!(handle.user_tags(&spaced).unwrap(), ["impersonator"]);
+        assert_eq!(handle.user_tags(&tabbed).unwrap(), ["\timpersonator"]);
         assert_eq!(
             handle.user_tags(&joined).unwrap(),
             ["management", "impersonator"]
         );
         assert!(handle.user_tags(&untagged).unwrap().is_empty());
         assert_eq!(handle.user_tags(&replaced).unwrap(), ["monitoring"]);
-        let oldest = r#"{"users": [{"name": "old-admin", "password": "p", "administrator": true},
-                                   {"name": "old-user", "password": "p", "administrator": false}]}"#;
-        handle.load_definitions(oldest).expect("loaded");
-        assert_eq!(handle.user_tags("old-admin").unwrap(), ["administrator"]);
-        assert!(handle.user_tags("old-user").unwrap().is_empty());
+        // The rarer forms, as RabbitMQ 3.10.8 stores them (rabbitmqctl list_users).
+        let rare = r#"{"users": [{"name": "old-admin", "password": "p", "administrator": true},
+                                 {"name": "old-text", "password": "p", "administrator": "true"},
+                                 {"name": "old-user", "password": "p", "administrator": false},
+                                 {"name": "empties", "password": "p", "tags": " , "},
+                                 {"name": "scalars", "password": "p", "tags": [1, true]}]}"#;
+        handle.load_definitions(rare).expect("loaded");
+        for (user, tags) in [
+            ("old-admin", &["administrator"][..]),
+            ("old-text", &["administrator"]),
+            ("old-user", &[]),
+            ("empties", &["", ""]),
+            ("scalars", &["1", "true"]),
+        ] {
+            assert_eq!(handle.user_tags(user).unwrap(), tags, "{user}");
+        }
     }
     close_conn(&admin_conn).await;
 }

@@ -816,5 +816,54 @@ async fn an_impersonator_may_publish_as_another_user_from_its_next_login() {
     for c in [before_tag, tagged, wrong_case, untagged] {
         c.close().await;
     }
+    // A user deleted and added again starts without tags.
+    broker.set_user_tags(&user, &["impersonator"]).await;
+    broker.delete_user(&user).await;
+    broker.add_user(&user, PASSWORD).await;
+    broker
+        .set_permissions(&vhost, &user, ".*", ".*", ".*")
+        .await;
+    let mut added_again = RawClient::open(&url).await;
+    expect_refused(&mut added_again).await;
+    added_again.close().await;
     close_conn(&admin_conn).await;
+}
+
+/// A configured user comes with its tags from the first connection on, and the default
+/// `guest` is tagged `administrator`, as RabbitMQ's is.
+#[tokio::test]
+#[cfg_attr(warren_external, ignore = "embedded only: the broker's configuration")]
+async fn embedded_only_configured_users_have_their_tags_from_the_start() {
+    assert_eq!(
+        warren_broker::BrokerConfig::default().users,
+        [warren_broker::User::guest()]
+    );
+    let broker = TestBroker::start_embedded(warren_broker::BrokerConfig {
+        users: vec![
+            warren_broker::User::guest(),
+            warren_broker::User::new("relay", PASSWORD).with_tags(&["impersonator"]),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let handle = broker.embedded().expect("embedded");
+    assert_eq!(handle.user_tags("guest").unwrap(), ["administrator"]);
+    let q = broker.unique_name("relayed");
+    let mut c = RawClient::open_on_channel(&broker.url_as("relay", PASSWORD, "/"), 1).await;
+    c.declare_queue(1, &q).await;
+    let as_guest =
+        amq_protocol::protocol::basic::AMQPProperties::default().with_user_id("guest".into());
+    c.publish_full(1, "", &q, false, b"m", as_guest).await;
+    let admin = broker.connect().await;
+    let got = get_eventually(&channel(&admin).await, &q, true).await;
+    assert_eq!(
+        got.delivery
+            .properties
+            .user_id()
+            .as_ref()
+            .map(|u| u.as_str()),
+        Some("guest")
+    );
+    c.close().await;
+    close_conn(&admin).await;
 }

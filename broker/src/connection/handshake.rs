@@ -4,7 +4,7 @@
 use crate::codec::{self, Frame, PROTOCOL_HEADER};
 use crate::error::{AmqpError, AmqpResult};
 use crate::limits;
-use crate::permissions::{Login, Permissions, TopicPermissions};
+use crate::permissions::{Permissions, TagGrants, TopicPermissions};
 use crate::server::BrokerShared;
 use crate::vhost::Vhost;
 use amq_protocol::protocol::{AMQPClass, connection};
@@ -25,7 +25,7 @@ pub(crate) struct Tuning {
     /// Who logged in.
     pub(crate) user: String,
     /// What its tags granted at login.
-    pub(crate) login: Login,
+    pub(crate) grants: TagGrants,
     /// The client's product name, for logs.
     pub(crate) client: String,
     /// The name the client gave its connection (client property `connection_name`), if any.
@@ -220,7 +220,7 @@ where
     let blocked_notify = client_capability(&start_ok.client_properties, "connection.blocked");
     let failure_close =
         client_capability(&start_ok.client_properties, "authentication_failure_close");
-    let (user, login) = authenticate(shared, &start_ok).map_err(|e| {
+    let (user, grants) = authenticate(shared, &start_ok).map_err(|e| {
         // An unknown mechanism is closed without a word whatever the client's capabilities,
         // as RabbitMQ does.
         if failure_close && e.code == 403 {
@@ -333,7 +333,7 @@ where
         channel_max,
         heartbeat: tune_ok.heartbeat,
         user,
-        login,
+        grants,
         client,
         name,
         cancel_notify,
@@ -366,7 +366,7 @@ fn check_negotiated(field: &str, min: u64, server: u64, client: u64) -> AmqpResu
 fn authenticate(
     shared: &BrokerShared,
     start_ok: &connection::StartOk,
-) -> AmqpResult<(String, Login)> {
+) -> AmqpResult<(String, TagGrants)> {
     let mechanism = start_ok.mechanism.as_str();
     let credentials = match mechanism {
         "PLAIN" => parse_plain(start_ok.response.as_bytes()),
@@ -385,7 +385,7 @@ fn authenticate(
     };
     let (name, password) = credentials.ok_or_else(refused)?;
     match shared.authenticate(&name, &password) {
-        Some(login) => Ok((name, login)),
+        Some(grants) => Ok((name, grants)),
         None => {
             tracing::warn!(user = %name, mechanism, "login refused: wrong user name or password");
             Err(refused())

@@ -467,7 +467,7 @@ impl Connection {
         };
         if let Some(user_id) = properties.user_id()
             && user_id.as_str() != self.tuning.user
-            && !self.tuning.login.impersonator
+            && !self.tuning.grants.impersonator
         {
             return Err(AmqpError::precondition_failed(format!(
                 "user_id property set to '{user_id}' but authenticated user was '{}'",
