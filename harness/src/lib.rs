@@ -6,12 +6,12 @@
 //! - [`TestBroker`]: the target of a test (embedded or external), its URL, connections (named
 //!   ones too, found again by name on an embedded broker), unique names (deleted again at the
 //!   end on an external broker), queue counts and waits, the messages a queue holds
-//!   ([`TestBroker::peek`]). Embedded only, through
-//!   [`TestBroker::embedded`]: snapshots, forced closes, resource alarms
-//!   (`raise_alarm`), and a [`BrokerConfig`] of the test's own (e.g. a short
-//!   `consumer_timeout`). Policies and vhosts on both targets ([`TestBroker::set_policy`],
-//!   [`TestBroker::add_vhost`]; `rabbitmqctl` on an external broker, in `rabbitmqctl`'s
-//!   module).
+//!   ([`TestBroker::peek`]). Faults: forced closes ([`TestBroker::close_connection`]) and
+//!   resource alarms ([`TestBroker::raise_alarm`]). Policies, vhosts, users and permissions
+//!   ([`TestBroker::set_policy`], [`TestBroker::add_vhost`], [`TestBroker::add_user`]). All
+//!   of these on both targets (`rabbitmqctl` on an external broker, in `rabbitmqctl`'s
+//!   module). Embedded only, through [`TestBroker::embedded`]: snapshots, and a
+//!   [`BrokerConfig`] of the test's own (e.g. a short `consumer_timeout`).
 //! - [`proxy`]: [`Proxy`], a TCP proxy for fault injection on either target.
 //! - [`wait`]: [`within`] and [`wait_until`], timeouts with clear failure messages.
 //!
@@ -42,7 +42,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 pub use wait::{DEFAULT_TIMEOUT, try_wait_until, wait_until, within};
 use warren_broker::{
-    Broker, BrokerConfig, BrokerHandle, MessageInfo, Policy, PolicyError, UserLimits, VhostLimits,
+    Broker, BrokerConfig, BrokerHandle, MessageInfo, Policy, PolicyError, ResourceAlarm,
+    UserLimits, VhostLimits,
 };
 
 /// The environment variable that points tests at an external broker.
@@ -76,6 +77,9 @@ pub struct TestBroker {
     vhosts: Mutex<Vec<String>>,
     /// Users added by [`TestBroker::add_user`], deleted at the end on an external broker.
     users: Mutex<Vec<String>>,
+    /// Alarms raised by [`TestBroker::raise_alarm`] on an external broker, with the
+    /// `rabbitmqctl` arguments that put their thresholds back (at the latest at the end).
+    alarms: Mutex<Vec<(ResourceAlarm, Vec<String>)>>,
 }
 
 /// `rabbitmqctl`'s JSON for limits: each one, `-1` for none.
@@ -127,6 +131,7 @@ impl TestBroker {
             policies: Mutex::new(Vec::new()),
             vhosts: Mutex::new(Vec::new()),
             users: Mutex::new(Vec::new()),
+            alarms: Mutex::new(Vec::new()),
         }
     }
 
@@ -234,6 +239,79 @@ impl TestBroker {
                 run_or_panic(&["close_connection", &pid, reason]).await;
             }
         }
+    }
+
+    /// Raises a resource alarm, as RabbitMQ does when it runs low on memory or disk, on both
+    /// targets: each connection that publishes from then on is blocked (sent
+    /// `connection.blocked` if its client takes it, its input left unread, nothing lost)
+    /// until [`TestBroker::clear_alarm`]; connections that only consume go on. For what a
+    /// service does when RabbitMQ throttles it. Returns once the alarm is in force.
+    ///
+    /// On RabbitMQ the alarm is raised by setting its threshold out of reach (`rabbitmqctl
+    /// set_vm_memory_high_watermark absolute 1`, `set_disk_free_limit` of 1 EB), and the
+    /// threshold is put back by `clear_alarm` or, failing that, when the `TestBroker` is
+    /// dropped. It blocks every publisher of that node, those of other tests running at the
+    /// same time too: give such a test a test file (a test binary) of its own, or run it
+    /// with `--test-threads=1`.
+    ///
+    /// ```no_run
+    /// # async fn f() {
+    /// use warren_broker::ResourceAlarm;
+    /// let broker = warren_harness::TestBroker::start().await;
+    /// broker.raise_alarm(ResourceAlarm::Memory).await;
+    /// // ... the service's next publish blocks its connection ...
+    /// broker.clear_alarm(ResourceAlarm::Memory).await;
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// Externally, when `rabbitmqctl` cannot be run or the alarm does not show within
+    /// [`DEFAULT_TIMEOUT`].
+    pub async fn raise_alarm(&self, alarm: ResourceAlarm) {
+        match &self.embedded {
+            Some(handle) => handle.raise_alarm(alarm),
+            None => {
+                if self.raised(alarm).is_some() {
+                    return;
+                }
+                let restore = rabbitmqctl::raise_alarm(alarm, DEFAULT_TIMEOUT).await;
+                self.alarms
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((alarm, restore));
+            }
+        }
+    }
+
+    /// Clears a resource alarm raised by [`TestBroker::raise_alarm`]; with none left, blocked
+    /// connections are read again (and sent `connection.unblocked`). Returns once the alarm
+    /// is gone.
+    ///
+    /// # Panics
+    /// As [`TestBroker::raise_alarm`].
+    pub async fn clear_alarm(&self, alarm: ResourceAlarm) {
+        match &self.embedded {
+            Some(handle) => handle.clear_alarm(alarm),
+            None => {
+                if let Some(restore) = self.raised(alarm) {
+                    rabbitmqctl::clear_alarm(alarm, &restore, DEFAULT_TIMEOUT).await;
+                    self.alarms
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|(a, _)| *a != alarm);
+                }
+            }
+        }
+    }
+
+    /// How to put back the threshold of `alarm`, if this `TestBroker` raised it on RabbitMQ.
+    fn raised(&self, alarm: ResourceAlarm) -> Option<Vec<String>> {
+        self.alarms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(a, _)| *a == alarm)
+            .map(|(_, restore)| restore.clone())
     }
 
     /// A name with a random suffix, so tests sharing one external broker never collide. On an
@@ -857,6 +935,10 @@ impl Drop for TestBroker {
         }
         for user in std::mem::take(self.users.get_mut().unwrap_or_else(|e| e.into_inner())) {
             rabbitmqctl::delete_user_quietly(&user);
+        }
+        for (_, restore) in std::mem::take(self.alarms.get_mut().unwrap_or_else(|e| e.into_inner()))
+        {
+            rabbitmqctl::restore_quietly(&restore);
         }
         if names.is_empty() {
             return;

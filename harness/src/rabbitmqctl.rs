@@ -4,7 +4,7 @@
 //! e.g. `docker exec rabbit rabbitmqctl`.
 
 use std::time::Duration;
-use warren_broker::{PolicyDefinition, PolicyError};
+use warren_broker::{PolicyDefinition, PolicyError, ResourceAlarm};
 
 /// The variable that replaces the `rabbitmqctl` command (split at whitespace).
 const COMMAND_ENV: &str = "WARREN_RABBITMQCTL";
@@ -88,6 +88,105 @@ pub(crate) async fn connection_pid(name: &str) -> Option<String> {
         let (pid, properties) = line.split_once('\t')?;
         properties.contains(&property).then(|| pid.to_owned())
     })
+}
+
+/// Raises `alarm` on RabbitMQ by setting its threshold out of reach (memory: a high
+/// watermark of 1 byte; disk: a free-space limit of 1 EB), and waits until the node lists the
+/// alarm. Returns the `rabbitmqctl` arguments that put the threshold back as it was.
+///
+/// # Panics
+/// As [`run`], when a command is refused, or when the alarm does not show within `timeout`.
+pub(crate) async fn raise_alarm(alarm: ResourceAlarm, timeout: Duration) -> Vec<String> {
+    let (read, raise): (&str, &[&str]) = match alarm {
+        ResourceAlarm::Memory => (
+            "vm_memory_monitor:get_vm_memory_high_watermark().",
+            &["set_vm_memory_high_watermark", "absolute", "1"],
+        ),
+        ResourceAlarm::Disk => (
+            "rabbit_disk_monitor:get_disk_free_limit().",
+            &["set_disk_free_limit", "1000000000000000000"],
+        ),
+    };
+    let before = eval(read).await;
+    let restore = restore_args(alarm, before.trim())
+        .unwrap_or_else(|| panic!("unexpected {alarm:?} threshold from rabbitmqctl: {before}"));
+    run(raise)
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmqctl {raise:?}: {e}"));
+    await_alarm(alarm, true, timeout).await;
+    restore
+}
+
+/// Puts an alarm's threshold back (the arguments [`raise_alarm`] returned) and waits until the
+/// node no longer lists the alarm.
+///
+/// # Panics
+/// As [`raise_alarm`].
+pub(crate) async fn clear_alarm(alarm: ResourceAlarm, restore: &[String], timeout: Duration) {
+    let args: Vec<&str> = restore.iter().map(String::as_str).collect();
+    run(&args)
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmqctl {args:?}: {e}"));
+    await_alarm(alarm, false, timeout).await;
+}
+
+/// Puts an alarm's threshold back, ignoring any failure (cleanup at the end of a test).
+pub(crate) fn restore_quietly(restore: &[String]) {
+    let args: Vec<&str> = restore.iter().map(String::as_str).collect();
+    run_quietly(&args);
+}
+
+/// The arguments that set `alarm`'s threshold to `value`, as Erlang printed it: memory `0.4`
+/// or `{absolute,1073741824}`, disk `50000000`.
+fn restore_args(alarm: ResourceAlarm, value: &str) -> Option<Vec<String>> {
+    let args = match alarm {
+        ResourceAlarm::Memory => match value.strip_prefix("{absolute,") {
+            Some(rest) => {
+                let bytes: u64 = rest.strip_suffix('}')?.trim().parse().ok()?;
+                vec!["absolute".to_owned(), bytes.to_string()]
+            }
+            None => vec![value.parse::<f64>().ok()?.to_string()],
+        },
+        ResourceAlarm::Disk => vec![value.parse::<u64>().ok()?.to_string()],
+    };
+    let command = match alarm {
+        ResourceAlarm::Memory => "set_vm_memory_high_watermark",
+        ResourceAlarm::Disk => "set_disk_free_limit",
+    };
+    Some(std::iter::once(command.to_owned()).chain(args).collect())
+}
+
+/// Waits until the node lists `alarm` (`raised`) or no longer does.
+async fn await_alarm(alarm: ResourceAlarm, raised: bool, timeout: Duration) {
+    let resource = match alarm {
+        ResourceAlarm::Memory => "memory",
+        ResourceAlarm::Disk => "disk",
+    };
+    let what = format!(
+        "RabbitMQ's {resource} alarm is {}",
+        if raised { "raised" } else { "cleared" }
+    );
+    crate::wait_until(&what, timeout, || async {
+        // e.g. [{{resource_limit,memory,rabbit@host},[]}]
+        let alarms = eval("rabbit_alarm:get_alarms().").await;
+        let listed = alarms.contains(&format!("{{resource_limit,{resource},"));
+        if listed == raised {
+            Ok(())
+        } else {
+            Err(format!("alarms: {}", alarms.trim()))
+        }
+    })
+    .await;
+}
+
+/// What `rabbitmqctl eval EXPRESSION` printed.
+///
+/// # Panics
+/// As [`run`], and when it is refused.
+async fn eval(expression: &str) -> String {
+    output(&["eval", expression])
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmqctl eval {expression}: {e}"))
 }
 
 /// Clears a policy, ignoring any failure (cleanup at the end of a test).

@@ -1,10 +1,14 @@
-//! Resource alarms (embedded only: a test cannot raise RabbitMQ's memory alarm over AMQP; the
-//! behaviour is RabbitMQ 3.10's `rabbit_reader`, memory alarm probed with pika, see ORACLE.md).
-//! A connection that publishes while an alarm is raised is blocked: told with
-//! `connection.blocked`, its input held (nothing lost) until the alarm clears; connections that
-//! only consume go on.
+//! Resource alarms, raised with `TestBroker::raise_alarm` (on RabbitMQ by `rabbitmqctl`,
+//! setting the memory or disk threshold out of reach; the behaviour is RabbitMQ 3.10's
+//! `rabbit_reader`, probed with pika, see ORACLE.md). A connection that publishes while an
+//! alarm is raised is blocked: told with `connection.blocked`, its input held (nothing lost)
+//! until the alarm clears; connections that only consume go on.
+//!
+//! On RabbitMQ an alarm blocks every publisher of the node: the tests of this file take
+//! turns ([`ALARMS`]), and no other file raises one.
 
-use lapin::{BasicProperties, options::BasicPublishOptions};
+use futures_util::{Stream, StreamExt};
+use lapin::{BasicProperties, Event, options::BasicPublishOptions};
 use std::time::Duration;
 use warren_broker::{BrokerHandle, ResourceAlarm};
 use warren_harness::{TestBroker, wait_until};
@@ -16,9 +20,27 @@ use warren_tests::{
 /// How long a held message is checked not to arrive (a negative check: kept short).
 const QUIET: Duration = Duration::from_millis(300);
 
+/// Held by each test for its whole run: on RabbitMQ, one test's alarm would block the other's
+/// publishes.
+static ALARMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Whether the broker's connection `id` is blocked.
 fn blocked(handle: &BrokerHandle, id: u64) -> bool {
     handle.connections().iter().any(|c| c.id == id && c.blocked)
+}
+
+/// The reason of the next `connection.blocked` among `events`.
+async fn blocked_reason(events: &mut (impl Stream<Item = Event> + Unpin)) -> String {
+    within("connection.blocked", async {
+        loop {
+            match events.next().await {
+                Some(Event::ConnectionBlocked(reason)) => return reason,
+                Some(_) => continue,
+                None => panic!("the connection's events ended without connection.blocked"),
+            }
+        }
+    })
+    .await
 }
 
 /// Waits until the broker's connection `id` is blocked.
@@ -34,23 +56,20 @@ async fn until_blocked(handle: &BrokerHandle, id: u64) {
 }
 
 #[tokio::test]
-#[cfg_attr(
-    warren_external,
-    ignore = "embedded only: an alarm cannot be raised over AMQP"
-)]
 async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_clears() {
+    let _turn = ALARMS.lock().await;
     let broker = TestBroker::start().await;
-    let handle = broker.embedded().expect("embedded");
     let consumer_conn = broker.connect_named("consumer").await;
-    let consumer_id = broker
-        .connection_id("consumer")
-        .await
-        .expect("the consumer's connection");
+    let consumer_id = broker.connection_id("consumer").await;
     let publisher = broker.connect_named("publisher").await;
-    let publisher_id = broker
-        .connection_id("publisher")
-        .await
-        .expect("the publisher's connection");
+    let publisher_id = broker.connection_id("publisher").await;
+    // The broker's own view, where there is one (embedded).
+    let broker_blocked = |id: Option<u64>| {
+        broker
+            .embedded()
+            .zip(id)
+            .is_some_and(|(handle, id)| blocked(handle, id))
+    };
     let ch = confirm_channel(&publisher).await;
     let queue = broker.unique_name("alarm");
     declare(&ch, &queue).await;
@@ -58,9 +77,11 @@ async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_c
     publish_confirmed(&ch, &queue, b"before").await;
     assert_eq!(next_delivery(&mut consumer).await.data, b"before");
 
-    handle.raise_alarm(ResourceAlarm::Memory);
+    let mut events = Box::pin(publisher.events_listener());
+    broker.raise_alarm(ResourceAlarm::Memory).await;
     // Raising it blocks nobody yet: only a publish does.
-    assert!(!blocked(handle, publisher_id));
+    assert!(!broker_blocked(publisher_id));
+    assert!(!publisher.status().blocked());
     let confirm = within(
         "basic.publish",
         ch.basic_publish(
@@ -73,25 +94,21 @@ async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_c
     )
     .await
     .expect("basic.publish is written");
-    until_blocked(handle, publisher_id).await;
-    wait_until("lapin hears connection.blocked", TIMEOUT, || async {
-        if publisher.status().blocked() {
-            Ok(())
-        } else {
-            Err("no connection.blocked".to_owned())
-        }
-    })
-    .await;
+    if let (Some(handle), Some(id)) = (broker.embedded(), publisher_id) {
+        until_blocked(handle, id).await;
+    }
+    assert_eq!(blocked_reason(&mut events).await, "low on memory");
+    assert!(publisher.status().blocked());
     // Its message waits unread; the consumer's connection is not blocked and still works.
     assert_no_delivery(&mut consumer, QUIET).await;
-    assert!(!blocked(handle, consumer_id));
-    assert_eq!(handle.queue(&queue).expect("the queue").ready, 0);
+    assert!(!broker_blocked(consumer_id));
+    assert_eq!(broker.queue_counts(&queue).await, Some((0, 1)));
 
-    handle.clear_alarm(ResourceAlarm::Memory);
+    broker.clear_alarm(ResourceAlarm::Memory).await;
     assert_eq!(next_delivery(&mut consumer).await.data, b"during");
     let confirmation = within("the confirm", confirm).await.expect("confirm");
     assert!(confirmation.is_ack());
-    assert!(!blocked(handle, publisher_id));
+    assert!(!broker_blocked(publisher_id));
     wait_until("lapin hears connection.unblocked", TIMEOUT, || async {
         if publisher.status().blocked() {
             Err("still blocked".to_owned())
@@ -105,25 +122,43 @@ async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_c
 }
 
 #[tokio::test]
-#[cfg_attr(
-    warren_external,
-    ignore = "embedded only: an alarm cannot be raised over AMQP"
-)]
 async fn a_connection_opened_under_an_alarm_is_blocked_at_its_first_publish() {
+    let _turn = ALARMS.lock().await;
     let broker = TestBroker::start().await;
-    let handle = broker.embedded().expect("embedded");
-    handle.raise_alarm(ResourceAlarm::Disk);
+    broker.raise_alarm(ResourceAlarm::Disk).await;
     let conn = broker.connect_named("late").await;
-    let id = broker.connection_id("late").await.expect("the connection");
     let ch = channel(&conn).await;
     let queue = broker.unique_name("alarm-new");
     // Declaring is not publishing: it works under the alarm.
     declare(&ch, &queue).await;
-    assert!(!blocked(handle, id));
+    assert!(!conn.status().blocked());
+    let mut events = Box::pin(conn.events_listener());
     publish(&ch, &queue, b"held").await;
-    until_blocked(handle, id).await;
-    assert_eq!(handle.queue(&queue).expect("the queue").ready, 0);
-    handle.clear_alarm(ResourceAlarm::Disk);
+    if let Some(handle) = broker.embedded() {
+        let id = broker.connection_id("late").await.expect("the connection");
+        until_blocked(handle, id).await;
+    }
+    assert_eq!(blocked_reason(&mut events).await, "low on disk");
+    assert_eq!(broker.queue_counts(&queue).await, Some((0, 0)));
+    broker.clear_alarm(ResourceAlarm::Disk).await;
     broker.wait_for_messages(&queue, 1).await;
+    close_conn(&conn).await;
+}
+
+/// An alarm a test leaves raised (it failed, say) goes when its `TestBroker` is dropped: on
+/// RabbitMQ the threshold is put back, and the next test's publishes go through.
+#[tokio::test]
+async fn an_alarm_left_raised_is_cleared_when_its_test_broker_drops() {
+    let _turn = ALARMS.lock().await;
+    let forgetful = TestBroker::start().await;
+    forgetful.raise_alarm(ResourceAlarm::Memory).await;
+    drop(forgetful);
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let queue = broker.unique_name("alarm-after");
+    declare(&ch, &queue).await;
+    publish_confirmed(&ch, &queue, b"free").await;
+    assert!(!conn.status().blocked());
     close_conn(&conn).await;
 }
