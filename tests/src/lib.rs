@@ -43,6 +43,14 @@ pub fn amqp_error(err: &lapin::Error) -> Option<(u16, String)> {
     }
 }
 
+/// RabbitMQ's 406 text for a publish whose `user_id` property (`claimed`) is not the name of
+/// the user that logged in (`user`), from a user not tagged `impersonator`.
+pub fn user_id_refused(claimed: &str, user: &str) -> String {
+    format!(
+        "PRECONDITION_FAILED - user_id property set to '{claimed}' but authenticated user was '{user}'"
+    )
+}
+
 /// A reply text as RabbitMQ sends it: texts over 255 bytes are cut to their first 252 bytes
 /// followed by `...` (a short string holds at most 255 bytes).
 pub fn wire_text(text: &str) -> String {

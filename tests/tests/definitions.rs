@@ -8,7 +8,7 @@ use warren_harness::{TestBroker, connect_to};
 use warren_tests::raw::RawClient;
 use warren_tests::{
     assert_amqp_error, channel, close_conn, confirm_channel, declare, declare_with, expect_err,
-    get_eventually, publish_confirmed_to, within,
+    get_eventually, publish_confirmed_to, user_id_refused, within,
 };
 
 #[tokio::test]
@@ -365,14 +365,8 @@ async fn definitions_users_bring_their_tags() {
         if impersonator {
             get_eventually(&admin, &q, true).await;
         } else {
-            c.expect_channel_close(
-                1,
-                406,
-                Some(&format!(
-                    "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated user was '{user}'"
-                )),
-            )
-            .await;
+            let text = user_id_refused("someone-else", user);
+            c.expect_channel_close(1, 406, Some(&text)).await;
         }
         c.close().await;
     }

@@ -19,7 +19,7 @@ use warren_tests::{
     declare, delete_quietly, drain_bodies, expect_err, get, get_eventually, next_delivery, passive,
     publish, publish_confirmed, publish_with,
     raw::{self, RawClient},
-    within,
+    user_id_refused, within,
 };
 
 #[tokio::test]
@@ -248,14 +248,7 @@ async fn user_id_other_than_the_login_is_406() {
     )
     .await;
     let err = events.next_error().await;
-    assert_amqp_error(
-        &err,
-        406,
-        Some(
-            "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated \
-             user was 'guest'",
-        ),
-    );
+    assert_amqp_error(&err, 406, Some(&user_id_refused("someone-else", "guest")));
     assert_channel_closed_only(&conn, &ch).await;
     close_conn(&conn).await;
 }
@@ -288,9 +281,7 @@ async fn a_publish_refused_twice_gets_rabbitmqs_first_reason() {
             "amq.direct",
             foreign().with_expiration("bad".into()),
             406,
-            "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated \
-             user was 'guest'"
-                .to_owned(),
+            user_id_refused("someone-else", "guest"),
         ),
     ];
     for (exchange, properties, code, text) in cases {
