@@ -80,6 +80,9 @@ pub struct TestBroker {
     /// Alarms raised by [`TestBroker::raise_alarm`] on an external broker, with the
     /// `rabbitmqctl` arguments that put their thresholds back (at the latest at the end).
     alarms: Mutex<Vec<(ResourceAlarm, Vec<String>)>>,
+    /// Erlang expressions that put back the node settings this `TestBroker` changed on an
+    /// external broker, run at the end.
+    settings_to_restore: Mutex<Vec<String>>,
 }
 
 /// `rabbitmqctl`'s JSON for limits: each one, `-1` for none.
@@ -122,6 +125,41 @@ impl TestBroker {
         Self::with_url(Some(handle), url)
     }
 
+    /// Starts a target whose consumer timeout (RabbitMQ's `consumer_timeout`) is `timeout`:
+    /// a channel whose delivery waits longer than that for its ack is closed with 406, its
+    /// messages requeued. For what a service does when its handler is too slow.
+    ///
+    /// Embedded: a broker started with [`BrokerConfig::consumer_timeout`]. On RabbitMQ the
+    /// node's `consumer_timeout` is set (`rabbitmqctl eval 'application:set_env(...)'`),
+    /// with its `channel_tick_interval` at a quarter of it so that a timeout is seen within
+    /// a quarter more, and both are put back when the `TestBroker` drops. They apply to the
+    /// node's channels opened meanwhile, those of other tests running at the same time too:
+    /// give such a test a test file of its own, whose tests take turns.
+    ///
+    /// # Panics
+    /// When the embedded broker cannot start (or, externally, `rabbitmqctl` cannot be run).
+    pub async fn start_with_consumer_timeout(timeout: Duration) -> Self {
+        if external_url().is_none() {
+            return Self::start_embedded(BrokerConfig {
+                consumer_timeout: Some(timeout),
+                ..BrokerConfig::default()
+            })
+            .await;
+        }
+        let broker = Self::start().await;
+        let ms = timeout.as_millis().max(1);
+        let tick = (ms / 4).max(1);
+        for (key, value) in [("consumer_timeout", ms), ("channel_tick_interval", tick)] {
+            let restore = rabbitmqctl::set_rabbit_env(key, &value.to_string()).await;
+            broker
+                .settings_to_restore
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(restore);
+        }
+        broker
+    }
+
     fn with_url(embedded: Option<BrokerHandle>, url: String) -> Self {
         Self {
             embedded,
@@ -132,6 +170,7 @@ impl TestBroker {
             vhosts: Mutex::new(Vec::new()),
             users: Mutex::new(Vec::new()),
             alarms: Mutex::new(Vec::new()),
+            settings_to_restore: Mutex::new(Vec::new()),
         }
     }
 
@@ -939,6 +978,10 @@ impl Drop for TestBroker {
         for (_, restore) in std::mem::take(self.alarms.get_mut().unwrap_or_else(|e| e.into_inner()))
         {
             rabbitmqctl::restore_quietly(&restore);
+        }
+        let settings = self.settings_to_restore.get_mut();
+        for expression in std::mem::take(settings.unwrap_or_else(|e| e.into_inner())) {
+            rabbitmqctl::eval_quietly(&expression);
         }
         if names.is_empty() {
             return;

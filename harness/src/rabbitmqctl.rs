@@ -179,6 +179,31 @@ async fn await_alarm(alarm: ResourceAlarm, raised: bool, timeout: Duration) {
     .await;
 }
 
+/// Sets the `rabbit` application's environment `key` to `value` (an Erlang term) on the node,
+/// as `application:set_env` does, and returns the expression that puts its value back.
+///
+/// # Panics
+/// As [`run`], and when it is refused.
+pub(crate) async fn set_rabbit_env(key: &str, value: &str) -> String {
+    // `{ok,1800000}`, or `undefined`.
+    let before = eval(&format!("application:get_env(rabbit, {key}).")).await;
+    let restore = match before
+        .trim()
+        .strip_prefix("{ok,")
+        .and_then(|v| v.strip_suffix('}'))
+    {
+        Some(old) => format!("application:set_env(rabbit, {key}, {old})."),
+        None => format!("application:unset_env(rabbit, {key})."),
+    };
+    eval(&format!("application:set_env(rabbit, {key}, {value}).")).await;
+    restore
+}
+
+/// Evaluates `expression` on the node, ignoring any failure (cleanup at the end of a test).
+pub(crate) fn eval_quietly(expression: &str) {
+    run_quietly(&["eval", expression]);
+}
+
 /// What `rabbitmqctl eval EXPRESSION` printed.
 ///
 /// # Panics

@@ -1,11 +1,14 @@
-//! The consumer timeout (RabbitMQ's `consumer_timeout`; embedded only, as a test cannot set
-//! RabbitMQ's: its behaviour was probed with pika, see ORACLE.md): a channel whose delivery
-//! waits longer than the timeout for its ack is closed with 406, its messages requeued; a
-//! channel that acks in time, or consumes without acks, is left alone.
+//! The consumer timeout (RabbitMQ's `consumer_timeout`, set with
+//! `TestBroker::start_with_consumer_timeout`: on RabbitMQ with `rabbitmqctl eval`, probed with
+//! pika, see ORACLE.md): a channel whose delivery waits longer than the timeout for its ack
+//! is closed with 406, its messages requeued; a channel that acks in time, or consumes
+//! without acks, is left alone.
+//!
+//! On RabbitMQ the timeout is the node's, for every channel opened meanwhile: the tests of
+//! this file take turns ([`TURNS`]), and no other file sets it.
 
 use lapin::options::BasicAckOptions;
 use std::time::Duration;
-use warren_broker::BrokerConfig;
 use warren_harness::TestBroker;
 use warren_tests::{
     ErrorEvents, assert_amqp_error, assert_connection_works, channel, close_conn, consume,
@@ -17,22 +20,13 @@ const TIMEOUT: Duration = Duration::from_millis(400);
 /// How long the prompt consumer works between acks: well under [`TIMEOUT`].
 const WORK_TIME: Duration = Duration::from_millis(TIMEOUT.as_millis() as u64 / 3);
 
-/// An embedded broker whose consumer timeout is [`TIMEOUT`].
-async fn broker_with_timeout() -> TestBroker {
-    TestBroker::start_embedded(BrokerConfig {
-        consumer_timeout: Some(TIMEOUT),
-        ..BrokerConfig::default()
-    })
-    .await
-}
+/// Held by each test for its whole run: on RabbitMQ the timeout is the node's.
+static TURNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test]
-#[cfg_attr(
-    warren_external,
-    ignore = "embedded only: RabbitMQ's consumer_timeout is its own configuration"
-)]
 async fn a_delivery_left_unacked_past_the_timeout_closes_its_channel_and_goes_back() {
-    let broker = broker_with_timeout().await;
+    let _turn = TURNS.lock().await;
+    let broker = TestBroker::start_with_consumer_timeout(TIMEOUT).await;
     let conn = broker.connect().await;
     let admin = channel(&conn).await;
     let queue = broker.unique_name("consumer-timeout");
@@ -85,12 +79,9 @@ async fn a_delivery_left_unacked_past_the_timeout_closes_its_channel_and_goes_ba
 }
 
 #[tokio::test]
-#[cfg_attr(
-    warren_external,
-    ignore = "embedded only: RabbitMQ's consumer_timeout is its own configuration"
-)]
 async fn a_consumer_that_acks_in_time_keeps_its_channel_however_long_it_runs() {
-    let broker = broker_with_timeout().await;
+    let _turn = TURNS.lock().await;
+    let broker = TestBroker::start_with_consumer_timeout(TIMEOUT).await;
     let conn = broker.connect().await;
     let admin = channel(&conn).await;
     let queue = broker.unique_name("consumer-timeout-prompt");
