@@ -320,7 +320,8 @@ fn credential(
 
 /// A user's tags, read as RabbitMQ 3.10.8 reads them (probed): a list of strings, integers
 /// or booleans (each written as text, spaces stripped from the ends), or (older exports) one
-/// string of comma-separated tags (none if it is empty; spaces stripped, empty ones kept), or
+/// string of comma-separated tags (empty parts dropped, then spaces stripped: `" , "` is two
+/// empty tags), or
 /// (the oldest) `"administrator": true` (or `"true"`).
 fn user_tags(user: &Value, what: &str) -> Result<Vec<String>, DefinitionsError> {
     let strip = |tag: &str| tag.trim_matches(' ').to_owned();
@@ -334,8 +335,11 @@ fn user_tags(user: &Value, what: &str) -> Result<Vec<String>, DefinitionsError> 
             Some(Value::String(flag)) if flag == "false" => Ok(Vec::new()),
             Some(other) => Err(refused(what, format!("{{not_boolean,{other}}}"))),
         },
-        Some(Value::String(tags)) if tags.is_empty() => Ok(Vec::new()),
-        Some(Value::String(tags)) => Ok(tags.split(',').map(strip).collect()),
+        Some(Value::String(tags)) => Ok(tags
+            .split(',')
+            .filter(|part| !part.is_empty())
+            .map(strip)
+            .collect()),
         Some(Value::Array(tags)) => tags
             .iter()
             .map(|tag| match tag {

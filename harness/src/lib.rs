@@ -289,9 +289,11 @@ impl TestBroker {
     /// On RabbitMQ the alarm is raised by setting its threshold out of reach (`rabbitmqctl
     /// set_vm_memory_high_watermark absolute 1`, `set_disk_free_limit` of 1 EB), and the
     /// threshold is put back by `clear_alarm` or, failing that, when the `TestBroker` is
-    /// dropped. It blocks every publisher of that node, those of other tests running at the
-    /// same time too: give such a test a test file (a test binary) of its own, or run it
-    /// with `--test-threads=1`.
+    /// dropped (a test killed outright leaves it: `rabbitmqctl set_vm_memory_high_watermark
+    /// 0.4` / `set_disk_free_limit 50MB` repair RabbitMQ's defaults). It blocks every
+    /// publisher of that node, those of other tests running at the same time too: give such
+    /// a test a test file (a test binary) of its own whose tests take turns; `cargo test`
+    /// runs test binaries one at a time (`cargo nextest` does not).
     ///
     /// ```no_run
     /// # async fn f() {
@@ -304,8 +306,9 @@ impl TestBroker {
     /// ```
     ///
     /// # Panics
-    /// Externally, when `rabbitmqctl` cannot be run or the alarm does not show within
-    /// [`DEFAULT_TIMEOUT`].
+    /// Externally, when `rabbitmqctl` cannot be run, when the alarm is raised already (by
+    /// another test, or left by one that was killed: the message says how to repair it), or
+    /// when it does not show within [`DEFAULT_TIMEOUT`].
     pub async fn raise_alarm(&self, alarm: ResourceAlarm) {
         match &self.embedded {
             Some(handle) => handle.raise_alarm(alarm),
@@ -313,11 +316,14 @@ impl TestBroker {
                 if self.raised(alarm).is_some() {
                     return;
                 }
-                let restore = rabbitmqctl::raise_alarm(alarm, DEFAULT_TIMEOUT).await;
+                // Kept before the threshold changes, so that the end of the test puts it back
+                // even if raising fails half-way.
+                let restore = rabbitmqctl::alarm_restore_args(alarm).await;
                 self.alarms
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push((alarm, restore));
+                rabbitmqctl::raise_alarm(alarm, DEFAULT_TIMEOUT).await;
             }
         }
     }
@@ -327,18 +333,20 @@ impl TestBroker {
     /// is gone.
     ///
     /// # Panics
-    /// As [`TestBroker::raise_alarm`].
+    /// As [`TestBroker::raise_alarm`]; on RabbitMQ also when this `TestBroker` did not raise
+    /// that alarm (it would not know the threshold to put back).
     pub async fn clear_alarm(&self, alarm: ResourceAlarm) {
         match &self.embedded {
             Some(handle) => handle.clear_alarm(alarm),
             None => {
-                if let Some(restore) = self.raised(alarm) {
-                    rabbitmqctl::clear_alarm(alarm, &restore, DEFAULT_TIMEOUT).await;
-                    self.alarms
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .retain(|(a, _)| *a != alarm);
-                }
+                let restore = self.raised(alarm).unwrap_or_else(|| {
+                    panic!("clear_alarm({alarm:?}): this TestBroker did not raise it on RabbitMQ")
+                });
+                rabbitmqctl::clear_alarm(alarm, &restore, DEFAULT_TIMEOUT).await;
+                self.alarms
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|(a, _)| *a != alarm);
             }
         }
     }
@@ -966,6 +974,11 @@ impl Drop for TestBroker {
         if self.embedded.is_some() {
             return;
         }
+        // First what blocks every publisher of the node.
+        let alarms = self.alarms.get_mut();
+        for (alarm, restore) in std::mem::take(alarms.unwrap_or_else(|e| e.into_inner())) {
+            rabbitmqctl::restore_quietly(alarm, &restore);
+        }
         for (vhost, name) in policies {
             rabbitmqctl::clear_quietly(&vhost, &name);
         }
@@ -974,10 +987,6 @@ impl Drop for TestBroker {
         }
         for user in std::mem::take(self.users.get_mut().unwrap_or_else(|e| e.into_inner())) {
             rabbitmqctl::delete_user_quietly(&user);
-        }
-        for (_, restore) in std::mem::take(self.alarms.get_mut().unwrap_or_else(|e| e.into_inner()))
-        {
-            rabbitmqctl::restore_quietly(&restore);
         }
         let settings = self.settings_to_restore.get_mut();
         for expression in std::mem::take(settings.unwrap_or_else(|e| e.into_inner())) {

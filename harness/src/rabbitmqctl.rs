@@ -90,31 +90,61 @@ pub(crate) async fn connection_pid(name: &str) -> Option<String> {
     })
 }
 
-/// Raises `alarm` on RabbitMQ by setting its threshold out of reach (memory: a high
-/// watermark of 1 byte; disk: a free-space limit of 1 EB), and waits until the node lists the
-/// alarm. Returns the `rabbitmqctl` arguments that put the threshold back as it was.
+/// The `rabbitmqctl` arguments that put `alarm`'s threshold back as it is now, read before
+/// [`raise_alarm`] changes it.
 ///
 /// # Panics
-/// As [`run`], when a command is refused, or when the alarm does not show within `timeout`.
-pub(crate) async fn raise_alarm(alarm: ResourceAlarm, timeout: Duration) -> Vec<String> {
-    let (read, raise): (&str, &[&str]) = match alarm {
-        ResourceAlarm::Memory => (
-            "vm_memory_monitor:get_vm_memory_high_watermark().",
-            &["set_vm_memory_high_watermark", "absolute", "1"],
-        ),
-        ResourceAlarm::Disk => (
-            "rabbit_disk_monitor:get_disk_free_limit().",
-            &["set_disk_free_limit", "1000000000000000000"],
-        ),
+/// As [`run`]; and when the alarm is raised already or its threshold is already out of
+/// reach (a test killed before it could put it back), naming the command that repairs it.
+pub(crate) async fn alarm_restore_args(alarm: ResourceAlarm) -> Vec<String> {
+    let read = match alarm {
+        ResourceAlarm::Memory => "vm_memory_monitor:get_vm_memory_high_watermark().",
+        ResourceAlarm::Disk => "rabbit_disk_monitor:get_disk_free_limit().",
     };
     let before = eval(read).await;
-    let restore = restore_args(alarm, before.trim())
+    let before = before.trim();
+    let restore = restore_args(alarm, before)
         .unwrap_or_else(|| panic!("unexpected {alarm:?} threshold from rabbitmqctl: {before}"));
-    run(raise)
+    let out_of_reach = raise_args(alarm)[1..].join(" ");
+    if restore[1..].join(" ") == out_of_reach || alarm_listed(alarm).await {
+        panic!(
+            "RabbitMQ's {alarm:?} alarm is raised already (threshold {before}): another test \
+             holds it, or one was killed before it could put it back (`{}`)",
+            repair_command(alarm)
+        );
+    }
+    restore
+}
+
+/// Raises `alarm` on RabbitMQ by setting its threshold out of reach (memory: a high
+/// watermark of 1 byte; disk: a free-space limit of 1 EB), and waits until the node lists the
+/// alarm. Read [`alarm_restore_args`] first.
+///
+/// # Panics
+/// As [`run`], when the command is refused, or when the alarm does not show within
+/// `timeout`.
+pub(crate) async fn raise_alarm(alarm: ResourceAlarm, timeout: Duration) {
+    let raise = raise_args(alarm);
+    run(&raise)
         .await
         .unwrap_or_else(|e| panic!("rabbitmqctl {raise:?}: {e}"));
     await_alarm(alarm, true, timeout).await;
-    restore
+}
+
+/// The arguments that set `alarm`'s threshold out of reach.
+fn raise_args(alarm: ResourceAlarm) -> Vec<&'static str> {
+    match alarm {
+        ResourceAlarm::Memory => vec!["set_vm_memory_high_watermark", "absolute", "1"],
+        ResourceAlarm::Disk => vec!["set_disk_free_limit", "1000000000000000000"],
+    }
+}
+
+/// The command that puts RabbitMQ's default threshold for `alarm` back, for a person to run.
+fn repair_command(alarm: ResourceAlarm) -> &'static str {
+    match alarm {
+        ResourceAlarm::Memory => "rabbitmqctl set_vm_memory_high_watermark 0.4",
+        ResourceAlarm::Disk => "rabbitmqctl set_disk_free_limit 50MB",
+    }
 }
 
 /// Puts an alarm's threshold back (the arguments [`raise_alarm`] returned) and waits until the
@@ -130,10 +160,17 @@ pub(crate) async fn clear_alarm(alarm: ResourceAlarm, restore: &[String], timeou
     await_alarm(alarm, false, timeout).await;
 }
 
-/// Puts an alarm's threshold back, ignoring any failure (cleanup at the end of a test).
-pub(crate) fn restore_quietly(restore: &[String]) {
+/// Puts an alarm's threshold back at the end of a test, saying on stderr how to repair it
+/// by hand when that fails.
+pub(crate) fn restore_quietly(alarm: ResourceAlarm, restore: &[String]) {
     let args: Vec<&str> = restore.iter().map(String::as_str).collect();
-    run_quietly(&args);
+    if !run_quietly(&args) {
+        eprintln!(
+            "warren-harness: could not put RabbitMQ's {alarm:?} threshold back ({args:?}); \
+             its alarm may still block every publisher: run `{}`",
+            repair_command(alarm)
+        );
+    }
 }
 
 /// The arguments that set `alarm`'s threshold to `value`, as Erlang printed it: memory `0.4`
@@ -158,25 +195,32 @@ fn restore_args(alarm: ResourceAlarm, value: &str) -> Option<Vec<String>> {
 
 /// Waits until the node lists `alarm` (`raised`) or no longer does.
 async fn await_alarm(alarm: ResourceAlarm, raised: bool, timeout: Duration) {
-    let resource = match alarm {
-        ResourceAlarm::Memory => "memory",
-        ResourceAlarm::Disk => "disk",
-    };
-    let what = format!(
-        "RabbitMQ's {resource} alarm is {}",
-        if raised { "raised" } else { "cleared" }
-    );
+    let state = if raised { "raised" } else { "cleared" };
+    let what = format!("RabbitMQ's {} alarm is {state}", resource_name(alarm));
     crate::wait_until(&what, timeout, || async {
-        // e.g. [{{resource_limit,memory,rabbit@host},[]}]
-        let alarms = eval("rabbit_alarm:get_alarms().").await;
-        let listed = alarms.contains(&format!("{{resource_limit,{resource},"));
-        if listed == raised {
+        if alarm_listed(alarm).await == raised {
             Ok(())
         } else {
-            Err(format!("alarms: {}", alarms.trim()))
+            Err(format!("not yet (by hand: `{}`)", repair_command(alarm)))
         }
     })
     .await;
+}
+
+/// Whether the node lists `alarm` among its alarms.
+async fn alarm_listed(alarm: ResourceAlarm) -> bool {
+    // e.g. [{{resource_limit,memory,rabbit@host},[]}]
+    eval("rabbit_alarm:get_alarms().")
+        .await
+        .contains(&format!("{{resource_limit,{},", resource_name(alarm)))
+}
+
+/// RabbitMQ's name of `alarm`'s resource.
+fn resource_name(alarm: ResourceAlarm) -> &'static str {
+    match alarm {
+        ResourceAlarm::Memory => "memory",
+        ResourceAlarm::Disk => "disk",
+    }
 }
 
 /// Sets the `rabbit` application's environment `key` to `value` (an Erlang term) on the node,
@@ -229,8 +273,9 @@ pub(crate) fn delete_user_quietly(user: &str) {
     run_quietly(&["delete_user", user]);
 }
 
-/// Runs `rabbitmqctl` with `args`, its output dropped, killing it after [`TIMEOUT`].
-fn run_quietly(args: &[&str]) {
+/// Runs `rabbitmqctl` with `args`, its output dropped, killing it after [`TIMEOUT`];
+/// whether it succeeded.
+fn run_quietly(args: &[&str]) -> bool {
     let command = command();
     let Ok(mut child) = std::process::Command::new(&command[0])
         .args(&command[1..])
@@ -239,17 +284,19 @@ fn run_quietly(args: &[&str]) {
         .stderr(std::process::Stdio::null())
         .spawn()
     else {
-        return;
+        return false;
     };
     let deadline = std::time::Instant::now() + TIMEOUT;
     while std::time::Instant::now() < deadline {
-        if !matches!(child.try_wait(), Ok(None)) {
-            return;
+        match child.try_wait() {
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(Some(status)) => return status.success(),
+            Err(_) => return false,
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
+    false
 }
 
 /// The JSON definition `rabbitmqctl set_policy` takes.

@@ -95,7 +95,8 @@ pub fn expect_err<T: std::fmt::Debug>(what: &str, res: lapin::Result<T>) -> lapi
 }
 
 /// A listener for the connection's events, to catch errors of asynchronous methods (ack,
-/// publish) that have no reply of their own. Create it *before* the failing method.
+/// publish) that have no reply of their own, and `connection.blocked`. Create it *before*
+/// the method that causes the event.
 pub struct ErrorEvents(std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>);
 
 impl ErrorEvents {
@@ -109,12 +110,43 @@ impl ErrorEvents {
     /// # Panics
     /// When none comes within [`TIMEOUT`].
     pub async fn next_error(&mut self) -> lapin::Error {
-        within("an error event (channel.close/connection.close)", async {
+        self.next_matching(
+            "an error event (channel.close/connection.close)",
+            |event| match event {
+                Event::Error(e) => Some(e),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// The reason of the next `connection.blocked`.
+    ///
+    /// # Panics
+    /// When none comes within [`TIMEOUT`].
+    pub async fn next_blocked(&mut self) -> String {
+        self.next_matching("connection.blocked", |event| match event {
+            Event::ConnectionBlocked(reason) => Some(reason),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next event `pick` takes, skipping the others.
+    async fn next_matching<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(Event) -> Option<T>,
+    ) -> T {
+        within(what, async {
             loop {
                 match self.0.next().await {
-                    Some(Event::Error(e)) => return e,
-                    Some(_) => continue,
-                    None => panic!("event stream ended without an error"),
+                    Some(event) => {
+                        if let Some(found) = pick(event) {
+                            return found;
+                        }
+                    }
+                    None => panic!("the connection's events ended before {what}"),
                 }
             }
         })

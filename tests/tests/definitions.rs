@@ -388,6 +388,7 @@ async fn definitions_users_bring_their_tags() {
                                  {"name": "old-text", "password": "p", "administrator": "true"},
                                  {"name": "old-user", "password": "p", "administrator": false},
                                  {"name": "empties", "password": "p", "tags": " , "},
+                                 {"name": "doubled", "password": "p", "tags": "a,,b,"},
                                  {"name": "scalars", "password": "p", "tags": [1, true]}]}"#;
         handle.load_definitions(rare).expect("loaded");
         for (user, tags) in [
@@ -395,6 +396,7 @@ async fn definitions_users_bring_their_tags() {
             ("old-text", &["administrator"]),
             ("old-user", &[]),
             ("empties", &["", ""]),
+            ("doubled", &["a", "b"]),
             ("scalars", &["1", "true"]),
         ] {
             assert_eq!(handle.user_tags(user).unwrap(), tags, "{user}");

@@ -7,14 +7,13 @@
 //! On RabbitMQ an alarm blocks every publisher of the node: the tests of this file take
 //! turns ([`ALARMS`]), and no other file raises one.
 
-use futures_util::{Stream, StreamExt};
-use lapin::{BasicProperties, Event, options::BasicPublishOptions};
+use lapin::{BasicProperties, options::BasicPublishOptions};
 use std::time::Duration;
 use warren_broker::{BrokerHandle, ResourceAlarm};
 use warren_harness::{TestBroker, wait_until};
 use warren_tests::{
-    TIMEOUT, assert_no_delivery, channel, close_conn, confirm_channel, consume, declare,
-    next_delivery, publish, publish_confirmed, within,
+    ErrorEvents, TIMEOUT, assert_no_delivery, channel, close_conn, confirm_channel, consume,
+    declare, get, next_delivery, publish, publish_confirmed, within,
 };
 
 /// How long a held message is checked not to arrive (a negative check: kept short).
@@ -27,20 +26,6 @@ static ALARMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Whether the broker's connection `id` is blocked.
 fn blocked(handle: &BrokerHandle, id: u64) -> bool {
     handle.connections().iter().any(|c| c.id == id && c.blocked)
-}
-
-/// The reason of the next `connection.blocked` among `events`.
-async fn blocked_reason(events: &mut (impl Stream<Item = Event> + Unpin)) -> String {
-    within("connection.blocked", async {
-        loop {
-            match events.next().await {
-                Some(Event::ConnectionBlocked(reason)) => return reason,
-                Some(_) => continue,
-                None => panic!("the connection's events ended without connection.blocked"),
-            }
-        }
-    })
-    .await
 }
 
 /// Waits until the broker's connection `id` is blocked.
@@ -60,9 +45,16 @@ async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_c
     let _turn = ALARMS.lock().await;
     let broker = TestBroker::start().await;
     let consumer_conn = broker.connect_named("consumer").await;
-    let consumer_id = broker.connection_id("consumer").await;
     let publisher = broker.connect_named("publisher").await;
-    let publisher_id = broker.connection_id("publisher").await;
+    // The broker's ids, where it has them (embedded).
+    let id = async |name| {
+        if broker.is_embedded() {
+            Some(broker.connection_id(name).await.expect("listed"))
+        } else {
+            None
+        }
+    };
+    let (consumer_id, publisher_id) = (id("consumer").await, id("publisher").await);
     // The broker's own view, where there is one (embedded).
     let broker_blocked = |id: Option<u64>| {
         broker
@@ -77,7 +69,7 @@ async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_c
     publish_confirmed(&ch, &queue, b"before").await;
     assert_eq!(next_delivery(&mut consumer).await.data, b"before");
 
-    let mut events = Box::pin(publisher.events_listener());
+    let mut events = ErrorEvents::new(&publisher);
     broker.raise_alarm(ResourceAlarm::Memory).await;
     // Raising it blocks nobody yet: only a publish does.
     assert!(!broker_blocked(publisher_id));
@@ -97,12 +89,18 @@ async fn a_publisher_is_blocked_under_an_alarm_and_its_message_arrives_when_it_c
     if let (Some(handle), Some(id)) = (broker.embedded(), publisher_id) {
         until_blocked(handle, id).await;
     }
-    assert_eq!(blocked_reason(&mut events).await, "low on memory");
+    assert_eq!(events.next_blocked().await, "low on memory");
     assert!(publisher.status().blocked());
     // Its message waits unread; the consumer's connection is not blocked and still works.
     assert_no_delivery(&mut consumer, QUIET).await;
     assert!(!broker_blocked(consumer_id));
+    assert!(!consumer_conn.status().blocked());
     assert_eq!(broker.queue_counts(&queue).await, Some((0, 1)));
+    // The consumer's connection still works: it declares and gets from a queue of its own.
+    let own = broker.unique_name("alarm-own");
+    let consumer_ch = channel(&consumer_conn).await;
+    declare(&consumer_ch, &own).await;
+    assert!(get(&consumer_ch, &own, true).await.is_none());
 
     broker.clear_alarm(ResourceAlarm::Memory).await;
     assert_eq!(next_delivery(&mut consumer).await.data, b"during");
@@ -132,13 +130,13 @@ async fn a_connection_opened_under_an_alarm_is_blocked_at_its_first_publish() {
     // Declaring is not publishing: it works under the alarm.
     declare(&ch, &queue).await;
     assert!(!conn.status().blocked());
-    let mut events = Box::pin(conn.events_listener());
+    let mut events = ErrorEvents::new(&conn);
     publish(&ch, &queue, b"held").await;
     if let Some(handle) = broker.embedded() {
         let id = broker.connection_id("late").await.expect("the connection");
         until_blocked(handle, id).await;
     }
-    assert_eq!(blocked_reason(&mut events).await, "low on disk");
+    assert_eq!(events.next_blocked().await, "low on disk");
     assert_eq!(broker.queue_counts(&queue).await, Some((0, 0)));
     broker.clear_alarm(ResourceAlarm::Disk).await;
     broker.wait_for_messages(&queue, 1).await;
