@@ -236,7 +236,7 @@ fn row_cells(row: &Row) -> Vec<String> {
 pub(crate) struct Verdict {
     /// The target, in words.
     pub(crate) target: String,
-    /// Met, not met, or not measured.
+    /// Met, not met, not measured, or info (a figure for reference, not a target).
     pub(crate) status: &'static str,
     /// The figures behind it.
     pub(crate) detail: String,
@@ -461,6 +461,29 @@ pub(crate) fn verdicts(results: &Results) -> Vec<Verdict> {
             })
             .collect(),
     );
+    // For reference: the 1,000 queues' cost alone, against one queue over as many
+    // connections (the target above also counts what 100 connections cost).
+    let same_connections: Vec<String> = [
+        (Kind::Embedded, "embedded"),
+        (Kind::Standalone, "standalone"),
+    ]
+    .into_iter()
+    .filter_map(|(kind, label)| {
+        let rate = |scenario: &str| results.series(scenario, "lean", flow::RATE.name, kind);
+        let flat = rate(&scale_name(1000, 100))
+            .zip(rate(&scale_name(1, 100)))
+            .and_then(|(a, b)| a.ratio_to(b))?;
+        Some(format!("{label} 1000q/100c vs 1q/100c: {}", num(flat)))
+    })
+    .collect();
+    if !same_connections.is_empty() {
+        out.push(Verdict {
+            target: "for reference, not a target: 1,000 queues against 1 at 100 connections"
+                .to_owned(),
+            status: "INFO",
+            detail: same_connections.join("; "),
+        });
+    }
     out
 }
 
