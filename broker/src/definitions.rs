@@ -70,7 +70,9 @@ pub enum DefinitionsError {
     },
 }
 
-/// Loads `json` into the broker behind `handle`.
+/// Loads `json` into the broker behind `handle`: first everything that can be refused for
+/// its form is parsed (policies, users, limits, permission patterns), then it is applied in
+/// RabbitMQ's order.
 pub(crate) fn load(
     handle: &BrokerHandle,
     json: &str,
@@ -85,83 +87,20 @@ pub(crate) fn load(
             .and_then(Value::as_array)
             .map_or(&[][..], Vec::as_slice)
     };
-    // Policies are checked before anything is created (keys, values, pattern, vhost): one
-    // Warren refuses (the usual reason an export is refused) leaves the broker as it was.
-    let listed_vhosts: Vec<&str> = list("vhosts")
-        .iter()
-        .filter_map(|v| v.get("name").and_then(Value::as_str))
-        .collect();
-    let mut policies = Vec::new();
-    for policy in list("policies") {
-        let parsed = Policy::from_json(&policy.to_string()).map_err(|e| refused("a policy", e))?;
-        let what = format!("policy '{}' in vhost '{}'", parsed.name, parsed.vhost);
-        parsed.check().map_err(|e| refused(&what, e))?;
-        if handle.vhost_of(&parsed.vhost).is_none() && !listed_vhosts.contains(&&*parsed.vhost) {
-            return Err(refused(&what, PolicyError::NoVhost(parsed.vhost.clone())));
-        }
-        policies.push((parsed, what));
-    }
     let version = ["rabbitmq_version", "rabbit_version"]
         .iter()
         .find_map(|key| root.get(key).and_then(Value::as_str));
-    let mut users = Vec::new();
-    for user in list("users") {
-        let name = text(user, "name", "a user")?;
-        let what = format!("user '{name}'");
-        let limits = match user.get("limits") {
-            Some(own) => Some(UserLimits {
-                max_connections: limit(own, "max-connections", &what)?,
-                max_channels: limit(own, "max-channels", &what)?,
-            }),
-            None => None,
-        };
-        let credential = credential(user, &what, version)?;
-        users.push((credential, user_tags(user, &what)?, limits, name));
-    }
-    // Of the runtime parameters, the vhosts' limits.
-    let mut vhost_limits = Vec::new();
-    for parameter in list("parameters")
-        .iter()
-        .filter(|p| p.get("component").and_then(Value::as_str) == Some("vhost-limits"))
-    {
-        let vhost = vhost_of(parameter);
-        let what = format!("limits of vhost '{vhost}'");
-        let value = parameter.get("value").unwrap_or(&Value::Null);
-        let limits = VhostLimits {
-            max_connections: limit(value, "max-connections", &what)?,
-            max_queues: limit(value, "max-queues", &what)?,
-        };
-        vhost_limits.push((vhost, limits, what));
-    }
-    let mut permissions = Vec::new();
-    for entry in list("permissions") {
-        let user = text(entry, "user", "a permission")?;
-        let vhost = vhost_of(entry);
-        let what = format!("permissions of user '{user}' in vhost '{vhost}'");
-        let [configure, write, read] =
-            ["configure", "write", "read"].map(|key| text(entry, key, &what));
-        let parsed =
-            Permissions::new(&configure?, &write?, &read?).map_err(|e| refused(&what, e))?;
-        permissions.push((parsed, user, vhost, what));
-    }
-    let mut topic_permissions = Vec::new();
-    for entry in list("topic_permissions") {
-        let user = text(entry, "user", "a topic permission")?;
-        let vhost = vhost_of(entry);
-        let exchange = text(entry, "exchange", "a topic permission")?;
-        let what = format!(
-            "topic permissions of user '{user}' on exchange '{exchange}' in vhost '{vhost}'"
-        );
-        let [write, read] = ["write", "read"].map(|key| text(entry, key, &what));
-        let parsed =
-            TopicPermission::new(&user, &vhost, &write?, &read?).map_err(|e| refused(&what, e))?;
-        topic_permissions.push((parsed, user, vhost, exchange, what));
-    }
+    let policies = parse_policies(handle, list("policies"), list("vhosts"))?;
+    let users = parse_users(list("users"), version)?;
+    let vhost_limits = parse_vhost_limits(list("parameters"))?;
+    let permissions = parse_permissions(list("permissions"))?;
+    let topic_permissions = parse_topic_permissions(list("topic_permissions"))?;
+
     let mut loaded = LoadedDefinitions::default();
-    for (credential, tags, limits, name) in users {
-        handle.put_user(&name, credential, tags);
-        if let Some(limits) = limits {
-            handle.set_user_limits(&name, limits);
+    for user in users {
+        handle.put_user(&user.name, user.credential, user.tags);
+        if let Some(limits) = user.limits {
+            handle.set_user_limits(&user.name, limits);
         }
         loaded.users += 1;
     }
@@ -195,95 +134,243 @@ pub(crate) fn load(
     }
     let now = Instant::now();
     for queue in list("queues") {
-        let name = text(queue, "name", "a queue")?;
-        let vhost = vhost_of(queue);
-        let what = format!("queue '{name}' in vhost '{vhost}'");
-        let options = QueueOptions {
-            durable: flag(queue, "durable"),
-            exclusive: None,
-            auto_delete: flag(queue, "auto_delete"),
-            arguments: arguments(queue, &what)?,
-        };
-        let target = handle
-            .vhost_of(&vhost)
-            .ok_or_else(|| refused(&what, "no such vhost"))?;
-        let mut state = target.lock();
-        if state.queues.contains_key(name.as_str()) {
-            continue;
-        }
-        create_queue(&mut state, &vhost, &name, options, now).map_err(|e| refused(&what, e))?;
-        loaded.queues += 1;
+        loaded.queues += usize::from(load_queue(handle, queue, now)?);
     }
     for exchange in list("exchanges") {
-        let name = text(exchange, "name", "an exchange")?;
-        let vhost = vhost_of(exchange);
-        let what = format!("exchange '{name}' in vhost '{vhost}'");
-        let kind = text(exchange, "type", &what)?;
-        let flags = ExchangeFlags {
-            durable: flag(exchange, "durable"),
-            auto_delete: flag(exchange, "auto_delete"),
-            internal: flag(exchange, "internal"),
-        };
-        let args = arguments(exchange, &what)?;
-        let target = handle
-            .vhost_of(&vhost)
-            .ok_or_else(|| refused(&what, "no such vhost"))?;
-        let mut state = target.lock();
-        if name.is_empty() || state.exchanges.contains_key(&name) {
-            continue;
-        }
-        ExchangeKind::parse(&kind)
-            .and_then(|kind| create_exchange(&mut state, &vhost, &name, kind, flags, args))
-            .map_err(|e| refused(&what, e))?;
-        loaded.exchanges += 1;
+        loaded.exchanges += usize::from(load_exchange(handle, exchange)?);
     }
     for binding in list("bindings") {
-        let source = text(binding, "source", "a binding")?;
-        let destination = text(binding, "destination", "a binding")?;
-        let vhost = vhost_of(binding);
-        let what = format!("binding from '{source}' to '{destination}' in vhost '{vhost}'");
-        let destination = match text(binding, "destination_type", &what)?.as_str() {
-            "queue" => Destination::Queue(Arc::from(destination.as_str())),
-            "exchange" => Destination::Exchange(Arc::from(destination.as_str())),
-            other => {
-                return Err(refused(
-                    &what,
-                    format!("unknown destination_type '{other}'"),
-                ));
-            }
-        };
-        let routing_key = binding
-            .get("routing_key")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let args = arguments(binding, &what)?;
-        let target = handle
-            .vhost_of(&vhost)
-            .ok_or_else(|| refused(&what, "no such vhost"))?;
-        let mut state = target.lock();
-        let exists = match &destination {
-            Destination::Queue(q) => state.queues.contains_key(q),
-            Destination::Exchange(x) => state.exchanges.contains_key(&**x),
-        };
-        if !exists {
-            return Err(refused(&what, "its destination does not exist"));
-        }
-        let Some(exchange) = state
-            .exchanges
-            .get_mut(&source)
-            .filter(|_| !source.is_empty())
-        else {
-            return Err(refused(&what, "its source exchange does not exist"));
-        };
-        exchange.bind(Binding {
-            destination,
-            routing_key,
-            arguments: args,
-        });
+        load_binding(handle, binding)?;
         loaded.bindings += 1;
     }
     Ok(loaded)
+}
+
+/// The policies, each checked (keys, values, pattern, vhost) before anything is created:
+/// one Warren refuses (the usual reason an export is refused) leaves the broker as it was.
+fn parse_policies(
+    handle: &BrokerHandle,
+    policies: &[Value],
+    vhosts: &[Value],
+) -> Result<Vec<(Policy, String)>, DefinitionsError> {
+    let listed_vhosts: Vec<&str> = vhosts
+        .iter()
+        .filter_map(|v| v.get("name").and_then(Value::as_str))
+        .collect();
+    policies
+        .iter()
+        .map(|policy| {
+            let parsed =
+                Policy::from_json(&policy.to_string()).map_err(|e| refused("a policy", e))?;
+            let what = format!("policy '{}' in vhost '{}'", parsed.name, parsed.vhost);
+            parsed.check().map_err(|e| refused(&what, e))?;
+            if handle.vhost_of(&parsed.vhost).is_none() && !listed_vhosts.contains(&&*parsed.vhost)
+            {
+                return Err(refused(&what, PolicyError::NoVhost(parsed.vhost.clone())));
+            }
+            Ok((parsed, what))
+        })
+        .collect()
+}
+
+/// A user of the definitions, parsed.
+struct UserDefinition {
+    name: String,
+    credential: Credential,
+    tags: Vec<String>,
+    /// Its own `limits`, if it has them.
+    limits: Option<UserLimits>,
+}
+
+/// The users: how each logs in, its tags and its limits.
+fn parse_users(
+    users: &[Value],
+    version: Option<&str>,
+) -> Result<Vec<UserDefinition>, DefinitionsError> {
+    users
+        .iter()
+        .map(|user| {
+            let name = text(user, "name", "a user")?;
+            let what = format!("user '{name}'");
+            let limits = match user.get("limits") {
+                Some(own) => Some(UserLimits {
+                    max_connections: limit(own, "max-connections", &what)?,
+                    max_channels: limit(own, "max-channels", &what)?,
+                }),
+                None => None,
+            };
+            Ok(UserDefinition {
+                credential: credential(user, &what, version)?,
+                tags: user_tags(user, &what)?,
+                limits,
+                name,
+            })
+        })
+        .collect()
+}
+
+/// Of the runtime parameters, the vhosts' limits: (vhost, limits, what).
+fn parse_vhost_limits(
+    parameters: &[Value],
+) -> Result<Vec<(String, VhostLimits, String)>, DefinitionsError> {
+    parameters
+        .iter()
+        .filter(|p| p.get("component").and_then(Value::as_str) == Some("vhost-limits"))
+        .map(|parameter| {
+            let vhost = vhost_of(parameter);
+            let what = format!("limits of vhost '{vhost}'");
+            let value = parameter.get("value").unwrap_or(&Value::Null);
+            let limits = VhostLimits {
+                max_connections: limit(value, "max-connections", &what)?,
+                max_queues: limit(value, "max-queues", &what)?,
+            };
+            Ok((vhost, limits, what))
+        })
+        .collect()
+}
+
+/// The permissions, their patterns compiled: (permissions, user, vhost, what).
+fn parse_permissions(
+    entries: &[Value],
+) -> Result<Vec<(Permissions, String, String, String)>, DefinitionsError> {
+    entries
+        .iter()
+        .map(|entry| {
+            let user = text(entry, "user", "a permission")?;
+            let vhost = vhost_of(entry);
+            let what = format!("permissions of user '{user}' in vhost '{vhost}'");
+            let [configure, write, read] =
+                ["configure", "write", "read"].map(|key| text(entry, key, &what));
+            let parsed =
+                Permissions::new(&configure?, &write?, &read?).map_err(|e| refused(&what, e))?;
+            Ok((parsed, user, vhost, what))
+        })
+        .collect()
+}
+
+/// A topic permission, parsed: (permission, user, vhost, exchange, what).
+type TopicPermissionDefinition = (TopicPermission, String, String, String, String);
+
+/// The topic permissions, their patterns compiled.
+fn parse_topic_permissions(
+    entries: &[Value],
+) -> Result<Vec<TopicPermissionDefinition>, DefinitionsError> {
+    entries
+        .iter()
+        .map(|entry| {
+            let user = text(entry, "user", "a topic permission")?;
+            let vhost = vhost_of(entry);
+            let exchange = text(entry, "exchange", "a topic permission")?;
+            let what = format!(
+                "topic permissions of user '{user}' on exchange '{exchange}' in vhost '{vhost}'"
+            );
+            let [write, read] = ["write", "read"].map(|key| text(entry, key, &what));
+            let parsed = TopicPermission::new(&user, &vhost, &write?, &read?)
+                .map_err(|e| refused(&what, e))?;
+            Ok((parsed, user, vhost, exchange, what))
+        })
+        .collect()
+}
+
+/// Declares a queue of the definitions, checked as a client's declaration would be; false if
+/// it exists already (it is left as it is).
+fn load_queue(
+    handle: &BrokerHandle,
+    queue: &Value,
+    now: Instant,
+) -> Result<bool, DefinitionsError> {
+    let name = text(queue, "name", "a queue")?;
+    let vhost = vhost_of(queue);
+    let what = format!("queue '{name}' in vhost '{vhost}'");
+    let options = QueueOptions {
+        durable: flag(queue, "durable"),
+        exclusive: None,
+        auto_delete: flag(queue, "auto_delete"),
+        arguments: arguments(queue, &what)?,
+    };
+    let target = handle
+        .vhost_of(&vhost)
+        .ok_or_else(|| refused(&what, "no such vhost"))?;
+    let mut state = target.lock();
+    if state.queues.contains_key(name.as_str()) {
+        return Ok(false);
+    }
+    create_queue(&mut state, &vhost, &name, options, now).map_err(|e| refused(&what, e))?;
+    Ok(true)
+}
+
+/// Declares an exchange of the definitions, checked as a client's declaration would be;
+/// false if it exists already (it is left as it is) or is the default one.
+fn load_exchange(handle: &BrokerHandle, exchange: &Value) -> Result<bool, DefinitionsError> {
+    let name = text(exchange, "name", "an exchange")?;
+    let vhost = vhost_of(exchange);
+    let what = format!("exchange '{name}' in vhost '{vhost}'");
+    let kind = text(exchange, "type", &what)?;
+    let flags = ExchangeFlags {
+        durable: flag(exchange, "durable"),
+        auto_delete: flag(exchange, "auto_delete"),
+        internal: flag(exchange, "internal"),
+    };
+    let args = arguments(exchange, &what)?;
+    let target = handle
+        .vhost_of(&vhost)
+        .ok_or_else(|| refused(&what, "no such vhost"))?;
+    let mut state = target.lock();
+    if name.is_empty() || state.exchanges.contains_key(&name) {
+        return Ok(false);
+    }
+    ExchangeKind::parse(&kind)
+        .and_then(|kind| create_exchange(&mut state, &vhost, &name, kind, flags, args))
+        .map_err(|e| refused(&what, e))?;
+    Ok(true)
+}
+
+/// Binds as a binding of the definitions says; its source and destination must exist.
+fn load_binding(handle: &BrokerHandle, binding: &Value) -> Result<(), DefinitionsError> {
+    let source = text(binding, "source", "a binding")?;
+    let destination = text(binding, "destination", "a binding")?;
+    let vhost = vhost_of(binding);
+    let what = format!("binding from '{source}' to '{destination}' in vhost '{vhost}'");
+    let destination = match text(binding, "destination_type", &what)?.as_str() {
+        "queue" => Destination::Queue(Arc::from(destination.as_str())),
+        "exchange" => Destination::Exchange(Arc::from(destination.as_str())),
+        other => {
+            return Err(refused(
+                &what,
+                format!("unknown destination_type '{other}'"),
+            ));
+        }
+    };
+    let routing_key = binding
+        .get("routing_key")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let args = arguments(binding, &what)?;
+    let target = handle
+        .vhost_of(&vhost)
+        .ok_or_else(|| refused(&what, "no such vhost"))?;
+    let mut state = target.lock();
+    let exists = match &destination {
+        Destination::Queue(q) => state.queues.contains_key(q),
+        Destination::Exchange(x) => state.exchanges.contains_key(&**x),
+    };
+    if !exists {
+        return Err(refused(&what, "its destination does not exist"));
+    }
+    let Some(exchange) = state
+        .exchanges
+        .get_mut(&source)
+        .filter(|_| !source.is_empty())
+    else {
+        return Err(refused(&what, "its source exchange does not exist"));
+    };
+    exchange.bind(Binding {
+        destination,
+        routing_key,
+        arguments: args,
+    });
+    Ok(())
 }
 
 /// How a user of the definitions logs in: its `password`, or its `password_hash` (none: no
