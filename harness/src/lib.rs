@@ -230,6 +230,53 @@ impl TestBroker {
         .ok()
     }
 
+    /// Whether a connection named `name` (client property `connection_name`, see
+    /// [`TestBroker::connect_named`]) is open, on both targets (on RabbitMQ by `rabbitmqctl
+    /// list_connections`, which lists a connection a moment after it opens and until a
+    /// moment after it closes: wait with [`TestBroker::wait_for_connection`] and
+    /// [`TestBroker::wait_for_connection_closed`]).
+    pub async fn has_connection(&self, name: &str) -> bool {
+        match &self.embedded {
+            Some(handle) => handle
+                .connections()
+                .iter()
+                .any(|c| c.name.as_deref() == Some(name)),
+            None => rabbitmqctl::connection_pid(name).await.is_some(),
+        }
+    }
+
+    /// Waits until a connection named `name` is open: a service under test has connected.
+    ///
+    /// # Panics
+    /// After [`DEFAULT_TIMEOUT`].
+    pub async fn wait_for_connection(&self, name: &str) {
+        self.wait_for_connection_state(name, true).await;
+    }
+
+    /// Waits until no connection named `name` is open: a service under test has closed its
+    /// connection (a clean shutdown), or its old connection is gone after a reconnect.
+    ///
+    /// # Panics
+    /// After [`DEFAULT_TIMEOUT`].
+    pub async fn wait_for_connection_closed(&self, name: &str) {
+        self.wait_for_connection_state(name, false).await;
+    }
+
+    async fn wait_for_connection_state(&self, name: &str, open: bool) {
+        let goal = format!(
+            "connection '{name}' is {}",
+            if open { "open" } else { "closed" }
+        );
+        wait_until(&goal, DEFAULT_TIMEOUT, || async {
+            if self.has_connection(name).await == open {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        })
+        .await;
+    }
+
     /// Closes the connection named `name` (see [`TestBroker::connect_named`]) as an operator's
     /// `rabbitmqctl close_connection` does, on both targets: its client gets connection.close
     /// 320 `CONNECTION_FORCED - {reason}`, and its unacknowledged messages go back to their

@@ -149,6 +149,22 @@ async fn external_only_unique_names_are_deleted_at_the_end() {
     );
 }
 
+/// A named connection is seen open and then closed, on both targets.
+#[tokio::test]
+async fn named_connections_are_seen_to_open_and_close() {
+    let broker = TestBroker::start().await;
+    let name = broker.unique_name("service");
+    assert!(!broker.has_connection(&name).await);
+    let service = broker.connect_named(&name).await;
+    broker.wait_for_connection(&name).await;
+    assert!(broker.has_connection(&name).await);
+    let other = broker.unique_name("other");
+    assert!(!broker.has_connection(&other).await, "only that name");
+    close_conn(&service).await;
+    broker.wait_for_connection_closed(&name).await;
+    assert!(!broker.has_connection(&name).await);
+}
+
 /// `TestBroker::close_connection` closes a named connection as `rabbitmqctl
 /// close_connection` does, on both targets: its client gets 320 with the reason, its
 /// unacknowledged message goes back to the queue flagged redelivered, and other connections
