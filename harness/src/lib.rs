@@ -38,7 +38,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 pub use proxy::{Flow, Proxy};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 pub use wait::{DEFAULT_TIMEOUT, try_wait_until, wait_until, within};
 use warren_broker::{
@@ -84,6 +84,22 @@ pub struct TestBroker {
     /// external broker, run at the end.
     settings_to_restore: Mutex<Vec<String>>,
 }
+
+/// Locks a mutex of the harness's bookkeeping, whatever a test that panicked left in it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes what a mutex of the harness's bookkeeping holds, at the end of a test.
+fn take<T: Default>(mutex: &mut Mutex<T>) -> T {
+    std::mem::take(mutex.get_mut().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// The reply code of a connection closed by an operator (`rabbitmqctl close_connection`).
+const CONNECTION_FORCED: u16 = 320;
+/// RabbitMQ's channel ticks per consumer timeout, in [`TestBroker::start_with_consumer_timeout`]:
+/// a timeout is seen at most a quarter of it late.
+const CONSUMER_TIMEOUT_TICKS: u128 = 4;
 
 /// `rabbitmqctl`'s JSON for limits: each one, `-1` for none.
 fn limits_json(limits: &[(&str, Option<u32>)]) -> String {
@@ -148,14 +164,10 @@ impl TestBroker {
         }
         let broker = Self::start().await;
         let ms = timeout.as_millis().max(1);
-        let tick = (ms / 4).max(1);
+        let tick = (ms / CONSUMER_TIMEOUT_TICKS).max(1);
         for (key, value) in [("consumer_timeout", ms), ("channel_tick_interval", tick)] {
             let restore = rabbitmqctl::set_rabbit_env(key, &value.to_string()).await;
-            broker
-                .settings_to_restore
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(restore);
+            lock(&broker.settings_to_restore).push(restore);
         }
         broker
     }
@@ -309,7 +321,7 @@ impl TestBroker {
                     .await
                     .unwrap_or_else(|| panic!("no connection named '{name}'"));
                 // false: it closed on its own since it was listed, which is what was asked.
-                handle.close_connection(id, 320, reason);
+                handle.close_connection(id, CONNECTION_FORCED, reason);
             }
             None => {
                 let pid = wait_until(
@@ -366,10 +378,7 @@ impl TestBroker {
                 // Kept before the threshold changes, so that the end of the test puts it back
                 // even if raising fails half-way.
                 let restore = rabbitmqctl::alarm_restore_args(alarm).await;
-                self.alarms
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((alarm, restore));
+                lock(&self.alarms).push((alarm, restore));
                 rabbitmqctl::raise_alarm(alarm, DEFAULT_TIMEOUT).await;
             }
         }
@@ -390,19 +399,14 @@ impl TestBroker {
                     panic!("clear_alarm({alarm:?}): this TestBroker did not raise it on RabbitMQ")
                 });
                 rabbitmqctl::clear_alarm(alarm, &restore, DEFAULT_TIMEOUT).await;
-                self.alarms
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .retain(|(a, _)| *a != alarm);
+                lock(&self.alarms).retain(|(a, _)| *a != alarm);
             }
         }
     }
 
     /// How to put back the threshold of `alarm`, if this `TestBroker` raised it on RabbitMQ.
     fn raised(&self, alarm: ResourceAlarm) -> Option<Vec<String>> {
-        self.alarms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.alarms)
             .iter()
             .find(|(a, _)| *a == alarm)
             .map(|(_, restore)| restore.clone())
@@ -413,10 +417,7 @@ impl TestBroker {
     /// dropped, even if the test failed.
     pub fn unique_name(&self, prefix: &str) -> String {
         let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
-        self.names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(name.clone());
+        lock(&self.names).push(name.clone());
         name
     }
 
@@ -570,10 +571,7 @@ impl TestBroker {
     /// # Panics
     /// On an external broker, when `rabbitmqctl` cannot be run or takes over 30 seconds.
     pub async fn set_policy(&self, policy: &Policy) -> Result<(), PolicyError> {
-        self.policies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((policy.vhost.clone(), policy.name.clone()));
+        lock(&self.policies).push((policy.vhost.clone(), policy.name.clone()));
         match &self.embedded {
             Some(handle) => handle.set_policy(policy.clone()),
             None => {
@@ -625,10 +623,7 @@ impl TestBroker {
     /// # Panics
     /// When the vhost cannot be added (or, externally, `rabbitmqctl` cannot be run).
     pub async fn add_vhost(&self, name: &str) {
-        self.vhosts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(name.to_owned());
+        lock(&self.vhosts).push(name.to_owned());
         match &self.embedded {
             Some(handle) => assert!(handle.add_vhost(name), "vhost {name} exists already"),
             None => {
@@ -684,27 +679,18 @@ impl TestBroker {
             for policy in list("policies") {
                 if let Some(name) = field(&policy, "name") {
                     let vhost = field(&policy, "vhost").unwrap_or_else(|| "/".to_owned());
-                    self.policies
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((vhost, name));
+                    lock(&self.policies).push((vhost, name));
                 }
             }
             for vhost in list("vhosts") {
                 if let Some(name) = field(&vhost, "name").filter(|n| n != "/") {
-                    self.vhosts
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(name);
+                    lock(&self.vhosts).push(name);
                 }
             }
             let own = self.user();
             for user in list("users") {
                 if let Some(name) = field(&user, "name").filter(|n| *n != own) {
-                    self.users
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(name);
+                    lock(&self.users).push(name);
                 }
             }
         }
@@ -739,10 +725,7 @@ impl TestBroker {
     /// # Panics
     /// When the user exists (or, externally, `rabbitmqctl` cannot be run).
     pub async fn add_user(&self, name: &str, password: &str) {
-        self.users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(name.to_owned());
+        lock(&self.users).push(name.to_owned());
         match &self.embedded {
             Some(handle) => assert!(handle.add_user(name, password), "user {name} exists"),
             None => run_or_panic(&["add_user", name, password]).await,
@@ -1016,27 +999,25 @@ impl Drop for TestBroker {
                 eprintln!("--- AMQP methods seen by the embedded broker ---\n{trace}---");
             }
         }
-        let names = std::mem::take(self.names.get_mut().unwrap_or_else(|e| e.into_inner()));
-        let policies = std::mem::take(self.policies.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let names = take(&mut self.names);
+        let policies = take(&mut self.policies);
         if self.embedded.is_some() {
             return;
         }
         // First what blocks every publisher of the node.
-        let alarms = self.alarms.get_mut();
-        for (alarm, restore) in std::mem::take(alarms.unwrap_or_else(|e| e.into_inner())) {
+        for (alarm, restore) in take(&mut self.alarms) {
             rabbitmqctl::restore_quietly(alarm, &restore);
         }
         for (vhost, name) in policies {
             rabbitmqctl::clear_quietly(&vhost, &name);
         }
-        for vhost in std::mem::take(self.vhosts.get_mut().unwrap_or_else(|e| e.into_inner())) {
+        for vhost in take(&mut self.vhosts) {
             rabbitmqctl::delete_vhost_quietly(&vhost);
         }
-        for user in std::mem::take(self.users.get_mut().unwrap_or_else(|e| e.into_inner())) {
+        for user in take(&mut self.users) {
             rabbitmqctl::delete_user_quietly(&user);
         }
-        let settings = self.settings_to_restore.get_mut();
-        for expression in std::mem::take(settings.unwrap_or_else(|e| e.into_inner())) {
+        for expression in take(&mut self.settings_to_restore) {
             rabbitmqctl::eval_quietly(&expression);
         }
         if names.is_empty() {

@@ -90,6 +90,62 @@ pub(crate) async fn connection_pid(name: &str) -> Option<String> {
     })
 }
 
+/// How `rabbitmqctl` reads, sets and repairs the threshold behind an alarm.
+struct Threshold {
+    /// RabbitMQ's name of the resource, as `rabbit_alarm` lists it.
+    resource: &'static str,
+    /// The Erlang expression that reads the threshold: memory `0.4` or
+    /// `{absolute,1073741824}`, disk `50000000`.
+    read: &'static str,
+    /// The `rabbitmqctl` command that sets it.
+    set: &'static str,
+    /// Its arguments for a threshold out of reach (memory: a high watermark of 1 byte; disk:
+    /// a free-space limit of 1 EB), which raises the alarm.
+    out_of_reach: &'static [&'static str],
+    /// Its argument for RabbitMQ's default, for a person to repair by hand.
+    default: &'static str,
+}
+
+/// `alarm`'s threshold.
+fn threshold(alarm: ResourceAlarm) -> Threshold {
+    match alarm {
+        ResourceAlarm::Memory => Threshold {
+            resource: "memory",
+            read: "vm_memory_monitor:get_vm_memory_high_watermark().",
+            set: "set_vm_memory_high_watermark",
+            out_of_reach: &["absolute", "1"],
+            default: "0.4",
+        },
+        ResourceAlarm::Disk => Threshold {
+            resource: "disk",
+            read: "rabbit_disk_monitor:get_disk_free_limit().",
+            set: "set_disk_free_limit",
+            out_of_reach: &["1000000000000000000"],
+            default: "50MB",
+        },
+    }
+}
+
+impl Threshold {
+    /// The command that puts RabbitMQ's default back, for a person to run.
+    fn repair_command(&self) -> String {
+        format!("rabbitmqctl {} {}", self.set, self.default)
+    }
+
+    /// The arguments that set the threshold to `value`, as [`Threshold::read`] printed it.
+    fn set_args(&self, value: &str) -> Option<Vec<String>> {
+        let value = match value.strip_prefix("{absolute,") {
+            Some(rest) => {
+                let bytes: u64 = rest.strip_suffix('}')?.trim().parse().ok()?;
+                vec!["absolute".to_owned(), bytes.to_string()]
+            }
+            None if self.resource == "memory" => vec![value.parse::<f64>().ok()?.to_string()],
+            None => vec![value.parse::<u64>().ok()?.to_string()],
+        };
+        Some(std::iter::once(self.set.to_owned()).chain(value).collect())
+    }
+}
+
 /// The `rabbitmqctl` arguments that put `alarm`'s threshold back as it is now, read before
 /// [`raise_alarm`] changes it.
 ///
@@ -97,58 +153,41 @@ pub(crate) async fn connection_pid(name: &str) -> Option<String> {
 /// As [`run`]; and when the alarm is raised already or its threshold is already out of
 /// reach (a test killed before it could put it back), naming the command that repairs it.
 pub(crate) async fn alarm_restore_args(alarm: ResourceAlarm) -> Vec<String> {
-    let read = match alarm {
-        ResourceAlarm::Memory => "vm_memory_monitor:get_vm_memory_high_watermark().",
-        ResourceAlarm::Disk => "rabbit_disk_monitor:get_disk_free_limit().",
-    };
-    let before = eval(read).await;
+    let threshold = threshold(alarm);
+    let before = eval(threshold.read).await;
     let before = before.trim();
-    let restore = restore_args(alarm, before)
+    let restore = threshold
+        .set_args(before)
         .unwrap_or_else(|| panic!("unexpected {alarm:?} threshold from rabbitmqctl: {before}"));
-    let out_of_reach = raise_args(alarm)[1..].join(" ");
-    if restore[1..].join(" ") == out_of_reach || alarm_listed(alarm).await {
+    if restore[1..] == *threshold.out_of_reach || alarm_listed(&threshold).await {
         panic!(
             "RabbitMQ's {alarm:?} alarm is raised already (threshold {before}): another test \
              holds it, or one was killed before it could put it back (`{}`)",
-            repair_command(alarm)
+            threshold.repair_command()
         );
     }
     restore
 }
 
-/// Raises `alarm` on RabbitMQ by setting its threshold out of reach (memory: a high
-/// watermark of 1 byte; disk: a free-space limit of 1 EB), and waits until the node lists the
-/// alarm. Read [`alarm_restore_args`] first.
+/// Raises `alarm` on RabbitMQ by setting its threshold out of reach, and waits until the node
+/// lists the alarm. Read [`alarm_restore_args`] first.
 ///
 /// # Panics
 /// As [`run`], when the command is refused, or when the alarm does not show within
 /// `timeout`.
 pub(crate) async fn raise_alarm(alarm: ResourceAlarm, timeout: Duration) {
-    let raise = raise_args(alarm);
+    let threshold = threshold(alarm);
+    let raise: Vec<&str> = std::iter::once(threshold.set)
+        .chain(threshold.out_of_reach.iter().copied())
+        .collect();
     run(&raise)
         .await
         .unwrap_or_else(|e| panic!("rabbitmqctl {raise:?}: {e}"));
-    await_alarm(alarm, true, timeout).await;
+    await_alarm(&threshold, true, timeout).await;
 }
 
-/// The arguments that set `alarm`'s threshold out of reach.
-fn raise_args(alarm: ResourceAlarm) -> Vec<&'static str> {
-    match alarm {
-        ResourceAlarm::Memory => vec!["set_vm_memory_high_watermark", "absolute", "1"],
-        ResourceAlarm::Disk => vec!["set_disk_free_limit", "1000000000000000000"],
-    }
-}
-
-/// The command that puts RabbitMQ's default threshold for `alarm` back, for a person to run.
-fn repair_command(alarm: ResourceAlarm) -> &'static str {
-    match alarm {
-        ResourceAlarm::Memory => "rabbitmqctl set_vm_memory_high_watermark 0.4",
-        ResourceAlarm::Disk => "rabbitmqctl set_disk_free_limit 50MB",
-    }
-}
-
-/// Puts an alarm's threshold back (the arguments [`raise_alarm`] returned) and waits until the
-/// node no longer lists the alarm.
+/// Puts an alarm's threshold back (the arguments [`alarm_restore_args`] returned) and waits
+/// until the node no longer lists the alarm.
 ///
 /// # Panics
 /// As [`raise_alarm`].
@@ -157,7 +196,7 @@ pub(crate) async fn clear_alarm(alarm: ResourceAlarm, restore: &[String], timeou
     run(&args)
         .await
         .unwrap_or_else(|e| panic!("rabbitmqctl {args:?}: {e}"));
-    await_alarm(alarm, false, timeout).await;
+    await_alarm(&threshold(alarm), false, timeout).await;
 }
 
 /// Puts an alarm's threshold back at the end of a test, saying on stderr how to repair it
@@ -168,59 +207,34 @@ pub(crate) fn restore_quietly(alarm: ResourceAlarm, restore: &[String]) {
         eprintln!(
             "warren-harness: could not put RabbitMQ's {alarm:?} threshold back ({args:?}); \
              its alarm may still block every publisher: run `{}`",
-            repair_command(alarm)
+            threshold(alarm).repair_command()
         );
     }
 }
 
-/// The arguments that set `alarm`'s threshold to `value`, as Erlang printed it: memory `0.4`
-/// or `{absolute,1073741824}`, disk `50000000`.
-fn restore_args(alarm: ResourceAlarm, value: &str) -> Option<Vec<String>> {
-    let args = match alarm {
-        ResourceAlarm::Memory => match value.strip_prefix("{absolute,") {
-            Some(rest) => {
-                let bytes: u64 = rest.strip_suffix('}')?.trim().parse().ok()?;
-                vec!["absolute".to_owned(), bytes.to_string()]
-            }
-            None => vec![value.parse::<f64>().ok()?.to_string()],
-        },
-        ResourceAlarm::Disk => vec![value.parse::<u64>().ok()?.to_string()],
-    };
-    let command = match alarm {
-        ResourceAlarm::Memory => "set_vm_memory_high_watermark",
-        ResourceAlarm::Disk => "set_disk_free_limit",
-    };
-    Some(std::iter::once(command.to_owned()).chain(args).collect())
-}
-
-/// Waits until the node lists `alarm` (`raised`) or no longer does.
-async fn await_alarm(alarm: ResourceAlarm, raised: bool, timeout: Duration) {
+/// Waits until the node lists the alarm of `threshold` (`raised`) or no longer does.
+async fn await_alarm(threshold: &Threshold, raised: bool, timeout: Duration) {
     let state = if raised { "raised" } else { "cleared" };
-    let what = format!("RabbitMQ's {} alarm is {state}", resource_name(alarm));
+    let what = format!("RabbitMQ's {} alarm is {state}", threshold.resource);
     crate::wait_until(&what, timeout, || async {
-        if alarm_listed(alarm).await == raised {
+        if alarm_listed(threshold).await == raised {
             Ok(())
         } else {
-            Err(format!("not yet (by hand: `{}`)", repair_command(alarm)))
+            Err(format!(
+                "not yet (by hand: `{}`)",
+                threshold.repair_command()
+            ))
         }
     })
     .await;
 }
 
-/// Whether the node lists `alarm` among its alarms.
-async fn alarm_listed(alarm: ResourceAlarm) -> bool {
+/// Whether the node lists the alarm of `threshold` among its alarms.
+async fn alarm_listed(threshold: &Threshold) -> bool {
     // e.g. [{{resource_limit,memory,rabbit@host},[]}]
     eval("rabbit_alarm:get_alarms().")
         .await
-        .contains(&format!("{{resource_limit,{},", resource_name(alarm)))
-}
-
-/// RabbitMQ's name of `alarm`'s resource.
-fn resource_name(alarm: ResourceAlarm) -> &'static str {
-    match alarm {
-        ResourceAlarm::Memory => "memory",
-        ResourceAlarm::Disk => "disk",
-    }
+        .contains(&format!("{{resource_limit,{},", threshold.resource))
 }
 
 /// Sets the `rabbit` application's environment `key` to `value` (an Erlang term) on the node,

@@ -43,6 +43,9 @@ pub fn amqp_error(err: &lapin::Error) -> Option<(u16, String)> {
     }
 }
 
+/// RabbitMQ's 403 text for a PLAIN login it refuses (unknown user or wrong password).
+pub const PLAIN_LOGIN_REFUSED: &str = "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile.";
+
 /// RabbitMQ's 406 text for a publish whose `user_id` property (`claimed`) is not the name of
 /// the user that logged in (`user`), from a user not tagged `impersonator`.
 pub fn user_id_refused(claimed: &str, user: &str) -> String {
@@ -80,6 +83,18 @@ pub fn assert_amqp_error(err: &lapin::Error, code: u16, text: Option<&str>) {
         }
         None => panic!("expected AMQP error {code}, got {err:?}"),
     }
+}
+
+/// The error of a lapin connection to `url` that the broker must refuse (a wrong password,
+/// an unknown vhost, a limit reached).
+///
+/// # Panics
+/// When the connection opens, or nothing is decided within [`TIMEOUT`].
+pub async fn refused_connection(url: &str) -> lapin::Error {
+    expect_err(
+        "a connection the broker must refuse",
+        within("connect", Connection::connect(url, Default::default())).await,
+    )
 }
 
 /// Unwraps the error of `res`, panicking with `what` when it succeeded.

@@ -21,7 +21,8 @@ use warren_harness::{TestBroker, connect_to};
 use warren_tests::raw::{Incoming, RawClient};
 use warren_tests::{
     assert_amqp_error, assert_connection_closed, assert_connection_works, channel, close_conn,
-    declare, declare_exchange, expect_err, get_eventually, long_string, user_id_refused, within,
+    declare, declare_exchange, expect_err, get_eventually, long_string, refused_connection,
+    user_id_refused, within,
 };
 
 const PASSWORD: &str = "s3cret";
@@ -56,10 +57,7 @@ async fn a_user_without_permissions_in_a_vhost_cannot_open_it() {
     let user = new_user(&broker).await;
     let vhost = broker.vhost();
     let url = broker.url_as(&user, PASSWORD, &vhost);
-    let err = expect_err(
-        "opening a vhost without permissions",
-        within("connect", Connection::connect(&url, Default::default())).await,
-    );
+    let err = refused_connection(&url).await;
     assert_amqp_error(
         &err,
         530,
@@ -85,10 +83,7 @@ async fn a_user_without_permissions_in_a_vhost_cannot_open_it() {
 
     // Cleared, the vhost is refused again.
     broker.clear_permissions(&vhost, &user).await;
-    let err = expect_err(
-        "opening a vhost after clear_permissions",
-        within("connect", Connection::connect(&url, Default::default())).await,
-    );
+    let err = refused_connection(&url).await;
     assert_amqp_error(
         &err,
         530,

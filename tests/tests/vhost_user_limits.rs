@@ -3,20 +3,13 @@
 //! what goes beyond them: connections and queues of a vhost, connections and channels of a
 //! user.
 
-use lapin::Connection;
 use lapin::types::FieldTable;
 use warren_broker::{UserLimits, VhostLimits};
 use warren_harness::{TestBroker, connect_to};
 use warren_tests::{
-    assert_amqp_error, channel, close_conn, declare, declare_with, expect_err, within,
+    assert_amqp_error, channel, close_conn, declare, declare_with, expect_err, refused_connection,
+    within,
 };
-
-async fn refused_connection(url: &str) -> lapin::Error {
-    expect_err(
-        "a connection beyond the limit",
-        within("connect", Connection::connect(url, Default::default())).await,
-    )
-}
 
 #[tokio::test]
 async fn a_vhost_refuses_connections_and_queues_beyond_its_limits() {
