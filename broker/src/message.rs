@@ -15,9 +15,8 @@ use tokio::time::Instant;
 ///
 /// A large body that arrived in one frame is not copied: it stays a slice of the connection's
 /// read buffer ([`MessageBuilder::wants_shared`]), and the rest sits in a small `head` of its
-/// own. A small message is carved out of its connection's [`MessageArena`]. Either pins a
-/// buffer it shares with other messages, so a queue that keeps it where no consumer will take
-/// it calls [`Message::unpin`] to copy it into a buffer of its own.
+/// own. Such a message pins the read buffer it came in, so a queue that keeps it where no
+/// consumer will take it calls [`Message::unpin`] to copy it into a buffer of its own.
 #[derive(Clone, Debug)]
 pub(crate) struct Message {
     /// Exchange, routing key, properties and body; only the body when `head` holds the rest.
@@ -27,19 +26,10 @@ pub(crate) struct Message {
     head: Option<Box<Head>>,
     exchange_len: u8,
     routing_key_len: u8,
-    /// The property bytes' length, and [`IN_ARENA`] when `data` is a slice of an arena chunk.
-    properties_len_and_arena: u32,
+    properties_len: u32,
     /// Bytes of its `BCC` keys (see [`MessageBuilder::with_bcc`]), after the properties.
     bcc_len: u16,
 }
-
-/// The bit of `properties_len_and_arena` that marks a message carved out of a
-/// [`MessageArena`].
-const IN_ARENA: u32 = 1 << 31;
-
-/// Longest property list a message holds (the bits of `properties_len_and_arena` below
-/// [`IN_ARENA`]); a content header with a longer one is refused.
-pub(crate) const MAX_PROPERTIES_LEN: usize = (IN_ARENA - 1) as usize;
 
 // What a queued message costs counts against issue 6's memory target (under 200 B of overhead
 // per message): new fields go in padding (the BCC length, a priority, a delivery count).
@@ -93,21 +83,18 @@ impl Message {
         &self.head()[start..start + self.routing_key_len as usize]
     }
 
-    fn properties_len(&self) -> usize {
-        (self.properties_len_and_arena & !IN_ARENA) as usize
-    }
-
     /// Property flags and list, as received.
     pub(crate) fn properties(&self) -> &[u8] {
         let start = self.exchange_len as usize + self.routing_key_len as usize;
-        &self.head()[start..start + self.properties_len()]
+        &self.head()[start..start + self.properties_len as usize]
     }
 
     /// The keys its `BCC` header added to its routing key (the header itself is gone): a dead
     /// letter is routed with them too, as RabbitMQ does.
     pub(crate) fn bcc_keys(&self) -> impl Iterator<Item = &str> {
-        let start =
-            self.exchange_len as usize + self.routing_key_len as usize + self.properties_len();
+        let start = self.exchange_len as usize
+            + self.routing_key_len as usize
+            + self.properties_len as usize;
         let mut rest = &self.head()[start..start + self.bcc_len as usize];
         std::iter::from_fn(move || {
             let (&len, tail) = rest.split_first()?;
@@ -144,7 +131,7 @@ impl Message {
         }
         self.exchange_len as usize
             + self.routing_key_len as usize
-            + self.properties_len()
+            + self.properties_len as usize
             + self.bcc_len as usize
     }
 
@@ -169,10 +156,9 @@ impl Message {
         builder.finish()
     }
 
-    /// Whether it shares a buffer with other messages: its body is a slice of a read buffer,
-    /// or it was carved out of an arena (see [`Message::unpin`]).
+    /// Whether its body is a slice of a read buffer (see [`Message::unpin`]).
     pub(crate) fn is_pinning(&self) -> bool {
-        self.head.is_some() || self.properties_len_and_arena & IN_ARENA != 0
+        self.head.is_some()
     }
 
     /// A message whose body is `body`, kept as a slice as a large body frame's payload is.
@@ -189,16 +175,10 @@ impl Message {
         builder.finish()
     }
 
-    /// Copies a shared body and the head, or a message carved out of an arena, into one
-    /// buffer of its own, so that a message that stays queued does not keep the whole read
-    /// buffer or arena chunk it came in alive. A no-op for a message that has its own buffer
-    /// already.
+    /// Copies a shared body and the head into one buffer of its own, so that a message that
+    /// stays queued does not keep the whole read buffer it came in alive. A no-op for a
+    /// message that has its own buffer already.
     pub(crate) fn unpin(&mut self) {
-        if self.properties_len_and_arena & IN_ARENA != 0 {
-            self.properties_len_and_arena &= !IN_ARENA;
-            self.data = Bytes::copy_from_slice(&self.data);
-            return;
-        }
         let Some(head) = self.head.take() else {
             return;
         };
@@ -206,45 +186,6 @@ impl Message {
         data.extend_from_slice(&head.0);
         data.extend_from_slice(&self.data);
         self.data = data.freeze();
-    }
-}
-
-/// Where a connection's small messages are carved from: chunks of [`ARENA_CHUNK`] bytes, each
-/// shared by the messages carved out of it and freed with the last of them. A message then
-/// costs no allocation of its own, and freeing it touches only its chunk's count, not the
-/// message's memory: with a thousand consumers each holding a few hundred unacked messages,
-/// glibc's malloc and free on those cold messages were an eighth of the broker's CPU.
-///
-/// A carved message pins its chunk, as a shared body pins its read buffer, and the same rule
-/// bounds it: only messages on their way out (waiting in a queue that has a consumer, or
-/// delivered and unacked) stay in their chunk; a queue that keeps one where no consumer will
-/// take it copies it out ([`Message::unpin`]).
-#[derive(Debug, Default)]
-pub(crate) struct MessageArena {
-    chunk: BytesMut,
-}
-
-/// Size of an arena chunk: about a hundred small messages.
-const ARENA_CHUNK: usize = 8192;
-
-/// Largest message (exchange, routing key, properties and body) carved out of an arena: at
-/// most a sixteenth of a chunk is left unused when the next message does not fit.
-const ARENA_MESSAGE_MAX: usize = ARENA_CHUNK / 16;
-
-impl MessageArena {
-    /// An empty buffer with room for exactly `len` bytes, from the current chunk or a new
-    /// one; `None` for a message too large to carve.
-    fn carve(&mut self, len: usize) -> Option<BytesMut> {
-        if len > ARENA_MESSAGE_MAX {
-            return None;
-        }
-        if self.chunk.capacity() < len {
-            self.chunk = BytesMut::with_capacity(ARENA_CHUNK);
-        }
-        self.chunk.resize(len, 0);
-        let mut carved = self.chunk.split_to(len);
-        carved.clear();
-        Some(carved)
     }
 }
 
@@ -261,8 +202,6 @@ pub(crate) struct MessageBuilder {
     exchange_len: u8,
     routing_key_len: u8,
     properties_len: u32,
-    /// `data` was carved out of a [`MessageArena`].
-    in_arena: bool,
     bcc_len: u16,
     body_size: u64,
     body_len: u64,
@@ -270,30 +209,8 @@ pub(crate) struct MessageBuilder {
 }
 
 impl MessageBuilder {
-    /// Starts a message from its publish method and content header, in a buffer of its own.
+    /// Starts a message from its publish method and content header.
     pub(crate) fn new(
-        exchange: &str,
-        routing_key: &str,
-        properties: &[u8],
-        body_size: u64,
-    ) -> Self {
-        Self::start(None, exchange, routing_key, properties, body_size)
-    }
-
-    /// Like [`Self::new`], but a small message is carved out of `arena` (one that will have
-    /// no `BCC` keys: the arena makes room for exactly the head and the body).
-    pub(crate) fn new_in(
-        arena: &mut MessageArena,
-        exchange: &str,
-        routing_key: &str,
-        properties: &[u8],
-        body_size: u64,
-    ) -> Self {
-        Self::start(Some(arena), exchange, routing_key, properties, body_size)
-    }
-
-    fn start(
-        arena: Option<&mut MessageArena>,
         exchange: &str,
         routing_key: &str,
         properties: &[u8],
@@ -307,11 +224,7 @@ impl MessageBuilder {
         } else {
             body_size as usize
         };
-        let carved = arena
-            .filter(|_| !Self::is_large(body_size))
-            .and_then(|arena| arena.carve(head + body_room));
-        let in_arena = carved.is_some();
-        let mut data = carved.unwrap_or_else(|| BytesMut::with_capacity(head + body_room));
+        let mut data = BytesMut::with_capacity(head + body_room);
         data.extend_from_slice(exchange.as_bytes());
         data.extend_from_slice(routing_key.as_bytes());
         data.extend_from_slice(properties);
@@ -321,7 +234,6 @@ impl MessageBuilder {
             exchange_len: exchange.len() as u8,
             routing_key_len: routing_key.len() as u8,
             properties_len: properties.len() as u32,
-            in_arena,
             bcc_len: 0,
             body_size,
             body_len: 0,
@@ -406,8 +318,7 @@ impl MessageBuilder {
             head,
             exchange_len: self.exchange_len,
             routing_key_len: self.routing_key_len,
-            properties_len_and_arena: self.properties_len
-                | if self.in_arena { IN_ARENA } else { 0 },
+            properties_len: self.properties_len,
             bcc_len: self.bcc_len,
         }
     }
@@ -567,77 +478,6 @@ mod tests {
             "still in the read buffer"
         );
         same_parts(&message);
-    }
-
-    #[test]
-    fn small_messages_share_an_arena_chunk_until_unpinned() {
-        let mut arena = super::MessageArena::default();
-        let properties = [0x10, 0];
-        let messages: Vec<_> = (0..3u8)
-            .map(|i| {
-                let mut builder =
-                    super::MessageBuilder::new_in(&mut arena, "ex", "jobs", &properties, 3);
-                builder.push(&[i; 2]);
-                builder.push(&[i]);
-                builder.finish()
-            })
-            .collect();
-        for (i, message) in (0..3u8).zip(&messages) {
-            assert!(message.is_pinning());
-            assert_eq!(message.exchange(), "ex");
-            assert_eq!(message.routing_key(), "jobs");
-            assert_eq!(message.properties(), &properties);
-            assert_eq!(message.body(), &[i; 3]);
-        }
-        // Carved back to back out of one chunk.
-        let size = messages[0].size();
-        assert_eq!(size, "exjobs".len() + properties.len() + 3);
-        let start = messages[0].head().as_ptr();
-        assert_eq!(messages[1].head().as_ptr(), start.wrapping_add(size));
-        assert_eq!(messages[2].head().as_ptr(), start.wrapping_add(2 * size));
-
-        let mut unpinned = messages[1].clone();
-        unpinned.unpin();
-        assert!(!unpinned.is_pinning());
-        assert_ne!(unpinned.head().as_ptr(), messages[1].head().as_ptr());
-        assert_eq!(unpinned.properties(), &properties);
-        assert_eq!(unpinned.body(), &[1; 3]);
-        assert!(
-            messages[1].is_pinning(),
-            "the clone was unpinned, not the original"
-        );
-    }
-
-    #[test]
-    fn large_messages_and_full_chunks_are_not_carved() {
-        let mut arena = super::MessageArena::default();
-        let large = super::MessageBuilder::new_in(
-            &mut arena,
-            "",
-            "q",
-            &[0, 0],
-            super::ARENA_MESSAGE_MAX as u64,
-        );
-        assert!(!large.in_arena, "over the carving limit with its head");
-        let shared =
-            super::MessageBuilder::new_in(&mut arena, "", "q", &[], super::SHARED_BODY_MIN as u64);
-        assert!(!shared.in_arena, "a body to be shared is not carved");
-        // A chunk's last bytes too few for the next message: it goes into a new chunk.
-        let mut previous: Option<super::Message> = None;
-        let mut new_chunks = 0;
-        for _ in 0..2 * super::ARENA_CHUNK / 100 {
-            let mut builder = super::MessageBuilder::new_in(&mut arena, "", "q", &[0, 0], 97);
-            builder.push(&[5; 97]);
-            let message = builder.finish();
-            assert!(message.is_pinning());
-            assert_eq!(message.body(), &[5; 97]);
-            if let Some(previous) = previous {
-                let next_in_chunk = previous.head().as_ptr().wrapping_add(100);
-                new_chunks += usize::from(message.head().as_ptr() != next_in_chunk);
-            }
-            previous = Some(message);
-        }
-        assert!((1..=2).contains(&new_chunks), "{new_chunks} new chunks");
     }
 
     #[test]

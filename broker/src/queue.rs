@@ -1010,24 +1010,6 @@ mod tests {
     }
 
     #[test]
-    fn a_kept_message_does_not_pin_its_arena_chunk() {
-        let mut queue = Queue::new("q", QueueOptions::default(), Default::default());
-        let mut arena = crate::message::MessageArena::default();
-        let mut builder = crate::message::MessageBuilder::new_in(&mut arena, "", "q", &[0, 0], 5);
-        builder.push(b"hello");
-        let message = builder.finish();
-        assert!(message.is_pinning());
-        let mut outbox = Outbox::default();
-        queue.publish(message, None, 0, Instant::now(), &mut outbox);
-        let kept = queue
-            .get(Instant::now(), true, &mut outbox)
-            .expect("the message was kept");
-        assert!(!kept.message.is_pinning());
-        assert_eq!(kept.message.body(), b"hello");
-        assert_eq!(kept.message.properties(), &[0, 0]);
-    }
-
-    #[test]
     fn a_message_waiting_for_a_consumer_stays_pinned_until_the_last_consumer_leaves() {
         let mut queue = Queue::new("q", QueueOptions::default(), Default::default());
         let source = Source::consumer("q".into(), "c".into(), Default::default());

@@ -13,7 +13,7 @@ use crate::channel::{Channel, ChannelState, SettleCount};
 use crate::codec::{self, Decoded, Frame};
 use crate::error::AmqpError;
 use crate::mailbox::{Mailbox, MailboxReceiver, Outbound, mailbox};
-use crate::message::{Message, MessageArena, SHARED_BODY_MIN};
+use crate::message::{Message, SHARED_BODY_MIN};
 use crate::queue::ConnId;
 use crate::server::{BrokerShared, ConnectionEntry};
 use crate::trace::Direction;
@@ -85,8 +85,6 @@ pub(crate) struct Connection {
     /// handled once it drains (a read can hold thousands of basic.get, each answered with a
     /// whole message).
     input_held: bool,
-    /// Where the small messages it receives are carved from.
-    pub(crate) arena: MessageArena,
     /// Per-source (queue and consumer) counts of the ack being handled, by the shared
     /// [`Source`](crate::queue::Source)'s address; kept between acks to reuse its table.
     pub(crate) settle_counts: FxHashMap<usize, SettleCount>,
@@ -171,7 +169,6 @@ where
         channel_count,
         confirms_due: Vec::new(),
         input_held: false,
-        arena: MessageArena::default(),
         settle_counts: FxHashMap::default(),
         settled_messages: Vec::new(),
         redispatch_from: 0,

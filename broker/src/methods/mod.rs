@@ -11,7 +11,7 @@ use crate::connection::{Connection, method_name};
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::ExchangeKind;
 use crate::limits;
-use crate::message::{MAX_PROPERTIES_LEN, MessageBuilder};
+use crate::message::MessageBuilder;
 use crate::methods::basic::check_publish_exchange;
 use crate::permissions::Access;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, channel as channel_class};
@@ -248,16 +248,6 @@ impl Connection {
                 .during_ids(60, 40),
             ));
         }
-        if raw_properties.len() > MAX_PROPERTIES_LEN {
-            // Only a broker configured with a frame_max of 2 GiB or none lets one through.
-            return Err((
-                ch,
-                AmqpError::frame_error(format!(
-                    "content header properties of {} bytes, more than {MAX_PROPERTIES_LEN}",
-                    raw_properties.len()
-                )),
-            ));
-        }
         // RabbitMQ checks the size first, then write permission, then the properties.
         self.check_access(Access::Write, Resource::Exchange, publish.exchange.as_str())
             .and_then(|()| {
@@ -278,24 +268,15 @@ impl Connection {
                 check_publish_exchange(&vhost.lock(), &vhost.name, publish.exchange.as_str());
             (ch, refused.err().unwrap_or(e).during_ids(60, 40))
         })?;
-        let builder = if publication.bcc_count > 0 {
-            let mut builder = MessageBuilder::new(
-                publish.exchange.as_str(),
-                publish.routing_key.as_str(),
-                &raw_properties,
-                body_size,
-            );
+        let mut builder = MessageBuilder::new(
+            publish.exchange.as_str(),
+            publish.routing_key.as_str(),
+            &raw_properties,
+            body_size,
+        );
+        if publication.bcc_count > 0 {
             builder.with_bcc(publication.bcc_keys());
-            builder
-        } else {
-            MessageBuilder::new_in(
-                &mut self.arena,
-                publish.exchange.as_str(),
-                publish.routing_key.as_str(),
-                &raw_properties,
-                body_size,
-            )
-        };
+        }
         let publication = Publication {
             mandatory: publish.mandatory,
             ..publication
