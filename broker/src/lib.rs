@@ -38,6 +38,7 @@
 //! - [`inspect`]: read-only snapshots for tests.
 //! - [`trace`]: the optional per-connection method trace.
 //! - [`tcp`]: socket options for Warren's TCP connections (both ends).
+//! - `signal`: [`wait_for_shutdown_signal`], what a program running a broker stops on.
 //!
 //! # Example
 //! ```
@@ -74,6 +75,7 @@ mod queue;
 mod ready;
 mod sender_selected;
 mod server;
+mod signal;
 pub mod tcp;
 pub mod trace;
 mod unacked;
@@ -88,4 +90,5 @@ pub use permissions::PermissionError;
 pub use policy::{ApplyTo, Policy, PolicyDefinition, PolicyError};
 pub use queue::Overflow;
 pub use server::{Broker, BrokerHandle, StartError, ThreadedBroker};
+pub use signal::wait_for_shutdown_signal;
 pub use trace::{Direction, TraceEntry};

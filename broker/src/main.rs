@@ -119,7 +119,7 @@ async fn main() -> ExitCode {
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "warren listening on {}", broker.url());
     let _ = stdout.flush();
-    wait_for_signal().await;
+    warren_broker::wait_for_shutdown_signal().await;
     tracing::info!("shutting down");
     broker.shutdown().await;
     ExitCode::SUCCESS
@@ -147,26 +147,4 @@ fn load_setup(
             .map_err(|e| format!("policy {name}: {e}"))?;
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -81,7 +81,13 @@ fn main() -> ExitCode {
     };
     let outcome = match args.probe_memory {
         Some(n) => runtime.block_on(scenarios::memory::probe(n)),
-        None => runtime.block_on(run(args)),
+        // Interrupted, the run is dropped, and with it the standalone broker it spawned.
+        None => runtime.block_on(async {
+            tokio::select! {
+                outcome = run(args) => outcome,
+                () = warren_broker::wait_for_shutdown_signal() => Err("interrupted".into()),
+            }
+        }),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,36 @@
+//! Waiting for the signal a program that runs a broker stops on.
+
+/// Resolves when the process gets Ctrl-C (SIGINT) or, on Unix, SIGTERM: what the standalone
+/// `warren-broker` stops on, and what a program that embeds a broker (or drives one, as
+/// `warren-bench` does) can wait for to shut down cleanly rather than die with its children
+/// still running.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = warren_broker::Broker::start(Default::default()).await?;
+/// warren_broker::wait_for_shutdown_signal().await;
+/// broker.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn wait_for_shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
