@@ -1,9 +1,10 @@
 //! Waiting for the signal a program that runs a broker stops on.
 
 /// Resolves when the process gets Ctrl-C (SIGINT) or, on Unix, SIGTERM: what the standalone
-/// `warren-broker` stops on, and what a program that embeds a broker (or drives one, as
-/// `warren-bench` does) can wait for to shut down cleanly rather than die with its children
-/// still running.
+/// `warren-broker` and `fib-server` stop on, and what a program that embeds a broker (or
+/// drives one, as `warren-bench` does) can wait for to shut down cleanly rather than die with
+/// its children still running. Where a signal cannot be watched, it logs a warning and waits
+/// for the other; where neither can, it never resolves (rather than at once).
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,19 +19,18 @@ pub async fn wait_for_shutdown_signal() {
     {
         use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+            Ok(mut terminate) => {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = terminate.recv() => {}
                 }
+                return;
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only"),
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        tracing::warn!(error = %e, "cannot watch Ctrl-C either; running until killed");
+        std::future::pending::<()>().await;
     }
 }

@@ -44,33 +44,14 @@ async fn main() -> ExitCode {
         }
     };
     println!(" [x] Awaiting RPC requests");
-    match server.run_until(stop_signal()).await {
+    match server
+        .run_until(warren_broker::wait_for_shutdown_signal())
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fib-server: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Completes on Ctrl-C, or on SIGTERM where there are signals.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only"),
-        }
-    }
-    if let Err(e) = tokio::signal::ctrl_c().await {
-        tracing::warn!(error = %e, "cannot watch Ctrl-C; serving until the connection ends");
-        std::future::pending::<()>().await;
     }
 }
