@@ -21,7 +21,12 @@ pub async fn wait_for_shutdown_signal() {
         match signal(SignalKind::terminate()) {
             Ok(mut terminate) => {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
+                    watched = tokio::signal::ctrl_c() => {
+                        if let Err(e) = watched {
+                            tracing::warn!(error = %e, "cannot watch Ctrl-C; stopping on SIGTERM only");
+                            terminate.recv().await;
+                        }
+                    }
                     _ = terminate.recv() => {}
                 }
                 return;
@@ -30,7 +35,7 @@ pub async fn wait_for_shutdown_signal() {
         }
     }
     if let Err(e) = tokio::signal::ctrl_c().await {
-        tracing::warn!(error = %e, "cannot watch Ctrl-C either; running until killed");
+        tracing::warn!(error = %e, "cannot watch Ctrl-C; this wait never ends");
         std::future::pending::<()>().await;
     }
 }

@@ -83,9 +83,11 @@ fn main() -> ExitCode {
         Some(n) => runtime.block_on(scenarios::memory::probe(n)),
         // Interrupted, the run is dropped, and with it the standalone broker it spawned.
         None => runtime.block_on(async {
+            // Biased, so that the signals are watched from the start.
             tokio::select! {
-                outcome = run(args) => outcome,
+                biased;
                 () = warren_broker::wait_for_shutdown_signal() => Err("interrupted".into()),
+                outcome = run(args) => outcome,
             }
         }),
     };
