@@ -11,6 +11,9 @@ const COMMAND_ENV: &str = "WARREN_RABBITMQCTL";
 /// How long one `rabbitmqctl` may take (it starts an Erlang VM: about half a second).
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often [`run_quietly`] looks whether its `rabbitmqctl` has exited.
+const CHILD_POLL: Duration = Duration::from_millis(20);
+
 /// The command and its leading arguments.
 fn command() -> Vec<String> {
     let configured = std::env::var(COMMAND_ENV).unwrap_or_default();
@@ -303,7 +306,7 @@ fn run_quietly(args: &[&str]) -> bool {
     let deadline = std::time::Instant::now() + TIMEOUT;
     while std::time::Instant::now() < deadline {
         match child.try_wait() {
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => std::thread::sleep(CHILD_POLL),
             Ok(Some(status)) => return status.success(),
             Err(_) => return false,
         }
