@@ -9,9 +9,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 /// An immutable published message. Exchange name, routing key, property bytes (as received)
-/// and body sit back to back in one buffer, so a queued message costs one allocation; the
-/// queues it was routed to share that buffer (a clone counts a reference, the first one also
-/// allocates the count).
+/// and body sit back to back in one buffer ([`Storage`]): inside the message itself when they
+/// are small ([`INLINE_MAX`] bytes in all), so that such a message costs no allocation, and
+/// otherwise in one buffer of its own that the queues it was routed to share (a clone counts a
+/// reference, the first one also allocates the count).
 ///
 /// A large body that arrived in one frame is not copied: it stays a slice of the connection's
 /// read buffer ([`MessageBuilder::wants_shared`]), and the rest sits in a small `head` of its
@@ -19,11 +20,7 @@ use tokio::time::Instant;
 /// consumer will take it calls [`Message::unpin`] to copy it into a buffer of its own.
 #[derive(Clone, Debug)]
 pub(crate) struct Message {
-    /// Exchange, routing key, properties and body; only the body when `head` holds the rest.
-    data: Bytes,
-    /// Exchange, routing key and properties of a message whose body is shared. A box around
-    /// the boxed slice, so that every message pays one pointer for it rather than two words.
-    head: Option<Box<Head>>,
+    storage: Storage,
     exchange_len: u8,
     routing_key_len: u8,
     properties_len: u32,
@@ -31,11 +28,32 @@ pub(crate) struct Message {
     bcc_len: u16,
 }
 
+/// Where a message's bytes are.
+#[derive(Clone, Debug)]
+enum Storage {
+    /// Up to [`INLINE_MAX`] bytes, in the message: nothing to allocate when it is published,
+    /// nothing to free (and no cold heap memory to touch) when its last delivery is acked.
+    Inline { len: u8, bytes: [u8; INLINE_MAX] },
+    /// Exchange, routing key, properties and body in one buffer.
+    Heap(Bytes),
+    /// A body that is a slice of a read buffer, and the rest in a head of its own. A box
+    /// around the boxed slice, so that this variant is no larger than the others.
+    Shared { body: Bytes, head: Box<Head> },
+}
+
+/// Most bytes (exchange, routing key, properties, `BCC` keys and body together) a message
+/// keeps inside itself: a 16-byte body published to the default exchange with a routing key
+/// of up to 44 bytes and no properties fits. Chosen so that [`Storage`] is 64 bytes.
+pub(crate) const INLINE_MAX: usize = 62;
+
 // What a queued message costs counts against issue 6's memory target (under 200 B of overhead
 // per message): new fields go in padding (the BCC length, a priority, a delivery count).
 #[cfg(target_pointer_width = "64")]
-const _: () =
-    assert!(std::mem::size_of::<Message>() == 48 && std::mem::size_of::<QueuedMessage>() == 80);
+const _: () = assert!(
+    std::mem::size_of::<Storage>() == 64
+        && std::mem::size_of::<Message>() == 72
+        && std::mem::size_of::<QueuedMessage>() == 104
+);
 
 /// The exchange, routing key and property bytes of a message whose body is a shared slice.
 #[derive(Clone, Debug)]
@@ -56,9 +74,10 @@ impl Message {
 
     /// Exchange, routing key and properties, back to back.
     fn head(&self) -> &[u8] {
-        match &self.head {
-            Some(head) => &head.0,
-            None => &self.data,
+        match &self.storage {
+            Storage::Inline { len, bytes } => &bytes[..*len as usize],
+            Storage::Heap(data) => data,
+            Storage::Shared { head, .. } => &head.0,
         }
     }
 
@@ -111,24 +130,33 @@ impl Message {
 
     /// Bytes it holds: exchange, routing key, properties and body.
     pub(crate) fn size(&self) -> usize {
-        self.data.len() + self.head.as_ref().map_or(0, |head| head.0.len())
+        match &self.storage {
+            Storage::Shared { body, head } => head.0.len() + body.len(),
+            _ => self.head().len(),
+        }
     }
 
     /// The whole body.
     pub(crate) fn body(&self) -> &[u8] {
-        &self.data[self.body_start()..]
+        match &self.storage {
+            Storage::Shared { body, .. } => body,
+            _ => &self.head()[self.body_start()..],
+        }
     }
 
-    /// Part of the body, sharing the message's buffer.
+    /// Part of the body, sharing the message's buffer (copied from a message kept inline,
+    /// whose body is too small for the caller to want a slice of it).
     pub(crate) fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
         let start = self.body_start();
-        self.data.slice(start + range.start..start + range.end)
+        match &self.storage {
+            Storage::Inline { .. } => Bytes::copy_from_slice(&self.body()[range]),
+            Storage::Heap(data) => data.slice(start + range.start..start + range.end),
+            Storage::Shared { body, .. } => body.slice(range),
+        }
     }
 
+    /// Where the body starts in [`Self::head`] (the head holds the body unless it is shared).
     fn body_start(&self) -> usize {
-        if self.head.is_some() {
-            return 0;
-        }
         self.exchange_len as usize
             + self.routing_key_len as usize
             + self.properties_len as usize
@@ -158,7 +186,7 @@ impl Message {
 
     /// Whether its body is a slice of a read buffer (see [`Message::unpin`]).
     pub(crate) fn is_pinning(&self) -> bool {
-        self.head.is_some()
+        matches!(self.storage, Storage::Shared { .. })
     }
 
     /// A message whose body is `body`, kept as a slice as a large body frame's payload is.
@@ -179,13 +207,13 @@ impl Message {
     /// stays queued does not keep the whole read buffer it came in alive. A no-op for a
     /// message that has its own buffer already.
     pub(crate) fn unpin(&mut self) {
-        let Some(head) = self.head.take() else {
+        let Storage::Shared { body, head } = &self.storage else {
             return;
         };
-        let mut data = BytesMut::with_capacity(head.0.len() + self.data.len());
+        let mut data = BytesMut::with_capacity(head.0.len() + body.len());
         data.extend_from_slice(&head.0);
-        data.extend_from_slice(&self.data);
-        self.data = data.freeze();
+        data.extend_from_slice(body);
+        self.storage = Storage::Heap(data.freeze());
     }
 }
 
@@ -196,7 +224,7 @@ const MAX_RESERVE: usize = 1 << 20;
 /// A message whose body is arriving frame by frame.
 #[derive(Debug)]
 pub(crate) struct MessageBuilder {
-    data: BytesMut,
+    data: Building,
     /// A body that came whole in one frame of at least [`SHARED_BODY_MIN`] bytes.
     shared_body: Option<Bytes>,
     exchange_len: u8,
@@ -224,10 +252,10 @@ impl MessageBuilder {
         } else {
             body_size as usize
         };
-        let mut data = BytesMut::with_capacity(head + body_room);
-        data.extend_from_slice(exchange.as_bytes());
-        data.extend_from_slice(routing_key.as_bytes());
-        data.extend_from_slice(properties);
+        let mut data = Building::with_capacity(head + body_room);
+        data.extend(exchange.as_bytes());
+        data.extend(routing_key.as_bytes());
+        data.extend(properties);
         Self {
             data,
             shared_body: None,
@@ -253,8 +281,8 @@ impl MessageBuilder {
             let Some(total) = (self.bcc_len as usize + 1 + key.len()).try_into().ok() else {
                 break;
             };
-            self.data.extend_from_slice(&[len]);
-            self.data.extend_from_slice(key.as_bytes());
+            self.data.extend(&[len]);
+            self.data.extend(key.as_bytes());
             self.bcc_len = total;
         }
     }
@@ -293,7 +321,7 @@ impl MessageBuilder {
             self.data
                 .reserve((self.body_size as usize).min(MAX_RESERVE));
         }
-        self.data.extend_from_slice(chunk);
+        self.data.extend(chunk);
         self.body_len += chunk.len() as u64;
     }
 
@@ -306,20 +334,87 @@ impl MessageBuilder {
 
     /// The finished message (TTL not yet applied).
     pub(crate) fn finish(self) -> Message {
-        let (data, head) = match self.shared_body {
-            Some(body) => (
+        let storage = match (self.shared_body, self.data) {
+            (Some(body), data) => Storage::Shared {
                 body,
-                Some(Box::new(Head(Vec::from(self.data).into_boxed_slice()))),
-            ),
-            None => (self.data.freeze(), None),
+                head: Box::new(Head(data.into_boxed_slice())),
+            },
+            (None, Building::Inline { len, bytes }) => Storage::Inline { len, bytes },
+            (None, Building::Heap(data)) => Storage::Heap(data.freeze()),
         };
         Message {
-            data,
-            head,
+            storage,
             exchange_len: self.exchange_len,
             routing_key_len: self.routing_key_len,
             properties_len: self.properties_len,
             bcc_len: self.bcc_len,
+        }
+    }
+}
+
+/// A message's bytes as they arrive: inside the builder while they fit in [`INLINE_MAX`], then
+/// in a buffer of their own.
+#[derive(Debug)]
+enum Building {
+    Inline { len: u8, bytes: [u8; INLINE_MAX] },
+    Heap(BytesMut),
+}
+
+impl Building {
+    /// Room for `capacity` bytes.
+    fn with_capacity(capacity: usize) -> Self {
+        if capacity <= INLINE_MAX {
+            Self::Inline {
+                len: 0,
+                bytes: [0; INLINE_MAX],
+            }
+        } else {
+            Self::Heap(BytesMut::with_capacity(capacity))
+        }
+    }
+
+    /// Appends `more`, moving to a buffer of its own if it no longer fits inline.
+    fn extend(&mut self, more: &[u8]) {
+        match self {
+            Self::Inline { len, bytes } => {
+                let at = *len as usize;
+                if let Some(room) = bytes.get_mut(at..at + more.len()) {
+                    room.copy_from_slice(more);
+                    *len += more.len() as u8;
+                } else {
+                    let mut heap = Self::spill(&bytes[..at], more.len());
+                    heap.extend_from_slice(more);
+                    *self = Self::Heap(heap);
+                }
+            }
+            Self::Heap(data) => data.extend_from_slice(more),
+        }
+    }
+
+    /// Makes room for `additional` more bytes.
+    fn reserve(&mut self, additional: usize) {
+        match self {
+            Self::Inline { len, bytes } => {
+                let at = *len as usize;
+                if at + additional > INLINE_MAX {
+                    *self = Self::Heap(Self::spill(&bytes[..at], additional));
+                }
+            }
+            Self::Heap(data) => data.reserve(additional),
+        }
+    }
+
+    /// A buffer holding `kept`, with room for `additional` more bytes.
+    fn spill(kept: &[u8], additional: usize) -> BytesMut {
+        let mut heap = BytesMut::with_capacity(kept.len() + additional);
+        heap.extend_from_slice(kept);
+        heap
+    }
+
+    fn into_boxed_slice(self) -> Box<[u8]> {
+        match self {
+            Self::Inline { len, bytes } => Box::from(&bytes[..len as usize]),
+            Self::Heap(data) => Vec::from(data).into_boxed_slice(),
         }
     }
 }
@@ -495,9 +590,57 @@ mod tests {
         assert!(!pieces.wants_shared(size / 2));
         pieces.push(&vec![2; size / 2]);
         let message = pieces.finish();
+        assert!(matches!(message.storage, super::Storage::Heap(_)));
         assert!(!message.is_pinning());
         assert_eq!(message.body().len(), size);
         assert_eq!(message.body()[size / 2], 2);
+    }
+
+    #[test]
+    fn a_small_message_is_kept_inline_and_a_larger_one_on_the_heap() {
+        use super::{INLINE_MAX, MessageBuilder, Storage};
+        let properties = [0x10, 0];
+        // The routing key, properties and body fill the inline room exactly, then one byte more.
+        for (body_len, inline) in [(10, true), (INLINE_MAX - 4, true), (INLINE_MAX - 3, false)] {
+            let body: Vec<u8> = (0..body_len).map(|i| i as u8).collect();
+            let mut builder = MessageBuilder::new("", "rk", &properties, body_len as u64);
+            builder.push(&body);
+            let message = builder.finish();
+            assert_eq!(
+                matches!(message.storage, Storage::Inline { .. }),
+                inline,
+                "{body_len}-byte body"
+            );
+            assert_eq!(message.exchange(), "");
+            assert_eq!(message.routing_key(), "rk");
+            assert_eq!(message.properties(), &properties);
+            assert_eq!(message.body(), &body[..]);
+            assert_eq!(message.size(), 2 + 2 + body_len);
+            assert_eq!(message.body_slice(1..3), &body[1..3]);
+            assert_eq!(message.clone().body(), &body[..]);
+        }
+    }
+
+    #[test]
+    fn a_message_outgrowing_the_inline_room_moves_to_the_heap_whole() {
+        use super::{INLINE_MAX, MessageBuilder, Storage};
+        // BCC keys past the room (a large body in pieces starts with its head inline and
+        // moves at its first piece: `small_bodies_and_bodies_in_pieces_are_copied`).
+        let long_key = "k".repeat(INLINE_MAX);
+        let mut with_keys = MessageBuilder::new("ex", "rk", &[0, 0], 3);
+        with_keys.with_bcc(["a", long_key.as_str()]);
+        with_keys.push(b"abc");
+        let with_keys = with_keys.finish();
+        assert!(matches!(with_keys.storage, Storage::Heap(_)));
+        assert_eq!(
+            with_keys.bcc_keys().collect::<Vec<_>>(),
+            ["a", long_key.as_str()]
+        );
+        assert_eq!(
+            (with_keys.exchange(), with_keys.routing_key()),
+            ("ex", "rk")
+        );
+        assert_eq!(with_keys.body(), b"abc");
     }
 
     #[test]
