@@ -2,7 +2,7 @@
 //! its payload, then hands method and content-header payloads to amq-protocol's parsers. Body
 //! payloads and the raw property bytes of content headers are borrowed from the input buffer
 //! (the connection copies them into the message, so a queued message stores exactly what the
-//! publisher sent, in one allocation).
+//! publisher sent: inside itself when small, otherwise in one allocation).
 //!
 //! The methods every message brings (basic.publish and basic.ack in, basic.deliver and the
 //! publisher confirm's basic.ack out) are parsed and written directly: amq-protocol's generic

@@ -50,12 +50,12 @@ pub(crate) enum Outbound {
     Alarms(crate::alarm::Alarms),
 }
 
-/// What an item counts against [`MAILBOX_BYTES`]: a delivery, its message and its entry; other
-/// items nothing.
+/// What an item counts against [`MAILBOX_BYTES`]: a delivery, its entry and its message's heap
+/// bytes (none for a message kept inline, which the entry holds); other items nothing.
 fn bytes_held(item: &Outbound) -> usize {
     match item {
         Outbound::Deliver { message, .. } => {
-            message.message.size() + std::mem::size_of::<Outbound>()
+            message.message.heap_size() + std::mem::size_of::<Outbound>()
         }
         _ => 0,
     }
@@ -273,10 +273,10 @@ impl MailboxReceiver {
         Some(item)
     }
 
-    /// Reads a byte of each delivery just taken (its message and its consumer tag): the
-    /// loads are independent, so their cache misses overlap here rather than stalling the
-    /// writing of each delivery in turn (with many queues and connections, the messages were
-    /// written long enough ago to have left the cache).
+    /// Reads a byte of each delivery just taken (its message's heap buffer, if it has one, and
+    /// its consumer tag): the loads are independent, so their cache misses overlap here rather
+    /// than stalling the writing of each delivery in turn (with many queues and connections,
+    /// the messages were written long enough ago to have left the cache).
     fn touch_taken(&self) {
         let mut sum = 0u8;
         for item in &self.taken {

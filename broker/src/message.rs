@@ -36,9 +36,8 @@ enum Storage {
     Inline { len: u8, bytes: [u8; INLINE_MAX] },
     /// Exchange, routing key, properties and body in one buffer.
     Heap(Bytes),
-    /// A body that is a slice of a read buffer, and the rest in a head of its own. A box
-    /// around the boxed slice, so that this variant is no larger than the others.
-    Shared { body: Bytes, head: Box<Head> },
+    /// A body that is a slice of a read buffer, and the rest in a head of its own.
+    Shared { body: Bytes, head: Box<[u8]> },
 }
 
 /// Most bytes (exchange, routing key, properties, `BCC` keys and body together) a message
@@ -47,17 +46,13 @@ enum Storage {
 pub(crate) const INLINE_MAX: usize = 62;
 
 // What a queued message costs counts against issue 6's memory target (under 200 B of overhead
-// per message): new fields go in padding (the BCC length, a priority, a delivery count).
+// per message): Message has no padding left; QueuedMessage's fields fill its padding.
 #[cfg(target_pointer_width = "64")]
 const _: () = assert!(
     std::mem::size_of::<Storage>() == 64
         && std::mem::size_of::<Message>() == 72
         && std::mem::size_of::<QueuedMessage>() == 104
 );
-
-/// The exchange, routing key and property bytes of a message whose body is a shared slice.
-#[derive(Clone, Debug)]
-struct Head(Box<[u8]>);
 
 /// Smallest body kept as a slice of the read buffer rather than copied: below it, copying
 /// costs less than the slice's bookkeeping. It also bounds what a message can pin: its read
@@ -77,7 +72,7 @@ impl Message {
         match &self.storage {
             Storage::Inline { len, bytes } => &bytes[..*len as usize],
             Storage::Heap(data) => data,
-            Storage::Shared { head, .. } => &head.0,
+            Storage::Shared { head, .. } => head,
         }
     }
 
@@ -123,16 +118,22 @@ impl Message {
         })
     }
 
-    /// The first byte of its buffer (0 if empty), to bring it into cache.
+    /// The first byte of its heap buffer (0 if it has none, or it is empty), to bring that
+    /// buffer into cache.
     pub(crate) fn first_byte(&self) -> u8 {
-        self.head().first().copied().unwrap_or(0)
+        match &self.storage {
+            Storage::Inline { .. } => 0,
+            _ => self.head().first().copied().unwrap_or(0),
+        }
     }
 
-    /// Bytes it holds: exchange, routing key, properties and body.
-    pub(crate) fn size(&self) -> usize {
+    /// Bytes it holds outside itself: exchange, routing key, properties and body, unless it
+    /// keeps them inline.
+    pub(crate) fn heap_size(&self) -> usize {
         match &self.storage {
-            Storage::Shared { body, head } => head.0.len() + body.len(),
-            _ => self.head().len(),
+            Storage::Inline { .. } => 0,
+            Storage::Heap(data) => data.len(),
+            Storage::Shared { body, head } => head.len() + body.len(),
         }
     }
 
@@ -210,8 +211,8 @@ impl Message {
         let Storage::Shared { body, head } = &self.storage else {
             return;
         };
-        let mut data = BytesMut::with_capacity(head.0.len() + body.len());
-        data.extend_from_slice(&head.0);
+        let mut data = BytesMut::with_capacity(head.len() + body.len());
+        data.extend_from_slice(head);
         data.extend_from_slice(body);
         self.storage = Storage::Heap(data.freeze());
     }
@@ -337,7 +338,7 @@ impl MessageBuilder {
         let storage = match (self.shared_body, self.data) {
             (Some(body), data) => Storage::Shared {
                 body,
-                head: Box::new(Head(data.into_boxed_slice())),
+                head: data.into_boxed_slice(),
             },
             (None, Building::Inline { len, bytes }) => Storage::Inline { len, bytes },
             (None, Building::Heap(data)) => Storage::Heap(data.freeze()),
@@ -495,6 +496,8 @@ pub(crate) fn parse_expiration(value: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::parse_expiration;
+    use amq_protocol::protocol::basic::parse_properties;
+    use amq_protocol::types::AMQPValue;
 
     #[test]
     fn a_message_keeps_its_parts_in_one_buffer() {
@@ -554,7 +557,10 @@ mod tests {
             assert_eq!(message.routing_key(), "jobs");
             assert_eq!(message.properties(), &properties);
             assert_eq!(message.body(), &body[..]);
-            assert_eq!(message.size(), "jobs".len() + properties.len() + body.len());
+            assert_eq!(
+                message.heap_size(),
+                "jobs".len() + properties.len() + body.len()
+            );
             assert_eq!(message.body_slice(10..20), body.slice(10..20));
         };
         assert!(message.is_pinning());
@@ -615,7 +621,10 @@ mod tests {
             assert_eq!(message.routing_key(), "rk");
             assert_eq!(message.properties(), &properties);
             assert_eq!(message.body(), &body[..]);
-            assert_eq!(message.size(), 2 + 2 + body_len);
+            assert_eq!(
+                message.heap_size(),
+                if inline { 0 } else { 2 + 2 + body_len }
+            );
             assert_eq!(message.body_slice(1..3), &body[1..3]);
             assert_eq!(message.clone().body(), &body[..]);
         }
@@ -641,6 +650,41 @@ mod tests {
             ("ex", "rk")
         );
         assert_eq!(with_keys.body(), b"abc");
+    }
+
+    #[test]
+    fn a_shared_body_keeps_a_head_too_long_to_be_inline() {
+        let routing_key = "r".repeat(super::INLINE_MAX + 1);
+        let read_buffer = bytes::Bytes::from(vec![3u8; super::SHARED_BODY_MIN]);
+        let mut message =
+            super::Message::with_shared_body("ex", &routing_key, &[0, 0], read_buffer.clone());
+        for pinning in [true, false] {
+            assert_eq!(message.is_pinning(), pinning);
+            assert_eq!(message.exchange(), "ex");
+            assert_eq!(message.routing_key(), routing_key);
+            assert_eq!(message.properties(), &[0, 0]);
+            assert_eq!(message.body(), &read_buffer[..]);
+            message.unpin();
+        }
+    }
+
+    #[test]
+    fn a_delivery_count_header_is_added_to_an_inline_message() {
+        use super::{MessageBuilder, Storage};
+        let mut builder = MessageBuilder::new("", "q", &[0, 0], 2);
+        builder.push(b"hi");
+        let message = builder.finish();
+        assert!(matches!(message.storage, Storage::Inline { .. }));
+        let counted = message.with_delivery_count(3);
+        let (_, properties) = parse_properties(counted.properties()).expect("properties");
+        assert_eq!(
+            properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-delivery-count")),
+            Some(&AMQPValue::LongLongInt(3))
+        );
+        assert_eq!((counted.routing_key(), counted.body()), ("q", &b"hi"[..]));
     }
 
     #[test]

@@ -46,9 +46,9 @@ fn add_count(counts: &mut FxHashMap<usize, SettleCount>, key: usize, count: Sett
         .or_insert(count);
 }
 
-/// Drops settled messages, outside the vhost lock. Their buffers were allocated long ago and
-/// (with many queues and connections) far apart, so each free would wait for a cache miss in
-/// turn: reading a byte of each first lets those misses overlap.
+/// Drops settled messages, outside the vhost lock. The heap buffers of those not kept inline
+/// were allocated long ago and (with many queues and connections) far apart, so each free
+/// would wait for a cache miss in turn: reading a byte of each first lets those misses overlap.
 fn free_settled(messages: &mut Vec<Message>) {
     let sum = messages.iter().fold(0u8, |sum, m| sum ^ m.first_byte());
     std::hint::black_box(sum);
