@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 use target::{Kind, Targets};
+use tokio_util::sync::CancellationToken;
 
 /// Any error of the bench.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -81,13 +82,25 @@ fn main() -> ExitCode {
     };
     let outcome = match args.probe_memory {
         Some(n) => runtime.block_on(scenarios::memory::probe(n)),
-        // Interrupted, the run is dropped, and with it the standalone broker it spawned.
         None => runtime.block_on(async {
+            let interrupt = CancellationToken::new();
+            // A first signal stops the run after the measurement under way, once what it set
+            // up is torn down; a second drops the run at once, and with it the standalone
+            // broker it spawned.
+            let signals = async {
+                warren_broker::wait_for_shutdown_signal().await;
+                eprintln!(
+                    "warren-bench: interrupted: stopping after the measurement under way and \
+                     deleting the queues the run made (interrupt again to stop at once)"
+                );
+                interrupt.cancel();
+                warren_broker::wait_for_shutdown_signal().await;
+            };
             // Biased, so that the signals are watched from the start.
             tokio::select! {
                 biased;
-                () = warren_broker::wait_for_shutdown_signal() => Err("interrupted".into()),
-                outcome = run(args) => outcome,
+                () = signals => Err("interrupted twice: stopped without tearing down".into()),
+                outcome = run(args, interrupt.clone()) => outcome,
             }
         }),
     };
@@ -100,7 +113,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Args, interrupt: CancellationToken) -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warren-bench: WARNING: a debug build; figures are meaningless (use --release)");
     }
@@ -128,7 +141,7 @@ async fn run(args: Args) -> Result<()> {
     if kinds.is_empty() {
         kinds = Kind::ALL.to_vec();
     }
-    let plan = runner::Plan::new(args.quick, args.repeats, args.filter.clone());
+    let plan = runner::Plan::new(args.quick, args.repeats, args.filter.clone(), interrupt);
     let started = Instant::now();
     let load_start = sys::load_average();
     let broker_bin = if kinds.contains(&Kind::Standalone) {
@@ -158,6 +171,9 @@ async fn run(args: Args) -> Result<()> {
     .await;
     let measured: Vec<Kind> = targets.list.iter().map(|t| t.kind).collect();
     targets.stop().await;
+    if plan.interrupted() {
+        return Err("interrupted: what the run set up is torn down; no figures printed".into());
+    }
     report::add_derived(&mut results);
     let info = report::RunInfo {
         quick: args.quick,

@@ -9,6 +9,7 @@ use crate::results::{Metric, Results};
 use crate::sys::{CpuSnapshot, CpuUse};
 use crate::target::Target;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// How big a run is.
 #[derive(Debug, Clone)]
@@ -23,11 +24,19 @@ pub(crate) struct Plan {
     pub(crate) run_id: String,
     /// Only scenarios whose "name (client)" contains this (`--match`).
     pub(crate) filter: Option<String>,
+    /// Cancelled on Ctrl-C or SIGTERM: the run stops after the measurement under way, tearing
+    /// down what it set up (so no queue is left on RabbitMQ).
+    pub(crate) interrupt: CancellationToken,
 }
 
 impl Plan {
     /// The plan for a full or quick run.
-    pub(crate) fn new(quick: bool, repeats: Option<usize>, filter: Option<String>) -> Self {
+    pub(crate) fn new(
+        quick: bool,
+        repeats: Option<usize>,
+        filter: Option<String>,
+        interrupt: CancellationToken,
+    ) -> Self {
         Self {
             quick,
             repeats: repeats.unwrap_or(if quick { 3 } else { 5 }).max(1),
@@ -37,7 +46,13 @@ impl Plan {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
             filter,
+            interrupt,
         }
+    }
+
+    /// Whether the run was interrupted: nothing more is set up or measured.
+    pub(crate) fn interrupted(&self) -> bool {
+        self.interrupt.is_cancelled()
     }
 
     /// A count that makes one repeat last about `rep_secs` at `rate` per second, within
@@ -150,13 +165,16 @@ pub(crate) async fn run_group<S: Scenario>(
             })
         })
         .collect();
-    if chosen.is_empty() {
+    if chosen.is_empty() || plan.interrupted() {
         return;
     }
     let started = std::time::Instant::now();
     // Per scenario, its live targets.
     let mut groups: Vec<Vec<Live<'_, S>>> = Vec::new();
     for &scenario in &chosen {
+        if plan.interrupted() {
+            break;
+        }
         let name = scenario.name();
         let mut live = Vec::new();
         for target in targets {
@@ -178,6 +196,9 @@ pub(crate) async fn run_group<S: Scenario>(
     let set_up = started.elapsed();
     // Warm-up (unrecorded), which also sizes the recorded repeats.
     for live in groups.iter_mut().flatten() {
+        if plan.interrupted() {
+            break;
+        }
         if let Some(s) = live.state.as_mut()
             && let Err(e) = measure_once(live.scenario, s).await
         {
@@ -188,6 +209,9 @@ pub(crate) async fn run_group<S: Scenario>(
         for group in &mut groups {
             let n = group.len();
             for i in 0..n {
+                if plan.interrupted() {
+                    break;
+                }
                 let live = &mut group[(i + rep) % n];
                 let Some(s) = live.state.as_mut() else {
                     continue;

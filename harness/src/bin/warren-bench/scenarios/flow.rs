@@ -159,7 +159,8 @@ impl Scenario for Flow<'_> {
         let mut admin = Lean::connect(&target.url).await?;
         admin.open_channel(1).await?;
         let queues: Vec<String> = (0..self.queues).map(|_| self.plan.name("flow")).collect();
-        admin.declare_many(1, &queues, false, false).await?;
+        // Auto-delete: each goes with its last consumer, even if the bench is killed.
+        admin.declare_many(1, &queues, false, true).await?;
         let (stop, stopped) = watch::channel(false);
         let mut state = FlowState {
             admin,

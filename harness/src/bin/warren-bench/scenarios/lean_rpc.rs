@@ -65,8 +65,9 @@ impl Scenario for LeanRpc<'_> {
         let queue = self.plan.name("lean-rpc");
         let mut server = Lean::connect(&target.url).await?;
         server.open_channel(1).await?;
+        // Auto-delete: gone with the server's consumer, even if the bench is killed.
         server
-            .declare_many(1, std::slice::from_ref(&queue), false, false)
+            .declare_many(1, std::slice::from_ref(&queue), false, true)
             .await?;
         let prefetch = self.in_flight.clamp(1, 65_535) as u16;
         server.qos(1, prefetch).await?;

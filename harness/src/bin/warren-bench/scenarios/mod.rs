@@ -46,11 +46,18 @@ pub(crate) async fn run_all(
 ) {
     let wants = |g: &str| groups.iter().any(|x| x == g);
     let kinds: Vec<Kind> = targets.iter().map(|t| t.kind).collect();
+    // Groups that set nothing up on a broker that outlives them (the memory group's queue on
+    // RabbitMQ is exclusive) are dropped at once when the run is interrupted; the others stop
+    // after the measurement under way and tear down (`runner`).
     if wants("floor") {
-        floor::run(plan, results).await;
+        plan.interrupt
+            .run_until_cancelled(floor::run(plan, results))
+            .await;
     }
     if wants("start") {
-        start::run(plan, &kinds, broker_bin, results).await;
+        plan.interrupt
+            .run_until_cancelled(start::run(plan, &kinds, broker_bin, results))
+            .await;
     }
     if wants("rpc") {
         for (name, in_flight) in [("rpc-seq", 1), ("rpc-64", 64), ("rpc-256", 256)] {
@@ -128,6 +135,8 @@ pub(crate) async fn run_all(
         runner::run_group(&scale, targets, plan, results).await;
     }
     if wants("memory") {
-        memory::run(plan, targets, broker_bin, results).await;
+        plan.interrupt
+            .run_until_cancelled(memory::run(plan, targets, broker_bin, results))
+            .await;
     }
 }
