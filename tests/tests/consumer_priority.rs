@@ -109,6 +109,13 @@ async fn a_lower_priority_keeps_its_own_round_robin_while_a_higher_one_comes_and
             not_redelivered(&[second.as_str()])
         );
         ack_all(&top_ch).await;
+        // RabbitMQ's channel hands the ack to the queue without a reply, and the next round's
+        // publish reaches the queue from another channel: it could overtake the ack and find
+        // the top consumer still full. A passive declare on the acking channel is answered by
+        // the queue after it has the ack (one channel's messages to it stay in order).
+        within("passive declare", passive(&top_ch, &queue))
+            .await
+            .expect("passive declare");
     }
     close_conn(&conn).await;
 }
