@@ -178,6 +178,9 @@ pub(crate) async fn run_group<S: Scenario>(
         let name = scenario.name();
         let mut live = Vec::new();
         for target in targets {
+            if plan.interrupted() {
+                break;
+            }
             let kind = target.kind.name();
             match tokio::time::timeout(SETUP_TIMEOUT, scenario.setup(target)).await {
                 Ok(Ok(state)) => live.push(Live {
@@ -237,8 +240,13 @@ pub(crate) async fn run_group<S: Scenario>(
         .map(|s| format!("{} ({})", s.name(), s.client()))
         .collect();
     eprintln!(
-        "warren-bench: {} done in {:.1} s (setup {:.1} s, teardown {:.1} s)",
+        "warren-bench: {} {} in {:.1} s (setup {:.1} s, teardown {:.1} s)",
         names.join(", "),
+        if plan.interrupted() {
+            "interrupted"
+        } else {
+            "done"
+        },
         started.elapsed().as_secs_f64(),
         set_up.as_secs_f64(),
         (started.elapsed() - measured).as_secs_f64()

@@ -71,6 +71,9 @@ impl Standalone {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
+            // A process group of its own: a Ctrl-C in the terminal reaches the bench alone,
+            // which tears down on the broker before it stops it.
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
         let pid = child.id().ok_or("the broker exited at once")?;

@@ -49,12 +49,12 @@ pub(crate) async fn run_all(
     // Groups that set nothing up on a broker that outlives them (the memory group's queue on
     // RabbitMQ is exclusive) are dropped at once when the run is interrupted; the others stop
     // after the measurement under way and tear down (`runner`).
-    if wants("floor") {
+    if wants("floor") && !plan.interrupted() {
         plan.interrupt
             .run_until_cancelled(floor::run(plan, results))
             .await;
     }
-    if wants("start") {
+    if wants("start") && !plan.interrupted() {
         plan.interrupt
             .run_until_cancelled(start::run(plan, &kinds, broker_bin, results))
             .await;
@@ -134,7 +134,7 @@ pub(crate) async fn run_all(
         .collect();
         runner::run_group(&scale, targets, plan, results).await;
     }
-    if wants("memory") {
+    if wants("memory") && !plan.interrupted() {
         plan.interrupt
             .run_until_cancelled(memory::run(plan, targets, broker_bin, results))
             .await;
