@@ -67,7 +67,8 @@ impl Message {
         std::str::from_utf8(bytes).unwrap_or_default()
     }
 
-    /// Exchange, routing key and properties, back to back.
+    /// Exchange, routing key and properties, back to back, then the `BCC` keys and the body
+    /// unless the body is shared.
     fn head(&self) -> &[u8] {
         match &self.storage {
             Storage::Inline { len, bytes } => &bytes[..*len as usize],
@@ -148,10 +149,12 @@ impl Message {
     /// Part of the body, sharing the message's buffer (copied from a message kept inline,
     /// whose body is too small for the caller to want a slice of it).
     pub(crate) fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
-        let start = self.body_start();
         match &self.storage {
             Storage::Inline { .. } => Bytes::copy_from_slice(&self.body()[range]),
-            Storage::Heap(data) => data.slice(start + range.start..start + range.end),
+            Storage::Heap(data) => {
+                let start = self.body_start();
+                data.slice(start + range.start..start + range.end)
+            }
             Storage::Shared { body, .. } => body.slice(range),
         }
     }

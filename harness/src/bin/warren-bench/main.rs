@@ -84,13 +84,13 @@ fn main() -> ExitCode {
         Some(n) => runtime.block_on(scenarios::memory::probe(n)),
         None => runtime.block_on(async {
             let interrupt = CancellationToken::new();
-            // A first signal stops the run after the measurement under way, once what it set
-            // up is torn down; a second drops the run at once, and with it the standalone
+            // A first signal stops the run after the step under way, once what it set up is
+            // torn down; a second drops the run at once, and with it the standalone
             // broker it spawned.
             let signals = async {
                 warren_broker::wait_for_shutdown_signal().await;
                 eprintln!(
-                    "warren-bench: interrupted: stopping after the measurement under way and \
+                    "warren-bench: interrupted: stopping after the step under way and \
                      deleting the queues the run made (interrupt again to stop at once)"
                 );
                 interrupt.cancel();

@@ -24,8 +24,8 @@ pub(crate) struct Plan {
     pub(crate) run_id: String,
     /// Only scenarios whose "name (client)" contains this (`--match`).
     pub(crate) filter: Option<String>,
-    /// Cancelled on Ctrl-C or SIGTERM: the run stops after the measurement under way, tearing
-    /// down what it set up (so no queue is left on RabbitMQ).
+    /// Cancelled on Ctrl-C or SIGTERM: the run stops after the step under way (a setup, a
+    /// repeat), tearing down what it set up (so no queue is left on RabbitMQ).
     pub(crate) interrupt: CancellationToken,
 }
 

@@ -48,7 +48,7 @@ pub(crate) async fn run_all(
     let kinds: Vec<Kind> = targets.iter().map(|t| t.kind).collect();
     // Groups that set nothing up on a broker that outlives them (the memory group's queue on
     // RabbitMQ is exclusive) are dropped at once when the run is interrupted; the others stop
-    // after the measurement under way and tear down (`runner`).
+    // after the step under way and tear down (`runner`).
     if wants("floor") && !plan.interrupted() {
         plan.interrupt
             .run_until_cancelled(floor::run(plan, results))
