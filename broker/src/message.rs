@@ -33,7 +33,7 @@ pub(crate) struct Message {
 enum Storage {
     /// Up to [`INLINE_MAX`] bytes, in the message: nothing to allocate when it is published,
     /// nothing to free (and no cold heap memory to touch) when its last delivery is acked.
-    Inline { len: u8, bytes: [u8; INLINE_MAX] },
+    Inline(InlineBytes),
     /// Exchange, routing key, properties and body in one buffer.
     Heap(Bytes),
     /// A body that is a slice of a read buffer, and the rest in a head of its own.
@@ -44,6 +44,36 @@ enum Storage {
 /// keeps inside itself: a 16-byte body published to the default exchange with a routing key
 /// of up to 44 bytes and no properties fits. Chosen so that [`Storage`] is 64 bytes.
 pub(crate) const INLINE_MAX: usize = 62;
+
+/// Up to [`INLINE_MAX`] bytes held by value: a message's bytes, kept inline.
+#[derive(Clone, Debug)]
+struct InlineBytes {
+    len: u8,
+    bytes: [u8; INLINE_MAX],
+}
+
+impl InlineBytes {
+    const EMPTY: Self = Self {
+        len: 0,
+        bytes: [0; INLINE_MAX],
+    };
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    /// Whether `more` bytes would still fit.
+    fn has_room(&self, more: usize) -> bool {
+        self.len as usize + more <= INLINE_MAX
+    }
+
+    /// Appends `more` (the caller checked [`Self::has_room`]).
+    fn push(&mut self, more: &[u8]) {
+        let at = self.len as usize;
+        self.bytes[at..at + more.len()].copy_from_slice(more);
+        self.len += more.len() as u8;
+    }
+}
 
 // What a queued message costs counts against issue 6's memory target (under 200 B of overhead
 // per message): Message has no padding left; QueuedMessage's fields fill its padding.
@@ -71,7 +101,7 @@ impl Message {
     /// unless the body is shared.
     fn head(&self) -> &[u8] {
         match &self.storage {
-            Storage::Inline { len, bytes } => &bytes[..*len as usize],
+            Storage::Inline(inline) => inline.as_slice(),
             Storage::Heap(data) => data,
             Storage::Shared { head, .. } => head,
         }
@@ -123,7 +153,7 @@ impl Message {
     /// buffer into cache.
     pub(crate) fn first_byte(&self) -> u8 {
         match &self.storage {
-            Storage::Inline { .. } => 0,
+            Storage::Inline(_) => 0,
             _ => self.head().first().copied().unwrap_or(0),
         }
     }
@@ -132,7 +162,7 @@ impl Message {
     /// keeps them inline.
     pub(crate) fn heap_size(&self) -> usize {
         match &self.storage {
-            Storage::Inline { .. } => 0,
+            Storage::Inline(_) => 0,
             Storage::Heap(data) => data.len(),
             Storage::Shared { body, head } => head.len() + body.len(),
         }
@@ -150,7 +180,7 @@ impl Message {
     /// whose body is too small for the caller to want a slice of it).
     pub(crate) fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
         match &self.storage {
-            Storage::Inline { .. } => Bytes::copy_from_slice(&self.body()[range]),
+            Storage::Inline(_) => Bytes::copy_from_slice(&self.body()[range]),
             Storage::Heap(data) => {
                 let start = self.body_start();
                 data.slice(start + range.start..start + range.end)
@@ -343,7 +373,7 @@ impl MessageBuilder {
                 body,
                 head: data.into_boxed_slice(),
             },
-            (None, Building::Inline { len, bytes }) => Storage::Inline { len, bytes },
+            (None, Building::Inline(inline)) => Storage::Inline(inline),
             (None, Building::Heap(data)) => Storage::Heap(data.freeze()),
         };
         Message {
@@ -360,7 +390,7 @@ impl MessageBuilder {
 /// in a buffer of their own.
 #[derive(Debug)]
 enum Building {
-    Inline { len: u8, bytes: [u8; INLINE_MAX] },
+    Inline(InlineBytes),
     Heap(BytesMut),
 }
 
@@ -368,10 +398,7 @@ impl Building {
     /// Room for `capacity` bytes.
     fn with_capacity(capacity: usize) -> Self {
         if capacity <= INLINE_MAX {
-            Self::Inline {
-                len: 0,
-                bytes: [0; INLINE_MAX],
-            }
+            Self::Inline(InlineBytes::EMPTY)
         } else {
             Self::Heap(BytesMut::with_capacity(capacity))
         }
@@ -379,45 +406,31 @@ impl Building {
 
     /// Appends `more`, moving to a buffer of its own if it no longer fits inline.
     fn extend(&mut self, more: &[u8]) {
+        self.reserve(more.len());
         match self {
-            Self::Inline { len, bytes } => {
-                let at = *len as usize;
-                if let Some(room) = bytes.get_mut(at..at + more.len()) {
-                    room.copy_from_slice(more);
-                    *len += more.len() as u8;
-                } else {
-                    let mut heap = Self::spill(&bytes[..at], more.len());
-                    heap.extend_from_slice(more);
-                    *self = Self::Heap(heap);
-                }
-            }
+            Self::Inline(inline) => inline.push(more),
             Self::Heap(data) => data.extend_from_slice(more),
         }
     }
 
-    /// Makes room for `additional` more bytes.
+    /// Makes room for `additional` more bytes: a buffer of its own, holding what was inline,
+    /// once they no longer fit inline.
     fn reserve(&mut self, additional: usize) {
         match self {
-            Self::Inline { len, bytes } => {
-                let at = *len as usize;
-                if at + additional > INLINE_MAX {
-                    *self = Self::Heap(Self::spill(&bytes[..at], additional));
-                }
+            Self::Inline(inline) if !inline.has_room(additional) => {
+                let kept = inline.as_slice();
+                let mut heap = BytesMut::with_capacity(kept.len() + additional);
+                heap.extend_from_slice(kept);
+                *self = Self::Heap(heap);
             }
+            Self::Inline(_) => {}
             Self::Heap(data) => data.reserve(additional),
         }
     }
 
-    /// A buffer holding `kept`, with room for `additional` more bytes.
-    fn spill(kept: &[u8], additional: usize) -> BytesMut {
-        let mut heap = BytesMut::with_capacity(kept.len() + additional);
-        heap.extend_from_slice(kept);
-        heap
-    }
-
     fn into_boxed_slice(self) -> Box<[u8]> {
         match self {
-            Self::Inline { len, bytes } => Box::from(&bytes[..len as usize]),
+            Self::Inline(inline) => Box::from(inline.as_slice()),
             Self::Heap(data) => Vec::from(data).into_boxed_slice(),
         }
     }
@@ -616,7 +629,7 @@ mod tests {
             builder.push(&body);
             let message = builder.finish();
             assert_eq!(
-                matches!(message.storage, Storage::Inline { .. }),
+                matches!(message.storage, Storage::Inline(_)),
                 inline,
                 "{body_len}-byte body"
             );
@@ -677,7 +690,7 @@ mod tests {
         let mut builder = MessageBuilder::new("", "q", &[0, 0], 2);
         builder.push(b"hi");
         let message = builder.finish();
-        assert!(matches!(message.storage, Storage::Inline { .. }));
+        assert!(matches!(message.storage, Storage::Inline(_)));
         let counted = message.with_delivery_count(3);
         let (_, properties) = parse_properties(counted.properties()).expect("properties");
         assert_eq!(
