@@ -1,6 +1,7 @@
 //! Users and what they may do in each vhost, as RabbitMQ's internal database keeps them
-//! (`rabbitmqctl add_user`, `set_permissions`): three regular expressions per user and vhost,
-//! matched against the names of the queues and exchanges an operation touches. A user with
+//! (`rabbitmqctl add_user`, `set_permissions`): three regular expressions per user and vhost
+//! (PCRE's syntax, as RabbitMQ's, look-around and back-references included), matched against
+//! the names of the queues and exchanges an operation touches. A user with
 //! no permissions in a vhost may not open it (530).
 //!
 //! The users of [`crate::BrokerConfig::users`] get `.*` for every vhost, also the ones added
@@ -9,7 +10,7 @@
 
 use crate::credential::Credential;
 use crate::limits::UserLimits;
-use regex::Regex;
+use fancy_regex::Regex;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -63,10 +64,12 @@ impl Pattern {
             .map_err(|_| PermissionError::InvalidPattern(pattern.to_owned()))
     }
 
+    /// Whether it matches `name`; a pattern that backtracks past its limit on it (a
+    /// catastrophic one) matches nothing.
     fn is_match(&self, name: &str) -> bool {
         match self {
             Self::Any => true,
-            Self::Regex(regex) => regex.is_match(name),
+            Self::Regex(regex) => regex.is_match(name).unwrap_or(false),
         }
     }
 }
@@ -399,6 +402,20 @@ mod tests {
             Permissions::new("(", ".*", ".*").err(),
             Some(PermissionError::InvalidPattern("(".into()))
         );
+    }
+
+    #[test]
+    fn a_pattern_that_backtracks_past_its_limit_matches_nothing() {
+        // A back-reference needs the backtracking engine; nested repeats then take
+        // exponential time on a name that almost matches, until the step limit stops them.
+        let p = Permissions::new(r"^(a|a?)+\1b$", "", "").expect("valid");
+        assert!(p.allows(Access::Configure, "aab"));
+        let name = "a".repeat(64);
+        let Pattern::Regex(regex) = &p.configure else {
+            panic!("compiled")
+        };
+        assert!(regex.is_match(&name).is_err(), "the limit is reached");
+        assert!(!p.allows(Access::Configure, &name));
     }
 
     #[test]

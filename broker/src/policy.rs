@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use amq_protocol::types::FieldTable;
-use regex::Regex;
+use fancy_regex::Regex;
 
 use crate::dead_letter::DeadLetterTarget;
 use crate::message::MAX_TTL_MS;
@@ -47,8 +47,8 @@ pub struct Policy {
     /// Its name; setting a policy of the same name in its vhost replaces it.
     pub name: String,
     /// A regular expression matched against queue and exchange names (unanchored, like
-    /// RabbitMQ's: `^` and `$` anchor it). Warren uses the `regex` crate's syntax, which has
-    /// no look-around or back-references (RabbitMQ's is PCRE).
+    /// RabbitMQ's: `^` and `$` anchor it), in PCRE's syntax as RabbitMQ's, look-around and
+    /// back-references included: `^(?!amq\.)` matches every name but those starting `amq.`.
     pub pattern: String,
     /// What it applies to.
     pub apply_to: ApplyTo,
@@ -408,7 +408,9 @@ impl Policies {
     fn first(&self, name: &str, applies: fn(&Policy) -> bool) -> Option<&Arc<Policy>> {
         self.list
             .iter()
-            .find(|(p, pattern)| applies(p) && pattern.is_match(name))
+            // A pattern that backtracks past its limit on a name (a catastrophic one) does not
+            // match it.
+            .find(|(p, pattern)| applies(p) && pattern.is_match(name).unwrap_or(false))
             .map(|(p, _)| p)
     }
 }

@@ -849,3 +849,38 @@ async fn embedded_only_configured_users_have_their_tags_from_the_start() {
     c.close().await;
     close_conn(&admin).await;
 }
+
+/// Permission patterns are PCRE's, as RabbitMQ's: a negative look-ahead carves names out of
+/// what a user may configure.
+#[tokio::test]
+async fn permission_patterns_may_look_ahead() {
+    let broker = TestBroker::start().await;
+    let user = new_user(&broker).await;
+    let p = broker.unique_name("perm-pcre");
+    broker
+        .set_permissions(&broker.vhost(), &user, &format!("^{p}-(?!locked)"), "", "")
+        .await;
+    let conn = connect_to(&broker.url_as(&user, PASSWORD, &broker.vhost())).await;
+    let (open, locked) = (format!("{p}-open"), format!("{p}-locked"));
+    let ch = channel(&conn).await;
+    declare(&ch, &open).await;
+    let result = within(
+        "queue.declare",
+        ch.queue_declare(
+            locked.as_str().into(),
+            Default::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    let err = expect_err("declaring a queue the look-ahead excludes", result);
+    assert_amqp_error(&err, 403, Some(&refused(&broker, &user, "queue", &locked)));
+    let ch = channel(&conn).await;
+    within(
+        "queue.delete",
+        ch.queue_delete(open.as_str().into(), QueueDeleteOptions::default()),
+    )
+    .await
+    .expect("deleting the queue it may configure");
+    close_conn(&conn).await;
+}

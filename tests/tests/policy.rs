@@ -426,3 +426,51 @@ async fn keys_without_effect_on_one_node_are_taken_beside_those_that_act() {
     assert_eq!(drain_bodies(&ch, &q).await, [b"1"]);
     close_conn(&conn).await;
 }
+
+/// Patterns are PCRE's, as RabbitMQ's: look-around and back-references work (as in the common
+/// `^(?!amq\.).*`: every name but the `amq.` ones).
+#[tokio::test]
+async fn patterns_may_look_around_and_refer_back() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let p = broker.unique_name("pol-pcre");
+    let (kept, skipped, twice) = (
+        format!("{p}-kept"),
+        format!("{p}-skip"),
+        format!("{p}-ab-ab"),
+    );
+    let queues = [&kept, &skipped, &twice];
+    for q in queues {
+        declare(&ch, q).await;
+        for body in ["0", "1", "2"] {
+            publish_confirmed(&ch, q, body.as_bytes()).await;
+        }
+    }
+    let policy = Policy::new(&p, format!(r"^{p}-(?!skip)(?:(\w+)-\1$|kept$)"))
+        .vhost(broker.vhost())
+        .apply_to(ApplyTo::Queues)
+        .max_length(1);
+    broker.set_policy(&policy).await.expect("set_policy");
+    // The two queues it matches are trimmed to their newest message; the other keeps all.
+    broker.wait_for_messages(&kept, 1).await;
+    broker.wait_for_messages(&twice, 1).await;
+    for q in queues {
+        publish_confirmed(&ch, q, b"3").await;
+    }
+    assert_eq!(drain_bodies(&ch, &kept).await, [b"3"]);
+    assert_eq!(drain_bodies(&ch, &twice).await, [b"3"]);
+    assert_eq!(drain_bodies(&ch, &skipped).await, [b"0", b"1", b"2", b"3"]);
+    if let Some(handle) = broker.embedded() {
+        assert_eq!(handle.queue(&skipped).unwrap().policy, None);
+        assert_eq!(
+            handle.queue(&twice).unwrap().policy.as_deref(),
+            Some(p.as_str())
+        );
+    }
+    broker
+        .clear_policy(&broker.vhost(), &p)
+        .await
+        .expect("clear_policy");
+    close_conn(&conn).await;
+}
