@@ -192,6 +192,9 @@ pub(crate) struct Outbox {
     pub(crate) expiry: Option<tokio::time::Instant>,
     /// Index in `batches` by mailbox.
     index: FxHashMap<usize, usize>,
+    /// The most memory any mailbox sent to held right after a send, since this was last
+    /// taken (see [`Outbox::take_fullest`]).
+    fullest: usize,
     /// Emptied item buffers, kept for the next batches.
     spare: Vec<Vec<Outbound>>,
 }
@@ -199,10 +202,9 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// Gathers an item for `mailbox`. A delivery counts against the mailbox's room at once.
     pub(crate) fn send(&mut self, mailbox: &Mailbox, item: Outbound) {
-        mailbox
-            .shared
-            .queued
-            .fetch_add(bytes_held(&item), Ordering::Relaxed);
+        let bytes = bytes_held(&item);
+        let held = mailbox.shared.queued.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.fullest = self.fullest.max(held);
         let key = Arc::as_ptr(&mailbox.shared) as usize;
         let at = *self.index.entry(key).or_insert_with(|| {
             let items = self.spare.pop().unwrap_or_default();
@@ -210,6 +212,11 @@ impl Outbox {
             self.batches.len() - 1
         });
         self.batches[at].1.push(item);
+    }
+
+    /// The most memory a mailbox sent to held right after a send since the last call.
+    pub(crate) fn take_fullest(&mut self) -> usize {
+        std::mem::take(&mut self.fullest)
     }
 
     /// Notes that a dead-lettering queue's head message expires at `at`.
@@ -355,6 +362,43 @@ mod tests {
         );
         assert!(!tx.has_room());
         assert!(rx.recv().await.is_none());
+    }
+
+    fn delivery() -> Outbound {
+        Outbound::Deliver {
+            channel: 1,
+            source: crate::queue::Source::consumer("q".into(), "t".into(), Default::default()),
+            no_ack: false,
+            message: QueuedMessage {
+                seq: 0,
+                priority: 0,
+                deliveries: 0,
+                redelivered: false,
+                expires_at: None,
+                message: crate::message::MessageBuilder::new("", "q", &[], 0).finish(),
+            },
+        }
+    }
+
+    #[test]
+    fn an_outbox_tells_the_most_a_mailbox_it_sent_to_held() {
+        let (a, mut a_rx) = mailbox();
+        let (b, _b_rx) = mailbox();
+        let mut outbox = Outbox::default();
+        let one = bytes_held(&delivery());
+        outbox.send(&a, delivery());
+        outbox.send(&b, delivery());
+        outbox.send(&b, delivery());
+        outbox.send(&a, cancel(1));
+        assert_eq!(outbox.take_fullest(), 2 * one);
+        assert_eq!(outbox.take_fullest(), 0, "taking it starts again");
+        assert!(outbox.flush().is_empty());
+        // Counted against what the mailbox still holds, not only this outbox's sends.
+        outbox.send(&a, delivery());
+        assert_eq!(outbox.take_fullest(), 2 * one);
+        assert!(a_rx.try_recv().is_some());
+        outbox.send(&a, delivery());
+        assert_eq!(outbox.take_fullest(), 2 * one, "one taken, one sent");
     }
 
     #[test]

@@ -99,6 +99,9 @@ pub(crate) struct Connection {
     /// handled, before a channel or connection error is reported, and when the input read is
     /// done, so nothing else this connection does can tell.
     pub(crate) staged: Vec<(u16, crate::channel::Publication, crate::message::Message)>,
+    /// The most memory a consumer's mailbox held after the deliveries of this connection's
+    /// publishes, since it last let other tasks run (see [`ReadPacing::after_handling`]).
+    pub(crate) fed_mailbox_max: usize,
     /// Publisher throttling under resource alarms.
     throttle: Throttle,
     /// Whether the throttle holds its input, published for inspection.
@@ -173,6 +176,7 @@ where
         settled_messages: Vec::new(),
         redispatch_from: 0,
         staged: Vec::new(),
+        fed_mailbox_max: 0,
         throttle,
         blocked,
         clock: 0,
@@ -311,7 +315,8 @@ impl Connection {
                         pacing.read(n);
                         last_read = Instant::now();
                         self.process_input(rbuf);
-                        if pacing.after_handling(rbuf) {
+                        if pacing.after_handling(rbuf, self.fed_mailbox_max) {
+                            self.fed_mailbox_max = 0;
                             // Let the consumers this input fed (and every other connection)
                             // run before reading more.
                             tokio::task::yield_now().await;

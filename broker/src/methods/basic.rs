@@ -539,6 +539,7 @@ impl Connection {
         let mut staged = std::mem::take(&mut self.staged);
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
+        state.outbox.take_fullest();
         // One clock read for the batch (TTLs count in milliseconds; a clock read per publish
         // was 3.5% of the broker's time).
         let mut now = Instant::now();
@@ -553,6 +554,7 @@ impl Connection {
                 now = Instant::now();
             }
         }
+        self.fed_mailbox_max = self.fed_mailbox_max.max(state.outbox.take_fullest());
         drop(state);
         self.staged = staged;
     }
