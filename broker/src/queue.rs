@@ -480,17 +480,27 @@ impl Queue {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if let Some(bytes) = &mut self.ready_bytes {
-            *bytes += message.body().len();
-        }
-        self.ready.push_back(QueuedMessage {
+        let fresh = QueuedMessage {
             seq,
             priority,
             deliveries: 0,
             redelivered: false,
             expires_at,
             message,
-        });
+        };
+        if self.ready.is_empty() {
+            // The usual case under load: straight to a consumer that can take it, without
+            // a trip through the ready line (whose slot, with many queues, is cold).
+            let (n, mixed) = self.takers();
+            if let Some((index, peers)) = self.next_taker(n, mixed) {
+                self.hand_to(index, peers, mixed, fresh, outbox);
+                return true;
+            }
+        }
+        if let Some(bytes) = &mut self.ready_bytes {
+            *bytes += fresh.message.body().len();
+        }
+        self.ready.push_back(fresh);
         // Dispatch drops expired messages only when a consumer can take one; a publish with a
         // TTL drops those at the head too, so they do not pile up in a queue whose consumers
         // are all blocked (or that has none).
@@ -715,48 +725,68 @@ impl Queue {
     }
 
     fn dispatch_inner(&mut self, now: Instant, fresh: Option<u64>, outbox: &mut Outbox) {
-        let n = self.active_consumers();
-        // Sorted by priority, so the first and last tell whether there is more than one.
-        let mixed = n > 1 && self.consumers[0].priority != self.consumers[n - 1].priority;
+        let (n, mixed) = self.takers();
         while !self.ready.is_empty() {
             let Some((index, peers)) = self.next_taker(n, mixed) else {
                 return;
             };
             self.drop_expired_head(now, fresh, outbox);
-            let Some(mut message) = Self::pop_ready(&mut self.ready, &mut self.ready_bytes) else {
+            let Some(message) = Self::pop_ready(&mut self.ready, &mut self.ready_bytes) else {
                 return;
             };
-            if message.deliveries > 0 {
-                message.message = message.message.with_delivery_count(message.deliveries);
-            }
-            let consumer = &mut self.consumers[index];
-            let item = Outbound::Deliver {
-                channel: consumer.channel,
-                source: consumer.source.clone(),
-                no_ack: consumer.no_ack,
-                message,
-            };
-            outbox.send(&consumer.mailbox, item);
-            if !consumer.no_ack {
-                consumer.in_flight += 1;
-                consumer
-                    .source
-                    .channel_credit
-                    .in_flight
-                    .fetch_add(1, Ordering::Relaxed);
-                self.unacked += 1;
-            }
-            if mixed {
-                // Round robin within each priority, whatever the others do: the consumer served
-                // goes to the back of its priority (as RabbitMQ does).
-                self.consumers[index..peers.end].rotate_left(1);
+            self.hand_to(index, peers, mixed, message, outbox);
+        }
+    }
+
+    /// How many consumers may take messages (the first of them), and whether they have more
+    /// than one priority.
+    fn takers(&self) -> (usize, bool) {
+        let n = self.active_consumers();
+        // Sorted by priority, so the first and last tell whether there is more than one.
+        let mixed = n > 1 && self.consumers[0].priority != self.consumers[n - 1].priority;
+        (n, mixed)
+    }
+
+    /// Delivers `message` to the consumer at `index` (one of `peers`, those of its priority;
+    /// see [`Queue::next_taker`]), charges its credit, and moves the round robin on.
+    fn hand_to(
+        &mut self,
+        index: usize,
+        peers: Range<usize>,
+        mixed: bool,
+        mut message: QueuedMessage,
+        outbox: &mut Outbox,
+    ) {
+        if message.deliveries > 0 {
+            message.message = message.message.with_delivery_count(message.deliveries);
+        }
+        let consumer = &mut self.consumers[index];
+        let item = Outbound::Deliver {
+            channel: consumer.channel,
+            source: consumer.source.clone(),
+            no_ack: consumer.no_ack,
+            message,
+        };
+        outbox.send(&consumer.mailbox, item);
+        if !consumer.no_ack {
+            consumer.in_flight += 1;
+            consumer
+                .source
+                .channel_credit
+                .in_flight
+                .fetch_add(1, Ordering::Relaxed);
+            self.unacked += 1;
+        }
+        if mixed {
+            // Round robin within each priority, whatever the others do: the consumer served
+            // goes to the back of its priority (as RabbitMQ does).
+            self.consumers[index..peers.end].rotate_left(1);
+        } else {
+            self.next_consumer = if index + 1 == peers.end {
+                peers.start
             } else {
-                self.next_consumer = if index + 1 == peers.end {
-                    peers.start
-                } else {
-                    index + 1
-                };
-            }
+                index + 1
+            };
         }
     }
 
