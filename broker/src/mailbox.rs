@@ -192,9 +192,6 @@ pub(crate) struct Outbox {
     pub(crate) expiry: Option<tokio::time::Instant>,
     /// Index in `batches` by mailbox.
     index: FxHashMap<usize, usize>,
-    /// The most memory any mailbox sent to held right after a send, since this was last
-    /// taken (see [`Outbox::take_fullest`]).
-    fullest: usize,
     /// Emptied item buffers, kept for the next batches.
     spare: Vec<Vec<Outbound>>,
 }
@@ -202,9 +199,10 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// Gathers an item for `mailbox`. A delivery counts against the mailbox's room at once.
     pub(crate) fn send(&mut self, mailbox: &Mailbox, item: Outbound) {
-        let bytes = bytes_held(&item);
-        let held = mailbox.shared.queued.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.fullest = self.fullest.max(held);
+        mailbox
+            .shared
+            .queued
+            .fetch_add(bytes_held(&item), Ordering::Relaxed);
         let key = Arc::as_ptr(&mailbox.shared) as usize;
         let at = *self.index.entry(key).or_insert_with(|| {
             let items = self.spare.pop().unwrap_or_default();
@@ -214,9 +212,19 @@ impl Outbox {
         self.batches[at].1.push(item);
     }
 
-    /// The most memory a mailbox sent to held right after a send since the last call.
-    pub(crate) fn take_fullest(&mut self) -> usize {
-        std::mem::take(&mut self.fullest)
+    /// How the items gathered since the last flush are spread over mailboxes. The outbox is
+    /// flushed whenever the vhost lock is released, so read just before, this is what the
+    /// hold sent.
+    pub(crate) fn spread(&self) -> Spread {
+        Spread {
+            mailboxes: self.batches.len(),
+            fullest: self
+                .batches
+                .iter()
+                .map(|(mailbox, _)| mailbox.shared.queued.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0),
+        }
     }
 
     /// Notes that a dead-lettering queue's head message expires at `at`.
@@ -243,6 +251,15 @@ impl Outbox {
         }
         undelivered
     }
+}
+
+/// How a hold of the vhost lock spread its deliveries (see [`Outbox::spread`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Spread {
+    /// Mailboxes sent to.
+    pub(crate) mailboxes: usize,
+    /// The most memory one of them holds (see [`bytes_held`]), what it held before included.
+    pub(crate) fullest: usize,
 }
 
 /// Emptied batch buffers an [`Outbox`] keeps.
@@ -381,24 +398,34 @@ mod tests {
     }
 
     #[test]
-    fn an_outbox_tells_the_most_a_mailbox_it_sent_to_held() {
+    fn an_outbox_tells_how_many_mailboxes_it_sent_to_and_the_most_one_holds() {
         let (a, mut a_rx) = mailbox();
         let (b, _b_rx) = mailbox();
         let mut outbox = Outbox::default();
+        assert_eq!(outbox.spread(), Spread::default());
         let one = bytes_held(&delivery());
         outbox.send(&a, delivery());
         outbox.send(&b, delivery());
         outbox.send(&b, delivery());
         outbox.send(&a, cancel(1));
-        assert_eq!(outbox.take_fullest(), 2 * one);
-        assert_eq!(outbox.take_fullest(), 0, "taking it starts again");
+        assert_eq!(
+            outbox.spread(),
+            Spread {
+                mailboxes: 2,
+                fullest: 2 * one
+            }
+        );
         assert!(outbox.flush().is_empty());
-        // Counted against what the mailbox still holds, not only this outbox's sends.
+        assert_eq!(outbox.spread(), Spread::default(), "a flush starts again");
+        // What a mailbox already held counts, until its connection takes it.
         outbox.send(&a, delivery());
-        assert_eq!(outbox.take_fullest(), 2 * one);
+        let spread = |mailboxes, n| Spread {
+            mailboxes,
+            fullest: n * one,
+        };
+        assert_eq!(outbox.spread(), spread(1, 2));
         assert!(a_rx.try_recv().is_some());
-        outbox.send(&a, delivery());
-        assert_eq!(outbox.take_fullest(), 2 * one, "one taken, one sent");
+        assert_eq!(outbox.spread(), spread(1, 1));
     }
 
     #[test]

@@ -99,9 +99,9 @@ pub(crate) struct Connection {
     /// handled, before a channel or connection error is reported, and when the input read is
     /// done, so nothing else this connection does can tell.
     pub(crate) staged: Vec<(u16, crate::channel::Publication, crate::message::Message)>,
-    /// The most memory a consumer's mailbox held after the deliveries of this connection's
-    /// publishes, since it last let other tasks run (see [`ReadPacing::after_handling`]).
-    pub(crate) fed_mailbox_max: usize,
+    /// How much it reads at a time and when it lets other tasks run, which depends on how
+    /// its publishes' deliveries spread over consumer connections (see [`ReadPacing`]).
+    pub(crate) pacing: ReadPacing,
     /// Publisher throttling under resource alarms.
     throttle: Throttle,
     /// Whether the throttle holds its input, published for inspection.
@@ -176,7 +176,7 @@ where
         settled_messages: Vec::new(),
         redispatch_from: 0,
         staged: Vec::new(),
-        fed_mailbox_max: 0,
+        pacing: ReadPacing::default(),
         throttle,
         blocked,
         clock: 0,
@@ -284,7 +284,6 @@ impl Connection {
         let mut last_read = Instant::now();
         let mut wrote_since_tick = false;
         let mut shutting_down = false;
-        let mut pacing = ReadPacing::default();
         loop {
             if self.input_held && self.out_pending() < OUT_HIGH_WATER && !self.input_blocked() {
                 self.process_input(rbuf);
@@ -303,7 +302,7 @@ impl Connection {
                 && !self.input_blocked();
             let taking = self.state == ConnState::Open && self.out_pending() < OUT_HIGH_WATER;
             if reading {
-                pacing.prepare(rbuf);
+                self.pacing.prepare(rbuf);
             }
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let filled = self.out.slices(&mut slices);
@@ -312,11 +311,10 @@ impl Connection {
                     Ok(0) => return "client closed the socket",
                     Err(_) => return "socket error",
                     Ok(n) => {
-                        pacing.read(n);
+                        self.pacing.read(n);
                         last_read = Instant::now();
                         self.process_input(rbuf);
-                        if pacing.after_handling(rbuf, self.fed_mailbox_max) {
-                            self.fed_mailbox_max = 0;
+                        if self.pacing.after_handling(rbuf) {
                             // Let the consumers this input fed (and every other connection)
                             // run before reading more.
                             tokio::task::yield_now().await;

@@ -1,5 +1,6 @@
 //! How much a connection reads at a time, and when it lets other tasks run.
 
+use crate::mailbox::Spread;
 use bytes::BytesMut;
 
 /// Room for input offered to each socket read, normally. A read that fills it raises the room
@@ -16,28 +17,33 @@ const READ_ROOM_BUSY: usize = 128 * 1024;
 /// deliveries, so each write carries few (16 KiB: 14x the writes of 1 MiB with 100 consumer
 /// connections, and 35% fewer messages/s). 1 MiB of input is a few milliseconds of work.
 const READ_PER_TURN: usize = 1024 * 1024;
-/// Input a connection reads before it lets other tasks run when its deliveries are spread
-/// thin: some went to consumers, and none of their mailboxes came to hold
-/// [`FED_MAILBOX_FULL`]. Each consumer connection writes its share of a turn at once, so with
-/// 100 of them a 1 MiB turn gives each write ~100 small deliveries, and every write is a
-/// system call and a wake-up of its peer (scale 1000 q / 100 conn: +13-15%, 5 rounds, with
-/// the rows of one consumer connection unchanged). The cost is latency for the other tasks:
-/// 4 MiB of small publishes is 10-20 ms of work.
+/// Input a connection reads before it lets other tasks run while its publishes' deliveries are
+/// spread thin: a hold of the vhost lock sent to [`SPREAD_MAILBOXES`] mailboxes or more, and
+/// none came to hold [`SPREAD_MAX_HELD`]. Each consumer connection writes its share of a turn at
+/// once, so with 100 of them a 1 MiB turn gives each write ~100 small deliveries, and every
+/// write is a system call and a wake-up of its peer (scale 1000 q / 100 conn: +19% embedded,
+/// +26% standalone; the rows with one consumer connection unchanged). The cost is latency for
+/// the other tasks: 4 MiB of small publishes is 10-20 ms of work.
 const READ_PER_TURN_SPREAD: usize = 4 * 1024 * 1024;
-/// Memory of deliveries (see `mailbox::bytes_held`) one mailbox may hold before a turn's
-/// deliveries count as concentrated, ending the turn at [`READ_PER_TURN`]: about 2,000 small
-/// messages (a single consumer connection gets ~10,000 from 1 MiB of input).
-const FED_MAILBOX_FULL: usize = 256 * 1024;
+/// Fewest mailboxes one hold of a spread-thin turn sends to.
+const SPREAD_MAILBOXES: usize = 8;
+/// Memory of deliveries (see `mailbox::bytes_held`) one mailbox may hold in a spread-thin
+/// turn: about 2,000 small messages (one consumer connection gets ~10,000 from 1 MiB of input).
+const SPREAD_MAX_HELD: usize = 256 * 1024;
 
 /// The read side's sizing and turn-taking, kept across the connection's loop.
 #[derive(Debug)]
-pub(super) struct ReadPacing {
+pub(crate) struct ReadPacing {
     /// Room to offer the next read.
     room: usize,
     /// Room offered to the read in progress.
     offered: usize,
     /// Bytes read since the connection last let other tasks run.
     since_yield: usize,
+    /// How the deliveries of the publishes read since then (or since a read that emptied
+    /// the socket) spread: the most mailboxes a hold of the vhost lock sent to, and the most
+    /// memory one of them held; `None` before the first hold.
+    spread: Option<Spread>,
 }
 
 impl Default for ReadPacing {
@@ -46,6 +52,7 @@ impl Default for ReadPacing {
             room: READ_ROOM,
             offered: 0,
             since_yield: 0,
+            spread: None,
         }
     }
 }
@@ -64,22 +71,34 @@ impl ReadPacing {
         self.room = if n == self.offered {
             READ_ROOM_BUSY
         } else {
+            // The socket is empty: what came before says nothing of what comes next.
+            self.spread = None;
             READ_ROOM
         };
         self.since_yield += n;
     }
 
+    /// Notes how a hold of the vhost lock that routed publishes spread their deliveries.
+    pub(crate) fn fed(&mut self, hold: Spread) {
+        if hold.mailboxes == 0 {
+            return;
+        }
+        let turn = self.spread.get_or_insert(hold);
+        turn.mailboxes = turn.mailboxes.max(hold.mailboxes);
+        turn.fullest = turn.fullest.max(hold.fullest);
+    }
+
     /// Once the input read is handled: gives a large buffer back when the connection is quiet
-    /// and the buffer empty, and says whether to let other tasks run before reading more.
-    /// `fed` is the most memory a consumer's mailbox held after the deliveries of this turn's
-    /// publishes (0 if none): a turn spread thin over many consumer connections goes on past
-    /// [`READ_PER_TURN`], up to [`READ_PER_TURN_SPREAD`]. The caller starts `fed` again at 0
-    /// when this says to yield.
-    pub(super) fn after_handling(&mut self, rbuf: &mut BytesMut, fed: usize) -> bool {
+    /// and the buffer empty, and says whether to let other tasks run before reading more: after
+    /// [`READ_PER_TURN`], or [`READ_PER_TURN_SPREAD`] while the turn's deliveries are spread
+    /// thin.
+    pub(super) fn after_handling(&mut self, rbuf: &mut BytesMut) -> bool {
         if self.room == READ_ROOM && rbuf.is_empty() && rbuf.capacity() > 2 * READ_ROOM {
             *rbuf = BytesMut::new();
         }
-        let spread_thin = fed > 0 && fed < FED_MAILBOX_FULL;
+        let spread_thin = self
+            .spread
+            .is_some_and(|s| s.mailboxes >= SPREAD_MAILBOXES && s.fullest < SPREAD_MAX_HELD);
         let turn = if spread_thin {
             READ_PER_TURN_SPREAD
         } else {
@@ -89,6 +108,7 @@ impl ReadPacing {
             return false;
         }
         self.since_yield = 0;
+        self.spread = None;
         true
     }
 }
@@ -104,7 +124,7 @@ mod tests {
         pacing.prepare(&mut rbuf);
         assert!(rbuf.capacity() >= READ_ROOM);
         pacing.read(pacing.offered);
-        assert!(!pacing.after_handling(&mut rbuf, 0));
+        assert!(!pacing.after_handling(&mut rbuf));
         pacing.prepare(&mut rbuf);
         assert!(
             rbuf.capacity() >= READ_ROOM_BUSY,
@@ -112,34 +132,79 @@ mod tests {
         );
         pacing.read(10);
         rbuf.clear();
-        assert!(!pacing.after_handling(&mut rbuf, 0));
+        assert!(!pacing.after_handling(&mut rbuf));
         assert!(
             rbuf.capacity() <= 2 * READ_ROOM,
             "a quiet connection gives the buffer back"
         );
     }
 
-    /// Reads of `READ_ROOM` bytes, `total` in all, each feeding a mailbox up to `fed`: how many
-    /// turns end.
-    fn turns(total: usize, fed: usize) -> usize {
+    /// A read that fills the room offered: its size.
+    fn full_read(pacing: &mut ReadPacing, rbuf: &mut BytesMut) -> usize {
+        pacing.prepare(rbuf);
+        pacing.read(pacing.offered);
+        pacing.offered
+    }
+
+    /// Reads that fill their room, `total` bytes in all, each routing publishes whose
+    /// deliveries spread as `hold` (if any): how many turns end.
+    fn turns(total: usize, hold: Option<Spread>) -> usize {
         let mut pacing = ReadPacing::default();
         let mut rbuf = BytesMut::new();
         let mut turns = 0;
-        for _ in 0..total / READ_ROOM {
-            pacing.prepare(&mut rbuf);
-            pacing.read(READ_ROOM);
-            turns += usize::from(pacing.after_handling(&mut rbuf, fed));
+        let mut read = 0;
+        while read < total {
+            read += full_read(&mut pacing, &mut rbuf);
+            if let Some(hold) = hold {
+                pacing.fed(hold);
+            }
+            turns += usize::from(pacing.after_handling(&mut rbuf));
         }
         turns
     }
 
+    fn spread(mailboxes: usize, fullest: usize) -> Spread {
+        Spread { mailboxes, fullest }
+    }
+
     #[test]
     fn a_turn_ends_after_read_per_turn_bytes_unless_spread_thin() {
-        // No deliveries, or a mailbox fed as much as one consumer connection gets.
-        assert_eq!(turns(2 * READ_PER_TURN, 0), 2);
-        assert_eq!(turns(2 * READ_PER_TURN, FED_MAILBOX_FULL), 2);
+        // No deliveries; a mailbox fed as much as one consumer connection gets; few mailboxes.
+        assert_eq!(turns(2 * READ_PER_TURN, None), 2);
+        assert_eq!(
+            turns(2 * READ_PER_TURN, Some(spread(100, SPREAD_MAX_HELD))),
+            2
+        );
+        assert_eq!(turns(2 * READ_PER_TURN, Some(spread(2, 1000))), 2);
         // Deliveries spread over many connections, none of them fed much.
-        assert_eq!(turns(2 * READ_PER_TURN, FED_MAILBOX_FULL / 100), 0);
-        assert_eq!(turns(2 * READ_PER_TURN_SPREAD, FED_MAILBOX_FULL / 100), 2);
+        assert_eq!(turns(2 * READ_PER_TURN, Some(spread(100, 1000))), 0);
+        assert_eq!(turns(2 * READ_PER_TURN_SPREAD, Some(spread(100, 1000))), 2);
+    }
+
+    #[test]
+    fn a_spread_thin_turn_ends_once_a_mailbox_fills_or_the_socket_empties() {
+        let mut pacing = ReadPacing::default();
+        let mut rbuf = BytesMut::new();
+        let mut read = 0;
+        while read < 2 * READ_PER_TURN {
+            read += full_read(&mut pacing, &mut rbuf);
+            pacing.fed(spread(100, 1000));
+            assert!(!pacing.after_handling(&mut rbuf), "spread thin at {read}");
+        }
+        full_read(&mut pacing, &mut rbuf);
+        pacing.fed(spread(100, SPREAD_MAX_HELD));
+        assert!(pacing.after_handling(&mut rbuf), "one mailbox filled up");
+
+        // After a read that empties the socket, the spread is measured again.
+        let mut pacing = ReadPacing::default();
+        pacing.fed(spread(100, 1000));
+        let mut read = 0;
+        while read < READ_PER_TURN {
+            read += full_read(&mut pacing, &mut rbuf);
+        }
+        assert!(!pacing.after_handling(&mut rbuf), "still spread thin");
+        pacing.prepare(&mut rbuf);
+        pacing.read(10);
+        assert!(pacing.after_handling(&mut rbuf), "nothing fed since");
     }
 }

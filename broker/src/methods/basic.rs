@@ -539,7 +539,6 @@ impl Connection {
         let mut staged = std::mem::take(&mut self.staged);
         let vhost = self.vhost.clone();
         let mut state = vhost.lock();
-        state.outbox.take_fullest();
         // One clock read for the batch (TTLs count in milliseconds; a clock read per publish
         // was 3.5% of the broker's time).
         let mut now = Instant::now();
@@ -548,13 +547,14 @@ impl Connection {
                 continue;
             }
             if let Err(e) = self.route_locked(&mut state, now, ch, publication, message) {
+                self.pacing.fed(state.outbox.spread());
                 drop(state);
                 self.fail(ch, e.during_ids(60, 40));
                 state = vhost.lock();
                 now = Instant::now();
             }
         }
-        self.fed_mailbox_max = self.fed_mailbox_max.max(state.outbox.take_fullest());
+        self.pacing.fed(state.outbox.spread());
         drop(state);
         self.staged = staged;
     }
