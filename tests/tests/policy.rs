@@ -472,5 +472,13 @@ async fn patterns_may_look_around_and_refer_back() {
         .clear_policy(&broker.vhost(), &p)
         .await
         .expect("clear_policy");
+    for q in queues {
+        within(
+            "queue.delete",
+            ch.queue_delete(q.as_str().into(), Default::default()),
+        )
+        .await
+        .expect("queue.delete");
+    }
     close_conn(&conn).await;
 }
