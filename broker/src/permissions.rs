@@ -429,6 +429,10 @@ mod tests {
             TopicPermission::new("ann", "/", "(", "").err(),
             Some(PermissionError::InvalidPattern("(".into()))
         );
+        // `{client_id}`, which only MQTT fills in, is literal text.
+        let p = TopicPermission::new("ann", "/", r"^{client_id}\.", "").expect("valid");
+        assert!(p.allows(Access::Write, "{client_id}.x"));
+        assert!(!p.allows(Access::Write, "c1.x"));
         let mut users = Users::new(&[]);
         users.add("ann", "p");
         let set = |users: &mut Users, exchange, permission| {

@@ -436,8 +436,9 @@ impl Queue {
         Overflow::of_queue(overflow, self.quorum().is_some())
     }
 
-    /// Appends a published message (after every message of its `priority` or higher, in a
-    /// priority queue), then dispatches. A message that a consumer can take at once is
+    /// Takes a published message: straight to a consumer that can take it when nothing is
+    /// ready, else appended (after every message of its `priority` or higher, in a priority
+    /// queue) and dispatched. A message that a consumer can take at once is
     /// delivered even with a TTL of 0, as RabbitMQ does. Returns false if the queue refused it
     /// (`x-overflow` `reject-publish`: the publisher's confirm is a nack).
     pub(crate) fn publish(

@@ -861,7 +861,10 @@ async fn permission_patterns_may_look_ahead() {
         .set_permissions(&broker.vhost(), &user, &format!("^{p}-(?!locked)"), "", "")
         .await;
     let conn = connect_to(&broker.url_as(&user, PASSWORD, &broker.vhost())).await;
-    let (open, locked) = (format!("{p}-open"), format!("{p}-locked"));
+    let (open, locked) = (
+        broker.unique_name(&format!("{p}-open")),
+        broker.unique_name(&format!("{p}-locked")),
+    );
     let ch = channel(&conn).await;
     declare(&ch, &open).await;
     let result = within(

@@ -25,7 +25,8 @@ const READ_PER_TURN: usize = 1024 * 1024;
 /// +26% standalone; the rows with one consumer connection unchanged). The cost is latency for
 /// the other tasks: 4 MiB of small publishes is 10-20 ms of work.
 const READ_PER_TURN_SPREAD: usize = 4 * 1024 * 1024;
-/// Fewest mailboxes one hold of a spread-thin turn sends to.
+/// Mailboxes one hold of the vhost lock must send to for its turn to count as spread thin
+/// (one such hold is enough, until a mailbox holds [`SPREAD_MAX_HELD`]).
 const SPREAD_MAILBOXES: usize = 8;
 /// Memory of deliveries (see `mailbox::bytes_held`) one mailbox may hold in a spread-thin
 /// turn: about 2,000 small messages (one consumer connection gets ~10,000 from 1 MiB of input).
