@@ -43,8 +43,8 @@ pub(crate) struct ReadPacing {
     since_yield: usize,
     /// How the deliveries of the publishes read since then (or since a read that emptied
     /// the socket) spread: the most mailboxes a hold of the vhost lock sent to, and the most
-    /// memory one of them held; `None` before the first hold.
-    spread: Option<Spread>,
+    /// memory one of them held (none before the first hold).
+    spread: Spread,
 }
 
 impl Default for ReadPacing {
@@ -53,7 +53,7 @@ impl Default for ReadPacing {
             room: READ_ROOM,
             offered: 0,
             since_yield: 0,
-            spread: None,
+            spread: Spread::default(),
         }
     }
 }
@@ -73,7 +73,7 @@ impl ReadPacing {
             READ_ROOM_BUSY
         } else {
             // The socket is empty: what came before says nothing of what comes next.
-            self.spread = None;
+            self.spread = Spread::default();
             READ_ROOM
         };
         self.since_yield += n;
@@ -81,12 +81,8 @@ impl ReadPacing {
 
     /// Notes how a hold of the vhost lock that routed publishes spread their deliveries.
     pub(crate) fn fed(&mut self, hold: Spread) {
-        if hold.mailboxes == 0 {
-            return;
-        }
-        let turn = self.spread.get_or_insert(hold);
-        turn.mailboxes = turn.mailboxes.max(hold.mailboxes);
-        turn.fullest = turn.fullest.max(hold.fullest);
+        self.spread.mailboxes = self.spread.mailboxes.max(hold.mailboxes);
+        self.spread.fullest = self.spread.fullest.max(hold.fullest);
     }
 
     /// Once the input read is handled: gives a large buffer back when the connection is quiet
@@ -97,9 +93,8 @@ impl ReadPacing {
         if self.room == READ_ROOM && rbuf.is_empty() && rbuf.capacity() > 2 * READ_ROOM {
             *rbuf = BytesMut::new();
         }
-        let spread_thin = self
-            .spread
-            .is_some_and(|s| s.mailboxes >= SPREAD_MAILBOXES && s.fullest < SPREAD_MAX_HELD);
+        let spread_thin =
+            self.spread.mailboxes >= SPREAD_MAILBOXES && self.spread.fullest < SPREAD_MAX_HELD;
         let turn = if spread_thin {
             READ_PER_TURN_SPREAD
         } else {
@@ -109,7 +104,7 @@ impl ReadPacing {
             return false;
         }
         self.since_yield = 0;
-        self.spread = None;
+        self.spread = Spread::default();
         true
     }
 }

@@ -47,14 +47,15 @@ pub(crate) async fn run_all(
     let wants = |g: &str| groups.iter().any(|x| x == g);
     let kinds: Vec<Kind> = targets.iter().map(|t| t.kind).collect();
     // Groups that set nothing up on a broker that outlives them (the memory group's queue on
-    // RabbitMQ is exclusive) are dropped at once when the run is interrupted; the others stop
-    // after the step under way and tear down (`runner`).
-    if wants("floor") && !plan.interrupted() {
+    // RabbitMQ is exclusive) are dropped at once when the run is interrupted, and not started
+    // once it was (`run_until_cancelled` on a cancelled token returns at once); the others
+    // stop after the step under way and tear down (`runner`).
+    if wants("floor") {
         plan.interrupt
             .run_until_cancelled(floor::run(plan, results))
             .await;
     }
-    if wants("start") && !plan.interrupted() {
+    if wants("start") {
         plan.interrupt
             .run_until_cancelled(start::run(plan, &kinds, broker_bin, results))
             .await;
@@ -134,7 +135,7 @@ pub(crate) async fn run_all(
         .collect();
         runner::run_group(&scale, targets, plan, results).await;
     }
-    if wants("memory") && !plan.interrupted() {
+    if wants("memory") {
         plan.interrupt
             .run_until_cancelled(memory::run(plan, targets, broker_bin, results))
             .await;
